@@ -1,0 +1,49 @@
+# The two commands of the quick start, and the rest of the developer loop.
+#   make demo   - install what is needed into .venv, then train the embedded default (2 CPU processes, FSDP)
+#   make test   - install, then run the whole test suite (what CI runs)
+# torch is installed first and pinned, so pip never pulls a CUDA build on a CPU machine. Elsewhere pick your
+# build, e.g.  make demo TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: install demo test test-fast test-slow test-gpu lint format clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/accelerate launch --config_file fsdp_configs/cpu_2proc.yaml recipes/tiny.py \
+		train.run_name=tiny-$$(date +%Y%m%d-%H%M%S) $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/pytest -q tests
+
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m "not slow" tests
+
+test-slow: $(STAMP)
+	$(BIN)/pytest -q -m slow tests
+
+test-gpu: $(STAMP)
+	$(BIN)/pytest -q tests/gpu
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

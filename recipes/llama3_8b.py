@@ -1,0 +1,49 @@
+"""Llama-3-8B instruction tuning on alpaca-cleaned (rows without an `input`), QLoRA under FSDP.
+
+Completion-only loss after "### Response:\\n", a reserved special token as pad, EOS appended, 1% held out,
+eval and checkpoints every 100 steps, TensorBoard logs, and answers to a few questions after training.
+
+    accelerate launch --config_file fsdp_configs/2xh100.yaml recipes/llama3_8b.py
+    accelerate launch --config_file fsdp_configs/2xh100.yaml recipes/llama3_8b.py data.source=my_rows.jsonl
+"""
+
+from shardtune import Config
+from shardtune.recipe import main
+
+
+def config() -> Config:
+    cfg = Config()
+    cfg.model.name_or_path = "meta-llama/Meta-Llama-3-8B"
+    cfg.model.init = "pretrained"
+    cfg.data.source = "yahma/alpaca-cleaned"
+    cfg.data.format = "alpaca"
+    cfg.data.keep_if_empty = ["input"]
+    cfg.data.test_size = 0.01
+    cfg.data.max_len = 1024
+    cfg.data.pad_token = "<|reserved_special_token_0|>"
+    cfg.lora.r = 16
+    cfg.lora.alpha = 32
+    cfg.lora.dropout = 0.05
+    cfg.optim.lr = 2e-4
+    cfg.optim.warmup_steps = 30
+    cfg.train.max_steps = None
+    cfg.train.epochs = 1
+    cfg.train.global_batch_size = 16
+    cfg.train.micro_batch_size = 4
+    cfg.train.save_every = 100
+    cfg.eval.every = 100
+    cfg.eval.samples = 8
+    cfg.eval.max_new_tokens = 128
+    cfg.eval.batch_size = 4
+    cfg.eval.questions = [
+        "What is the capital of France?",
+        "Explain what a hash table is in two sentences.",
+        "Give three tips for staying focused while studying.",
+    ]
+    cfg.parallel.mixed_precision = "bf16"
+    cfg.parallel.activation_checkpointing = True
+    return cfg
+
+
+if __name__ == "__main__":
+    main(config)

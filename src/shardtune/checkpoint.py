@@ -1,0 +1,245 @@
+"""Checkpoints that never lose work: sharded, atomic, verified.
+
+    run_dir/checkpoints/step-00000100/
+        __0_0.distcp, __1_0.distcp, .metadata   LoRA weights + AdamW state, one shard per rank (DCP)
+        train_state.json                        step, counters, LR scheduler, data position
+        rank00000.rng.safetensors / .json       every RNG of every rank (torch CPU/CUDA, NumPy, Python)
+        config.yaml, adapter_config.json, model_config.json   what is needed to resume or export alone
+        manifest.json                           written last: files, sizes, sha256, config hash, world size
+
+A checkpoint is written into `.tmp-step-N`, fsynced, and renamed only after its manifest is in place, so
+a directory named `step-N` is complete by construction. Load verifies sizes and checksums and falls back
+to the previous checkpoint, naming the bad file. The frozen 4-bit base is never saved: it is the model
+checkpoint the run started from. No file here is unpickled except DCP's own metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from shardtune.distributed import DistInfo, barrier, broadcast_object
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write, fsync and rename, so `path` holds either the old or the new content, never a torn one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def step_of(path: Path) -> int:
+    return int(path.name.removeprefix("step-"))
+
+
+# --------------------------------------------------------------------------------------------- RNG
+def rng_state(device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
+    """Every RNG of this process: tensors (torch) and JSON (Python, NumPy)."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        tensors["torch_cuda"] = torch.cuda.get_rng_state(device)
+    version, state, gauss = random.getstate()
+    np_state = np.random.get_state()
+    return tensors, {
+        "python": [version, list(state), gauss],
+        "numpy": [
+            np_state[0],
+            np_state[1].tolist(),
+            *[v.item() if hasattr(v, "item") else v for v in np_state[2:]],
+        ],
+    }
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], plain: dict, device: torch.device) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    if device.type == "cuda" and "torch_cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["torch_cuda"], device)
+    version, state, gauss = plain["python"]
+    random.setstate((version, tuple(state), gauss))
+    name, keys, *rest = plain["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+
+
+# ----------------------------------------------------------------------------------- model state
+def _trainable_state(model, optimizer):
+    """Sharded state dicts of the trainable weights and their optimizer state (no gather onto one rank)."""
+    msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    # bitsandbytes adds its quantization statistics to the state dict as extra (frozen) entries; the
+    # optimizer's keys are exactly the trainable parameters.
+    msd = {k: v for k, v in msd.items() if k in osd["state"]}
+    return msd, osd
+
+
+class CheckpointManager:
+    """Saves and finds checkpoints of one run; every rank calls save/load/latest together."""
+
+    def __init__(self, directory: Path, keep_last: int, dist: DistInfo):
+        self.dir = directory
+        self.keep_last = keep_last
+        self.dist = dist
+
+    # -------------------------------------------------------------------------------------- save
+    def save(self, step: int, model, optimizer, train_state: dict, files: dict[str, bytes]) -> Path:
+        """Write checkpoint `step`. `train_state` (rank 0's) and `files` (extra small files) go in as-is."""
+        t0 = time.perf_counter()
+        final = self.dir / f"step-{step:08d}"
+        tmp = self.dir / f".tmp-step-{step:08d}"
+        if self.dist.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.dir.glob(".tmp-step-*"):  # a save that was killed before its rename
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        barrier()
+        msd, osd = _trainable_state(model, optimizer)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+        tensors, plain = rng_state(self.dist.device)
+        rank_file = tmp / f"rank{self.dist.rank:05d}"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(rank_file) + ".rng.safetensors")
+        write_atomic(Path(str(rank_file) + ".rng.json"), json.dumps(plain).encode())
+        with open(str(rank_file) + ".rng.safetensors", "rb") as f:
+            os.fsync(f.fileno())
+        if self.dist.is_main:
+            state = {
+                **train_state,
+                "step": step,
+                "world_size": self.dist.world_size,
+                "format": FORMAT_VERSION,
+            }
+            write_atomic(tmp / "train_state.json", json.dumps(state, indent=1).encode())
+            for name, data in files.items():
+                write_atomic(tmp / name, data)
+        barrier()
+        if self.dist.is_main:
+            manifest = {
+                "format": FORMAT_VERSION,
+                "step": step,
+                "world_size": self.dist.world_size,
+                "config_hash": train_state.get("config_hash"),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "files": {
+                    p.name: {"size": p.stat().st_size, "sha256": sha256(p)}
+                    for p in sorted(tmp.iterdir())
+                    if p.is_file() and not p.name.startswith(".tmp")
+                },
+            }
+            write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+            _fsync_dir(tmp)
+            if final.exists():  # re-saving the same step (e.g. after a resume): replace it atomically enough
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(self.dir)
+            self._purge()
+        barrier()
+        log.info("checkpoint step %d saved to %s in %.1fs", step, final, time.perf_counter() - t0)
+        return final
+
+    def _purge(self) -> None:
+        valid = [p for p in self.checkpoints() if (p / MANIFEST).is_file()]
+        for old in valid[: -self.keep_last]:  # never the newest: keep_last >= 1
+            shutil.rmtree(old, ignore_errors=True)
+
+    # -------------------------------------------------------------------------------------- find
+    def checkpoints(self) -> list[Path]:
+        """step-* directories, oldest first."""
+        if not self.dir.is_dir():
+            return []
+        return sorted((p for p in self.dir.glob("step-*") if p.is_dir()), key=step_of)
+
+    def latest(self, verify: bool = True) -> Path | None:
+        """The newest checkpoint that verifies (decided on rank 0, agreed by all); broken ones are reported."""
+        chosen = None
+        if self.dist.is_main:
+            for path in reversed(self.checkpoints()):
+                problem = verify_checkpoint(path, checksums=verify)
+                if problem is None:
+                    chosen = str(path)
+                    break
+                log.warning("skipping checkpoint %s: %s", path, problem)
+        chosen = broadcast_object(chosen)
+        return Path(chosen) if chosen else None
+
+    # -------------------------------------------------------------------------------------- load
+    def load(self, path: Path, model, optimizer) -> dict:
+        """Restore weights, optimizer and this rank's RNGs from `path`; returns the train state."""
+        msd, osd = _trainable_state(model, optimizer)
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(
+            model,
+            optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+            options=StateDictOptions(ignore_frozen_params=True, strict=False),
+        )
+        train_state = json.loads((path / "train_state.json").read_text())
+        rank_file = path / f"rank{self.dist.rank:05d}"
+        if Path(str(rank_file) + ".rng.json").is_file():
+            set_rng_state(
+                load_file(str(rank_file) + ".rng.safetensors"),
+                json.loads(Path(str(rank_file) + ".rng.json").read_text()),
+                self.dist.device,
+            )
+        else:  # resumed onto more processes than saved it: new ranks start their RNGs from the seed
+            log.warning(
+                "no RNG state for rank %d in %s (saved by %d processes)",
+                self.dist.rank,
+                path,
+                train_state["world_size"],
+            )
+        return train_state
+
+
+def verify_checkpoint(path: Path, checksums: bool = True) -> str | None:
+    """None if the checkpoint is complete and intact, else what is wrong (naming the file)."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        return "no manifest.json (the save did not finish)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        return f"manifest.json is not valid JSON ({e})"
+    for name, meta in manifest["files"].items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != meta["size"]:
+            return f"{name} is {f.stat().st_size} bytes, the manifest says {meta['size']} (truncated?)"
+        if checksums and sha256(f) != meta["sha256"]:
+            return f"{name} does not match its checksum (corrupted)"
+    return None

@@ -1,0 +1,306 @@
+"""Row formats: turn a row into text whose response part is marked, then into token ids and labels.
+
+Every format renders a row as segments `(text, trained)`. The segments are joined and tokenized once
+(never piecewise, which would change how BPE merges at the boundary), and a token gets a label when its
+character span overlaps a trained segment; every other token gets -100. EOS is appended as a token id.
+
+    alpaca             instruction [+ input] -> output           (the Stanford Alpaca prompt)
+    chat               messages: [{role, content}, ...]          (the tokenizer's chat template)
+    prompt_completion  prompt -> completion
+    text               text (every token trained)
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+# format -> (required fields, optional fields)
+FORMAT_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "chat": (("messages",), ()),
+    "alpaca": (("instruction", "output"), ("input",)),
+    "prompt_completion": (("prompt", "completion"), ()),
+    "text": (("text",), ()),
+}
+IGNORE_INDEX = -100
+
+
+class DataError(ValueError):
+    """Bad input data, with the file (or dataset), the row and the column."""
+
+
+def detect_format(columns: list[str], fields: dict[str, str], origin: str) -> str:
+    """The first format whose required fields are all columns or templates in data.fields."""
+    available = set(columns) | set(fields)
+    for fmt, (required, _) in FORMAT_FIELDS.items():
+        if set(required) <= available:
+            return fmt
+    wanted = "; ".join(f"{fmt}: {', '.join(req)}" for fmt, (req, _) in FORMAT_FIELDS.items())
+    raise DataError(
+        f"{origin}: cannot tell the format from its columns ({', '.join(columns) or 'none'}). "
+        f"Columns each format needs: {wanted}. Set data.format, or map columns with data.fields "
+        f"(e.g. data.fields.output='{{response}}')."
+    )
+
+
+def _template_columns(template: str) -> list[str]:
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+@dataclass
+class RowFormatter:
+    """Renders rows of one source in one format (see DataConfig for the settings)."""
+
+    fmt: str
+    tokenizer: Any
+    origin: str
+    fields: dict[str, str] = field(default_factory=dict)
+    response_suffix: str = ""
+    completion_only: bool = True
+
+    def check_columns(self, columns: list[str]) -> None:
+        """Every column the format (and its field templates) reads must exist."""
+        required, optional = FORMAT_FIELDS[self.fmt]
+        for name in required:
+            needed = _template_columns(self.fields[name]) if name in self.fields else [name]
+            for column in needed:
+                if column not in columns:
+                    how = (
+                        f"data.fields.{name}={self.fields[name]!r} reads it"
+                        if name in self.fields
+                        else (
+                            f"format {self.fmt!r} needs it; map another column with data.fields.{name}='{{column}}'"
+                        )
+                    )
+                    raise DataError(
+                        f"{self.origin}: missing column {column!r} ({how}). Columns: {', '.join(columns)}."
+                    )
+        for name in optional:
+            for column in _template_columns(self.fields.get(name, "")):
+                if column not in columns:
+                    raise DataError(f"{self.origin}: missing column {column!r} (read by data.fields.{name}).")
+        if self.fmt == "chat" and self.tokenizer.chat_template is None:
+            raise DataError(
+                f"{self.origin}: format 'chat' needs a chat template and the tokenizer has none; set "
+                f"data.chat_template (e.g. human_assistant)."
+            )
+
+    # --------------------------------------------------------------------------------------- fields
+    def _field(self, row: dict, name: str, idx: int, optional: bool = False) -> str:
+        if name in self.fields:
+            try:
+                return self.fields[name].format(**row)
+            except KeyError as e:
+                raise DataError(
+                    f"{self.origin} row {idx + 1}: missing column {e.args[0]!r} (data.fields.{name})"
+                ) from None
+        value = row.get(name)
+        if value is None:
+            if optional:
+                return ""
+            raise DataError(f"{self.origin} row {idx + 1}: column {name!r} is empty (null); expected text.")
+        if not isinstance(value, str):
+            raise DataError(
+                f"{self.origin} row {idx + 1}: column {name!r} holds {type(value).__name__} {value!r}; expected text."
+            )
+        return value
+
+    def _messages(self, row: dict, idx: int) -> list[dict[str, str]]:
+        messages = row.get("messages")
+        where = f"{self.origin} row {idx + 1}: column 'messages'"
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where} must be a non-empty list of {{role, content}}, got {messages!r:.80}.")
+        for i, m in enumerate(messages):
+            if (
+                not isinstance(m, dict)
+                or not isinstance(m.get("content"), str)
+                or m.get("role") not in ("system", "user", "assistant")
+            ):
+                raise DataError(
+                    f"{where}, message {i}: expected {{role: system|user|assistant, content: text}}, got {m!r:.80}."
+                )
+        if not any(m["role"] == "assistant" for m in messages):
+            raise DataError(f"{where} has no assistant message, so there is nothing to train on.")
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+    def _chat(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    # ------------------------------------------------------------------------------------ rendering
+    def segments(self, row: dict, idx: int) -> list[tuple[str, bool]]:
+        """The row as (text, trained) pieces; EOS is added later, as a token."""
+        prompt, response = None, None
+        if self.fmt == "alpaca":
+            prompt = self.prompt(row, idx)
+            response = self._field(row, "output", idx) + self.response_suffix
+        elif self.fmt == "prompt_completion":
+            prompt = self._field(row, "prompt", idx)
+            response = self._field(row, "completion", idx) + self.response_suffix
+        elif self.fmt == "text":
+            return [(self._field(row, "text", idx), True)]
+        else:
+            return self._chat_segments(self._messages(row, idx), idx)
+        return [(prompt, not self.completion_only), (response, True)]
+
+    def _chat_segments(self, messages: list[dict], idx: int) -> list[tuple[str, bool]]:
+        # Render growing prefixes; each assistant turn is the text its message adds after the generation
+        # prompt. A template whose renderings are not prefixes of each other cannot be masked this way.
+        out: list[tuple[str, bool]] = []
+        done = ""
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = self._chat(messages[:i], add_generation_prompt=True)
+            upto = self._chat(messages[: i + 1])
+            if not (before.startswith(done) and upto.startswith(before)):
+                raise DataError(
+                    f"{self.origin} row {idx + 1}: the chat template does not render conversations as growing "
+                    f"prefixes, so assistant turns cannot be located; set data.chat_template."
+                )
+            out += [(before[len(done) :], not self.completion_only), (upto[len(before) :], True)]
+            done = upto
+        full = self._chat(messages)
+        if len(full) > len(done):
+            out.append((full[len(done) :], not self.completion_only))
+        return [(t, trained) for t, trained in out if t]
+
+    def prompt(self, row: dict, idx: int) -> str:
+        """The text a model continues to produce this row's response (for generation)."""
+        if self.fmt == "alpaca":
+            instruction = self._field(row, "instruction", idx)
+            extra = self._field(row, "input", idx, optional=True)
+            template = ALPACA_PROMPT if extra.strip() else ALPACA_PROMPT_NO_INPUT
+            return template.format(instruction=instruction, input=extra)
+        if self.fmt == "prompt_completion":
+            return self._field(row, "prompt", idx)
+        if self.fmt == "chat":
+            messages = self._messages(row, idx)
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            return self._chat(messages[:last], add_generation_prompt=True)
+        return ""
+
+    def reference(self, row: dict, idx: int) -> str:
+        """The response the data gives for this row (for exact-match scoring of generations)."""
+        if self.fmt == "alpaca":
+            return self._field(row, "output", idx) + self.response_suffix
+        if self.fmt == "prompt_completion":
+            return self._field(row, "completion", idx) + self.response_suffix
+        if self.fmt == "chat":
+            return [m for m in self._messages(row, idx) if m["role"] == "assistant"][-1]["content"]
+        return ""
+
+    def question_prompt(self, question: str) -> str:
+        """A free-form question (eval.questions) in this format's prompt."""
+        if self.fmt == "alpaca":
+            return ALPACA_PROMPT_NO_INPUT.format(instruction=question)
+        if self.fmt == "chat":
+            return self._chat([{"role": "user", "content": question}], add_generation_prompt=True)
+        return question
+
+
+@dataclass
+class Encoded:
+    """Token ids of many rows, stored flat (int32) with offsets; `trained` marks tokens that get a label."""
+
+    ids: np.ndarray
+    trained: np.ndarray
+    offsets: np.ndarray
+    truncated: int = 0
+    dropped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return self.ids[a:b], self.trained[a:b]
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts BOS in front of plain text (Llama's do)."""
+    ids = tokenizer("a")["input_ids"]
+    return tokenizer.bos_token_id is not None and len(ids) > 0 and ids[0] == tokenizer.bos_token_id
+
+
+def encode(
+    formatter: RowFormatter,
+    rows: list[dict],
+    max_len: int,
+    append_eos: bool,
+    numbers: list[int] | None = None,
+    batch: int = 1000,
+) -> Encoded:
+    """Tokenize rows (in batches, by the fast tokenizer) into ids and label masks; truncate to max_len.
+
+    `numbers` are the rows' 1-based positions in their source, for error messages. Rows left without a
+    single trained token after truncation are dropped (and counted).
+    """
+    numbers = numbers or list(range(1, len(rows) + 1))
+    tok = formatter.tokenizer
+    bos = tok.bos_token if adds_bos(tok) else None
+    eos = append_eos and formatter.fmt != "chat"
+    ids_all: list[np.ndarray] = []
+    trained_all: list[np.ndarray] = []
+    truncated = dropped = 0
+    for start in range(0, len(rows), batch):
+        texts, spans = [], []
+        for j, row in enumerate(rows[start : start + batch]):
+            segs = formatter.segments(row, numbers[start + j] - 1)
+            text, pos, row_spans = "", 0, []
+            for piece, trained in segs:
+                if trained:
+                    row_spans.append((pos, pos + len(piece)))
+                text += piece
+                pos += len(piece)
+            texts.append(text)
+            spans.append(row_spans)
+        enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+        for text, ids, offs, row_spans in zip(
+            texts, enc["input_ids"], enc["offset_mapping"], spans, strict=True
+        ):
+            mask = np.zeros(len(ids), dtype=bool)
+            for k, (a, b) in enumerate(offs):
+                mask[k] = b > a and any(a < hi and b > lo for lo, hi in row_spans)
+            ids = np.asarray(ids, dtype=np.int64)
+            if bos is not None and not text.startswith(bos):
+                ids = np.concatenate([[tok.bos_token_id], ids])
+                mask = np.concatenate([[False], mask])
+            if eos:
+                ids = np.concatenate([ids, [tok.eos_token_id]])
+                mask = np.concatenate([mask, [True]])
+            if len(ids) > max_len:
+                truncated += 1
+                ids, mask = ids[:max_len], mask[:max_len]
+            # the first token is never a target (nothing precedes it)
+            if not mask[1:].any():
+                dropped += 1
+                continue
+            ids_all.append(ids.astype(np.int32))
+            trained_all.append(mask)
+    lengths = np.array([len(x) for x in ids_all], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return Encoded(
+        ids=np.concatenate(ids_all) if ids_all else np.zeros(0, np.int32),
+        trained=np.concatenate(trained_all) if trained_all else np.zeros(0, bool),
+        offsets=offsets,
+        truncated=truncated,
+        dropped=dropped,
+    )

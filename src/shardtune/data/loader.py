@@ -1,0 +1,152 @@
+"""From rows to batches: split, tokenize, and a deterministic, resumable order of global batches.
+
+The data position is a function of the optimizer step alone: step s of a run reads the same rows whatever
+happened before (a restart, a resume onto a different number of processes), because the order is a
+seeded permutation per epoch and a step always consumes one global batch of it.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from shardtune.config import DataConfig
+from shardtune.data.formats import IGNORE_INDEX, DataError, Encoded, RowFormatter, detect_format, encode
+from shardtune.data.sources import Rows, load_source
+
+
+@dataclass
+class Data:
+    """Tokenized train and eval splits, the formatter, and the eval rows (for generated samples)."""
+
+    train: Encoded
+    eval: Encoded
+    formatter: RowFormatter
+    eval_rows: list[dict]
+    origin: str
+
+
+def _split(rows: Rows, test_size: float, seed: int) -> tuple[Rows, Rows]:
+    """Hold out `test_size` rows (a fraction or a count), chosen by a seeded shuffle."""
+    n = len(rows.rows)
+    n_eval = int(test_size) if test_size >= 1 else max(1, round(n * test_size))
+    if n_eval >= n:
+        raise DataError(f"{rows.origin}: data.test_size={test_size} leaves no training rows out of {n}.")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_eval])
+
+    def pick(keep) -> Rows:
+        idx = [i for i in range(n) if keep(i)]
+        return Rows([rows.rows[i] for i in idx], [rows.numbers[i] for i in idx], rows.origin, rows.columns)
+
+    return pick(lambda i: i not in held), pick(lambda i: i in held)
+
+
+def build_data(cfg: DataConfig, tokenizer, seed: int) -> Data:
+    """Load, check, format and tokenize the training and eval rows. Fails fast with DataError."""
+    source = load_source(cfg.source, cfg.split, cfg, seed)
+    if cfg.eval_source or cfg.eval_split:
+        train, held = (
+            source,
+            load_source(cfg.eval_source or cfg.source, cfg.eval_split or cfg.split, cfg, seed),
+        )
+    else:
+        train, held = _split(source, cfg.test_size, seed)
+    fmt = cfg.format if cfg.format != "auto" else detect_format(source.columns, cfg.fields, source.origin)
+    formatter = RowFormatter(
+        fmt, tokenizer, source.origin, dict(cfg.fields), cfg.response_suffix, cfg.completion_only
+    )
+    formatter.check_columns(source.columns)
+    enc_train = encode(formatter, train.rows, cfg.max_len, cfg.append_eos, numbers=train.numbers)
+    formatter_eval = (
+        formatter
+        if held.origin == source.origin
+        else RowFormatter(
+            fmt, tokenizer, held.origin, dict(cfg.fields), cfg.response_suffix, cfg.completion_only
+        )
+    )
+    formatter_eval.check_columns(held.columns)
+    enc_eval = encode(formatter_eval, held.rows, cfg.max_len, cfg.append_eos, numbers=held.numbers)
+    if len(enc_train) == 0:
+        raise DataError(
+            f"{source.origin}: no training row has a response token left after truncation to "
+            f"data.max_len={cfg.max_len}."
+        )
+    return Data(enc_train, enc_eval, formatter_eval, held.rows, source.origin)
+
+
+def collate(rows: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch. `labels[t]` is the target for position t (already shifted): ids[t+1] where that
+    token is trained, else -100; so the loss is a plain cross-entropy over all positions."""
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for i, (ids, trained) in enumerate(rows):
+        n = len(ids)
+        t = torch.from_numpy(ids.astype(np.int64))
+        input_ids[i, :n] = t
+        attention[i, :n] = 1
+        target = torch.where(torch.from_numpy(trained[1:]), t[1:], IGNORE_INDEX)
+        labels[i, : n - 1] = target
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+class GlobalBatchSampler:
+    """Which rows each process reads at each optimizer step.
+
+    Each epoch is a permutation of the training rows seeded by (seed, epoch). Optimizer step s reads the
+    s-th slice of `global_batch` rows of it, cut into micro-batches of `micro` rows; micro-batch j goes to
+    process j % world. The rows of a step, and so the update, do not depend on the number of processes.
+    """
+
+    def __init__(self, n_rows: int, global_batch: int, micro: int, world: int, rank: int, seed: int):
+        if global_batch % (micro * world):
+            raise ValueError(
+                f"train.global_batch_size={global_batch} is not a multiple of train.micro_batch_size={micro} x "
+                f"{world} processes; change one of them."
+            )
+        self.steps_per_epoch = n_rows // global_batch
+        if self.steps_per_epoch == 0:
+            raise DataError(
+                f"{n_rows} training rows are fewer than one global batch (train.global_batch_size={global_batch})."
+            )
+        self.n_rows, self.global_batch, self.micro = n_rows, global_batch, micro
+        self.world, self.rank, self.seed = world, rank, seed
+        self.grad_accum = global_batch // (micro * world)
+        self._order: tuple[int, list[int]] | None = None
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        if self._order is None or self._order[0] != epoch:
+            order = list(range(self.n_rows))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._order = (epoch, order)
+        return self._order[1]
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, index of the step's first row in that epoch's order) for a 0-based step."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        return epoch, k * self.global_batch
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        """This process's micro-batches (row indices) for optimizer step `step` (0-based)."""
+        epoch, start = self.position(step)
+        rows = self._epoch_order(epoch)[start : start + self.global_batch]
+        chunks = [rows[i : i + self.micro] for i in range(0, len(rows), self.micro)]
+        return [c for j, c in enumerate(chunks) if j % self.world == self.rank]
+
+
+def eval_batches(n_rows: int, batch: int, world: int, rank: int) -> list[list[int]]:
+    """This process's eval batches; every process gets the same number (FSDP needs every rank in every
+    forward), the last ones possibly empty."""
+    per_round = batch * world
+    rounds = -(-n_rows // per_round)
+    out = []
+    for k in range(rounds):
+        start = k * per_round + rank * batch
+        out.append(list(range(start, min(start + batch, n_rows))))
+    return out

@@ -1,0 +1,107 @@
+"""Where rows come from: the generated task, local files (jsonl/json/parquet/csv), or a hub dataset.
+
+Rows are read with `datasets`, then handed on as plain dicts. Errors name the file or dataset, the row
+(1-based) and what to change.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from shardtune.config import LOCAL_DATA_SUFFIXES, DataConfig
+from shardtune.data.formats import DataError
+from shardtune.data.tasks import generate_rows
+
+
+@dataclass
+class Rows:
+    """Rows of one split, their 1-based row numbers in the source, and a name of where they came from
+    (both for error messages)."""
+
+    rows: list[dict]
+    numbers: list[int]
+    origin: str
+    columns: list[str]
+
+
+def _jsonl_bad_line(path: Path) -> str | None:
+    """The first line of a JSON-lines file that is not a JSON object, described; None if all are."""
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                return f"line {n}: not valid JSON ({e.msg} at column {e.colno})"
+            if not isinstance(value, dict):
+                return f"line {n}: expected a JSON object per line, got {type(value).__name__}"
+    return None
+
+
+def _has_no_rows(path: Path) -> bool:
+    lines = [ln for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    return len(lines) <= (1 if path.suffix == ".csv" else 0)  # a CSV header alone has no rows
+
+
+def _load_local(path: Path):
+    import datasets
+
+    builder = LOCAL_DATA_SUFFIXES[path.suffix]
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as e:  # pyarrow/datasets errors rarely say which line
+        if path.suffix != ".parquet" and _has_no_rows(path):
+            raise DataError(f"{path} is empty: no rows to train on.") from None
+        detail = _jsonl_bad_line(path) if builder == "json" else None
+        raise DataError(f"{path}: could not read as {path.suffix} ({detail or e}).") from None
+
+
+def _load_hub(name: str, subset: str | None, split: str):
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, subset, split=split)
+    except Exception as e:
+        raise DataError(
+            f"could not load dataset {name!r} (split {split!r}) from the Hugging Face Hub: {e}. "
+            f"Without hub access, point data.source at a local .jsonl/.json/.parquet/.csv file."
+        ) from None
+
+
+def load_source(source: str, split: str, cfg: DataConfig, seed: int) -> Rows:
+    """All rows of one source and split, after data.keep_if_empty and data.max_rows."""
+    if source == "generated":
+        rows, origin = generate_rows(cfg.generated, seed), "generated task"
+        columns = list(rows[0]) if rows else []
+    else:
+        path = Path(source)
+        if path.suffix in LOCAL_DATA_SUFFIXES:
+            if not path.is_file():
+                raise DataError(f"data file not found: {path}")
+            ds, origin = _load_local(path), str(path)
+        else:
+            ds, origin = _load_hub(source, cfg.subset, split), f"dataset {source!r} ({split})"
+        columns = list(ds.column_names)
+        rows = ds.to_list()
+    if not rows:
+        raise DataError(f"{origin} is empty: no rows to train on.")
+    numbers = list(range(1, len(rows) + 1))
+    for column in cfg.keep_if_empty:
+        if column not in columns:
+            raise DataError(
+                f"{origin}: data.keep_if_empty names column {column!r}, which is not there "
+                f"(columns: {', '.join(columns)})."
+            )
+    if cfg.keep_if_empty:
+        kept = [
+            i for i, r in enumerate(rows) if all(not str(r.get(c) or "").strip() for c in cfg.keep_if_empty)
+        ]
+        if not kept:
+            raise DataError(f"{origin}: no row has empty {cfg.keep_if_empty} (data.keep_if_empty).")
+        rows, numbers = [rows[i] for i in kept], [numbers[i] for i in kept]
+    if cfg.max_rows is not None:
+        rows, numbers = rows[: cfg.max_rows], numbers[: cfg.max_rows]
+    return Rows(rows, numbers, origin, columns)

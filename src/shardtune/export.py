@@ -1,0 +1,88 @@
+"""Export a PEFT adapter directory from a checkpoint, with every rank's shard gathered.
+
+The adapter is read from the sharded checkpoint (DCP) into full tensors by one process, without a
+process group, and saved by PEFT itself through a skeleton of the model built on the meta device (no
+weights, any size). So the saved files are PEFT's own format and hold whole tensors, never one rank's
+slice, and exporting never needs the GPUs or the base weights.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+
+def adapter_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The trainable weights stored in a checkpoint, as full (unsharded) CPU tensors."""
+    reader = dcp.FileSystemReader(str(checkpoint))
+    meta = reader.read_metadata().state_dict_metadata
+    state = {
+        key: torch.empty(m.size, dtype=m.properties.dtype)
+        for key, m in meta.items()
+        if key.startswith("model.") and hasattr(m, "size")
+    }
+    with warnings.catch_warnings():  # reading without a process group is the point here
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+        dcp.load(state, storage_reader=reader, no_dist=True)
+    return {key.removeprefix("model."): value for key, value in state.items()}
+
+
+def find_checkpoint(run_or_checkpoint: Path) -> Path:
+    """A checkpoint directory itself, or the newest intact checkpoint of a run directory."""
+    from shardtune.checkpoint import MANIFEST, step_of, verify_checkpoint
+
+    path = Path(run_or_checkpoint)
+    if (path / MANIFEST).is_file():
+        problem = verify_checkpoint(path)
+        if problem:
+            raise ValueError(f"{path}: {problem}")
+        return path
+    candidates = (
+        sorted((path / "checkpoints").glob("step-*"), key=step_of) if (path / "checkpoints").is_dir() else []
+    )
+    for ckpt in reversed(candidates):
+        if verify_checkpoint(ckpt) is None:
+            return ckpt
+    raise ValueError(f"{path}: no intact checkpoint found (expected a checkpoint or a run directory)")
+
+
+def export_adapter(run_or_checkpoint: Path, out_dir: Path) -> Path:
+    """Write a PEFT adapter directory (adapter_config.json + adapter_model.safetensors + tokenizer)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    ckpt = find_checkpoint(run_or_checkpoint)
+    model_conf = AutoConfig.for_model(**json.loads((ckpt / "model_config.json").read_text()))
+    peft_conf = LoraConfig.from_pretrained(str(ckpt))
+    model_conf._name_or_path = peft_conf.base_model_name_or_path  # PEFT records the base's name from here
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=".*is_gradient_checkpointing.*"
+        )  # peft calling a renamed API
+        skeleton = get_peft_model(AutoModelForCausalLM.from_config(model_conf), peft_conf)
+    tensors = adapter_tensors(ckpt)
+    expected = {n for n, p in skeleton.named_parameters() if p.requires_grad}
+    if set(tensors) != expected:
+        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise ValueError(
+            f"{ckpt}: adapter weights do not match the LoRA config (missing {missing[:3]}, "
+            f"unexpected {extra[:3]})"
+        )
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    skeleton.save_pretrained(str(tmp), state_dict=tensors, safe_serialization=True)
+    tokenizer_dir = ckpt.parent.parent / "tokenizer"
+    if tokenizer_dir.is_dir():
+        for f in tokenizer_dir.iterdir():
+            shutil.copy2(f, tmp / f.name)
+    # Replace an earlier export only once the new one is complete.
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir

@@ -1,0 +1,133 @@
+"""What the launcher says: FSDP settings from `accelerate launch` (or an accelerate YAML under torchrun).
+
+`accelerate launch --config_file X.yaml` turns the YAML into FSDP_* / ACCELERATE_* environment variables
+for each process. On a machine without GPUs accelerate itself would then run plain DDP (or one process)
+without a word, so shardtune never hands the model to accelerate: it reads those settings here and
+applies torch's FSDP itself (see parallel.py), the same way on CPU and GPU.
+
+Only the settings that mean something for FSDP + 4-bit QLoRA are mapped; ones that would silently change
+what runs (FSDP2, DeepSpeed, use_orig_params=false) are refused with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from shardtune.config import ConfigError
+
+# FSDP1 accepted numeric strategies in old accelerate configs (1 = FULL_SHARD, ...).
+_STRATEGIES = {"1": "FULL_SHARD", "2": "SHARD_GRAD_OP", "3": "NO_SHARD", "4": "HYBRID_SHARD"}
+
+
+def _bool(value: str) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+def _from_fsdp_settings(settings: dict[str, str], mixed_precision: str | None, origin: str) -> dict[str, Any]:
+    """Map accelerate's fsdp_* keys (YAML names without the prefix) to shardtune `parallel.*` overrides."""
+    version = str(settings.get("version", "1"))
+    if version != "1":
+        # NOTE: measured on H200s: FSDP2's fully_shard on bitsandbytes Params4bit shifts a 4-bit layer's
+        # output by 4.6% while the loss curve looks normal (see README, "What runs where"). FSDP1 is exact.
+        raise ConfigError(
+            f"{origin}: fsdp_version={version} is not supported with 4-bit weights: FSDP2 corrupts bitsandbytes "
+            f"4-bit weights on GPU (the loss does not show it). Set fsdp_version: 1."
+        )
+    out: dict[str, Any] = {}
+    if "sharding_strategy" in settings:
+        value = str(settings["sharding_strategy"]).upper()
+        out["parallel.sharding_strategy"] = _STRATEGIES.get(value, value)
+    policy = str(settings.get("auto_wrap_policy", "TRANSFORMER_BASED_WRAP")).upper()
+    if policy not in ("TRANSFORMER_BASED_WRAP", "NONE", ""):
+        raise ConfigError(
+            f"{origin}: fsdp_auto_wrap_policy={policy} is not supported; shardtune wraps each decoder layer "
+            f"(TRANSFORMER_BASED_WRAP) and each LoRA adapter as its own FSDP unit."
+        )
+    if settings.get("transformer_layer_cls_to_wrap"):
+        classes = [c.strip() for c in str(settings["transformer_layer_cls_to_wrap"]).split(",") if c.strip()]
+        if len(classes) != 1:
+            raise ConfigError(
+                f"{origin}: fsdp_transformer_layer_cls_to_wrap must name one class, got {classes}"
+            )
+        out["parallel.wrap_class"] = classes[0]
+    if "use_orig_params" in settings and not _bool(settings["use_orig_params"]):
+        raise ConfigError(
+            f"{origin}: fsdp_use_orig_params=false cannot train LoRA on a frozen base (FSDP would need every "
+            f"parameter of a unit to be trainable). Set fsdp_use_orig_params: true."
+        )
+    for key, field in (
+        ("offload_params", "cpu_offload"),
+        ("activation_checkpointing", "activation_checkpointing"),
+        ("forward_prefetch", "forward_prefetch"),
+    ):
+        if key in settings:
+            out[f"parallel.{field}"] = _bool(settings[key])
+    if settings.get("backward_prefetch"):
+        out["parallel.backward_prefetch"] = str(settings["backward_prefetch"]).upper()
+    if mixed_precision:
+        out["parallel.mixed_precision"] = mixed_precision.lower()
+    return out
+
+
+def accelerate_env_overrides(env: dict[str, str] | None = None) -> tuple[dict[str, Any], str | None]:
+    """Overrides from the environment `accelerate launch` sets, and a description of the origin (or None)."""
+    env = dict(os.environ if env is None else env)
+    if _bool(env.get("ACCELERATE_USE_DEEPSPEED", "false")):
+        raise ConfigError(
+            "accelerate config: distributed_type DEEPSPEED is not supported yet; use an FSDP config from fsdp_configs/."
+        )
+    if not _bool(env.get("ACCELERATE_USE_FSDP", "false")):
+        if "ACCELERATE_MIXED_PRECISION" in env:  # launched by accelerate, but not with an FSDP config
+            return {
+                "parallel.mixed_precision": env["ACCELERATE_MIXED_PRECISION"].lower()
+            }, "accelerate launch"
+        return {}, None
+    settings = {k.removeprefix("FSDP_").lower(): v for k, v in env.items() if k.startswith("FSDP_")}
+    settings["transformer_layer_cls_to_wrap"] = env.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "")
+    origin = "accelerate config (FSDP_* environment)"
+    return _from_fsdp_settings(settings, env.get("ACCELERATE_MIXED_PRECISION"), origin), origin
+
+
+def accelerate_yaml_overrides(path: str | Path) -> tuple[dict[str, Any], str]:
+    """Overrides from an accelerate config YAML file (as `accelerate launch --config_file` would read it)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"parallel.launch_config: no such file: {path}")
+    try:
+        cluster = load_config_from_file(str(path))
+    except Exception as e:  # accelerate raises plain exceptions for malformed files
+        raise ConfigError(f"{path}: not a valid accelerate config: {e}") from None
+    origin = f"accelerate config {path}"
+    distributed = str(cluster.distributed_type).split(".")[-1]
+    if distributed == "DEEPSPEED":
+        raise ConfigError(
+            f"{origin}: distributed_type DEEPSPEED is not supported yet; use distributed_type: FSDP."
+        )
+    if distributed != "FSDP":
+        raise ConfigError(
+            f"{origin}: distributed_type is {distributed}; shardtune configs use distributed_type: FSDP."
+        )
+    if getattr(cluster, "use_cpu", False):
+        raise ConfigError(
+            f"{origin}: use_cpu: true makes `accelerate launch` start a single process; leave it false "
+            f"(shardtune trains on the CPU by itself when there is no GPU)."
+        )
+    fsdp = {k.removeprefix("fsdp_"): v for k, v in (cluster.fsdp_config or {}).items()}
+    mixed = str(cluster.mixed_precision).split(".")[-1].lower() if cluster.mixed_precision else None
+    return _from_fsdp_settings(fsdp, mixed, origin), origin
+
+
+def launch_info(path: str | Path) -> dict[str, Any]:
+    """Process layout an accelerate config asks for (used to validate bundled configs)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cluster = load_config_from_file(str(path))
+    return {
+        "num_processes": cluster.num_processes,
+        "num_machines": cluster.num_machines,
+        "distributed_type": str(cluster.distributed_type).split(".")[-1],
+    }

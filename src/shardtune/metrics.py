@@ -1,0 +1,191 @@
+"""Throughput, MFU and memory, and where metrics go: progress bar, log lines, TensorBoard, jsonl, PNG.
+
+FLOPs per token of LoRA on a frozen base: 4N + 3A, with N the matmul weights and A = 2·L·d·s the causal
+attention term for a row of s tokens (forward 2N + A, backward input-gradients only 2N + 2A). With
+activation checkpointing the hardware also recomputes the forward: 6N + 4A (reported as HFU).
+MFU divides by the device's dense peak: the bf16 rate measured on H100/H200 here, else a matmul timed
+at start-up on this device (so CPU runs report an honest figure too).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 matmul rates measured on these GPUs here (see README "Benchmarks"); others are timed.
+MEASURED_PEAK_FLOPS = {"H100": 790e12, "H200": 790e12}
+
+
+def device_peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """(FLOP/s, how it was obtained) for dense matmuls in `dtype` on `device`."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in MEASURED_PEAK_FLOPS.items():
+            if key in name and dtype == torch.bfloat16:
+                return value, f"{key} measured bf16 rate"
+    n = 2048 if device.type == "cuda" else 512
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < 0.25:
+        a @ b
+        reps += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    rate = 2 * n**3 * reps / (time.perf_counter() - start)
+    return rate, f"timed {n}x{n} {str(dtype).removeprefix('torch.')} matmul on {device.type}"
+
+
+def step_flops(n_matmul: int, n_layers: int, hidden: int, tokens: float, squares: float, recompute: bool):
+    """(model FLOPs, hardware FLOPs) of one step over rows with Σs = `tokens` and Σs² = `squares`."""
+    attention = 2 * n_layers * hidden * squares  # A summed over every token: Σ_rows s·(2·L·d·s)
+    model = 4 * n_matmul * tokens + 3 * attention
+    hardware = model + (2 * n_matmul * tokens + attention if recompute else 0.0)
+    return model, hardware
+
+
+def host_peak_gib() -> float:
+    """Peak resident memory of this process (GiB)."""
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30
+
+
+def gpu_peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def format_line(step: int, total: int, m: dict, eta_s: float | None = None) -> str:
+    gpu = f"{m['gpu_peak_gib']:.2f} GiB" if m.get("gpu_peak_gib") is not None else "n/a (CPU)"
+    eta = f", ETA {int(eta_s) // 60}m{int(eta_s) % 60:02d}s" if eta_s is not None else ""
+    return (
+        f"step {step}/{total} ({100 * step / total:.0f}%{eta}) | loss {m['loss']:.4f} | lr {m['lr']:.2e} | grad norm {m['grad_norm']:.3f} | "
+        f"{m['tokens_per_s_per_device']:,.0f} tok/s/{m['device_kind']} | MFU {100 * m['mfu']:.2f}% | "
+        f"peak GPU mem {gpu} | peak host RAM {m['host_peak_gib']:.2f} GiB"
+    )
+
+
+class MetricsSink:
+    """Rank 0's outputs: a progress bar (on a terminal), log lines, TensorBoard events, metrics.jsonl, loss.png."""
+
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool):
+        self.enabled = enabled
+        self.run_dir = run_dir
+        self.total = total_steps
+        self.start_step, self.started = start_step, time.perf_counter()
+        self.train_points: list[tuple[int, float]] = []
+        self.eval_points: list[tuple[int, float]] = []
+        self.bar = self.tb = self.jsonl = None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm.auto import tqdm
+
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        self.jsonl = (run_dir / "metrics.jsonl").open("a")
+        # A bar redraws in place on a terminal; in a log file (CI, SLURM) the log lines carry progress and ETA.
+        self.bar = (
+            tqdm(
+                total=total_steps,
+                initial=start_step,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+                leave=False,
+            )
+            if sys.stderr.isatty()
+            else None
+        )
+        # A resumed run keeps drawing its whole curve.
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("step", math.inf) <= start_step:
+                if "loss" in rec:
+                    self.train_points.append((rec["step"], rec["loss"]))
+                if "eval_loss" in rec:
+                    self.eval_points.append((rec["step"], rec["eval_loss"]))
+
+    def write(self, text: str) -> None:
+        if self.enabled:
+            (self.bar.write if self.bar is not None else print)(text)
+
+    def _record(self, rec: dict) -> None:
+        self.jsonl.write(json.dumps(rec) + "\n")
+        self.jsonl.flush()
+
+    def train_step(self, step: int, m: dict, log_line: bool) -> None:
+        if not self.enabled:
+            return
+        self.train_points.append((step, m["loss"]))
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(
+                loss=f"{m['loss']:.4f}",
+                lr=f"{m['lr']:.1e}",
+                tok_s=f"{m['tokens_per_s_per_device']:,.0f}",
+                refresh=False,
+            )
+        for key in ("loss", "lr", "grad_norm", "tokens_per_s_per_device", "mfu", "host_peak_gib"):
+            self.tb.add_scalar(f"train/{key}", m[key], step)
+        if log_line:
+            done = step - self.start_step
+            eta = (time.perf_counter() - self.started) / done * (self.total - step) if done else None
+            self.write(format_line(step, self.total, m, eta))
+            self._record({"step": step, **m})
+
+    def eval(self, step: int, m: dict) -> None:
+        if not self.enabled:
+            return
+        self.eval_points.append((step, m["eval_loss"]))
+        self.tb.add_scalar("eval/loss", m["eval_loss"], step)
+        self._record({"step": step, **m})
+        self.write(f"eval @ step {step}: loss {m['eval_loss']:.4f} over {m['eval_tokens']:,} tokens")
+
+    def note(self, rec: dict) -> None:
+        if self.enabled:
+            self._record(rec)
+
+    def plot(self) -> Path | None:
+        """loss.png: training loss per step and eval loss per evaluation."""
+        if not self.enabled or not self.train_points:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(*zip(*self.train_points, strict=True), lw=1, label="train loss")
+        if self.eval_points:
+            ax.plot(*zip(*self.eval_points, strict=True), "o-", label="eval loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (per response token)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.set_title(self.run_dir.name)
+        fig.tight_layout()
+        path = self.run_dir / "loss.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self.tb.close()
+        self.jsonl.close()

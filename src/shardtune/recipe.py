@@ -1,0 +1,162 @@
+"""The entry point every recipe file calls: `shardtune.recipe.main(config)`.
+
+    accelerate launch --config_file fsdp_configs/cpu_2proc.yaml recipes/tiny.py [key=value ...] [flags]
+    torchrun --nproc_per_node 2 recipes/tiny.py [key=value ...] [flags]
+
+Flags: --help (every key, its value in this recipe, its documentation), --print-config, --validate (check
+the configuration and stop), --sweep [key=v1,v2 ...] (run a grid of configurations one after another).
+
+Settings are layered, later wins: the recipe, then the accelerate config (`parallel.launch_config`, or the
+environment `accelerate launch` sets), then the command line. Mistakes in any of them are reported before
+anything is loaded, with exit code 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+from shardtune.config import Config, ConfigError, apply_overrides, format_help, parse_overrides, to_yaml
+from shardtune.data.formats import DataError
+from shardtune.launcher import accelerate_env_overrides, accelerate_yaml_overrides
+
+USAGE = """usage: accelerate launch --config_file fsdp_configs/<hardware>.yaml {recipe} [key=value ...] [flags]
+       torchrun --nproc_per_node N {recipe} [key=value ...] [flags]
+
+flags: --help  --print-config  --validate  --sweep [key=v1,v2]  (--sweep once per swept key)
+keys (value shown is this recipe's):
+"""
+
+EXIT_USAGE = 2  # a configuration or data error: nothing was trained, fix the input and run again
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def resolve_config(base: Config, overrides: list[str], env: dict[str, str] | None = None) -> Config:
+    """The recipe's config with the launcher's settings and the command-line overrides applied."""
+    cli = parse_overrides(overrides)
+    cfg = base
+    launch_config = cli.get("parallel.launch_config", base.parallel.launch_config)
+    if launch_config:
+        values, origin = accelerate_yaml_overrides(launch_config)
+        cfg = apply_overrides(cfg, values, origin)
+    values, origin = accelerate_env_overrides(env)
+    if values:
+        cfg = apply_overrides(cfg, values, origin)
+    return apply_overrides(cfg, cli, "the command line")
+
+
+def split_sweep_values(text: str) -> list[str]:
+    """'8,16' -> ['8', '16']; commas inside [...] stay: '[q_proj,v_proj],all-linear' -> 2 values."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += 1 if ch in "[{(" else -1 if ch in "]})" else 0
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [*out, cur]
+
+
+def _parse_args(argv: list[str]) -> tuple[set[str], list[str], dict[str, list[str]]]:
+    """(flags, key=value overrides, sweep grid).
+
+    Each `--sweep` takes the next argument when it is `key=v1,v2,...` (two or more values); a bare
+    `--sweep` runs the recipe's own grid. Everything else that is not a flag is an override.
+    """
+    flags, overrides, sweep = set(), [], {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help", "--print-config", "--validate", "--sweep"):
+            flags.add(arg)
+            nxt = argv[i + 1] if i + 1 < len(argv) else ""
+            key, sep, values = nxt.partition("=")
+            if arg == "--sweep" and sep and len(split_sweep_values(values)) > 1:
+                sweep[key] = split_sweep_values(values)
+                i += 1
+        elif arg.startswith("--"):
+            raise ConfigError(f"unknown flag {arg!r}; flags: --help --print-config --validate --sweep")
+        else:
+            overrides.append(arg)
+        i += 1
+    return flags, overrides, sweep
+
+
+def setup_logging(rank: int) -> None:
+    import datasets
+    import transformers
+
+    level = logging.INFO if rank == 0 else logging.WARNING
+    fmt = "[shardtune] %(message)s" if rank == 0 else f"[shardtune rank {rank}] %(message)s"
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity_error()
+    # torch's sharded-state-dict machinery warns about its own deprecated internals on every save
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch.distributed")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft calling a renamed API
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+
+
+def main(
+    build: Callable[[], Config] | Config, sweep: dict[str, list] | None = None, argv: list[str] | None = None
+):
+    """Parse the command line, validate, then train (or print help / the config, or validate only)."""
+    argv = sys.argv[1:] if argv is None else argv
+    name = Path(sys.argv[0]).stem
+    try:
+        flags, overrides, cli_sweep = _parse_args(argv)
+        base = build() if callable(build) else build
+        if flags & {"-h", "--help"}:
+            print(USAGE.format(recipe=sys.argv[0]) + format_help(base))
+            return
+        cfg = resolve_config(base, overrides)
+        grid = cli_sweep or (sweep if "--sweep" in flags else None)
+        if grid:
+            from shardtune.sweep import expand
+
+            expand(cfg, grid)  # validates every combination now
+        if "--print-config" in flags:
+            if _is_main_process():
+                print(to_yaml(cfg), end="")
+            return
+        if "--validate" in flags:
+            if _is_main_process():
+                print(f"{name}: configuration is valid")
+            return
+    except ConfigError as e:
+        if _is_main_process():
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    run(cfg, name, grid)
+
+
+def run(cfg: Config, name: str, grid: dict | None = None) -> list[dict]:
+    """Train one configuration (or each of a grid) inside one process group."""
+    from shardtune.distributed import init_distributed, teardown
+    from shardtune.run import train
+    from shardtune.sweep import run_grid
+
+    dist = init_distributed(cfg.parallel.device, cfg.parallel.timeout_minutes)
+    setup_logging(dist.rank)
+    try:
+        if grid:
+            return run_grid(cfg, grid, dist, name)
+        return [train(cfg, dist, name)]
+    except (ConfigError, DataError) as e:
+        if dist.is_main:
+            print(f"error: {e}", file=sys.stderr)
+        teardown()
+        sys.exit(EXIT_USAGE)
+    finally:
+        teardown()

@@ -1,0 +1,176 @@
+"""The loop: forward, loss, backward, clip, step; held-out loss; generation. It does not know how the model
+is sharded beyond calling it (the FSDP wrapper is a module like any other).
+
+The loss of a step is the mean over every response token of the global batch, whatever the micro-batch
+size, gradient accumulation or number of processes: each micro-batch's summed token loss is divided by
+the global token count (known before the forward), and FSDP's gradient averaging over ranks is undone
+by a factor of the world size.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from shardtune.data.formats import IGNORE_INDEX, adds_bos
+from shardtune.data.loader import Data, GlobalBatchSampler, collate, eval_batches
+from shardtune.distributed import DistInfo, all_reduce_max, all_reduce_sum
+from shardtune.metrics import gpu_peak_gib, host_peak_gib, step_flops
+from shardtune.parallel import clip_grad_norm, gathered_root, unwrap
+
+
+def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed cross-entropy over the batch's labelled positions (labels are pre-shifted)."""
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).logits
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        batch["labels"].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+@dataclass
+class FlopModel:
+    n_matmul: int
+    n_layers: int
+    hidden: int
+    peak_flops: float
+    recompute: bool
+
+
+class Trainer:
+    def __init__(
+        self,
+        model,
+        optimizer,
+        scheduler,
+        data: Data,
+        sampler: GlobalBatchSampler,
+        tokenizer,
+        dist_info: DistInfo,
+        flops: FlopModel,
+        max_grad_norm: float | None,
+    ):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.data, self.sampler, self.tokenizer = data, sampler, tokenizer
+        self.dist, self.flops, self.max_grad_norm = dist_info, flops, max_grad_norm
+        self.pad_id = tokenizer.pad_token_id
+        self.tokens_seen = 0  # non-padding tokens trained on, all ranks
+
+    def _batch(self, indices: list[int], split) -> dict[str, torch.Tensor]:
+        batch = collate([split.row(i) for i in indices], self.pad_id)
+        return {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()}
+
+    def train_step(self, step: int) -> dict:
+        """One optimizer step (0-based `step`); returns its metrics, identical on every rank."""
+        start = time.perf_counter()
+        micro = self.sampler.micro_batches(step)
+        batches = [self._batch(idx, self.data.train) for idx in micro]
+        lengths = [int(n) for b in batches for n in b["attention_mask"].sum(1).tolist()]
+        local = [
+            sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches),
+            float(sum(lengths)),
+            float(sum(x * x for x in lengths)),
+        ]
+        label_tokens, tokens, squares = all_reduce_sum(local, self.dist.device)
+        scale = self.dist.world_size / label_tokens
+        loss_sum = torch.zeros((), device=self.dist.device, dtype=torch.float64)
+        for batch in batches:
+            loss = token_loss_sum(self.model, batch)
+            (loss * scale).backward()
+            loss_sum += loss.detach().double()
+        norm = clip_grad_norm(self.model, self.max_grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss_total,) = all_reduce_sum([loss_sum.item()], self.dist.device)
+        if self.dist.device.type == "cuda":
+            torch.cuda.synchronize(self.dist.device)
+        elapsed = time.perf_counter() - start
+        self.tokens_seen += int(tokens)
+        f = self.flops
+        model_flops, hw_flops = step_flops(f.n_matmul, f.n_layers, f.hidden, tokens, squares, f.recompute)
+        per_device = self.flops.peak_flops * elapsed * self.dist.world_size
+        host, gpu = all_reduce_max([host_peak_gib(), gpu_peak_gib(self.dist.device) or 0.0], self.dist.device)
+        return {
+            "loss": loss_total / label_tokens,
+            "lr": lr,
+            "grad_norm": float(norm),
+            "step_time_s": elapsed,
+            "tokens": int(tokens),
+            "label_tokens": int(label_tokens),
+            "tokens_per_s_per_device": tokens / elapsed / self.dist.world_size,
+            "mfu": model_flops / per_device,
+            "hfu": hw_flops / per_device,
+            "host_peak_gib": host,
+            "gpu_peak_gib": gpu if self.dist.device.type == "cuda" else None,
+            "device_kind": "GPU" if self.dist.device.type == "cuda" else "proc",
+        }
+
+    @torch.no_grad()
+    def evaluate(self, batch_size: int, max_rows: int | None) -> dict:
+        """Mean token loss over the held-out rows (every rank takes part in every forward)."""
+        split = self.data.eval
+        n = len(split) if max_rows is None else min(len(split), max_rows)
+        self.model.eval()
+        total = count = 0.0
+        for indices in eval_batches(n, batch_size, self.dist.world_size, self.dist.rank):
+            batch = self._batch(indices or [0], split)
+            if not indices:  # a dummy forward, so that collectives line up; it counts for nothing
+                batch["labels"].fill_(IGNORE_INDEX)
+            total += token_loss_sum(self.model, batch).item()
+            count += int((batch["labels"] != IGNORE_INDEX).sum())
+        self.model.train()
+        total, count = all_reduce_sum([total, count], self.dist.device)
+        return {"eval_loss": total / max(count, 1), "eval_tokens": int(count), "eval_rows": n}
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+        """Greedy completions of `prompts` (rank 0 receives all; prompts are spread over the ranks)."""
+        world, rank = self.dist.world_size, self.dist.rank
+        mine = list(range(rank, len(prompts), world))
+        tok = self.tokenizer
+        side, tok.padding_side = tok.padding_side, "left"
+        bos = adds_bos(tok)
+        rounds = -(-len(prompts) // (batch_size * world)) if prompts else 0
+        out: dict[int, str] = {}
+        self.model.eval()
+        try:
+            for k in range(rounds):
+                chunk = mine[k * batch_size : (k + 1) * batch_size]
+                texts = [prompts[i] for i in chunk] or [prompts[0]]  # idle ranks still step with the rest
+                if bos:
+                    texts = [t if t.startswith(tok.bos_token) else tok.bos_token + t for t in texts]
+                enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(
+                    self.dist.device
+                )
+                # synced_gpus keeps every rank stepping (and gathering layers) until all are done
+                with gathered_root(self.model):
+                    gen = unwrap(self.model).generate(
+                        **enc,
+                        max_new_tokens=max_new_tokens,
+                        do_sample=False,
+                        use_cache=True,
+                        synced_gpus=world > 1,
+                        pad_token_id=tok.pad_token_id,
+                        eos_token_id=tok.eos_token_id,
+                    )
+                new = gen[:, enc["input_ids"].shape[1] :]
+                for i, ids in zip(chunk, new, strict=False):  # an idle rank's dummy row has no index
+                    out[i] = tok.decode(ids, skip_special_tokens=True)
+        finally:
+            self.model.train()
+            tok.padding_side = side
+        if world > 1:
+            gathered: list = [None] * world
+            dist.all_gather_object(gathered, out)
+            out = {k: v for part in gathered for k, v in part.items()}
+        return [out[i] for i in range(len(prompts))]

@@ -1,0 +1,86 @@
+"""Shared helpers: launching real multi-process runs (torchrun / accelerate launch) on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def run_env(**extra: str) -> dict[str, str]:
+    # a child starts its own process group: nothing of the launcher's (or of an in-process test group) leaks
+    dist_vars = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("ACCELERATE_", "FSDP_")) and k not in dist_vars
+    }
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", **extra)
+    return env
+
+
+def launch(
+    args: list[str], nproc: int = 2, launcher: str = "torchrun", timeout: int = 900, check: bool = True
+) -> subprocess.CompletedProcess:
+    """Run a script with 2 (or `nproc`) CPU processes, as a user would."""
+    if launcher == "torchrun":
+        cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(_port()), *args]
+    elif launcher == "accelerate":
+        cmd = [
+            str(BIN / "accelerate"),
+            "launch",
+            "--config_file",
+            str(ROOT / "fsdp_configs/cpu_2proc.yaml"),
+            "--num_processes",
+            str(nproc),
+            "--main_process_port",
+            str(_port()),
+            *args,
+        ]
+    else:
+        cmd = [sys.executable, *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+        )
+    return proc
+
+
+def _port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One real training run of the embedded default (shortened), shared by the tests that inspect its
+    outputs: `accelerate launch --config_file fsdp_configs/cpu_2proc.yaml recipes/tiny.py`."""
+    out = tmp_path_factory.mktemp("runs")
+    proc = launch(
+        [
+            "recipes/tiny.py",
+            f"train.output_dir={out}",
+            "train.run_name=tiny",
+            "train.max_steps=40",
+            "train.save_every=20",
+            "eval.every=20",
+            "eval.samples=8",
+        ],
+        launcher="accelerate",
+    )
+    return out / "tiny", proc

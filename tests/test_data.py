@@ -1,0 +1,263 @@
+"""Data: formats, completion-only label positions, truncation, sources, and every bad-input error."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from shardtune.config import Config, DataConfig, GeneratedTaskConfig
+from shardtune.data.formats import (
+    ALPACA_PROMPT,
+    ALPACA_PROMPT_NO_INPUT,
+    IGNORE_INDEX,
+    DataError,
+    RowFormatter,
+    detect_format,
+    encode,
+)
+from shardtune.data.loader import GlobalBatchSampler, build_data, collate, eval_batches
+from shardtune.data.tasks import generate_rows
+from shardtune.tokenizer import build_tiny_tokenizer, prepare_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return prepare_tokenizer(build_tiny_tokenizer(), None, None)
+
+
+def trained_runs(tok, ids, mask):
+    """The trained tokens as decoded text, one string per contiguous run."""
+    runs, cur = [], []
+    for i, m in zip(ids, mask, strict=True):
+        if m:
+            cur.append(int(i))
+        elif cur:
+            runs.append(cur)
+            cur = []
+    if cur:
+        runs.append(cur)
+    return [tok.decode(r) for r in runs]
+
+
+def encode_one(tok, fmt, row, **kw):
+    enc = encode(RowFormatter(fmt, tok, "rows.jsonl", **kw), [row], max_len=512, append_eos=True)
+    return enc.row(0)
+
+
+def test_alpaca_labels_exactly_the_response_and_eos(tok):
+    for row, template in [
+        ({"instruction": "Sort the letters: c a b", "input": "", "output": "a b c"}, ALPACA_PROMPT_NO_INPUT),
+        ({"instruction": "Sort the letters.", "input": "c a b", "output": "a b c"}, ALPACA_PROMPT),
+    ]:
+        ids, mask = encode_one(tok, "alpaca", row)
+        prompt = template.format(instruction=row["instruction"], input=row["input"])
+        n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
+        assert not mask[:n_prompt].any() and mask[n_prompt:].all()
+        assert tok.decode(ids[n_prompt:].tolist()) == "a b c</s>"
+        assert ids[-1] == tok.eos_token_id
+        # the collated labels are the next tokens exactly at those positions
+        batch = collate([(ids, mask)], tok.pad_token_id)
+        labels = batch["labels"][0]
+        positions = (labels != IGNORE_INDEX).nonzero().flatten().tolist()
+        assert positions == list(range(n_prompt - 1, len(ids) - 1))
+        assert labels[positions].tolist() == ids[n_prompt:].tolist()
+
+
+def test_alpaca_response_suffix_and_field_templates(tok):
+    row = {"product": "Lamp", "category": "Lighting", "description": "A bright lamp."}
+    fields = {
+        "instruction": "Create a detailed description for the following product: {product}, "
+        "belonging to category: {category}",
+        "output": "{description}",
+    }
+    ids, mask = encode_one(tok, "alpaca", row, fields=fields, response_suffix="\n\n### End")
+    assert trained_runs(tok, ids, mask) == ["A bright lamp.\n\n### End</s>"]
+    text = tok.decode(ids.tolist())
+    assert "following product: Lamp, belonging to category: Lighting" in text
+
+
+def test_prompt_completion_and_text(tok):
+    ids, mask = encode_one(tok, "prompt_completion", {"prompt": "Q: sort c a b\nA:", "completion": " a b c"})
+    assert trained_runs(tok, ids, mask) == [" a b c</s>"]
+    ids, mask = encode_one(tok, "text", {"text": "the letters a b c"})
+    assert mask.all() and tok.decode(ids.tolist()) == "the letters a b c</s>"
+
+
+def test_completion_only_off_trains_the_prompt_too(tok):
+    _, mask = encode_one(tok, "alpaca", {"instruction": "x", "output": "y"}, completion_only=False)
+    assert mask.all()
+
+
+def test_chat_labels_every_assistant_turn_only(tok):
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Sort c a b"},
+        {"role": "assistant", "content": "a b c"},
+        {"role": "user", "content": "And b a?"},
+        {"role": "assistant", "content": "a b"},
+    ]
+    ids, mask = encode_one(tok, "chat", {"messages": messages})
+    full = tok.apply_chat_template(messages, tokenize=False)
+    assert tok.decode(ids.tolist()) == full
+    # the space after "Assistant:" merges with the first word, so it is part of the labelled token
+    assert trained_runs(tok, ids, mask) == [" a b c</s>", " a b</s>"]
+
+
+def test_truncation_counts_and_drops_rows_without_response(tok):
+    f = RowFormatter("alpaca", tok, "rows.jsonl")
+    rows = [
+        {"instruction": "Sort the letters: " + "a " * 40, "output": "a"},
+        {"instruction": "Sort the letters: c b", "output": "b c " * 30},
+    ]
+    enc = encode(f, rows, max_len=40, append_eos=True)
+    assert enc.truncated == 2 and enc.dropped == 1 and len(enc) == 1
+    assert enc.lengths().tolist() == [40]
+
+
+def test_detect_format():
+    assert detect_format(["messages", "prompt"], {}, "x") == "chat"
+    assert detect_format(["instruction", "input", "output"], {}, "x") == "alpaca"
+    assert (
+        detect_format(
+            ["product", "category", "description", "text"],
+            {"instruction": "{product}", "output": "{description}"},
+            "x",
+        )
+        == "alpaca"
+    )
+    assert detect_format(["prompt", "completion"], {}, "x") == "prompt_completion"
+    with pytest.raises(DataError, match="cannot tell the format from its columns \\(question, answer\\)"):
+        detect_format(["question", "answer"], {}, "data.jsonl")
+
+
+# --------------------------------------------------------------------------------------- bad input
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def build(tok, source, **kw):
+    cfg = DataConfig(source=str(source), test_size=1, **kw)
+    return build_data(cfg, tok, seed=0)
+
+
+def test_missing_column_names_file_column_and_fix(tok, tmp_path):
+    f = write_jsonl(tmp_path / "rows.jsonl", [{"instruction": "a", "response": "b"}] * 3)
+    with pytest.raises(DataError) as e:
+        build(tok, f, format="alpaca")
+    msg = str(e.value)
+    assert str(f) in msg and "missing column 'output'" in msg and "data.fields.output=" in msg
+    assert "Columns: instruction, response" in msg
+
+
+def test_bad_rows_name_file_row_and_column(tok, tmp_path):
+    f = write_jsonl(
+        tmp_path / "rows.jsonl",
+        [{"instruction": "a", "output": "b"}] * 3 + [{"instruction": "a", "output": None}],
+    )
+    with pytest.raises(DataError, match=r"rows.jsonl row 4: column 'output' is empty \(null\)"):
+        build(tok, f)
+    f = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]}] * 2,
+    )
+    with pytest.raises(DataError, match=r"chat.jsonl row \d: column 'messages', message 1: expected \{role"):
+        build(tok, f)
+    f = write_jsonl(tmp_path / "chat2.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}] * 2)
+    with pytest.raises(DataError, match=r"row \d: column 'messages' has no assistant message"):
+        build(tok, f)
+    f = write_jsonl(tmp_path / "tmpl.jsonl", [{"product": "x", "description": "y"}] * 2)
+    with pytest.raises(DataError, match=r"missing column 'category' \(data\.fields\.instruction="):
+        build(
+            tok, f, format="alpaca", fields={"instruction": "{product} {category}", "output": "{description}"}
+        )
+
+
+def test_number_where_text_is_expected(tok, tmp_path):
+    f = tmp_path / "rows.csv"
+    pd.DataFrame({"prompt": ["a", "b"], "completion": [1, 2]}).to_csv(f, index=False)
+    with pytest.raises(
+        DataError, match=r"rows.csv row (1|2): column 'completion' holds int (1|2); expected text"
+    ):
+        build(tok, f)
+
+
+def test_empty_and_malformed_files(tok, tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("instruction,output\n")
+    with pytest.raises(DataError, match=r"empty\.csv is empty"):
+        build(tok, empty)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{"text": "b"}\n{"text": oops}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl: could not read as .jsonl \(line 3: not valid JSON"):
+        build(tok, bad)
+    with pytest.raises(DataError, match="data file not found"):
+        build(tok, tmp_path / "missing.parquet")
+
+
+def test_keep_if_empty_and_sources(tok, tmp_path):
+    rows = [
+        {"instruction": f"Sort the letters: {c} a", "input": "" if i % 2 else "x", "output": f"a {c}"}
+        for i, c in enumerate("bcdefgh")
+    ]
+    f = tmp_path / "rows.parquet"
+    pd.DataFrame(rows).to_parquet(f)
+    data = build(tok, f, keep_if_empty=["input"])
+    assert len(data.train) + len(data.eval) == 3
+    with pytest.raises(DataError, match="keep_if_empty names column 'context'"):
+        build(tok, f, keep_if_empty=["context"])
+    # a local dataset folder with train/test files: splits by name, like a hub dataset
+    folder = tmp_path / "chat"
+    folder.mkdir()
+    conv = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    write_jsonl(folder / "train.jsonl", [conv] * 5)
+    write_jsonl(folder / "test.jsonl", [conv] * 2)
+    data = build_data(DataConfig(source=str(folder), eval_split="test"), tok, seed=0)
+    assert (len(data.train), len(data.eval), data.formatter.fmt) == (5, 2, "chat")
+
+
+# ------------------------------------------------------------------------------------ batches
+def test_sampler_is_deterministic_and_independent_of_process_count():
+    def step_rows(world, micro, step):
+        rows = []
+        for rank in range(world):
+            s = GlobalBatchSampler(100, 8, micro, world, rank, seed=3)
+            rows += [i for mb in s.micro_batches(step) for i in mb]
+        return sorted(rows)
+
+    for step in (0, 5, 12, 13, 30):  # 12 steps per epoch: 12 and 13 are in the second epoch
+        assert step_rows(1, 8, step) == step_rows(2, 4, step) == step_rows(4, 1, step)
+    s = GlobalBatchSampler(100, 8, 2, 2, 0, seed=3)
+    assert s.grad_accum == 2 and s.steps_per_epoch == 12 and s.position(13) == (1, 8)
+    epoch0 = [
+        i for st in range(12) for mb in GlobalBatchSampler(100, 8, 8, 1, 0, 3).micro_batches(st) for i in mb
+    ]
+    assert len(set(epoch0)) == 96  # no row twice within an epoch
+    with pytest.raises(ValueError, match="not a multiple"):
+        GlobalBatchSampler(100, 8, 3, 2, 0, 0)
+
+
+def test_eval_batches_give_every_rank_the_same_count():
+    parts = [eval_batches(21, 4, 2, r) for r in range(2)]
+    assert len(parts[0]) == len(parts[1]) == 3
+    assert sorted(i for p in parts for b in p for i in b) == list(range(21))
+
+
+def test_generated_task_is_correct_and_deterministic(tok):
+    cfg = GeneratedTaskConfig(rows=50, tasks=["sort", "sort_desc", "reverse"])
+    rows = generate_rows(cfg, seed=1)
+    assert rows == generate_rows(cfg, seed=1) and rows != generate_rows(cfg, seed=2)
+    for r in rows:
+        letters = r["instruction"].split(":")[1].split()
+        expected = {
+            "Sort the letters": sorted(letters),
+            "Sort the letters from z to a": sorted(letters)[::-1],
+            "Reverse the letters": letters[::-1],
+        }[r["instruction"].split(":")[0]]
+        assert r["output"].split() == expected and r["input"] == ""
+    data = build_data(Config().data, tok, seed=0)
+    assert len(data.train) == 5700 and len(data.eval) == 300
+    ids, mask = data.train.row(0)
+    assert tok.decode(ids[mask].tolist()).endswith("</s>")
+    assert np.all(data.train.lengths() < 60)

@@ -1,0 +1,32 @@
+"""Real FSDP on 2 CPU processes (gloo): the weights are sharded and the logits are exactly the
+unsharded model's. A loss curve would hide both faults measured on GPUs (README, "What runs where")."""
+
+import json
+
+import pytest
+
+from conftest import launch
+
+
+def results(workdir):
+    return [json.loads(p.read_text()) for p in sorted(workdir.glob("rank*.json"))]
+
+
+@pytest.mark.slow
+def test_sharded_logits_equal_unsharded_and_weights_are_sharded(tmp_path):
+    launch(["tests/workers/fsdp_exact.py", str(tmp_path)])
+    ranks = results(tmp_path)
+    assert [r["world"] for r in ranks] == [2, 2]
+    for r in ranks:
+        assert r["identical"], f"rank {r['rank']}: logits differ by {r['max_abs_diff']}"
+        # each rank holds about half of every flat parameter (4-bit base, norms, embeddings, LoRA)
+        assert r["total"] > 0 and 0.45 < r["local"] / r["total"] < 0.55
+    assert ranks[0]["lora_shard_sum"] != ranks[1]["lora_shard_sum"]  # different halves
+    assert ranks[0]["losses"][0] == ranks[0]["losses"][1] == ranks[1]["losses"][0]
+
+
+@pytest.mark.slow
+def test_one_process_trains_the_plain_module(tmp_path):
+    launch(["tests/workers/fsdp_exact.py", str(tmp_path)], nproc=1)
+    (r,) = results(tmp_path)
+    assert r["identical"] and r["local"] == r["total"]

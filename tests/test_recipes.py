@@ -1,0 +1,151 @@
+"""Every bundled recipe and accelerate config loads and validates; the three workflows this project grew
+from run as recipes, on local sample files in their datasets' schema, with a tiny model in their place."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, launch, read_summary
+from samples import alpaca_cleaned, no_robots, product_descriptions
+from shardtune.launcher import launch_info
+from shardtune.recipe import resolve_config
+
+RECIPES = sorted((ROOT / "recipes").glob("*.py"))
+CONFIGS = sorted((ROOT / "fsdp_configs").glob("*.yaml"))
+# Replace the recipe's hub model by the tiny one (and its learning rate by one for a tiny random model);
+# everything else stays the recipe's.
+TINY = [
+    "model.name_or_path=tiny",
+    "model.init=random",
+    "train.max_steps=6",
+    "train.global_batch_size=4",
+    "train.micro_batch_size=2",
+    "eval.every=3",
+    "eval.batch_size=2",
+    "eval.samples=2",
+    "eval.max_new_tokens=8",
+    "data.max_len=192",
+    "optim.lr=3e-3",
+    "optim.warmup_steps=0",
+]
+
+
+def load_recipe(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_recipes_and_configs_are_all_there():
+    assert {p.stem for p in RECIPES} >= {"tiny", "llama3_8b", "llama3_70b", "product_descriptions"}
+    assert {p.stem for p in CONFIGS} >= {"cpu_2proc", "4xa10g", "2xh100", "8xh100", "multinode"}
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("hardware", CONFIGS, ids=lambda p: p.stem)
+def test_every_recipe_validates_with_every_config(recipe, hardware):
+    cfg = resolve_config(load_recipe(recipe).config(), [f"parallel.launch_config={hardware}"], env={})
+    assert cfg.parallel.wrap_class == "LlamaDecoderLayer"
+    assert cfg.storage_dtype == cfg.param_dtype
+
+
+def test_config_process_layouts():
+    layouts = {p.stem: launch_info(p) for p in CONFIGS}
+    assert layouts["cpu_2proc"]["num_processes"] == 2 and layouts["4xa10g"]["num_processes"] == 4
+    assert layouts["2xh100"]["num_processes"] == 2 and layouts["8xh100"]["num_processes"] == 8
+    assert layouts["multinode"]["num_machines"] == 2 and layouts["multinode"]["num_processes"] == 16
+    assert all(layout["distributed_type"] == "FSDP" for layout in layouts.values())
+
+
+def test_recipe_command_line(tmp_path):
+    run = [sys.executable, "recipes/llama3_70b.py"]
+    ok = subprocess.run([*run, "--validate", "lora.r=8"], cwd=ROOT, capture_output=True, text=True)
+    assert ok.returncode == 0 and "configuration is valid" in ok.stdout
+    bad = subprocess.run([*run, "--validate", "lora.rank=8"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "Did you mean 'lora.r'" in bad.stderr
+    shown = subprocess.run([*run, "--print-config"], cwd=ROOT, capture_output=True, text=True)
+    assert "name_or_path: meta-llama/Meta-Llama-3-70B" in shown.stdout
+    helped = subprocess.run([*run, "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert "data.chat_template='human_assistant'" in helped.stdout and "LoRA rank." in helped.stdout
+
+
+@pytest.mark.slow
+def test_product_descriptions_sweep(tmp_path):
+    data = product_descriptions(tmp_path / "red_dot.csv")
+    launch(
+        [
+            "recipes/product_descriptions.py",
+            "--sweep",
+            f"data.source={data}",
+            f"train.output_dir={tmp_path}",
+            *TINY,
+        ]
+    )
+    rows = json.loads((tmp_path / "product_descriptions" / "sweep" / "summary.json").read_text())
+    assert len(rows) == 4
+    params = {(r["lora.r"], str(r["lora.target_modules"])): r["trainable_params"] for r in rows}
+    attention_only = "['q_proj', 'v_proj']"
+    assert params[(8, attention_only)] < params[(16, attention_only)] < params[(16, "all-linear")]
+    assert params[(16, attention_only)] == 2 * params[(8, attention_only)]
+    assert all(r["final_eval_loss"] < r["first_eval_loss"] for r in rows)
+    table = (tmp_path / "product_descriptions" / "sweep" / "summary.md").read_text()
+    assert "trainable params" in table and "eval loss end" in table and table.count("\n") == 6
+    sample = json.loads((Path(rows[0]["run_dir"]) / "generations.jsonl").read_text().splitlines()[0])
+    assert "belonging to category:" in sample["prompt"] and sample["reference"].endswith("### End")
+
+
+@pytest.mark.slow
+def test_llama3_8b_alpaca_cleaned(tmp_path):
+    data = alpaca_cleaned(tmp_path / "alpaca.jsonl")
+    proc = launch(
+        [
+            "recipes/llama3_8b.py",
+            f"data.source={data}",
+            f"train.output_dir={tmp_path}",
+            "data.pad_token=null",
+            "data.test_size=4",
+            *TINY,
+        ]
+    )
+    run = tmp_path / "llama3_8b"
+    summary = read_summary(run)
+    assert summary["final_eval_loss"] < summary["first_eval_loss"]
+    assert "60 train rows, 4 eval rows" in proc.stderr
+    cfg = (run / "config.yaml").read_text()  # the recipe's own GPU settings ran on CPU: bf16 + checkpointing
+    assert (
+        "activation_checkpointing: true" in cfg and "mixed_precision: bf16" in cfg
+    )  # 64 of the 96 rows have no input; 4 held out
+    answers = [json.loads(x) for x in (run / "generations.jsonl").read_text().splitlines()]
+    assert next(a["question"] for a in answers if "question" in a) == "What is the capital of France?"
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_llama3_70b_no_robots_chat(tmp_path):
+    data = no_robots(tmp_path / "no_robots")
+    launch(
+        ["recipes/llama3_70b.py", f"data.source={data}", f"train.output_dir={tmp_path}", *TINY],
+        launcher="accelerate",
+    )
+    run = tmp_path / "llama3_70b"
+    summary = read_summary(run)
+    assert summary["world_size"] == 2 and summary["final_eval_loss"] < summary["first_eval_loss"]
+    cfg = (run / "config.yaml").read_text()
+    # the hardware config (cpu_2proc.yaml: fp32, no checkpointing) wins over the recipe's GPU settings
+    assert "activation_checkpointing: false" in cfg and "mixed_precision: 'no'" in cfg
+    sample = json.loads((run / "generations.jsonl").read_text().splitlines()[0])
+    assert sample["prompt"].endswith("\n\nAssistant: ")
+
+
+def test_shardtune_validate_command(capsys):
+    from shardtune.cli import main
+
+    assert main(["validate", "recipes/llama3_8b.py", "lora.r=8"]) == 0
+    assert main(["validate", "recipes/llama3_8b.py", "lora.rk=8"]) == 2
+    assert "Did you mean 'lora.r'" in capsys.readouterr().err
+    assert main(["validate", "recipes/missing.py"]) == 2

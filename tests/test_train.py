@@ -1,0 +1,137 @@
+"""The embedded default trained for real (2 CPU processes, accelerate launch and torchrun), and what it
+leaves behind: a loss that falls, a whole adapter that PEFT reloads with the same eval loss, checkpoints
+that resume, and refusals that name what changed."""
+
+import json
+import shutil
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from conftest import launch, read_summary
+
+pytestmark = pytest.mark.slow
+
+
+def test_loss_falls_and_the_run_is_sharded(tiny_run):
+    run, proc = tiny_run
+    s = read_summary(run)
+    assert s["world_size"] == 2 and 0.45 < s["rank0_holds"] < 0.55  # not DDP, not one process
+    assert s["final_eval_loss"] <= 0.5 * s["first_eval_loss"]
+    log = proc.stderr + proc.stdout
+    for needle in (
+        "tok/s/proc",
+        "MFU",
+        "peak host RAM",
+        "eval @ step 20",
+        "run directory:",
+        "adapter (PEFT)",
+    ):
+        assert needle in log
+    for name in ("loss.png", "metrics.jsonl", "generations.jsonl", "config.yaml", "tokenizer", "base"):
+        assert (run / name).exists(), name
+    assert any((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000020", "step-00000040"]
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert 40 in steps
+
+
+def test_adapter_holds_full_tensors(tiny_run):
+    run, _ = tiny_run
+    conf = json.loads((run / "base" / "config.json").read_text())
+    tensors = load_file(run / "adapter" / "adapter_model.safetensors")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    r, d = cfg["lora"]["r"], conf["hidden_size"]
+    kv = conf["num_key_value_heads"] * d // conf["num_attention_heads"]
+    shapes = {
+        "q_proj": (d, d),
+        "k_proj": (kv, d),
+        "v_proj": (kv, d),
+        "o_proj": (d, d),
+        "gate_proj": (conf["intermediate_size"], d),
+        "up_proj": (conf["intermediate_size"], d),
+        "down_proj": (d, conf["intermediate_size"]),
+    }
+    assert len(tensors) == 2 * len(shapes) * conf["num_hidden_layers"]
+    for key, t in tensors.items():
+        module = key.split(".")[-3]
+        out_f, in_f = shapes[module]
+        assert tuple(t.shape) == ((r, in_f) if "lora_A" in key else (out_f, r)), key
+    assert any(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k)  # trained, not the zero init
+
+
+def test_adapter_reloads_with_the_same_eval_loss(tiny_run):
+    run, _ = tiny_run
+    proc = launch(["tests/workers/reload_adapter.py", str(run)], launcher="python")
+    reloaded = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert reloaded["eval_loss"] == pytest.approx(read_summary(run)["final_eval_loss"], rel=1e-6, abs=1e-7)
+
+
+def test_resume_continues_from_the_checkpoint_under_torchrun(tiny_run, tmp_path):
+    run, _ = tiny_run
+    copy = tmp_path / "tiny"
+    shutil.copytree(run, copy)
+    proc = launch(
+        [
+            "recipes/tiny.py",
+            f"train.output_dir={tmp_path}",
+            "train.run_name=tiny",
+            "train.max_steps=50",
+            "train.save_every=20",
+            "eval.every=20",
+            "eval.samples=8",
+        ]
+    )
+    log = proc.stderr + proc.stdout
+    assert "resumed from" in log and "(step 40, saved by 2 processes)" in log
+    assert "step 41" not in log.replace("step 41/", "")  # no step redone
+    s = read_summary(copy)
+    assert s["steps"] == 50 and s["first_eval_loss"] == read_summary(run)["first_eval_loss"]
+    assert (copy / "checkpoints" / "step-00000050").is_dir()
+
+
+def test_resume_refuses_a_changed_config_and_keeps_the_checkpoints(tiny_run, tmp_path):
+    run, _ = tiny_run
+    shutil.copytree(run, tmp_path / "tiny")
+    before = sorted(p.name for p in (tmp_path / "tiny" / "checkpoints").iterdir())
+    proc = launch(
+        [
+            "recipes/tiny.py",
+            f"train.output_dir={tmp_path}",
+            "train.run_name=tiny",
+            "lora.r=8",
+            "data.max_len=64",
+            "train.max_steps=60",
+        ],
+        check=False,
+    )
+    assert proc.returncode != 0  # each worker exits 2; torchrun reports any failed worker as 1
+    assert "cannot resume" in proc.stderr and "lora.r: checkpoint 16 -> now 8" in proc.stderr
+    assert "data.max_len: checkpoint 512 -> now 64" in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "tiny" / "checkpoints").iterdir()) == before
+    proc = launch(
+        ["recipes/tiny.py", f"train.output_dir={tmp_path}", "train.run_name=tiny", "train.resume=never"],
+        launcher="python",
+        check=False,
+    )
+    assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr
+
+
+def test_demo_learns_the_task(tmp_path):
+    """The README's first command (`make demo` runs exactly this launch): the full embedded default."""
+    launch(["recipes/tiny.py", f"train.output_dir={tmp_path}", "train.run_name=demo"], launcher="accelerate")
+    s = read_summary(tmp_path / "demo")
+    assert s["final_eval_loss"] <= 0.5 * s["first_eval_loss"]
+    assert s["exact_match"] >= 0.5  # most held-out rows are sorted correctly, greedy, in the right direction
+
+
+def test_shardtune_export_rebuilds_the_same_adapter(tiny_run, tmp_path):
+    run, _ = tiny_run
+    from shardtune.cli import main
+
+    assert main(["export", str(run), str(tmp_path / "again")]) == 0
+    a = load_file(run / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "again" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    assert main(["export", str(tmp_path), str(tmp_path / "x")]) == 2  # no checkpoint there: a clear error
