@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from shardtune import modeling, parallel
+from shardtune import loading, modeling, parallel
 from shardtune.checkpoint import CheckpointManager, rng_state, set_rng_state, verify_checkpoint
 from shardtune.config import Config
 from shardtune.distributed import init_distributed, teardown
@@ -25,9 +25,11 @@ def setup(tmp_path_factory):
     info = init_distributed("cpu")
     cfg = Config()
     modeling.write_random_base(cfg, build_tiny_tokenizer(), root / "base")
-    model = modeling.add_lora(modeling.load_base(cfg, str(root / "base"), info.device, "sdpa"), cfg)
+    sharder = parallel.Sharder(cfg.parallel, cfg.param_dtype, info.device, info.world_size)
+    model, _ = loading.build_model(
+        cfg, modeling.model_config(cfg), str(root / "base"), "sdpa", sharder, info.device
+    )
     peft_config = model.peft_config["default"]
-    model = parallel.shard(model, cfg.parallel, cfg.param_dtype, info.device, info.world_size)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     batch = torch.randint(0, 384, (2, 16))
     model(input_ids=batch, labels=batch).loss.backward()
@@ -140,3 +142,20 @@ def test_export_writes_a_whole_peft_adapter(setup):
     for k, t in tensors.items():
         assert torch.equal(t, full[k]), k
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 16
+
+
+@pytest.mark.slow
+def test_streaming_load_memory_does_not_grow_with_the_model(tmp_path):
+    """A 4x bigger checkpoint costs no more transient host memory to load (one matrix at a time)."""
+    from conftest import launch
+
+    results = {}
+    for layers in (2, 8):
+        proc = launch(
+            ["tests/workers/load_memory.py", str(tmp_path / f"ckpt{layers}"), str(layers)], launcher="python"
+        )
+        results[layers] = json.loads(proc.stdout.strip().splitlines()[-1])
+    small, big = results[2], results[8]
+    assert big["checkpoint_gib"] > 3 * small["checkpoint_gib"]
+    assert big["transient_gib"] < small["transient_gib"] + 0.1
+    assert big["transient_gib"] < 0.25 * big["checkpoint_gib"]

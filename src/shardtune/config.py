@@ -42,6 +42,9 @@ class ModelConfig(Section):
     (offline demos, tests, benchmarks)."""
     shape: dict[str, Any] = Field(default_factory=dict)
     """LlamaConfig fields that override the architecture, e.g. {num_hidden_layers: 20} (init=random only)."""
+    save_random_base: bool | None = None
+    """init=random: write the random base into the run directory, so that the adapter can be reloaded onto
+    it. Default: for models under 2B parameters; larger ones are drawn directly on the devices."""
     tokenizer: str | None = None
     """Tokenizer hub id or directory. Default: the model's own; the tokenizer built in code for built-in shapes."""
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
@@ -214,6 +217,9 @@ class ParallelConfig(Section):
     """Fetch the next layer's parameters before the current forward finishes (accelerate: fsdp_forward_prefetch)."""
     limit_all_gathers: bool = True
     """Bound in-flight all-gathers so that memory stays predictable."""
+    gpu_memory_limit_gib: float | None = Field(None, gt=0)
+    """Cap each process's GPU memory (torch.cuda.set_per_process_memory_fraction), e.g. 24 to check that a run
+    fits 24 GB GPUs on bigger ones."""
     launch_config: str | None = None
     """An accelerate config YAML to take FSDP settings from when not started by `accelerate launch`
     (e.g. under torchrun)."""

@@ -39,8 +39,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
-    """Join (or create) the default process group and pick this process's device."""
+def init_distributed(
+    device: str = "auto", timeout_minutes: float = 30.0, gpu_memory_limit_gib: float | None = None
+) -> DistInfo:
+    """Join (or create) the default process group and pick this process's device (optionally capping how
+    much GPU memory this process may allocate)."""
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -51,6 +54,9 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
             raise RuntimeError("parallel.device=cuda but CUDA is not available on this machine")
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
+        if gpu_memory_limit_gib is not None:
+            total = torch.cuda.get_device_properties(dev).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_memory_limit_gib * 2**30 / total), dev)
     else:
         dev = torch.device("cpu")
     info = DistInfo(rank, world, local_rank, local_world, dev)
@@ -90,6 +96,15 @@ def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
+
+
+def gather_object(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_object(obj, src: int = 0):

@@ -1,9 +1,8 @@
-"""The model: the base (loaded or random), quantized to 4 bits by bitsandbytes, with PEFT LoRA adapters.
+"""What the model is: architectures by name, the attention kernel, quantization and LoRA settings, and
+the random base written for small random-init runs. Building it on the devices is loading.py's job.
 
-transformers builds and loads the model, bitsandbytes quantizes it (through transformers'
-BitsAndBytesConfig), PEFT adds the adapters. A random-init base is written once as an ordinary
-safetensors checkpoint in the run directory and then loaded like any other checkpoint, so the same
-loading code runs for both and the trained adapter can be reloaded onto exactly that base later.
+A small random-init base is written once as an ordinary safetensors checkpoint in the run directory and
+then streamed in like any other checkpoint, so the trained adapter can be reloaded onto exactly that base.
 """
 
 from __future__ import annotations
@@ -127,46 +126,12 @@ def write_random_base(cfg: Config, tokenizer, out_dir: Path) -> Path:
     return out_dir
 
 
-def load_base(cfg: Config, path: str, device: torch.device, attn: str):
-    """The frozen base, quantized to 4 bits when quant.load_in_4bit, on `device`."""
-    m = cfg.model
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        quantization_config=quantization_config(cfg),
-        dtype=DTYPES[cfg.param_dtype],
-        device_map={"": device},
-        attn_implementation=attn,
-        revision=None if path != m.name_or_path else m.revision,
-        trust_remote_code=m.trust_remote_code,
-    )
-    model.requires_grad_(False)
-    model.config.use_cache = False
-    _fix_after_load(model)
-    return model
-
-
-def _fix_after_load(model) -> None:
-    import bitsandbytes as bnb
-
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            # NOTE: on CPUs with AVX512-BF16, bitsandbytes repacks a Linear4bit's weight in place the first
-            # time it runs in eval mode without grad. Under FSDP the repacked bytes are thrown away at the
-            # next all-gather and training silently degrades; with it off, every CPU computes the same.
-            module.support_avx512bf16_for_cpu = False
-        inv_freq = getattr(module, "inv_freq", None)
-        if isinstance(inv_freq, torch.Tensor) and inv_freq.dtype != torch.float32:
-            # NOTE: rotary frequencies rounded to bf16 shift every position's angle (measured: logits off
-            # by 72%); they must stay fp32. FSDP is told not to cast buffers (parallel.py).
-            raise RuntimeError(f"{type(module).__name__}.inv_freq is {inv_freq.dtype}; expected float32")
-
-
-def add_lora(model, cfg: Config):
-    """Wrap the base with PEFT LoRA adapters (float32 master weights), identically on every rank."""
-    from peft import LoraConfig, get_peft_model
+def lora_config(cfg: Config):
+    """The PEFT LoraConfig of the run (adapters are created by PEFT itself)."""
+    from peft import LoraConfig
 
     lc = cfg.lora
-    peft_config = LoraConfig(
+    return LoraConfig(
         r=lc.r,
         lora_alpha=lc.alpha,
         lora_dropout=lc.dropout,
@@ -175,18 +140,17 @@ def add_lora(model, cfg: Config):
         bias="none",
         task_type="CAUSAL_LM",
     )
-    # Every rank must start from the same adapter weights: FSDP shards them without broadcasting.
-    torch.manual_seed(cfg.train.seed)
-    model = get_peft_model(model, peft_config)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    return model
 
 
-def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameters, counting 4-bit weights by their unpacked size (PEFT's convention)."""
-    return model.get_nb_trainable_parameters()
+def base_on_disk(cfg: Config, conf) -> bool:
+    """init=random: write the random base into the run directory? (Small models: yes, so that the adapter
+    can be reloaded onto it later; large ones are drawn on the devices and never exist whole.)"""
+    if cfg.model.save_random_base is not None:
+        return cfg.model.save_random_base
+    return matmul_parameters(conf) < RANDOM_BASE_ON_DISK_BELOW
+
+
+RANDOM_BASE_ON_DISK_BELOW = 2_000_000_000
 
 
 def matmul_parameters(conf) -> int:

@@ -36,7 +36,7 @@ from torch.distributed.fsdp import (
     ShardingStrategy,
 )
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-from torch.distributed.fsdp.wrap import _or_policy, lambda_auto_wrap_policy, transformer_auto_wrap_policy
+from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
 
 from shardtune.config import ParallelConfig
 from shardtune.modeling import DTYPES
@@ -44,88 +44,74 @@ from shardtune.modeling import DTYPES
 log = logging.getLogger(__name__)
 
 
-def layer_class(model: torch.nn.Module, name: str) -> type:
-    """The module class called `name` in the model (FSDP wraps each instance as a unit)."""
-    for module in model.modules():
-        if type(module).__name__ == name:
-            return type(module)
-    layers = sorted({type(m).__name__ for m in model.modules() if "Layer" in type(m).__name__})
-    raise ValueError(
-        f"parallel.wrap_class={name!r} matches no module of the model; its layer classes: {layers}"
-    )
-
-
 def _is_trainable_leaf(module: torch.nn.Module) -> bool:
     weight = getattr(module, "weight", None)
     return next(module.children(), None) is None and isinstance(weight, torch.Tensor) and weight.requires_grad
 
 
-def _checkpoint_layers(model: torch.nn.Module, cls: type) -> None:
-    # Through FSDP's wrapper, not Hugging Face's gradient_checkpointing (which would all-gather each layer again).
-    apply_activation_checkpointing(
-        model,
-        checkpoint_wrapper_fn=functools.partial(
-            checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT
-        ),
-        check_fn=lambda m: isinstance(m, cls),
-    )
+class Sharder:
+    """Wraps decoder layers in FSDP one at a time as they are built, then the root (embeddings, final norm,
+    head), then applies activation checkpointing. One process gets the plain module back."""
 
+    def __init__(self, pcfg: ParallelConfig, param_dtype: str, device: torch.device, world_size: int):
+        self.pcfg, self.device, self.enabled = pcfg, device, world_size > 1
+        self.layer_cls: type | None = None
+        offload = pcfg.cpu_offload and device.type == "cuda"
+        if pcfg.cpu_offload and not offload:
+            log.warning("parallel.cpu_offload is ignored on CPU: the parameters already live in host memory")
+        self.kwargs = dict(
+            sharding_strategy=ShardingStrategy[pcfg.sharding_strategy],
+            mixed_precision=MixedPrecision(
+                param_dtype=DTYPES[param_dtype],
+                # gradients are reduced and kept in fp32: LoRA master weights and AdamW state are fp32
+                reduce_dtype=torch.float32,
+                # NOTE: None leaves buffers as they are; rotary inv_freq must stay fp32 (see module docstring)
+                buffer_dtype=None,
+                cast_forward_inputs=True,
+            ),
+            cpu_offload=CPUOffload(offload_params=offload),
+            backward_prefetch=None
+            if pcfg.backward_prefetch == "NO_PREFETCH"
+            else BackwardPrefetch[pcfg.backward_prefetch],
+            forward_prefetch=pcfg.forward_prefetch,
+            limit_all_gathers=pcfg.limit_all_gathers,
+            use_orig_params=True,  # frozen and trainable parameters coexist; optimizer sees the LoRA tensors
+            device_id=device,
+            sync_module_states=False,  # every rank built the same weights (same bytes, same seed)
+        )
 
-def shard(
-    model: torch.nn.Module, pcfg: ParallelConfig, param_dtype: str, device: torch.device, world_size: int
-) -> torch.nn.Module:
-    """Wrap `model` in FSDP per the settings (the root FSDP module); one process gets the plain module."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    def layer(self, layer: torch.nn.Module) -> torch.nn.Module:
+        """One decoder layer, complete on this rank: its FSDP unit (and one per adapter inside it)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
 
-    cls = layer_class(model, pcfg.wrap_class)
-    if world_size == 1:
-        if pcfg.activation_checkpointing:
-            _checkpoint_layers(model, cls)
+        self.layer_cls = type(layer)
+        if not self.enabled:
+            return layer
+        for module in layer.modules():
+            if isinstance(module, BaseTunerLayer):
+                # NOTE: PEFT casts a LoRA input to `lora_A.weight.dtype`. Under FSDP that dtype is fp32 while
+                # the adapter is sharded and bf16 once gathered (e.g. prefetched in backward), so activation
+                # checkpointing recomputes with another dtype than the forward saved, and fails. Each
+                # adapter's FSDP unit casts its inputs to the compute dtype itself (cast_forward_inputs).
+                module.cast_input_dtype_enabled = False
+        policy = functools.partial(lambda_auto_wrap_policy, lambda_fn=_is_trainable_leaf)
+        return FSDP(layer, auto_wrap_policy=policy, **self.kwargs)
+
+    def root(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The rest of the model (its layers already wrapped) as the root unit, then checkpointing."""
+        if self.enabled:
+            model = FSDP(model, **self.kwargs)
+        if self.pcfg.activation_checkpointing and self.layer_cls is not None:
+            # Through FSDP's wrapper, not Hugging Face's gradient_checkpointing (which would all-gather each
+            # layer again).
+            apply_activation_checkpointing(
+                model,
+                checkpoint_wrapper_fn=functools.partial(
+                    checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT
+                ),
+                check_fn=lambda m: isinstance(m, self.layer_cls),
+            )
         return model
-    for module in model.modules():
-        if isinstance(module, BaseTunerLayer):
-            # NOTE: PEFT casts a LoRA input to `lora_A.weight.dtype`. Under FSDP that dtype is fp32 while the
-            # adapter is sharded and bf16 once gathered (e.g. prefetched in backward), so activation
-            # checkpointing recomputes with another dtype than the forward saved, and fails. The FSDP unit of
-            # each adapter casts its inputs to the compute dtype itself (cast_forward_inputs below).
-            module.cast_input_dtype_enabled = False
-    policy = functools.partial(
-        _or_policy,
-        policies=[
-            functools.partial(lambda_auto_wrap_policy, lambda_fn=_is_trainable_leaf),
-            functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={cls}),
-        ],
-    )
-    dtype = DTYPES[param_dtype]
-    mixed = MixedPrecision(
-        param_dtype=dtype,
-        # gradients are reduced and kept in fp32: LoRA master weights and AdamW state are fp32
-        reduce_dtype=torch.float32,
-        # NOTE: None leaves buffers as they are; rotary inv_freq must stay fp32 (see module docstring)
-        buffer_dtype=None,
-        cast_forward_inputs=True,
-    )
-    offload = pcfg.cpu_offload and device.type == "cuda"
-    if pcfg.cpu_offload and not offload:
-        log.warning("parallel.cpu_offload is ignored on CPU: the parameters already live in host memory")
-    wrapped = FSDP(
-        model,
-        auto_wrap_policy=policy,
-        sharding_strategy=ShardingStrategy[pcfg.sharding_strategy],
-        mixed_precision=mixed,
-        cpu_offload=CPUOffload(offload_params=offload),
-        backward_prefetch=None
-        if pcfg.backward_prefetch == "NO_PREFETCH"
-        else BackwardPrefetch[pcfg.backward_prefetch],
-        forward_prefetch=pcfg.forward_prefetch,
-        limit_all_gathers=pcfg.limit_all_gathers,
-        use_orig_params=True,  # frozen and trainable parameters coexist; optimizer sees the LoRA tensors
-        device_id=device,
-        sync_module_states=False,  # every rank built the same model (same checkpoint, same seed)
-    )
-    if pcfg.activation_checkpointing:
-        _checkpoint_layers(wrapped, cls)
-    return wrapped
 
 
 def clip_grad_norm(model: torch.nn.Module, max_norm: float | None) -> torch.Tensor:

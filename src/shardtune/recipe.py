@@ -147,7 +147,9 @@ def run(cfg: Config, name: str, grid: dict | None = None) -> list[dict]:
     from shardtune.run import train
     from shardtune.sweep import run_grid
 
-    dist = init_distributed(cfg.parallel.device, cfg.parallel.timeout_minutes)
+    dist = init_distributed(
+        cfg.parallel.device, cfg.parallel.timeout_minutes, cfg.parallel.gpu_memory_limit_gib
+    )
     setup_logging(dist.rank)
     try:
         if grid:

@@ -19,13 +19,13 @@ import torch
 import yaml
 from transformers import get_scheduler
 
-from shardtune import modeling, parallel
+from shardtune import loading, modeling, parallel
 from shardtune.checkpoint import CheckpointManager
 from shardtune.config import Config, ConfigError, to_yaml
 from shardtune.data.loader import GlobalBatchSampler, build_data
-from shardtune.distributed import DistInfo, barrier, broadcast_object
+from shardtune.distributed import DistInfo, all_reduce_max, barrier, broadcast_object, gather_object
 from shardtune.export import export_adapter
-from shardtune.metrics import MetricsSink, device_peak_flops
+from shardtune.metrics import MetricsSink, device_peak_flops, gpu_peak_gib, host_peak_gib, host_rss_gib
 from shardtune.tokenizer import build_tiny_tokenizer, load_tokenizer, prepare_tokenizer
 from shardtune.trainer import FlopModel, Trainer
 
@@ -148,33 +148,36 @@ def train(cfg: Config, dist: DistInfo, name: str) -> dict:
                 data.train.dropped,
             )
 
-    # ---- the base: a random one is written once as a checkpoint, then loaded like any other
+    # ---- the base: streamed in layer by layer and sharded as it arrives (a small random one is first
+    # written as a checkpoint, so that the adapter can be reloaded onto it; a large one is drawn on the devices)
+    conf = modeling.model_config(cfg)
     base = cfg.model.name_or_path
     if cfg.model.init == "random":
         base_dir = run_dir / "base"
-        if dist.is_main and not base_dir.is_dir():
-            modeling.write_random_base(cfg, tokenizer, base_dir)
-        barrier()
-        base = str(base_dir.resolve())
+        if modeling.base_on_disk(cfg, conf):
+            if dist.is_main and not base_dir.is_dir():
+                modeling.write_random_base(cfg, tokenizer, base_dir)
+            barrier()
+            base = str(base_dir.resolve())
+        else:
+            base = None
     attn = modeling.attention_implementation(cfg.model.attn_implementation, dist.device)
-    t0 = time.perf_counter()
-    model = modeling.load_base(cfg, base, dist.device, attn)
-    model = modeling.add_lora(model, cfg)
-    trainable, total = modeling.count_parameters(model)
-    conf = model.config
-    peft_config = model.peft_config["default"]
-    peft_config.base_model_name_or_path = base
-    model = parallel.shard(model, cfg.parallel, cfg.param_dtype, dist.device, dist.world_size)
+    sharder = parallel.Sharder(cfg.parallel, cfg.param_dtype, dist.device, dist.world_size)
+    host_before = host_rss_gib()
+    model, built = loading.build_model(cfg, conf, base, attn, sharder, dist.device)
+    peft_config = parallel.unwrap(model).peft_config["default"]
+    peft_config.base_model_name_or_path = base or f"{cfg.model.name_or_path} (random, seed {cfg.train.seed})"
     sharding = parallel.sharding_report(model)
-    load_s = time.perf_counter() - t0
+    host_load, gpu_load = all_reduce_max(
+        [host_peak_gib() - host_before, gpu_peak_gib(dist.device) or 0.0], dist.device
+    )
     if dist.is_main:
         log.info(
-            "model: %s (%s), %s params, %s trainable (LoRA r=%d on %s), %s, attention %s, %s on %d %s(s); "
-            "loaded in %.1fs",
+            "model: %s (%s), %s params, %s trainable (LoRA r=%d on %s), %s, attention %s, %s on %d %s(s)",
             cfg.model.name_or_path,
             cfg.model.init,
-            f"{total:,}",
-            f"{trainable:,}",
+            f"{built.total:,}",
+            f"{built.trainable:,}",
             cfg.lora.r,
             cfg.lora.target_modules,
             f"NF4 4-bit storage {cfg.storage_dtype}" if cfg.quant.load_in_4bit else "not quantized",
@@ -182,7 +185,15 @@ def train(cfg: Config, dist: DistInfo, name: str) -> dict:
             f"FSDP {cfg.parallel.sharding_strategy} compute {cfg.param_dtype}",
             dist.world_size,
             dist.device.type.upper() if dist.device.type == "cuda" else "CPU process",
-            load_s,
+        )
+        log.info(
+            "load: %.1fs from %s (%.1f GiB on disk); host RAM peak +%.2f GiB over start per process, "
+            "GPU peak %.2f GiB per process",
+            built.load_s,
+            base or "random weights",
+            built.source_bytes / 2**30,
+            host_load,
+            gpu_load,
         )
 
     optimizer = torch.optim.AdamW(
@@ -297,13 +308,18 @@ def train(cfg: Config, dist: DistInfo, name: str) -> dict:
     barrier()
 
     samples = _samples(cfg, trainer, data)
+    peaks = gather_object({"host_peak_gib": host_peak_gib(), "gpu_peak_gib": gpu_peak_gib(dist.device)})
     summary = {
         "run_dir": str(run_dir),
         "steps": total_steps,
         "first_eval_loss": first_eval["eval_loss"] if first_eval else None,
         "final_eval_loss": final_eval["eval_loss"],
-        "trainable_params": trainable,
-        "total_params": total,
+        "trainable_params": built.trainable,
+        "total_params": built.total,
+        "load_s": built.load_s,
+        "load_host_peak_gib": host_load,
+        "host_peak_gib_per_rank": [p["host_peak_gib"] for p in peaks],
+        "gpu_peak_gib_per_rank": [p["gpu_peak_gib"] for p in peaks],
         "world_size": dist.world_size,
         "rank0_holds": sharding["local"] / sharding["total"],  # fraction of the flat parameters on rank 0
         "train_time_s": train_time,
@@ -353,7 +369,7 @@ def _print_summary(
         for rec in samples["records"]:
             f.write(json.dumps(rec) + "\n")
     shown = [r for r in samples["records"] if "reference" in r][:show]
-    lines = ["", "samples (held-out rows, greedy):"]
+    lines = ["", "samples (held-out rows, greedy):"] if shown else [""]
     for r in shown:
         # the prompt's last line of content (the instruction), without template boilerplate
         content = [ln for ln in r["prompt"].splitlines() if ln.strip() and not ln.startswith("###")]
@@ -375,7 +391,7 @@ def _print_summary(
     lines += [
         f"\nrun directory: {run_dir}",
         f"  adapter (PEFT):  {summary['adapter']}   PeftModel.from_pretrained(base, this)",
-        f"  base model:      {summary['base']}",
+        f"  base model:      {summary['base'] or 'random weights drawn on the devices (not saved)'}",
         f"  checkpoint:      {summary['checkpoint']}",
         f"  loss curve:      {plot}",
         f"  tensorboard:     {run_dir / 'tensorboard'}   (tensorboard --logdir {run_dir / 'tensorboard'})",

@@ -1,6 +1,7 @@
 """In a fresh process, without shardtune's training code: load the run's base with transformers (4-bit, as
-trained), attach the saved adapter with PeftModel.from_pretrained, and compute the held-out loss the same
-way the run did (mean cross-entropy over response tokens, batches of 16). Prints one JSON line."""
+trained, on the GPU if there is one), attach the saved adapter with PeftModel.from_pretrained, and compute
+the held-out loss the same way the run did (mean cross-entropy over response tokens, the run's eval
+batches). Prints one JSON line.  usage: python reload_adapter.py RUN_DIR [BASE_DIR]"""
 
 import json
 import sys
@@ -11,26 +12,26 @@ import torch
 import torch.nn.functional as F
 import yaml
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shardtune.config import Config
 from shardtune.data.loader import build_data, collate
+from shardtune.modeling import DTYPES, quantization_config
 
 run = Path(sys.argv[1])
 cfg = Config.model_validate(yaml.safe_load((run / "config.yaml").read_text()))
 tokenizer = AutoTokenizer.from_pretrained(run / "adapter")
-quant = BitsAndBytesConfig(
-    load_in_4bit=True,
-    bnb_4bit_quant_type="nf4",
-    bnb_4bit_use_double_quant=True,
-    bnb_4bit_compute_dtype=torch.float32,
-    bnb_4bit_quant_storage=torch.float32,
-)
+base_dir = sys.argv[2] if len(sys.argv) > 2 else run / "base"
+device = "cuda:0" if torch.cuda.is_available() else "cpu"
 base = AutoModelForCausalLM.from_pretrained(
-    run / "base", quantization_config=quant, dtype=torch.float32, device_map="cpu", attn_implementation="sdpa"
+    base_dir,
+    quantization_config=quantization_config(cfg),
+    dtype=DTYPES[cfg.param_dtype],
+    device_map={"": device},
+    attn_implementation="sdpa",
 )
 for m in base.modules():
-    if isinstance(m, bnb.nn.Linear4bit):  # same kernels as training on this CPU (see modeling.py)
+    if isinstance(m, bnb.nn.Linear4bit):  # same kernels as training on this CPU (see loading.py)
         m.support_avx512bf16_for_cpu = False
 model = PeftModel.from_pretrained(base, run / "adapter")
 model.eval()
@@ -43,6 +44,7 @@ with torch.no_grad():
             [data.eval.row(i) for i in range(start, min(start + cfg.eval.batch_size, n))],
             tokenizer.pad_token_id,
         )
+        batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         total += F.cross_entropy(
             logits.float().flatten(0, 1), batch["labels"].flatten(), reduction="sum"

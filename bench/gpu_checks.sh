@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# GPU checks for the "70B on real GPUs" work, run on a 2-GPU machine (recorded in bench/results/).
+#   bash bench/gpu_checks.sh exact train70b capped70b     # any subset, in order
+# Needs the wheels the GPU image lacks in .whl/ (see ../shared/tools/gpu_wheels.sh); logs go to $OUT.
+set -uo pipefail
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/gpu_checks}; mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD/src || exit 1
+fi
+RESULTS=$OUT/results.jsonl
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/machine.txt"
+python3 -c "import torch, transformers, peft, accelerate, bitsandbytes as b; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__, 'bitsandbytes', b.__version__)" | tee -a "$OUT/machine.txt"
+
+TRAIN70=(model.name_or_path=llama3-70b model.init=random data.source=/tmp/rows.jsonl data.format=text data.max_len=2048
+         data.test_size=4 train.max_steps=20 train.global_batch_size=2 train.micro_batch_size=1 eval.every=0
+         eval.samples=0 eval.max_rows=4 train.save_every=0 train.log_every=1)
+
+summarize() {  # $1 = name, $2 = run dir: one JSON line with the run's numbers (steps after the first 3)
+  python3 - "$1" "$2" >> "$RESULTS" <<'PY'
+import json, sys, statistics as st
+name, run = sys.argv[1], sys.argv[2]
+s = json.load(open(f"{run}/summary.json"))
+steps = [json.loads(x) for x in open(f"{run}/metrics.jsonl") if '"tokens_per_s_per_device"' in x]
+steady = steps[3:] or steps
+print(json.dumps({"check": name, "tokens_per_s_per_gpu": st.mean(m["tokens_per_s_per_device"] for m in steady),
+  "mfu": st.mean(m["mfu"] for m in steady), "step_s": st.mean(m["step_time_s"] for m in steady),
+  "gpu_peak_gib_per_rank": s["gpu_peak_gib_per_rank"], "host_peak_gib_per_rank": s["host_peak_gib_per_rank"],
+  "load_s": s["load_s"], "load_host_gib_over_start": s["load_host_peak_gib"], "first_loss": steps[0]["loss"],
+  "last_loss": steps[-1]["loss"], "steps": len(steps)}))
+PY
+}
+
+for check in "$@"; do
+  case $check in
+    exact)
+      for shape in "llama3-8b" "llama3-70b model.shape.num_hidden_layers=20"; do
+        # shellcheck disable=SC2086
+        python3 -m torch.distributed.run --nproc_per_node 2 tests/workers/gpu_exact.py $shape 2>"$OUT/exact.err" \
+          | grep '^{' | sed 's/^{/{"check": "exact", /' >> "$RESULTS" || tail -30 "$OUT/exact.err"
+      done ;;
+    train70b)
+      python3 bench/make_rows.py /tmp/rows.jsonl 64 2100
+      python3 -m accelerate.commands.launch --config_file fsdp_configs/2xh100.yaml recipes/llama3_70b.py \
+        "${TRAIN70[@]}" train.output_dir=/tmp/runs train.run_name=train70b > "$OUT/train70b.log" 2>&1 \
+        && summarize train70b-80layers-seq2048 /tmp/runs/train70b || tail -40 "$OUT/train70b.log" ;;
+    capped70b)
+      python3 bench/make_rows.py /tmp/rows.jsonl 64 2100
+      python3 -m accelerate.commands.launch --config_file fsdp_configs/2xh100.yaml recipes/llama3_70b.py \
+        "${TRAIN70[@]}" parallel.cpu_offload=true parallel.gpu_memory_limit_gib=24 \
+        train.output_dir=/tmp/runs train.run_name=capped70b > "$OUT/capped70b.log" 2>&1 \
+        && summarize capped24GiB-offload-70b-80layers /tmp/runs/capped70b || tail -40 "$OUT/capped70b.log" ;;
+    ckpt8b)  # a real local checkpoint: stream-load it on 2 GPUs, train; 1 GPU for comparison; reload; published loader
+      python3 bench/make_rows.py /tmp/rows.jsonl 64 2100
+      python3 bench/write_random_checkpoint.py llama3-8b /tmp/ckpt8b > "$OUT/ckpt8b_write.log" 2>&1 || tail "$OUT/ckpt8b_write.log"
+      du -sh /tmp/ckpt8b | tee -a "$OUT/ckpt8b_write.log"
+      ARGS8=(model.name_or_path=/tmp/ckpt8b model.init=pretrained "${TRAIN70[@]:2}")
+      python3 -m accelerate.commands.launch --config_file fsdp_configs/2xh100.yaml recipes/llama3_8b.py "${ARGS8[@]}" \
+        data.pad_token=null data.keep_if_empty=[] eval.questions=[] train.output_dir=/tmp/runs train.run_name=ckpt8b_2gpu > "$OUT/ckpt8b_2gpu.log" 2>&1 \
+        && summarize ckpt8b-2gpu /tmp/runs/ckpt8b_2gpu || tail -40 "$OUT/ckpt8b_2gpu.log"
+      python3 -m torch.distributed.run --nproc_per_node 1 recipes/llama3_8b.py "${ARGS8[@]}" data.pad_token=null data.keep_if_empty=[] \
+        eval.questions=[] train.output_dir=/tmp/runs train.run_name=ckpt8b_1gpu > "$OUT/ckpt8b_1gpu.log" 2>&1 \
+        && summarize ckpt8b-1gpu /tmp/runs/ckpt8b_1gpu || tail -40 "$OUT/ckpt8b_1gpu.log"
+      python3 - >> "$RESULTS" <<'PY'
+import json
+a = [json.loads(x)["loss"] for x in open("/tmp/runs/ckpt8b_2gpu/metrics.jsonl") if '"tokens_per_s_per_device"' in x]
+b = [json.loads(x)["loss"] for x in open("/tmp/runs/ckpt8b_1gpu/metrics.jsonl") if '"tokens_per_s_per_device"' in x]
+print(json.dumps({"check": "loss-2gpu-vs-1gpu", "steps": len(a), "max_abs_diff": max(abs(x - y) for x, y in zip(a, b)),
+                  "max_rel_diff": max(abs(x - y) / abs(y) for x, y in zip(a, b)), "loss_2gpu": a, "loss_1gpu": b}))
+PY
+      python3 tests/workers/reload_adapter.py /tmp/runs/ckpt8b_2gpu /tmp/ckpt8b 2>"$OUT/reload.err" | python3 -c "
+import json, sys; r = json.loads(sys.stdin.read().strip().splitlines()[-1]); s = json.load(open('/tmp/runs/ckpt8b_2gpu/summary.json'))
+print(json.dumps({'check': 'adapter-2gpu-reloaded-on-1gpu', 'reloaded_eval_loss': r['eval_loss'], 'trained_eval_loss': s['final_eval_loss']}))" >> "$RESULTS" || tail "$OUT/reload.err"
+      python3 -m torch.distributed.run --nproc_per_node 2 bench/load_like_published.py /tmp/ckpt8b 2>"$OUT/published.err" \
+        | grep '^{' >> "$RESULTS" || tail "$OUT/published.err" ;;
+    reload8b)  # an adapter trained on 2 GPUs, reloaded on 1 GPU by transformers + PEFT
+      python3 bench/make_rows.py /tmp/rows.jsonl 64 2100
+      [ -d /tmp/ckpt8b ] || python3 bench/write_random_checkpoint.py llama3-8b /tmp/ckpt8b > "$OUT/ckpt8b_write.log" 2>&1
+      python3 -m accelerate.commands.launch --config_file fsdp_configs/2xh100.yaml recipes/llama3_8b.py \
+        model.name_or_path=/tmp/ckpt8b model.init=pretrained "${TRAIN70[@]:2}" train.max_steps=10 data.pad_token=null \
+        data.keep_if_empty=[] eval.questions=[] train.output_dir=/tmp/runs train.run_name=reload8b > "$OUT/reload8b.log" 2>&1
+      python3 tests/workers/reload_adapter.py /tmp/runs/reload8b /tmp/ckpt8b 2>"$OUT/reload.err" | tail -1 > /tmp/reloaded.json
+      python3 -c "
+import json; r = json.load(open('/tmp/reloaded.json')); s = json.load(open('/tmp/runs/reload8b/summary.json'))
+print(json.dumps({'check': 'adapter-2gpu-reloaded-on-1gpu', 'reloaded_eval_loss': r['eval_loss'],
+                  'trained_eval_loss': s['final_eval_loss'], 'first_eval_loss': s['first_eval_loss']}))" >> "$RESULTS" \
+        || tail "$OUT/reload.err" ;;
+    ckpt70b40)  # a 70B-width, 40-layer checkpoint (70 GB): stream-load it on 2 GPUs (2 steps); then the published loader
+      python3 bench/make_rows.py /tmp/rows.jsonl 64 2100
+      python3 bench/write_random_checkpoint.py llama3-70b /tmp/ckpt70b40 40 > "$OUT/ckpt70b40_write.log" 2>&1 \
+        || tail "$OUT/ckpt70b40_write.log"
+      du -sh /tmp/ckpt70b40 | tee -a "$OUT/ckpt70b40_write.log"
+      python3 -m accelerate.commands.launch --config_file fsdp_configs/2xh100.yaml recipes/llama3_70b.py \
+        model.name_or_path=/tmp/ckpt70b40 model.init=pretrained "${TRAIN70[@]:2}" train.max_steps=4 \
+        train.output_dir=/tmp/runs train.run_name=ckpt70b40 > "$OUT/ckpt70b40.log" 2>&1 \
+        && summarize ckpt70b40-2gpu /tmp/runs/ckpt70b40 || tail -40 "$OUT/ckpt70b40.log"
+      timeout 240 python3 -m torch.distributed.run --nproc_per_node 2 bench/load_like_published.py /tmp/ckpt70b40 \
+        2>"$OUT/published70.err" | grep '^{' | sed 's/published-loader/published-loader-70b40/' >> "$RESULTS" \
+        || tail "$OUT/published70.err" ;;
+  esac
+done
+echo; echo "=== results ($RESULTS)"; cat "$RESULTS"

@@ -1,0 +1,80 @@
+"""Run under torchrun on GPUs: before any update, the sharded model's logits equal the unsharded model's.
+
+Each rank builds the model twice from the same seeded random weights (bf16 compute, NF4 storage bf16, LoRA
+r=16 on all linear layers): once unsharded on its own GPU (the 1-GPU model), once sharded across all ranks
+by FSDP. Same batch, same logits expected. Prints one JSON line from rank 0.
+usage: torchrun --nproc_per_node 2 tests/workers/gpu_exact.py SHAPE [key=value ...]
+"""
+
+import json
+import os
+import sys
+
+import torch
+
+from shardtune import loading, modeling, parallel
+from shardtune.config import Config, apply_overrides
+from shardtune.distributed import init_distributed, teardown
+
+
+def main(shape: str, overrides: list[str]) -> None:
+    cfg = apply_overrides(
+        Config(),
+        {
+            "model.name_or_path": shape,
+            "parallel.mixed_precision": "bf16",
+            "model.save_random_base": "false",
+            **dict(o.split("=", 1) for o in overrides),
+        },
+        "test",
+    )
+    info = init_distributed(os.environ.get("SHARDTUNE_DEVICE", "cuda"))
+    conf = modeling.model_config(cfg)
+    attn = modeling.attention_implementation("auto", info.device)
+    batch = torch.randint(0, conf.vocab_size, (2, 512), generator=torch.Generator().manual_seed(1)).to(
+        info.device
+    )
+    single, _ = loading.build_model(
+        cfg, conf, None, attn, parallel.Sharder(cfg.parallel, cfg.param_dtype, info.device, 1), info.device
+    )
+    with torch.no_grad():
+        expected = single(input_ids=batch).logits.float()
+    del single
+    torch.cuda.empty_cache()
+    sharded, report = loading.build_model(
+        cfg,
+        conf,
+        None,
+        attn,
+        parallel.Sharder(cfg.parallel, cfg.param_dtype, info.device, info.world_size),
+        info.device,
+    )
+    with torch.no_grad():
+        logits = sharded(input_ids=batch).logits.float()
+    rel = float((logits - expected).norm() / expected.norm())
+    share = parallel.sharding_report(sharded)
+    if info.is_main:
+        print(
+            json.dumps(
+                {
+                    "shape": shape,
+                    "layers": conf.num_hidden_layers,
+                    "world": info.world_size,
+                    "attn": attn,
+                    "identical": bool(torch.equal(logits, expected)),
+                    "rel_l2": rel,
+                    "rank0_holds": share["local"] / share["total"],
+                    "load_s": report.load_s,
+                    "params": report.total,
+                    "device": torch.cuda.get_device_name(info.device)
+                    if info.device.type == "cuda"
+                    else "cpu",
+                }
+            ),
+            flush=True,
+        )
+    teardown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])

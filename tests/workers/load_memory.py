@@ -1,0 +1,44 @@
+"""Host memory of streaming a checkpoint in: write a bf16 checkpoint of N layers (width 2048), then in THIS
+fresh process build shardtune's 4-bit + LoRA model from it on the CPU and report the transient: peak resident
+memory during the build minus resident memory after it (the built model itself lives in host memory on a CPU,
+so it is not part of the transient).  usage: python load_memory.py DIR LAYERS"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+out, layers = Path(sys.argv[1]), int(sys.argv[2])
+if not out.exists():  # write it in a child process, so its memory is not counted here
+    code = (
+        "import sys, torch; from transformers import LlamaConfig, LlamaForCausalLM; "
+        f"c = LlamaConfig(vocab_size=384, hidden_size=2048, intermediate_size=5632, num_hidden_layers={layers}, "
+        "num_attention_heads=16, num_key_value_heads=4, tie_word_embeddings=False); torch.manual_seed(0); "
+        f"LlamaForCausalLM(c).to(torch.bfloat16).save_pretrained('{out}', max_shard_size='200MB')"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+from shardtune import loading, modeling, parallel  # noqa: E402
+from shardtune.config import Config, apply_overrides  # noqa: E402
+from shardtune.distributed import init_distributed, teardown  # noqa: E402
+from shardtune.metrics import host_peak_gib, host_rss_gib  # noqa: E402
+
+cfg = apply_overrides(Config(), {"model.name_or_path": str(out), "model.init": "pretrained"}, "test")
+info = init_distributed("cpu")
+conf = modeling.model_config(cfg)
+before = host_rss_gib()
+model, report = loading.build_model(
+    cfg, conf, str(out), "sdpa", parallel.Sharder(cfg.parallel, cfg.param_dtype, info.device, 1), info.device
+)
+after, peak = host_rss_gib(), host_peak_gib()
+print(
+    json.dumps(
+        {
+            "layers": layers,
+            "checkpoint_gib": report.source_bytes / 2**30,
+            "transient_gib": peak - after,
+            "model_gib": after - before,
+        }
+    )
+)
+teardown()
