@@ -4,7 +4,7 @@
 # Needs the wheels the GPU image lacks in .whl/ (see ../shared/tools/gpu_wheels.sh); logs go to $OUT.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/gpu_checks}; mkdir -p "$OUT"
+export OUT=${OUT:-/tmp/gpu_checks}; mkdir -p "$OUT"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:$PWD/src || exit 1
@@ -98,6 +98,36 @@ print(json.dumps({'check': 'adapter-2gpu-reloaded-on-1gpu', 'reloaded_eval_loss'
       timeout 240 python3 -m torch.distributed.run --nproc_per_node 2 bench/load_like_published.py /tmp/ckpt70b40 \
         2>"$OUT/published70.err" | grep '^{' | sed 's/published-loader/published-loader-70b40/' >> "$RESULTS" \
         || tail "$OUT/published70.err" ;;
+    resume8b)  # 8B shape (random, drawn on the GPUs): uninterrupted vs SIGUSR1 at step 6 then resumed
+      python3 bench/make_rows.py /tmp/rows.jsonl 64 2100
+      R8=(model.name_or_path=llama3-8b model.init=random "${TRAIN70[@]:2}" train.max_steps=12 train.save_every=4
+          data.pad_token=null data.keep_if_empty=[] eval.questions=[] train.output_dir=/tmp/runs)
+      python3 -m accelerate.commands.launch --config_file fsdp_configs/2xh100.yaml recipes/llama3_8b.py "${R8[@]}" \
+        train.run_name=r8_ref > "$OUT/r8_ref.log" 2>&1 || tail -30 "$OUT/r8_ref.log"
+      SHARDTUNE_FAULT="rank=0,step=5,micro=0,action=sigusr1" python3 -m accelerate.commands.launch --config_file \
+        fsdp_configs/2xh100.yaml recipes/llama3_8b.py "${R8[@]}" train.run_name=r8_cut > "$OUT/r8_cut1.log" 2>&1
+      python3 -m accelerate.commands.launch --config_file fsdp_configs/2xh100.yaml recipes/llama3_8b.py "${R8[@]}" \
+        train.run_name=r8_cut > "$OUT/r8_cut2.log" 2>&1 || tail -30 "$OUT/r8_cut2.log"
+      python3 - >> "$RESULTS" <<'PY'
+import json, re
+def losses(run):
+    out = {}
+    for x in open(f"/tmp/runs/{run}/metrics.jsonl"):
+        r = json.loads(x)
+        if "loss" in r:
+            out[r["step"]] = r["loss"]
+    return out
+a, b = losses("r8_ref"), losses("r8_cut")
+import os
+log1, log2 = (open(os.path.join(os.environ["OUT"], f)).read() for f in ("r8_cut1.log", "r8_cut2.log"))
+saves = re.findall(r"saved to \S+ \(([\d.]+) MiB\) in ([\d.]+)s", log1 + log2)
+loads = re.findall(r"loaded in ([\d.]+)s", log2)
+print(json.dumps({"check": "8b-sigusr1-resume", "steps": len(b), "max_abs_diff": max(abs(a[k] - b[k]) for k in a),
+                  "identical": a == b, "status_after_signal": "got SIGUSR1" in log1,
+                  "checkpoint_mib": float(saves[0][0]) if saves else None,
+                  "save_s": [float(s[1]) for s in saves], "load_s": [float(x) for x in loads]}))
+PY
+      ;;
   esac
 done
 echo; echo "=== results ($RESULTS)"; cat "$RESULTS"

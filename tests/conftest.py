@@ -27,7 +27,12 @@ def run_env(**extra: str) -> dict[str, str]:
 
 
 def launch(
-    args: list[str], nproc: int = 2, launcher: str = "torchrun", timeout: int = 900, check: bool = True
+    args: list[str],
+    nproc: int = 2,
+    launcher: str = "torchrun",
+    timeout: int = 900,
+    check: bool = True,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     """Run a script with 2 (or `nproc`) CPU processes, as a user would."""
     if launcher == "torchrun":
@@ -46,7 +51,9 @@ def launch(
         ]
     else:
         cmd = [sys.executable, *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=run_env(**(env or {})), capture_output=True, text=True, timeout=timeout
+    )
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
@@ -68,19 +75,10 @@ def read_summary(run_dir: Path) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
-    """One real training run of the embedded default (shortened), shared by the tests that inspect its
-    outputs: `accelerate launch --config_file fsdp_configs/cpu_2proc.yaml recipes/tiny.py`."""
+    """The embedded default, trained exactly as `make demo` does (`accelerate launch --config_file
+    fsdp_configs/cpu_2proc.yaml recipes/tiny.py`), shared by the tests that inspect what it leaves."""
     out = tmp_path_factory.mktemp("runs")
     proc = launch(
-        [
-            "recipes/tiny.py",
-            f"train.output_dir={out}",
-            "train.run_name=tiny",
-            "train.max_steps=40",
-            "train.save_every=20",
-            "eval.every=20",
-            "eval.samples=8",
-        ],
-        launcher="accelerate",
+        ["recipes/tiny.py", f"train.output_dir={out}", "train.run_name=tiny"], launcher="accelerate"
     )
     return out / "tiny", proc

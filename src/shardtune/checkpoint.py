@@ -27,10 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+import yaml
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from shardtune.distributed import DistInfo, barrier, broadcast_object
+from shardtune import faults
+from shardtune.config import ConfigError
+from shardtune.distributed import DistInfo, barrier, broadcast_object, side_group
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +110,17 @@ def _trainable_state(model, optimizer):
 
 
 class CheckpointManager:
-    """Saves and finds checkpoints of one run; every rank calls save/load/latest together."""
+    """Saves and finds checkpoints of one run; every rank calls save/load/latest together.
 
-    def __init__(self, directory: Path, keep_last: int, dist: DistInfo):
+    Its waits (and DCP's own coordination) run in a separate gloo group whose timeout is
+    train.save_timeout_minutes: a slow filesystem delays a save, it cannot trip the training collectives'
+    timeout (parallel.timeout_minutes) and kill the job mid-save."""
+
+    def __init__(self, directory: Path, keep_last: int, dist: DistInfo, timeout_minutes: float = 120.0):
         self.dir = directory
         self.keep_last = keep_last
         self.dist = dist
+        self.group = side_group(timeout_minutes)
 
     # -------------------------------------------------------------------------------------- save
     def save(self, step: int, model, optimizer, train_state: dict, files: dict[str, bytes]) -> Path:
@@ -125,9 +133,9 @@ class CheckpointManager:
             for stale in self.dir.glob(".tmp-step-*"):  # a save that was killed before its rename
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir()
-        barrier()
+        barrier(self.group)
         msd, osd = _trainable_state(model, optimizer)
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp), process_group=self.group)
         tensors, plain = rng_state(self.dist.device)
         rank_file = tmp / f"rank{self.dist.rank:05d}"
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(rank_file) + ".rng.safetensors")
@@ -144,7 +152,8 @@ class CheckpointManager:
             write_atomic(tmp / "train_state.json", json.dumps(state, indent=1).encode())
             for name, data in files.items():
                 write_atomic(tmp / name, data)
-        barrier()
+        faults.inject("save", self.dist.rank, step)
+        barrier(self.group)
         if self.dist.is_main:
             manifest = {
                 "format": FORMAT_VERSION,
@@ -165,8 +174,11 @@ class CheckpointManager:
             os.rename(tmp, final)
             _fsync_dir(self.dir)
             self._purge()
-        barrier()
-        log.info("checkpoint step %d saved to %s in %.1fs", step, final, time.perf_counter() - t0)
+        barrier(self.group)
+        size = sum(p.stat().st_size for p in final.iterdir()) / 2**20 if self.dist.is_main else 0.0
+        log.info(
+            "checkpoint step %d saved to %s (%.1f MiB) in %.1fs", step, final, size, time.perf_counter() - t0
+        )
         return final
 
     def _purge(self) -> None:
@@ -191,15 +203,16 @@ class CheckpointManager:
                     chosen = str(path)
                     break
                 log.warning("skipping checkpoint %s: %s", path, problem)
-        chosen = broadcast_object(chosen)
+        chosen = broadcast_object(chosen, group=self.group)
         return Path(chosen) if chosen else None
 
     # -------------------------------------------------------------------------------------- load
     def load(self, path: Path, model, optimizer) -> dict:
         """Restore weights, optimizer and this rank's RNGs from `path`; returns the train state."""
+        t0 = time.perf_counter()
         msd, osd = _trainable_state(model, optimizer)
         state = {"model": msd, "optim": osd}
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(state, checkpoint_id=str(path), process_group=self.group)
         set_state_dict(
             model,
             optimizer,
@@ -222,6 +235,7 @@ class CheckpointManager:
                 path,
                 train_state["world_size"],
             )
+        log.info("checkpoint %s loaded in %.1fs", path.name, time.perf_counter() - t0)
         return train_state
 
 
@@ -243,3 +257,77 @@ def verify_checkpoint(path: Path, checksums: bool = True) -> str | None:
         if checksums and sha256(f) != meta["sha256"]:
             return f"{name} does not match its checksum (corrupted)"
     return None
+
+
+# ------------------------------------------------------------------------------------------- resume policy
+# Settings whose change makes a resumed run differ from an uninterrupted one. Anything else may change
+# between a save and a resume: more steps, a new learning rate or schedule, eval, save or log cadence,
+# micro-batch size and number of processes (the global batch and the data order stay the same).
+EXACTNESS_KEYS = (
+    "model",
+    "quant",
+    "lora",
+    "data",
+    "train.seed",
+    "train.global_batch_size",
+    "parallel.mixed_precision",
+)
+
+
+def _flatten(prefix: str, value) -> dict:
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out.update(_flatten(f"{prefix}.{k}", v))
+        return out
+    return {prefix: value}
+
+
+def _select(cfg_dict: dict, key: str):
+    for part in key.split("."):
+        cfg_dict = cfg_dict[part]
+    return cfg_dict
+
+
+def exactness_differences(saved: dict, current: dict) -> list[str]:
+    """Settings that differ between a checkpoint's config and this run's, among EXACTNESS_KEYS."""
+    diffs = []
+    for key in EXACTNESS_KEYS:
+        a, b = _flatten(key, _select(saved, key)), _flatten(key, _select(current, key))
+        diffs += [
+            f"{k}: checkpoint {a.get(k)!r} -> now {b.get(k)!r}"
+            for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k)
+        ]
+    return diffs
+
+
+def resume_point(mode: str, manager: CheckpointManager, config_yaml: str) -> Path | None:
+    """The checkpoint to start from (train.resume: auto, never or a path), after checking that resuming
+    from it continues the run exactly; None to start fresh."""
+    if mode == "never":
+        if manager.checkpoints():
+            raise ConfigError(
+                f"train.resume=never but {manager.dir} already holds checkpoints; choose another train.run_name, "
+                f"or resume with train.resume=auto. (Nothing was deleted.)"
+            )
+        return None
+    if mode == "auto":
+        path = manager.latest()
+    else:
+        path = Path(mode)
+        problem = verify_checkpoint(path) if path.is_dir() else "no such directory"
+        if problem:
+            raise ConfigError(f"train.resume={mode}: {problem}")
+    if path is not None:
+        diffs = exactness_differences(
+            yaml.safe_load((path / "config.yaml").read_text()), yaml.safe_load(config_yaml)
+        )
+        if diffs:
+            raise ConfigError(
+                f"cannot resume {path}: these settings changed since it was saved, so the run would not continue "
+                f"exactly:\n  "
+                + "\n  ".join(diffs)
+                + "\nRestore them, or start a new run (train.run_name=...)."
+            )
+    return path

@@ -2,6 +2,8 @@
 
 shardtune validate RECIPE.py [key=value ...]     check a recipe and overrides, load nothing
 shardtune export RUN_OR_CHECKPOINT OUT            write a PEFT adapter directory from a checkpoint
+shardtune merge RUN_OR_CHECKPOINT OUT [--base DIR] [--dtype bfloat16]
+                                                   base + adapter as one Hugging Face model directory
 """
 
 from __future__ import annotations
@@ -35,6 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("export", help="write a PEFT adapter directory from a run or checkpoint")
     p.add_argument("source", help="a run directory (its newest intact checkpoint) or a checkpoint directory")
     p.add_argument("out", help="adapter directory to write")
+    p = sub.add_parser("merge", help="merge the adapter into its (dequantized) base: one model directory")
+    p.add_argument("source", help="a run directory (its newest intact checkpoint) or a checkpoint directory")
+    p.add_argument("out", help="model directory to write")
+    p.add_argument("--base", help="base checkpoint directory (default: the one the run trained on)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument(
+        "--max-shard-gib", type=float, default=2.0, help="largest safetensors shard (bounds host RAM)"
+    )
     args = parser.parse_args(argv)
     try:
         if args.command == "validate":
@@ -42,11 +52,16 @@ def main(argv: list[str] | None = None) -> int:
 
             resolve_config(load_recipe_config(args.recipe), args.overrides, env={})
             print(f"{args.recipe}: configuration is valid")
-        else:
+        elif args.command == "export":
             from shardtune.export import export_adapter
 
             out = export_adapter(Path(args.source), Path(args.out))
             print(f"adapter written to {out}")
+        else:
+            from shardtune.merge import merge_adapter
+
+            out = merge_adapter(Path(args.source), Path(args.out), args.base, args.dtype, args.max_shard_gib)
+            print(f"merged model written to {out}")
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

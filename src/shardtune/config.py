@@ -188,6 +188,9 @@ class TrainConfig(Section):
     """Also save when this many minutes have passed since the last save."""
     keep_last: int = Field(2, gt=0)
     """Checkpoints kept; older ones are deleted once a newer one is complete."""
+    save_timeout_minutes: float = Field(120.0, gt=0)
+    """How long ranks wait for each other around a checkpoint save or load (slow storage), separately from
+    the training collectives' timeout (parallel.timeout_minutes)."""
     resume: str = "auto"
     """'auto' continues from the run's latest valid checkpoint if there is one; 'never' refuses to reuse a
     run directory that has checkpoints; or the path of a checkpoint to start from."""

@@ -78,9 +78,9 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def barrier() -> None:
+def barrier(group=None) -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -107,10 +107,16 @@ def gather_object(obj) -> list:
     return out
 
 
-def broadcast_object(obj, src: int = 0):
+def broadcast_object(obj, src: int = 0, group=None):
     """rank `src`'s Python object, on every rank."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return obj
     holder = [obj]
-    dist.broadcast_object_list(holder, src=src)
+    dist.broadcast_object_list(holder, src=src, group=group)
     return holder[0]
+
+
+def side_group(timeout_minutes: float):
+    """A gloo group over all ranks with its own timeout, for waits that may legitimately be long (saving to
+    slow storage) without loosening the timeout that catches a hung training collective."""
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=timeout_minutes))

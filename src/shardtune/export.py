@@ -51,13 +51,21 @@ def find_checkpoint(run_or_checkpoint: Path) -> Path:
     raise ValueError(f"{path}: no intact checkpoint found (expected a checkpoint or a run directory)")
 
 
+def checkpoint_model_config(ckpt: Path):
+    """The base model's architecture as recorded in a checkpoint (a transformers config)."""
+    from transformers import AutoConfig
+
+    conf = json.loads((ckpt / "model_config.json").read_text())
+    return AutoConfig.for_model(conf.pop("model_type"), **conf)
+
+
 def export_adapter(run_or_checkpoint: Path, out_dir: Path) -> Path:
     """Write a PEFT adapter directory (adapter_config.json + adapter_model.safetensors + tokenizer)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     ckpt = find_checkpoint(run_or_checkpoint)
-    model_conf = AutoConfig.for_model(**json.loads((ckpt / "model_config.json").read_text()))
+    model_conf = checkpoint_model_config(ckpt)
     peft_conf = LoraConfig.from_pretrained(str(ckpt))
     model_conf._name_or_path = peft_conf.base_model_name_or_path  # PEFT records the base's name from here
     with torch.device("meta"), warnings.catch_warnings():

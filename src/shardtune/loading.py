@@ -72,12 +72,12 @@ class CheckpointWeights:
         resident memory stays at one matrix whatever the size of the layer or the model."""
         from safetensors import safe_open
 
-        def get(name: str, shape: tuple[int, ...], kind: str) -> torch.Tensor:
+        def get(name: str, shape: tuple[int, ...] | None, kind: str) -> torch.Tensor:
             if name not in self.files:
                 raise ValueError(f"{self.dir}: checkpoint has no tensor {name!r} (the model expects it)")
             with safe_open(self.files[name], "pt") as f:
                 t = f.get_tensor(name)
-            if tuple(t.shape) != tuple(shape):
+            if shape is not None and tuple(t.shape) != tuple(shape):
                 raise ValueError(f"{self.dir}: {name} has shape {tuple(t.shape)}, the model expects {shape}")
             return t
 

@@ -6,6 +6,9 @@
 Flags: --help (every key, its value in this recipe, its documentation), --print-config, --validate (check
 the configuration and stop), --sweep [key=v1,v2 ...] (run a grid of configurations one after another).
 
+Exit codes: 0 done; 2 a configuration or data error (nothing trained); 75 stopped by SIGTERM/SIGUSR1 after
+saving a checkpoint (run the same command again to continue; see stopping.py).
+
 Settings are layered, later wins: the recipe, then the accelerate config (`parallel.launch_config`, or the
 environment `accelerate launch` sets), then the command line. Mistakes in any of them are reported before
 anything is loaded, with exit code 2.
@@ -23,6 +26,7 @@ from pathlib import Path
 from shardtune.config import Config, ConfigError, apply_overrides, format_help, parse_overrides, to_yaml
 from shardtune.data.formats import DataError
 from shardtune.launcher import accelerate_env_overrides, accelerate_yaml_overrides
+from shardtune.stopping import EXIT_REQUEUE
 
 USAGE = """usage: accelerate launch --config_file fsdp_configs/<hardware>.yaml {recipe} [key=value ...] [flags]
        torchrun --nproc_per_node N {recipe} [key=value ...] [flags]
@@ -152,9 +156,7 @@ def run(cfg: Config, name: str, grid: dict | None = None) -> list[dict]:
     )
     setup_logging(dist.rank)
     try:
-        if grid:
-            return run_grid(cfg, grid, dist, name)
-        return [train(cfg, dist, name)]
+        results = run_grid(cfg, grid, dist, name) if grid else [train(cfg, dist, name)]
     except (ConfigError, DataError) as e:
         if dist.is_main:
             print(f"error: {e}", file=sys.stderr)
@@ -162,3 +164,6 @@ def run(cfg: Config, name: str, grid: dict | None = None) -> list[dict]:
         sys.exit(EXIT_USAGE)
     finally:
         teardown()
+    if any(r.get("status") == "interrupted" for r in results):
+        sys.exit(EXIT_REQUEUE)  # checkpointed: the same command continues the run
+    return results

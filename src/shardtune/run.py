@@ -1,8 +1,11 @@
-"""One training run, start to finish: the flow of DESIGN.md in one readable function.
+"""One training run, start to finish: the flow of DESIGN.md.
 
-config -> run directory -> tokenizer -> data (fails fast) -> base model (4-bit) -> LoRA -> FSDP
--> optimizer, schedule -> resume? -> loop (eval, checkpoints) -> final checkpoint -> adapter export
--> generated samples -> loss.png, summary.json
+    run directory, resume point -> tokenizer -> data (fails fast) -> model, built layer by layer and sharded
+    -> optimizer, schedule, restored state -> loop (eval, checkpoints, stop signals)
+    -> final eval and checkpoint -> adapter export -> generated samples -> loss.png, summary.json
+
+`status.json` in the run directory says where the run is (running, interrupted, complete, failed), for
+launchers and schedulers that cannot see the processes' exit codes.
 """
 
 from __future__ import annotations
@@ -11,64 +14,58 @@ import hashlib
 import json
 import logging
 import math
+import os
 import tempfile
 import time
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from transformers import get_scheduler
 
 from shardtune import loading, modeling, parallel
-from shardtune.checkpoint import CheckpointManager
-from shardtune.config import Config, ConfigError, to_yaml
-from shardtune.data.loader import GlobalBatchSampler, build_data
-from shardtune.distributed import DistInfo, all_reduce_max, barrier, broadcast_object, gather_object
+from shardtune.checkpoint import CheckpointManager, resume_point, write_atomic
+from shardtune.config import Config, to_yaml
+from shardtune.data.loader import Data, GlobalBatchSampler, build_data
+from shardtune.distributed import DistInfo, all_reduce_max, barrier, gather_object
 from shardtune.export import export_adapter
 from shardtune.metrics import MetricsSink, device_peak_flops, gpu_peak_gib, host_peak_gib, host_rss_gib
+from shardtune.stopping import StopRequest
 from shardtune.tokenizer import build_tiny_tokenizer, load_tokenizer, prepare_tokenizer
 from shardtune.trainer import FlopModel, Trainer
 
 log = logging.getLogger("shardtune")
 
-# Settings whose change makes a resumed run differ from an uninterrupted one; anything else (more steps,
-# a new learning rate, eval or save cadence, logging) may change between a save and a resume.
-EXACTNESS_KEYS = (
-    "model",
-    "quant",
-    "lora",
-    "data",
-    "train.seed",
-    "train.global_batch_size",
-    "parallel.mixed_precision",
-)
+
+def write_status(run_dir: Path, status: str, **fields) -> None:
+    """status.json: running | interrupted | complete | failed, with the step and what to do next."""
+    record = {"status": status, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid(), **fields}
+    write_atomic(run_dir / "status.json", json.dumps(record, indent=1).encode())
 
 
-def _select(cfg_dict: dict, key: str):
-    node = cfg_dict
-    for part in key.split("."):
-        node = node[part]
-    return node
-
-
-def _flatten(prefix: str, value) -> dict:
-    if isinstance(value, dict):
-        out = {}
-        for k, v in value.items():
-            out.update(_flatten(f"{prefix}.{k}", v))
-        return out
-    return {prefix: value}
-
-
-def exactness_differences(saved: dict, current: dict) -> list[str]:
-    """Settings that differ between a checkpoint's config and this run's, among EXACTNESS_KEYS."""
-    diffs = []
-    for key in EXACTNESS_KEYS:
-        a, b = _flatten(key, _select(saved, key)), _flatten(key, _select(current, key))
-        for k in sorted(set(a) | set(b)):
-            if a.get(k) != b.get(k):
-                diffs.append(f"{k}: checkpoint {a.get(k)!r} -> now {b.get(k)!r}")
-    return diffs
+def train(cfg: Config, dist: DistInfo, name: str) -> dict:
+    """Run training as configured; returns the run's summary ("status" interrupted or complete)."""
+    run_dir = Path(cfg.train.output_dir) / (cfg.train.run_name or name)
+    ckpts = CheckpointManager(
+        run_dir / "checkpoints", cfg.train.keep_last, dist, cfg.train.save_timeout_minutes
+    )
+    cfg_yaml = to_yaml(cfg)
+    resume_from = resume_point(cfg.train.resume, ckpts, cfg_yaml)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg_yaml)
+        write_status(run_dir, "running", world_size=dist.world_size, resumed_from=str(resume_from or ""))
+    barrier()
+    try:
+        with StopRequest() as stop:
+            return _train(cfg, dist, run_dir, ckpts, resume_from, cfg_yaml, stop)
+    except BaseException as e:
+        if dist.is_main:
+            write_status(
+                run_dir, "failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-4000:]
+            )
+        raise
 
 
 def _tokenizer(cfg: Config, run_dir: Path):
@@ -84,48 +81,7 @@ def _tokenizer(cfg: Config, run_dir: Path):
     return prepare_tokenizer(tok, cfg.data.pad_token, cfg.data.chat_template)
 
 
-def _resume_point(cfg: Config, ckpts: CheckpointManager) -> Path | None:
-    mode = cfg.train.resume
-    if mode == "never":
-        if ckpts.checkpoints():
-            raise ConfigError(
-                f"train.resume=never but {ckpts.dir} already holds checkpoints; choose another train.run_name, "
-                f"or resume with train.resume=auto. (Nothing was deleted.)"
-            )
-        return None
-    if mode == "auto":
-        return ckpts.latest()
-    path = Path(mode)
-    from shardtune.checkpoint import verify_checkpoint
-
-    problem = verify_checkpoint(path) if path.is_dir() else "no such directory"
-    if problem:
-        raise ConfigError(f"train.resume={mode}: {problem}")
-    return path
-
-
-def train(cfg: Config, dist: DistInfo, name: str) -> dict:
-    """Run training as configured; returns the run's summary (also written to summary.json)."""
-    run_dir = Path(cfg.train.output_dir) / (cfg.train.run_name or name)
-    ckpts = CheckpointManager(run_dir / "checkpoints", cfg.train.keep_last, dist)
-    resume_from = _resume_point(cfg, ckpts)
-    cfg_yaml = to_yaml(cfg)
-    if resume_from is not None:
-        saved = yaml.safe_load((resume_from / "config.yaml").read_text())
-        diffs = exactness_differences(saved, yaml.safe_load(cfg_yaml))
-        if diffs:
-            raise ConfigError(
-                f"cannot resume {resume_from}: these settings changed since it was saved, so the run would not "
-                f"continue exactly:\n  " + "\n  ".join(diffs) + "\nRestore them, or start a new run "
-                "(train.run_name=...)."
-            )
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg_yaml)
-    barrier()
-
-    # ---- tokenizer and data first: bad data fails here, before any model is loaded
-    tokenizer = _tokenizer(cfg, run_dir)
+def _data(cfg: Config, dist: DistInfo, run_dir: Path, tokenizer) -> Data:
     data = build_data(cfg.data, tokenizer, cfg.train.seed)
     if dist.is_main:
         if not (run_dir / "tokenizer").is_dir():
@@ -147,37 +103,47 @@ def train(cfg: Config, dist: DistInfo, name: str) -> dict:
                 cfg.data.max_len,
                 data.train.dropped,
             )
+    return data
 
-    # ---- the base: streamed in layer by layer and sharded as it arrives (a small random one is first
-    # written as a checkpoint, so that the adapter can be reloaded onto it; a large one is drawn on the devices)
+
+@dataclass
+class Model:
+    module: torch.nn.Module
+    conf: object
+    base: str | None  # checkpoint the 4-bit base came from; None when drawn at random on the devices
+    build: loading.BuildReport
+    rank0_holds: float
+    host_load_gib: float
+
+
+def _model(cfg: Config, dist: DistInfo, run_dir: Path, tokenizer) -> Model:
+    """The base streamed in layer by layer and sharded as it arrives. A small random base is first written as
+    a checkpoint, so that the adapter can be reloaded onto it; a large one is drawn on the devices."""
     conf = modeling.model_config(cfg)
     base = cfg.model.name_or_path
     if cfg.model.init == "random":
-        base_dir = run_dir / "base"
+        base = None
         if modeling.base_on_disk(cfg, conf):
+            base_dir = run_dir / "base"
             if dist.is_main and not base_dir.is_dir():
                 modeling.write_random_base(cfg, tokenizer, base_dir)
             barrier()
             base = str(base_dir.resolve())
-        else:
-            base = None
     attn = modeling.attention_implementation(cfg.model.attn_implementation, dist.device)
     sharder = parallel.Sharder(cfg.parallel, cfg.param_dtype, dist.device, dist.world_size)
     host_before = host_rss_gib()
-    model, built = loading.build_model(cfg, conf, base, attn, sharder, dist.device)
-    peft_config = parallel.unwrap(model).peft_config["default"]
-    peft_config.base_model_name_or_path = base or f"{cfg.model.name_or_path} (random, seed {cfg.train.seed})"
-    sharding = parallel.sharding_report(model)
+    module, build = loading.build_model(cfg, conf, base, attn, sharder, dist.device)
     host_load, gpu_load = all_reduce_max(
         [host_peak_gib() - host_before, gpu_peak_gib(dist.device) or 0.0], dist.device
     )
+    share = parallel.sharding_report(module)
     if dist.is_main:
         log.info(
             "model: %s (%s), %s params, %s trainable (LoRA r=%d on %s), %s, attention %s, %s on %d %s(s)",
             cfg.model.name_or_path,
             cfg.model.init,
-            f"{built.total:,}",
-            f"{built.trainable:,}",
+            f"{build.total:,}",
+            f"{build.trainable:,}",
             cfg.lora.r,
             cfg.lora.target_modules,
             f"NF4 4-bit storage {cfg.storage_dtype}" if cfg.quant.load_in_4bit else "not quantized",
@@ -189,12 +155,32 @@ def train(cfg: Config, dist: DistInfo, name: str) -> dict:
         log.info(
             "load: %.1fs from %s (%.1f GiB on disk); host RAM peak +%.2f GiB over start per process, "
             "GPU peak %.2f GiB per process",
-            built.load_s,
+            build.load_s,
             base or "random weights",
-            built.source_bytes / 2**30,
+            build.source_bytes / 2**30,
             host_load,
             gpu_load,
         )
+    return Model(module, conf, base, build, share["local"] / share["total"], host_load)
+
+
+def _train(
+    cfg: Config,
+    dist: DistInfo,
+    run_dir: Path,
+    ckpts: CheckpointManager,
+    resume_from: Path | None,
+    cfg_yaml: str,
+    stop: StopRequest,
+) -> dict:
+    tokenizer = _tokenizer(cfg, run_dir)
+    data = _data(cfg, dist, run_dir, tokenizer)  # bad data fails here, before any model is loaded
+    m = _model(cfg, dist, run_dir, tokenizer)
+    model = m.module
+    peft_config = parallel.unwrap(model).peft_config["default"]
+    peft_config.base_model_name_or_path = (
+        m.base or f"{cfg.model.name_or_path} (random, seed {cfg.train.seed})"
+    )
 
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
@@ -213,17 +199,24 @@ def train(cfg: Config, dist: DistInfo, name: str) -> dict:
     )
     total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * sampler.steps_per_epoch)
     scheduler = get_scheduler(
-        cfg.optim.scheduler if cfg.optim.scheduler != "constant" else "constant_with_warmup",
+        "constant_with_warmup" if cfg.optim.scheduler == "constant" else cfg.optim.scheduler,
         optimizer,
         num_warmup_steps=cfg.optim.warmup_steps,
         num_training_steps=total_steps,
     )
 
+    scaler = None
+    if cfg.parallel.mixed_precision == "fp16":
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        scaler = ShardedGradScaler(device=dist.device.type)  # agrees on overflow across ranks
     start_step, state = 0, {}
     torch.manual_seed(cfg.train.seed * 7919 + dist.rank)  # dropout differs per rank, reproducibly
     if resume_from is not None:
         state = ckpts.load(resume_from, model, optimizer)
         scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None:
+            scaler.load_state_dict(state["grad_scaler"])
         start_step = state["step"]
         if dist.is_main:
             log.info(
@@ -235,14 +228,14 @@ def train(cfg: Config, dist: DistInfo, name: str) -> dict:
 
     peak, peak_how = device_peak_flops(dist.device, modeling.DTYPES[cfg.param_dtype])
     flops = FlopModel(
-        modeling.matmul_parameters(conf),
-        conf.num_hidden_layers,
-        conf.hidden_size,
+        modeling.matmul_parameters(m.conf),
+        m.conf.num_hidden_layers,
+        m.conf.hidden_size,
         peak,
         cfg.parallel.activation_checkpointing,
     )
     trainer = Trainer(
-        model, optimizer, scheduler, data, sampler, tokenizer, dist, flops, cfg.train.max_grad_norm
+        model, optimizer, scheduler, data, sampler, tokenizer, dist, flops, cfg.train.max_grad_norm, scaler
     )
     trainer.tokens_seen = state.get("tokens_seen", 0)
     sink = MetricsSink(run_dir, total_steps, start_step, dist.is_main)
@@ -255,46 +248,61 @@ def train(cfg: Config, dist: DistInfo, name: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         peft_config.save_pretrained(tmp)
         adapter_config = (Path(tmp) / "adapter_config.json").read_bytes()
-    model_config = conf.to_json_string().encode()
-
     first_eval = state.get("first_eval")
     if start_step == 0:
         first_eval = trainer.evaluate(cfg.eval.batch_size, cfg.eval.max_rows)
         sink.eval(0, first_eval)
 
     def save(step: int) -> Path:
-        return ckpts.save(
-            step,
-            model,
-            optimizer,
-            {
-                "scheduler": scheduler.state_dict(),
-                "tokens_seen": trainer.tokens_seen,
-                "epoch_position": list(sampler.position(step)),
-                "first_eval": first_eval,
-                "config_hash": hashlib.sha256(cfg_yaml.encode()).hexdigest()[:16],
-            },
-            {
-                "config.yaml": cfg_yaml.encode(),
-                "adapter_config.json": adapter_config,
-                "model_config.json": model_config,
-            },
-        )
+        train_state = {
+            "scheduler": scheduler.state_dict(),
+            "tokens_seen": trainer.tokens_seen,
+            "epoch_position": list(sampler.position(step)),
+            "first_eval": first_eval,
+            "config_hash": hashlib.sha256(cfg_yaml.encode()).hexdigest()[:16],
+            "grad_scaler": scaler.state_dict() if scaler is not None else None,
+        }
+        files = {
+            "config.yaml": cfg_yaml.encode(),
+            "adapter_config.json": adapter_config,
+            "model_config.json": m.conf.to_json_string().encode(),
+        }
+        return ckpts.save(step, model, optimizer, train_state, files)
 
-    last_saved, last_save_time = start_step if resume_from else -1, time.monotonic()
-    train_start = time.perf_counter()
+    # ---- the loop. At every step boundary the ranks agree, in one all-reduce, on whether any of them was
+    # signalled and whether a timed save is due, so that all of them save (and stop) after the same step.
+    last_saved = start_step if resume_from else -1
+    last_save_time, train_start = time.monotonic(), time.perf_counter()
+    done = start_step
     for step in range(start_step, total_steps):
         metrics = trainer.train_step(step)
         done = step + 1
         sink.train_step(done, metrics, log_line=done % cfg.train.log_every == 0 or done == total_steps)
         if cfg.eval.every and done % cfg.eval.every == 0 and done != total_steps:
             sink.eval(done, trainer.evaluate(cfg.eval.batch_size, cfg.eval.max_rows))
-        timed = cfg.train.save_every_minutes is not None and broadcast_object(
-            time.monotonic() - last_save_time >= 60 * cfg.train.save_every_minutes
-        )
-        if (cfg.train.save_every and done % cfg.train.save_every == 0) or timed:
-            save(done)
+        minutes = cfg.train.save_every_minutes
+        timed = minutes is not None and time.monotonic() - last_save_time >= 60 * minutes
+        signalled, timed = all_reduce_max([float(stop.received is not None), float(timed)], dist.device)
+        if signalled or timed or (cfg.train.save_every and done % cfg.train.save_every == 0):
+            path = save(done)
             last_saved, last_save_time = done, time.monotonic()
+            if signalled and done < total_steps:
+                if dist.is_main:
+                    write_status(
+                        run_dir,
+                        "interrupted",
+                        step=done,
+                        checkpoint=str(path),
+                        next="run the same command again: train.resume=auto continues from here",
+                    )
+                sink.write(f"stopped by a signal after step {done}/{total_steps}; checkpoint {path}")
+                sink.close()
+                return {
+                    "status": "interrupted",
+                    "run_dir": str(run_dir),
+                    "step": done,
+                    "checkpoint": str(path),
+                }
     train_time = time.perf_counter() - train_start
 
     final_eval = trainer.evaluate(cfg.eval.batch_size, cfg.eval.max_rows)
@@ -310,34 +318,38 @@ def train(cfg: Config, dist: DistInfo, name: str) -> dict:
     samples = _samples(cfg, trainer, data)
     peaks = gather_object({"host_peak_gib": host_peak_gib(), "gpu_peak_gib": gpu_peak_gib(dist.device)})
     summary = {
+        "status": "complete",
         "run_dir": str(run_dir),
         "steps": total_steps,
         "first_eval_loss": first_eval["eval_loss"] if first_eval else None,
         "final_eval_loss": final_eval["eval_loss"],
-        "trainable_params": built.trainable,
-        "total_params": built.total,
-        "load_s": built.load_s,
-        "load_host_peak_gib": host_load,
+        "trainable_params": m.build.trainable,
+        "total_params": m.build.total,
+        "load_s": m.build.load_s,
+        "load_host_peak_gib": m.host_load_gib,
         "host_peak_gib_per_rank": [p["host_peak_gib"] for p in peaks],
         "gpu_peak_gib_per_rank": [p["gpu_peak_gib"] for p in peaks],
         "world_size": dist.world_size,
-        "rank0_holds": sharding["local"] / sharding["total"],  # fraction of the flat parameters on rank 0
+        "rank0_holds": m.rank0_holds,  # fraction of the flat parameters on rank 0
         "train_time_s": train_time,
         "tokens_seen": trainer.tokens_seen,
         "exact_match": samples["exact_match"],
         "adapter": str(adapter_dir),
-        "base": base,
+        "base": m.base,
         "checkpoint": str(final_ckpt),
     }
     if dist.is_main:
         plot = sink.plot()
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         _print_summary(sink, summary, run_dir, plot, samples, cfg.eval.show)
+        write_status(
+            run_dir, "complete", step=total_steps, checkpoint=str(final_ckpt), adapter=str(adapter_dir)
+        )
     sink.close()
     return summary
 
 
-def _samples(cfg: Config, trainer: Trainer, data) -> dict:
+def _samples(cfg: Config, trainer: Trainer, data: Data) -> dict:
     """Generate completions for held-out rows (scored by exact match) and for eval.questions."""
     fmt = data.formatter
     rows = data.eval_rows[: cfg.eval.samples] if fmt.fmt != "text" else []

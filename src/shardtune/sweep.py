@@ -46,6 +46,8 @@ def run_grid(cfg: Config, grid: dict[str, list], dist: DistInfo, name: str) -> l
         sub = apply_overrides(sub, {"train.run_name": f"{base_name}/sweep/{slug(assignment)}"}, "sweep")
         summary = train(sub, dist, name)
         results.append({**{k: sub_value(v) for k, v in assignment.items()}, **summary})
+        if summary["status"] == "interrupted":  # the same command resumes this run, then the rest of the grid
+            return results
     if dist.is_main:
         table = format_table(grid, results)
         out = Path(cfg.train.output_dir) / base_name / "sweep"

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from shardtune import faults
 from shardtune.data.formats import IGNORE_INDEX, adds_bos
 from shardtune.data.loader import Data, GlobalBatchSampler, collate, eval_batches
 from shardtune.distributed import DistInfo, all_reduce_max, all_reduce_sum
@@ -57,10 +58,12 @@ class Trainer:
         dist_info: DistInfo,
         flops: FlopModel,
         max_grad_norm: float | None,
+        scaler=None,
     ):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.data, self.sampler, self.tokenizer = data, sampler, tokenizer
         self.dist, self.flops, self.max_grad_norm = dist_info, flops, max_grad_norm
+        self.scaler = scaler  # fp16 only: loss scaling, so that small gradients do not flush to zero
         self.pad_id = tokenizer.pad_token_id
         self.tokens_seen = 0  # non-padding tokens trained on, all ranks
 
@@ -82,13 +85,21 @@ class Trainer:
         label_tokens, tokens, squares = all_reduce_sum(local, self.dist.device)
         scale = self.dist.world_size / label_tokens
         loss_sum = torch.zeros((), device=self.dist.device, dtype=torch.float64)
-        for batch in batches:
+        for i, batch in enumerate(batches):
+            faults.inject("micro", self.dist.rank, step, i)
             loss = token_loss_sum(self.model, batch)
-            (loss * scale).backward()
+            scaled = loss * scale
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_sum += loss.detach().double()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
         norm = clip_grad_norm(self.model, self.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        if self.scaler:  # skips the update when a gradient overflowed, and adapts the scale
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         (loss_total,) = all_reduce_sum([loss_sum.item()], self.dist.device)

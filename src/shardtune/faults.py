@@ -1,0 +1,39 @@
+"""Fault injection for the tests that prove resume is exact: kill or signal one process at a precise point.
+
+    SHARDTUNE_FAULT="rank=0,step=7,micro=1,action=sigterm"   before micro-batch 1 of (0-based) step 7
+    SHARDTUNE_FAULT="rank=1,step=10,point=save,action=kill"   mid-checkpoint: files written, manifest not yet
+
+actions: sigterm, sigusr1 (delivered to this process, like a scheduler would), kill (SIGKILL: no handler, no
+cleanup), sleep:S (a slow save or a slow rank). Unset in normal runs; reading the variable is all it costs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from functools import cache
+
+
+@cache
+def _spec() -> dict[str, str] | None:
+    text = os.environ.get("SHARDTUNE_FAULT")
+    if not text:
+        return None
+    return dict(part.split("=", 1) for part in text.split(","))
+
+
+def inject(point: str, rank: int, step: int, micro: int = 0) -> None:
+    """Act if SHARDTUNE_FAULT names this point ('micro' or 'save'), rank, step (and micro-batch)."""
+    spec = _spec()
+    if spec is None or spec.get("point", "micro") != point:
+        return
+    if int(spec.get("rank", 0)) != rank or int(spec["step"]) != step or int(spec.get("micro", 0)) != micro:
+        return
+    action = spec["action"]
+    if action.startswith("sleep:"):
+        time.sleep(float(action.split(":", 1)[1]))
+    elif action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    else:
+        os.kill(os.getpid(), {"sigterm": signal.SIGTERM, "sigusr1": signal.SIGUSR1}[action])

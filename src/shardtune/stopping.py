@@ -1,0 +1,48 @@
+"""Stopping on a signal without losing work.
+
+SIGTERM (a preemption, `scancel`, torchrun forwarding its own) and SIGUSR1 (SLURM's `--signal=USR1@N` before
+the time limit) only set a flag. At every step boundary the ranks agree, with one all-reduce, on whether any
+of them was signalled; if so all of them stop after that same step (no rank is left waiting in a
+collective), save a checkpoint and exit with EXIT_REQUEUE. A second signal while saving only sets the flag
+again. Running the same command again (train.resume=auto) continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+# EX_TEMPFAIL from sysexits.h: "checkpointed; run the same command again to continue". Each training process
+# exits with it; torchrun and accelerate launch report any non-zero worker exit as 1, so launchers read the
+# run directory's status.json ("status": "interrupted") to decide to requeue.
+EXIT_REQUEUE = 75
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopRequest:
+    """Records the first stop signal this process receives while installed (a context manager)."""
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS):
+        self.signals = signals
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signum
+            # no logging from a signal handler; one write is safe
+            os.write(
+                2,
+                f"[shardtune] got {signal.Signals(signum).name}: stopping after this step, saving\n".encode(),
+            )
+
+    def __enter__(self) -> StopRequest:
+        for s in self.signals:
+            self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()

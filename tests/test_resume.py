@@ -1,0 +1,169 @@
+"""Resume is exact. A run is interrupted (SIGTERM, SIGUSR1, kill -9 during training, kill -9 in the middle of
+writing a checkpoint) at several points, including mid-epoch, across epoch boundaries and between the
+micro-batches of one gradient-accumulation step, then continued with train.resume=auto: every per-step loss
+and the final adapter are bit-identical to an uninterrupted run's. Resuming onto another number of processes
+continues the same data order with equal losses (float tolerance). 2 CPU processes, fp32, deterministic."""
+
+import json
+import shutil
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import launch
+
+pytestmark = pytest.mark.slow
+
+# 190 training rows, 32 per step: 5 steps per epoch, so 12 steps cross two epoch boundaries; micro-batches
+# of 8 on 2 processes: 2 accumulation steps each; LoRA dropout on, so every RNG must be restored.
+RUN = [
+    "recipes/tiny.py",
+    "data.generated.rows=200",
+    "data.test_size=10",
+    "train.max_steps=12",
+    "train.global_batch_size=32",
+    "train.micro_batch_size=8",
+    "train.save_every=4",
+    "train.log_every=1",
+    "eval.every=0",
+    "eval.samples=0",
+    "lora.dropout=0.1",
+]
+
+
+def losses(run_dir) -> dict[int, float]:
+    """The last logged loss of every step (a redone step's second record wins)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def adapter(run_dir):
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def train(out, *extra, nproc=2, fault=None, check=True):
+    launcher = "torchrun" if nproc > 1 else "python"
+    return launch(
+        [*RUN, f"train.output_dir={out}", "train.run_name=run", *extra],
+        nproc=nproc,
+        launcher=launcher,
+        env={"SHARDTUNE_FAULT": fault} if fault else None,
+        check=check,
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference")
+    train(out)
+    return out / "run"
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        "rank=0,step=5,micro=1,action=sigterm",  # mid-accumulation, second epoch
+        "rank=1,step=2,micro=0,action=sigusr1",  # first epoch, the other rank signalled
+        "rank=1,step=6,micro=1,action=kill",  # kill -9 mid-step: steps 5-6 are redone from step-4
+        "rank=0,step=8,point=save,action=kill",  # kill -9 while writing step-8: step-4 is used, steps 5-8 redone
+    ],
+    ids=["sigterm-mid-accumulation", "sigusr1-rank1", "kill9-training", "kill9-mid-save"],
+)
+def test_interrupted_run_resumes_bit_identically(reference, tmp_path, fault):
+    first = train(tmp_path, fault=fault, check=False)
+    assert first.returncode != 0  # signalled workers exit 75 (torchrun reports 1); killed ones die
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    if "sig" in fault:
+        assert status["status"] == "interrupted" and "got SIG" in first.stderr
+    if "point=save" in fault:
+        assert list(
+            (tmp_path / "run" / "checkpoints").glob(".tmp-step-00000008")
+        )  # the torn save, not a step
+        assert not (tmp_path / "run" / "checkpoints" / "step-00000008").exists()
+    second = train(tmp_path)
+    assert "resumed from" in second.stderr
+    assert losses(tmp_path / "run") == losses(reference)  # every step, bit for bit
+    a, b = adapter(tmp_path / "run"), adapter(reference)
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def test_a_second_signal_during_the_save_changes_nothing(reference, tmp_path):
+    """SIGTERM, then another SIGTERM while the checkpoint is being written (a slow save on rank 0)."""
+    fault = "rank=0,step=3,micro=0,action=sigterm"
+    proc = launch(
+        ["tests/workers/double_signal.py", *RUN, f"train.output_dir={tmp_path}", "train.run_name=run"],
+        env={"SHARDTUNE_FAULT": fault},
+        check=False,
+    )
+    assert proc.returncode != 0 and proc.stderr.count("second SIGTERM delivered") == 1
+    train(tmp_path)
+    assert losses(tmp_path / "run") == losses(reference)
+
+
+def test_resume_onto_one_process_and_back(tmp_path):
+    """2 -> 1 and 1 -> 2 processes, same global batch: the same rows each step, the same losses (dropout off,
+    because each process draws its own dropout masks)."""
+    nodrop = ["lora.dropout=0.0"]
+    ref = tmp_path / "ref"
+    train(ref, *nodrop)
+    down, up = tmp_path / "down", tmp_path / "up"
+    train(down, *nodrop, fault="rank=0,step=5,micro=0,action=sigterm", check=False)
+    train(down, *nodrop, nproc=1)  # the rest on one process
+    train(up, *nodrop, nproc=1, fault="rank=0,step=5,micro=0,action=sigterm", check=False)
+    train(up, *nodrop)  # the rest on two
+    expected = losses(ref / "run")
+    for run in (down, up):
+        got = losses(run / "run")
+        assert got.keys() == expected.keys()
+        for step in expected:
+            assert got[step] == pytest.approx(expected[step], rel=1e-5), (run.name, step)
+
+
+def test_slow_save_does_not_trip_the_collective_timeout(tmp_path):
+    """Rank 0 takes 20 s to write its checkpoint; training collectives time out after 6 s. The save waits on
+    its own group (train.save_timeout_minutes), so the run completes."""
+    proc = train(
+        tmp_path,
+        "parallel.timeout_minutes=0.1",
+        "train.max_steps=5",
+        fault="rank=0,step=4,point=save,action=sleep:20",
+    )
+    assert "saved to" in proc.stderr
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "complete"
+
+
+def test_timed_saves_and_allowed_changes(reference, tmp_path):
+    """save_every_minutes saves on time; a resume may change the learning rate and the step count."""
+    shutil.copytree(reference, tmp_path / "run")
+    proc = train(
+        tmp_path,
+        "train.max_steps=14",
+        "optim.lr=1e-3",
+        "train.save_every=0",
+        "train.save_every_minutes=0.0001",
+    )
+    assert "resumed from" in proc.stderr
+    steps = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert steps == [13, 14]  # one save per step once resumed (keep_last=2)
+
+
+def test_fp16_loss_scaler_state_is_restored(tmp_path):
+    """fp16 trains with a loss scaler; a resume continues its state (the growth tracker counts on from the
+    checkpoint instead of starting over)."""
+    fp16 = [
+        "parallel.mixed_precision=fp16",
+        "train.max_steps=6",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=4",
+        "lora.dropout=0.0",
+    ]
+    train(tmp_path, *fp16, fault="rank=0,step=2,micro=0,action=sigterm", check=False)
+    saved = json.loads((tmp_path / "run" / "checkpoints" / "step-00000003" / "train_state.json").read_text())
+    assert saved["grad_scaler"]["_growth_tracker"] == 3
+    train(tmp_path, *fp16)
+    final = json.loads((tmp_path / "run" / "checkpoints" / "step-00000006" / "train_state.json").read_text())
+    assert final["grad_scaler"]["_growth_tracker"] == 6 and final["grad_scaler"]["scale"] == 65536.0
