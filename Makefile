@@ -1,6 +1,6 @@
 # The two commands of the quick start, and the rest of the developer loop.
 #   make demo   - install what is needed into .venv, then train the embedded default (2 CPU processes, FSDP)
-#   make test   - install, then run the whole test suite (what CI runs)
+#   make test   - install, then run the test suite (CI runs it, then `make test-slurm`)
 # torch is installed first and pinned, so pip never pulls a CUDA build on a CPU machine. Elsewhere pick your
 # build, e.g.  make demo TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 PYTHON ?= python3
@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo test test-fast test-slow test-gpu lint format clean
+.PHONY: install demo test test-fast test-slow test-slurm test-gpu lint format clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,13 +26,17 @@ demo: $(STAMP)
 		train.run_name=tiny-$$(date +%Y%m%d-%H%M%S) $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q -m "not slurm" tests
+
+# the real-Slurm tests: start a local cluster (needs root and apt), about 8 minutes
+test-slurm: $(STAMP)
+	$(BIN)/pytest -q -m slurm tests
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow" tests
 
 test-slow: $(STAMP)
-	$(BIN)/pytest -q -m slow tests
+	$(BIN)/pytest -q -m "slow and not slurm" tests
 
 test-gpu: $(STAMP)
 	$(BIN)/pytest -q tests/gpu

@@ -28,7 +28,31 @@ print(json.dumps({"check": name, "tokens_per_s_per_gpu": st.mean(m["tokens_per_s
   "mfu": st.mean(m["mfu"] for m in steady), "step_s": st.mean(m["step_time_s"] for m in steady),
   "gpu_peak_gib_per_rank": s["gpu_peak_gib_per_rank"], "host_peak_gib_per_rank": s["host_peak_gib_per_rank"],
   "load_s": s["load_s"], "load_host_gib_over_start": s["load_host_peak_gib"], "first_loss": steps[0]["loss"],
-  "last_loss": steps[-1]["loss"], "steps": len(steps)}))
+  "last_loss": steps[-1]["loss"], "steps": len(steps), "world_size": s.get("world_size")}))
+PY
+}
+
+compare_losses() {  # $1 = name, $2 $3 = run dirs: per-step loss differences
+  python3 - "$@" >> "$RESULTS" <<'PY'
+import json, sys
+name, runs = sys.argv[1], sys.argv[2:]
+a, b = ([json.loads(x)["loss"] for x in open(f"{r}/metrics.jsonl") if '"tokens_per_s_per_device"' in x] for r in runs)
+print(json.dumps({"check": name, "steps": len(a), "max_abs_diff": max(abs(x - y) for x, y in zip(a, b)),
+                  "max_rel_diff": max(abs(x - y) / abs(y) for x, y in zip(a, b)), "loss_a": a, "loss_b": b}))
+PY
+}
+
+checkpoint_times() {  # $1 = name, $2 = run dir, $3... = logs: checkpoint size, save and load times
+  python3 - "$@" >> "$RESULTS" <<'PY'
+import json, re, subprocess, sys
+name, run, logs = sys.argv[1], sys.argv[2], sys.argv[3:]
+text = "".join(open(f).read() for f in logs)
+saves = re.findall(r"saved to \S+ \(([\d.]+) MiB\) in ([\d.]+)s", text)
+loads = re.findall(r"loaded in ([\d.]+)s", text)
+du = subprocess.run(["du", "-sh", f"{run}/checkpoints"], capture_output=True, text=True).stdout.split()
+print(json.dumps({"check": name, "checkpoint_mib": float(saves[0][0]) if saves else None,
+                  "save_s": [float(s[1]) for s in saves], "load_s": [float(x) for x in loads],
+                  "checkpoints_dir": du[0] if du else None}))
 PY
 }
 
@@ -62,13 +86,7 @@ for check in "$@"; do
       python3 -m torch.distributed.run --nproc_per_node 1 recipes/llama3_8b.py "${ARGS8[@]}" data.pad_token=null data.keep_if_empty=[] \
         eval.questions=[] train.output_dir=/tmp/runs train.run_name=ckpt8b_1gpu > "$OUT/ckpt8b_1gpu.log" 2>&1 \
         && summarize ckpt8b-1gpu /tmp/runs/ckpt8b_1gpu || tail -40 "$OUT/ckpt8b_1gpu.log"
-      python3 - >> "$RESULTS" <<'PY'
-import json
-a = [json.loads(x)["loss"] for x in open("/tmp/runs/ckpt8b_2gpu/metrics.jsonl") if '"tokens_per_s_per_device"' in x]
-b = [json.loads(x)["loss"] for x in open("/tmp/runs/ckpt8b_1gpu/metrics.jsonl") if '"tokens_per_s_per_device"' in x]
-print(json.dumps({"check": "loss-2gpu-vs-1gpu", "steps": len(a), "max_abs_diff": max(abs(x - y) for x, y in zip(a, b)),
-                  "max_rel_diff": max(abs(x - y) / abs(y) for x, y in zip(a, b)), "loss_2gpu": a, "loss_1gpu": b}))
-PY
+      compare_losses loss-2gpu-vs-1gpu /tmp/runs/ckpt8b_2gpu /tmp/runs/ckpt8b_1gpu
       python3 tests/workers/reload_adapter.py /tmp/runs/ckpt8b_2gpu /tmp/ckpt8b 2>"$OUT/reload.err" | python3 -c "
 import json, sys; r = json.loads(sys.stdin.read().strip().splitlines()[-1]); s = json.load(open('/tmp/runs/ckpt8b_2gpu/summary.json'))
 print(json.dumps({'check': 'adapter-2gpu-reloaded-on-1gpu', 'reloaded_eval_loss': r['eval_loss'], 'trained_eval_loss': s['final_eval_loss']}))" >> "$RESULTS" || tail "$OUT/reload.err"
@@ -98,6 +116,83 @@ print(json.dumps({'check': 'adapter-2gpu-reloaded-on-1gpu', 'reloaded_eval_loss'
       timeout 240 python3 -m torch.distributed.run --nproc_per_node 2 bench/load_like_published.py /tmp/ckpt70b40 \
         2>"$OUT/published70.err" | grep '^{' | sed 's/published-loader/published-loader-70b40/' >> "$RESULTS" \
         || tail "$OUT/published70.err" ;;
+    ckpt70b)  # 80-layer 70B: save after steps 3 and 6 (size, time), then resume from step 6 (load time), 2 steps
+      python3 bench/make_rows.py /tmp/rows.jsonl 64 2100
+      C70=("${TRAIN70[@]}" train.save_every=3 train.output_dir=/tmp/runs train.run_name=ckpt70b)
+      python3 -m accelerate.commands.launch --config_file fsdp_configs/2xh100.yaml recipes/llama3_70b.py \
+        "${C70[@]}" train.max_steps=6 > "$OUT/ckpt70b_1.log" 2>&1 || tail -30 "$OUT/ckpt70b_1.log"
+      python3 -m accelerate.commands.launch --config_file fsdp_configs/2xh100.yaml recipes/llama3_70b.py \
+        "${C70[@]}" train.max_steps=8 > "$OUT/ckpt70b_2.log" 2>&1 || tail -30 "$OUT/ckpt70b_2.log"
+      checkpoint_times checkpoint-70b-80layers /tmp/runs/ckpt70b "$OUT/ckpt70b_1.log" "$OUT/ckpt70b_2.log" ;;
+    slurm8b)  # slurm/train.sh unchanged, as 2 nodes x 1 GPU (bench/fake_slurm stands in for srun/scontrol), 8B, NCCL
+      python3 bench/make_rows.py /tmp/rows.jsonl 64 2100
+      PATH=$PWD/bench/fake_slurm:$PATH SLURM_JOB_ID=4242 SLURM_NTASKS=2 SLURM_JOB_NODELIST=localhost \
+        SLURM_JOB_NAME=slurm8b SLURM_SUBMIT_DIR=$PWD NPROC_PER_NODE=1 RUNS_DIR=/tmp/runs \
+        bash slurm/train.sh recipes/llama3_8b.py model.name_or_path=llama3-8b model.init=random "${TRAIN70[@]:2}" \
+        train.max_steps=10 data.pad_token=null data.keep_if_empty=[] eval.questions=[] > "$OUT/slurm8b.log" 2>&1 \
+        && summarize slurm-train.sh-2nodes-x-1gpu-8b /tmp/runs/slurm8b-4242 || tail -40 "$OUT/slurm8b.log"
+      grep -m1 "launcher(s)" "$OUT/slurm8b.log" ;;
+    loss8b)  # 8B shape (random, drawn on the GPUs): 2 GPUs vs 1 GPU (2 micro-batches accumulated), 12 steps
+      python3 bench/make_rows.py /tmp/rows.jsonl 64 2100
+      L8=(model.name_or_path=llama3-8b model.init=random "${TRAIN70[@]:2}" train.max_steps=12 data.pad_token=null
+          data.keep_if_empty=[] eval.questions=[] train.output_dir=/tmp/runs)
+      python3 -m accelerate.commands.launch --config_file fsdp_configs/2xh100.yaml recipes/llama3_8b.py "${L8[@]}" \
+        train.run_name=l8_2gpu > "$OUT/l8_2gpu.log" 2>&1 && summarize loss8b-2gpu /tmp/runs/l8_2gpu || tail -30 "$OUT/l8_2gpu.log"
+      python3 -m torch.distributed.run --nproc_per_node 1 recipes/llama3_8b.py "${L8[@]}" train.run_name=l8_1gpu \
+        > "$OUT/l8_1gpu.log" 2>&1 && summarize loss8b-1gpu /tmp/runs/l8_1gpu || tail -30 "$OUT/l8_1gpu.log"
+      compare_losses loss-2gpu-vs-1gpu-8b-random /tmp/runs/l8_2gpu /tmp/runs/l8_1gpu ;;
+    memory)  # shardtune plan's predicted peak GPU memory vs the measured one, per configuration (4 steps each)
+      python3 bench/make_rows.py /tmp/rows.jsonl 64 4200
+      M=(data.source=/tmp/rows.jsonl data.format=text data.max_len=2048 data.test_size=4 train.global_batch_size=2
+         train.micro_batch_size=1 eval.every=0 eval.samples=0 eval.max_rows=2 eval.batch_size=1 train.save_every=0
+         train.max_steps=4 data.pad_token=null data.keep_if_empty=[] eval.questions=[])
+      i=0
+      while read -r recipe args; do
+        i=$((i + 1))
+        # shellcheck disable=SC2086
+        python3 -m accelerate.commands.launch --config_file fsdp_configs/2xh100.yaml "$recipe" "${M[@]}" $args \
+          train.output_dir=/tmp/runs train.run_name=mem$i > "$OUT/mem$i.log" 2>&1 || { tail -20 "$OUT/mem$i.log"; continue; }
+        # shellcheck disable=SC2086
+        python3 -m shardtune.cli plan "$recipe" "${M[@]}" $args parallel.launch_config=fsdp_configs/2xh100.yaml \
+          --gpus 2 > "$OUT/mem$i.plan" 2>&1
+        python3 - "$recipe $args" "$OUT/mem$i.plan" /tmp/runs/mem$i >> "$RESULTS" <<'PY'
+import json, re, sys
+what, plan, run = sys.argv[1:]
+predicted = float(re.search(r"^  peak\s+([\d.]+) GiB", open(plan).read(), re.M).group(1))
+steps = [json.loads(x) for x in open(f"{run}/metrics.jsonl") if '"gpu_peak_gib"' in x]
+s = json.load(open(f"{run}/summary.json"))
+print(json.dumps({"check": "plan-vs-measured", "config": what, "predicted_gib": predicted,
+                  "measured_max_rank_gib": max(m["gpu_peak_gib"] for m in steps),
+                  "measured_per_rank_gib": s["gpu_peak_gib_per_rank"]}))
+PY
+      done <<'CONFIGS'
+recipes/llama3_70b.py model.name_or_path=llama3-70b model.init=random model.shape.num_hidden_layers=20
+recipes/llama3_8b.py model.name_or_path=llama3-8b model.init=random parallel.activation_checkpointing=false
+recipes/llama3_8b.py model.name_or_path=llama3-8b model.init=random data.max_len=4096
+CONFIGS
+      ;;
+    memtrace)  # GPU memory phase by phase in step 2 (SHARDTUNE_MEMORY_TRACE), 70B x 20 layers and 8B, 3 steps
+      python3 bench/make_rows.py /tmp/rows.jsonl 64 2100
+      for shape in "recipes/llama3_70b.py model.name_or_path=llama3-70b model.shape.num_hidden_layers=20" \
+                   "recipes/llama3_8b.py model.name_or_path=llama3-8b parallel.activation_checkpointing=false"; do
+        # shellcheck disable=SC2086
+        SHARDTUNE_MEMORY_TRACE=2 python3 -m accelerate.commands.launch --config_file fsdp_configs/2xh100.yaml $shape \
+          model.init=random "${TRAIN70[@]:2}" train.max_steps=3 eval.batch_size=1 eval.max_rows=2 data.pad_token=null \
+          data.keep_if_empty=[] eval.questions=[] train.output_dir=/tmp/runs train.run_name=trace 2>&1 \
+          | grep -E "memory GiB|load:" | sed "s|^|${shape%% *} |" | tee -a "$OUT/memtrace.txt"
+        rm -rf /tmp/runs/trace
+      done ;;
+    profile8b)  # where an 8B step's time goes, 2 GPUs vs 1 GPU (torch.profiler over steps 5-6; tables in $OUT)
+      python3 bench/make_rows.py /tmp/rows.jsonl 64 2100
+      P8=(model.name_or_path=llama3-8b model.init=random "${TRAIN70[@]:2}" train.max_steps=6 data.pad_token=null
+          data.keep_if_empty=[] eval.questions=[] eval.max_rows=1 train.output_dir=/tmp/runs)
+      SHARDTUNE_PROFILE=5:6:$OUT/profile8b_2gpu python3 -m accelerate.commands.launch --config_file fsdp_configs/2xh100.yaml \
+        recipes/llama3_8b.py "${P8[@]}" train.run_name=p8_2gpu > "$OUT/p8_2gpu.log" 2>&1 \
+        && summarize profile8b-2gpu /tmp/runs/p8_2gpu || tail -30 "$OUT/p8_2gpu.log"
+      SHARDTUNE_PROFILE=5:6:$OUT/profile8b_1gpu python3 -m torch.distributed.run --nproc_per_node 1 recipes/llama3_8b.py \
+        "${P8[@]}" train.global_batch_size=1 train.run_name=p8_1gpu > "$OUT/p8_1gpu.log" 2>&1 \
+        && summarize profile8b-1gpu /tmp/runs/p8_1gpu || tail -30 "$OUT/p8_1gpu.log"
+      rm -f "$OUT"/profile8b_*/rank*.json ;;
     resume8b)  # 8B shape (random, drawn on the GPUs): uninterrupted vs SIGUSR1 at step 6 then resumed
       python3 bench/make_rows.py /tmp/rows.jsonl 64 2100
       R8=(model.name_or_path=llama3-8b model.init=random "${TRAIN70[@]:2}" train.max_steps=12 train.save_every=4

@@ -189,21 +189,12 @@ class CheckpointManager:
     # -------------------------------------------------------------------------------------- find
     def checkpoints(self) -> list[Path]:
         """step-* directories, oldest first."""
-        if not self.dir.is_dir():
-            return []
-        return sorted((p for p in self.dir.glob("step-*") if p.is_dir()), key=step_of)
+        return list_checkpoints(self.dir)
 
     def latest(self, verify: bool = True) -> Path | None:
         """The newest checkpoint that verifies (decided on rank 0, agreed by all); broken ones are reported."""
-        chosen = None
-        if self.dist.is_main:
-            for path in reversed(self.checkpoints()):
-                problem = verify_checkpoint(path, checksums=verify)
-                if problem is None:
-                    chosen = str(path)
-                    break
-                log.warning("skipping checkpoint %s: %s", path, problem)
-        chosen = broadcast_object(chosen, group=self.group)
+        chosen = newest_intact(self.dir, verify) if self.dist.is_main else None
+        chosen = broadcast_object(str(chosen) if chosen else None, group=self.group)
         return Path(chosen) if chosen else None
 
     # -------------------------------------------------------------------------------------- load
@@ -237,6 +228,23 @@ class CheckpointManager:
             )
         log.info("checkpoint %s loaded in %.1fs", path.name, time.perf_counter() - t0)
         return train_state
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """The step-* directories in `directory`, oldest first."""
+    if not directory.is_dir():
+        return []
+    return sorted((p for p in directory.glob("step-*") if p.is_dir()), key=step_of)
+
+
+def newest_intact(directory: Path, checksums: bool = True) -> Path | None:
+    """The newest checkpoint in `directory` that verifies; the broken ones skipped are logged with why."""
+    for path in reversed(list_checkpoints(directory)):
+        problem = verify_checkpoint(path, checksums=checksums)
+        if problem is None:
+            return path
+        log.warning("skipping checkpoint %s: %s", path, problem)
+    return None
 
 
 def verify_checkpoint(path: Path, checksums: bool = True) -> str | None:

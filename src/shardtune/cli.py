@@ -4,12 +4,18 @@ shardtune validate RECIPE.py [key=value ...]     check a recipe and overrides, l
 shardtune export RUN_OR_CHECKPOINT OUT            write a PEFT adapter directory from a checkpoint
 shardtune merge RUN_OR_CHECKPOINT OUT [--base DIR] [--dtype bfloat16]
                                                    base + adapter as one Hugging Face model directory
+shardtune submit RECIPE.py [key=value ...] [--sweep key=v1,v2] --nodes N --gpus-per-node G --time T ...
+                                                   train on SLURM through submitit (see shardtune/submit.py)
+shardtune status [JOB]  |  logs JOB [--task I]  |  cancel JOB
+shardtune plan RECIPE.py [key=value ...] --gpus N --gpu-mem 24GiB [--fit]
+                                                   predicted memory, checkpoint size and speed
+                                                   submitted jobs: state, errors, logs; cancel one
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -18,14 +24,9 @@ from shardtune.config import ConfigError
 
 def load_recipe_config(path: str):
     """Import a recipe file and call its `config()`."""
-    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
-    if spec is None or not Path(path).is_file():
-        raise ConfigError(f"no recipe file {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "config"):
-        raise ConfigError(f"{path} defines no config() function")
-    return module.config()
+    from shardtune.recipe import load_recipe
+
+    return load_recipe(path).config()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,8 +46,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--max-shard-gib", type=float, default=2.0, help="largest safetensors shard (bounds host RAM)"
     )
-    args = parser.parse_args(argv)
+    _submit_parsers(sub)
+    _plan_parser(sub)
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command not in ("submit", "plan"):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
+        if args.command in ("submit", "status", "logs", "cancel"):
+            return _slurm_command(args, rest)
+        if args.command == "plan":
+            return _plan(args, rest)
         if args.command == "validate":
             from shardtune.recipe import resolve_config
 
@@ -65,6 +74,155 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _plan_parser(sub) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="predict GPU memory, host memory, checkpoint size and speed of a run, before running it",
+        description="Overrides (key=value) follow the recipe as on a training command line.",
+    )
+    p.add_argument("recipe")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs in total")
+    p.add_argument("--gpu-mem", help="memory per GPU, e.g. 24GiB (A10G), 80GiB (H100)")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--host-ram", help="host memory per node, e.g. 128GiB")
+    p.add_argument(
+        "--gpu", default="h200", help="GPU model for the speed estimate: h200 h100 a100 a10g l40s l4"
+    )
+    p.add_argument(
+        "--fit",
+        action="store_true",
+        help="search micro-batch, checkpointing and offload for the fastest that fits",
+    )
+
+
+def _plan(args, rest: list[str]) -> int:
+    from shardtune import plan
+    from shardtune.recipe import _parse_args, load_recipe, resolve_config
+
+    flags, overrides, _ = _parse_args(rest)
+    if flags:
+        raise ConfigError(f"shardtune plan takes no {' '.join(sorted(flags))}")
+    cfg = resolve_config(load_recipe(args.recipe).config(), overrides, env={})
+    conf, note = plan.architecture(cfg)
+    gpu_mem = plan.parse_size(args.gpu_mem) if args.gpu_mem else None
+    host_ram = plan.parse_size(args.host_ram) if args.host_ram else None
+    if note:
+        print(note)
+    print(
+        f"{args.recipe} on {args.gpus} GPU(s), {args.nodes} node(s): seq {cfg.data.max_len}, "
+        f"global batch {cfg.train.global_batch_size}, LoRA r={cfg.lora.r}"
+    )
+    est = plan.estimate(cfg, conf, args.gpus, args.nodes, args.gpu)
+    print(plan.format_plan(est, args.gpus, gpu_mem, host_ram))
+    if not args.fit:
+        return 0 if gpu_mem is None or est.gpu_peak <= 0.95 * gpu_mem else 1
+    if gpu_mem is None:
+        raise ConfigError("--fit needs --gpu-mem (the memory of one GPU)")
+    fits = plan.fit(cfg, conf, args.gpus, gpu_mem, args.nodes, args.gpu)
+    if not fits:
+        print(
+            f"\n--fit: no configuration fits {gpu_mem / 2**30:.0f} GiB per GPU on {args.gpus} GPU(s), even "
+            "with micro-batch 1, checkpointing and offload: use more GPUs or a shorter data.max_len"
+        )
+        return 1
+    best = fits[0]
+    print(
+        f"\n--fit: fastest that fits ({best.gpu_peak / 2**30:.1f} GiB peak), paste:\n  {plan.override_line(best)}"
+    )
+    return 0
+
+
+def _submit_parsers(sub) -> None:
+    p = sub.add_parser(
+        "submit",
+        help="submit a recipe to SLURM through submitit (requeued on time limit and preemption)",
+        description="Overrides (key=value) and --sweep key=v1,v2 (a job array, one run per value; a bare "
+        "--sweep runs the recipe's own grid) follow the recipe as on a training command line.",
+    )
+    p.add_argument("recipe")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=1, help="one task (process) per GPU; 0 for CPU jobs")
+    p.add_argument("--tasks-per-node", type=int, help="processes per node (default: --gpus-per-node)")
+    p.add_argument("--cpus-per-task", type=int)
+    p.add_argument("--mem", help="memory per node, e.g. 200G")
+    p.add_argument("--time", default="4:00:00", help="time limit: minutes or [D-]HH:MM:SS")
+    p.add_argument("--partition")
+    p.add_argument("--account")
+    p.add_argument("--qos")
+    p.add_argument("--constraint")
+    p.add_argument(
+        "--signal-lead",
+        type=int,
+        default=300,
+        help="seconds before the time limit to stop and save: more than one step plus one save (Slurm checks "
+        "limits every 30 s, so the signal may come up to 30 s earlier)",
+    )
+    p.add_argument("--max-parallel", type=int, help="array tasks that may run at once (sweeps)")
+    p.add_argument("--job-name")
+    p.add_argument(
+        "--sbatch", action="append", default=[], metavar="KEY[=VALUE]", help="any other sbatch option"
+    )
+    p.add_argument("--runs-dir", default="runs", help="run directories and job records go here")
+    for name, text in (
+        ("status", "state, step and errors of submitted jobs (the newest, or one job or sweep)"),
+        ("logs", "the end of a submitted job's logs"),
+        ("cancel", "cancel a submitted job (every task of a sweep)"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("job", nargs=None if name != "status" else "?", help="job id (a sweep's array id)")
+        p.add_argument("--runs-dir", default="runs")
+        if name == "logs":
+            p.add_argument("--task", type=int, help="array task (sweep point); default all")
+            p.add_argument("--rank", type=int, default=0, help="which process of the job")
+            p.add_argument("--lines", type=int, default=40, help="last N lines of each log (0: all)")
+
+
+def _slurm_command(args, rest: list[str]) -> int:
+    from shardtune import submit as slurm
+    from shardtune.recipe import _parse_args
+
+    runs = Path(args.runs_dir)
+    if args.command == "submit":
+        flags, overrides, grid = _parse_args(rest)
+        if flags - {"--sweep"}:
+            raise ConfigError(f"shardtune submit takes no {' '.join(sorted(flags - {'--sweep'}))}")
+        if "--sweep" in flags and not grid:
+            from shardtune.recipe import load_recipe
+
+            grid = getattr(load_recipe(args.recipe), "SWEEP", None)
+            if not grid:
+                raise ConfigError(f"--sweep: {args.recipe} has no SWEEP grid; give one: --sweep key=v1,v2")
+        extra = {k: (v if sep else True) for k, sep, v in (o.partition("=") for o in args.sbatch)}
+        named = {f.name for f in dataclasses.fields(slurm.Resources)} - {"signal_lead_s", "extra"}
+        res = slurm.Resources(
+            **{k: getattr(args, k) for k in named}, signal_lead_s=args.signal_lead, extra=extra
+        )
+        record = slurm.submit(args.recipe, overrides, grid or None, res, runs, args.job_name)
+        print(
+            f"submitted job {record.job_id}: {args.recipe}, {len(record.tasks)} run(s), "
+            f"{res.nodes} node(s) x {res.tasks} task(s), time {res.time}"
+        )
+        for task in record.tasks:
+            print(f"  {task['job_id']}: {task['run_dir']}")
+        print(
+            f"follow it: shardtune status {record.job_id}  |  shardtune logs {record.job_id}"
+            f"  |  shardtune cancel {record.job_id}"
+        )
+    elif args.command == "status":
+        records = [slurm.Submission.load(runs, args.job)] if args.job else slurm.recent(runs)
+        if not records:
+            print(f"no jobs submitted from {runs}")
+        for record in records:
+            print(slurm.format_status(record, slurm.status_rows(record)))
+    elif args.command == "logs":
+        record = slurm.Submission.load(runs, args.job)
+        print(slurm.logs(record, args.task, args.rank, args.lines or None))
+    else:
+        slurm.cancel(slurm.Submission.load(runs, args.job))
+        print(f"cancelled job {args.job}")
     return 0
 
 

@@ -34,7 +34,7 @@ def adapter_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 def find_checkpoint(run_or_checkpoint: Path) -> Path:
     """A checkpoint directory itself, or the newest intact checkpoint of a run directory."""
-    from shardtune.checkpoint import MANIFEST, step_of, verify_checkpoint
+    from shardtune.checkpoint import MANIFEST, newest_intact, verify_checkpoint
 
     path = Path(run_or_checkpoint)
     if (path / MANIFEST).is_file():
@@ -42,13 +42,10 @@ def find_checkpoint(run_or_checkpoint: Path) -> Path:
         if problem:
             raise ValueError(f"{path}: {problem}")
         return path
-    candidates = (
-        sorted((path / "checkpoints").glob("step-*"), key=step_of) if (path / "checkpoints").is_dir() else []
-    )
-    for ckpt in reversed(candidates):
-        if verify_checkpoint(ckpt) is None:
-            return ckpt
-    raise ValueError(f"{path}: no intact checkpoint found (expected a checkpoint or a run directory)")
+    found = newest_intact(path / "checkpoints")
+    if found is None:
+        raise ValueError(f"{path}: no intact checkpoint found (expected a checkpoint or a run directory)")
+    return found
 
 
 def checkpoint_model_config(ckpt: Path):

@@ -20,6 +20,17 @@ log = logging.getLogger(__name__)
 
 # Architectures by name, for random init without a hub download. 'tiny' is the embedded default: big
 # enough to learn the generated task with LoRA alone, small enough to train in minutes on 2 CPU cores.
+# what every Llama-3 size shares: vocabulary, GQA with 8 KV heads, RoPE base, special tokens
+_LLAMA3 = dict(
+    vocab_size=128256,
+    num_key_value_heads=8,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    bos_token_id=128000,
+    eos_token_id=128001,
+)
 BUILTIN_SHAPES: dict[str, dict] = {
     "tiny": dict(
         vocab_size=384,
@@ -40,32 +51,10 @@ BUILTIN_SHAPES: dict[str, dict] = {
         pad_token_id=2,
     ),
     "llama3-8b": dict(
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        bos_token_id=128000,
-        eos_token_id=128001,
+        _LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32
     ),
     "llama3-70b": dict(
-        vocab_size=128256,
-        hidden_size=8192,
-        intermediate_size=28672,
-        num_hidden_layers=80,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        bos_token_id=128000,
-        eos_token_id=128001,
+        _LLAMA3, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64
     ),
 }
 assert set(BUILTIN_SHAPES) == set(BUILTIN_SHAPE_NAMES)

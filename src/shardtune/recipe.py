@@ -16,6 +16,7 @@ anything is loaded, with exit code 2.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
@@ -26,7 +27,7 @@ from pathlib import Path
 from shardtune.config import Config, ConfigError, apply_overrides, format_help, parse_overrides, to_yaml
 from shardtune.data.formats import DataError
 from shardtune.launcher import accelerate_env_overrides, accelerate_yaml_overrides
-from shardtune.stopping import EXIT_REQUEUE
+from shardtune.stopping import EXIT_REQUEUE, StopRequest
 
 USAGE = """usage: accelerate launch --config_file fsdp_configs/<hardware>.yaml {recipe} [key=value ...] [flags]
        torchrun --nproc_per_node N {recipe} [key=value ...] [flags]
@@ -110,6 +111,9 @@ def setup_logging(rank: int) -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="torch.distributed")
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft calling a renamed API
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    # a checkpoint holds the adapters only (the frozen base is rebuilt from its source), so loading it into
+    # the whole model warns once for every base parameter (1,440 lines for 70B)
+    logging.getLogger("torch.distributed.fsdp._state_dict_utils").setLevel(logging.ERROR)
 
 
 def main(
@@ -142,11 +146,22 @@ def main(
         if _is_main_process():
             print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
-    run(cfg, name, grid)
+    # Record SIGTERM/SIGUSR1 from here on: a scheduler's signal during the imports and the model load must
+    # not kill the process (the default action); the loop acts on it at its first step boundary.
+    with StopRequest() as stop:
+        try:
+            results = run(cfg, name, grid, stop)
+        except (ConfigError, DataError) as e:
+            if _is_main_process():
+                print(f"error: {e}", file=sys.stderr)
+            sys.exit(EXIT_USAGE)
+    if any(r.get("status") == "interrupted" for r in results):
+        sys.exit(EXIT_REQUEUE)  # checkpointed: the same command continues the run
 
 
-def run(cfg: Config, name: str, grid: dict | None = None) -> list[dict]:
-    """Train one configuration (or each of a grid) inside one process group."""
+def run(cfg: Config, name: str, grid: dict | None = None, stop: StopRequest | None = None) -> list[dict]:
+    """Train one configuration (or each of a grid) inside one process group; the runs' summaries. Raises
+    ConfigError / DataError for input only the run itself can check (data files, resume compatibility)."""
     from shardtune.distributed import init_distributed, teardown
     from shardtune.run import train
     from shardtune.sweep import run_grid
@@ -156,14 +171,19 @@ def run(cfg: Config, name: str, grid: dict | None = None) -> list[dict]:
     )
     setup_logging(dist.rank)
     try:
-        results = run_grid(cfg, grid, dist, name) if grid else [train(cfg, dist, name)]
-    except (ConfigError, DataError) as e:
-        if dist.is_main:
-            print(f"error: {e}", file=sys.stderr)
-        teardown()
-        sys.exit(EXIT_USAGE)
+        return run_grid(cfg, grid, dist, name, stop) if grid else [train(cfg, dist, name, stop)]
     finally:
         teardown()
-    if any(r.get("status") == "interrupted" for r in results):
-        sys.exit(EXIT_REQUEUE)  # checkpointed: the same command continues the run
-    return results
+
+
+def load_recipe(path: str | Path):
+    """Import a recipe file as a module (its `config()` and, if it has one, its `SWEEP` grid)."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    if spec is None or not path.is_file():
+        raise ConfigError(f"no recipe file {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "config"):
+        raise ConfigError(f"{path} defines no config() function")
+    return module

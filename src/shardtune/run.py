@@ -31,7 +31,8 @@ from shardtune.data.loader import Data, GlobalBatchSampler, build_data
 from shardtune.distributed import DistInfo, all_reduce_max, barrier, gather_object
 from shardtune.export import export_adapter
 from shardtune.metrics import MetricsSink, device_peak_flops, gpu_peak_gib, host_peak_gib, host_rss_gib
-from shardtune.stopping import StopRequest
+from shardtune.profiling import StepProfiler
+from shardtune.stopping import STOP_FILE, StopRequest
 from shardtune.tokenizer import build_tiny_tokenizer, load_tokenizer, prepare_tokenizer
 from shardtune.trainer import FlopModel, Trainer
 
@@ -44,8 +45,9 @@ def write_status(run_dir: Path, status: str, **fields) -> None:
     write_atomic(run_dir / "status.json", json.dumps(record, indent=1).encode())
 
 
-def train(cfg: Config, dist: DistInfo, name: str) -> dict:
-    """Run training as configured; returns the run's summary ("status" interrupted or complete)."""
+def train(cfg: Config, dist: DistInfo, name: str, stop: StopRequest | None = None) -> dict:
+    """Run training as configured; returns the run's summary ("status" interrupted or complete). `stop` is
+    the entry point's signal record (installed before the slow imports); one is installed here otherwise."""
     run_dir = Path(cfg.train.output_dir) / (cfg.train.run_name or name)
     ckpts = CheckpointManager(
         run_dir / "checkpoints", cfg.train.keep_last, dist, cfg.train.save_timeout_minutes
@@ -58,8 +60,10 @@ def train(cfg: Config, dist: DistInfo, name: str) -> dict:
         write_status(run_dir, "running", world_size=dist.world_size, resumed_from=str(resume_from or ""))
     barrier()
     try:
-        with StopRequest() as stop:
+        if stop is not None:
             return _train(cfg, dist, run_dir, ckpts, resume_from, cfg_yaml, stop)
+        with StopRequest() as own:
+            return _train(cfg, dist, run_dir, ckpts, resume_from, cfg_yaml, own)
     except BaseException as e:
         if dist.is_main:
             write_status(
@@ -274,20 +278,25 @@ def _train(
     last_saved = start_step if resume_from else -1
     last_save_time, train_start = time.monotonic(), time.perf_counter()
     done = start_step
+    profiler = StepProfiler(dist.rank)
     for step in range(start_step, total_steps):
+        profiler.before(step + 1)
         metrics = trainer.train_step(step)
         done = step + 1
+        profiler.after(done)
         sink.train_step(done, metrics, log_line=done % cfg.train.log_every == 0 or done == total_steps)
         if cfg.eval.every and done % cfg.eval.every == 0 and done != total_steps:
             sink.eval(done, trainer.evaluate(cfg.eval.batch_size, cfg.eval.max_rows))
         minutes = cfg.train.save_every_minutes
         timed = minutes is not None and time.monotonic() - last_save_time >= 60 * minutes
-        signalled, timed = all_reduce_max([float(stop.received is not None), float(timed)], dist.device)
+        asked = stop.received is not None or (dist.is_main and (run_dir / STOP_FILE).exists())
+        signalled, timed = all_reduce_max([float(asked), float(timed)], dist.device)
         if signalled or timed or (cfg.train.save_every and done % cfg.train.save_every == 0):
             path = save(done)
             last_saved, last_save_time = done, time.monotonic()
             if signalled and done < total_steps:
                 if dist.is_main:
+                    (run_dir / STOP_FILE).unlink(missing_ok=True)  # acted on: the next start trains on
                     write_status(
                         run_dir,
                         "interrupted",
@@ -295,7 +304,9 @@ def _train(
                         checkpoint=str(path),
                         next="run the same command again: train.resume=auto continues from here",
                     )
-                sink.write(f"stopped by a signal after step {done}/{total_steps}; checkpoint {path}")
+                sink.write(
+                    f"stopped (signal or {STOP_FILE} file) after step {done}/{total_steps}; checkpoint {path}"
+                )
                 sink.close()
                 return {
                     "status": "interrupted",

@@ -1,7 +1,7 @@
 """Stopping on a signal without losing work.
 
 SIGTERM (a preemption, `scancel`, torchrun forwarding its own) and SIGUSR1 (SLURM's `--signal=USR1@N` before
-the time limit) only set a flag. At every step boundary the ranks agree, with one all-reduce, on whether any
+the time limit) only set a flag; so does a file named STOP in the run directory. At every step boundary the ranks agree, with one all-reduce, on whether any
 of them was signalled; if so all of them stop after that same step (no rank is left waiting in a
 collective), save a checkpoint and exit with EXIT_REQUEUE. A second signal while saving only sets the flag
 again. Running the same command again (train.resume=auto) continues exactly where it stopped.
@@ -18,6 +18,11 @@ import signal
 EXIT_REQUEUE = 75
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+# `touch RUN_DIR/STOP` asks the same of a run without a signal: from a shell, or from slurm/train.sh, whose
+# signal would otherwise have to pass through srun and torchrun (which drop it while the processes start,
+# and treat it as their own shutdown). Checked by rank 0 at every step boundary; removed once acted on.
+STOP_FILE = "STOP"
 
 
 class StopRequest:

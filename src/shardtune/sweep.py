@@ -37,14 +37,14 @@ def expand(cfg: Config, grid: dict[str, list]) -> list[tuple[dict[str, Any], Con
     return out
 
 
-def run_grid(cfg: Config, grid: dict[str, list], dist: DistInfo, name: str) -> list[dict]:
+def run_grid(cfg: Config, grid: dict[str, list], dist: DistInfo, name: str, stop=None) -> list[dict]:
     from shardtune.run import train
 
     base_name = cfg.train.run_name or name
     results = []
     for assignment, sub in expand(cfg, grid):
         sub = apply_overrides(sub, {"train.run_name": f"{base_name}/sweep/{slug(assignment)}"}, "sweep")
-        summary = train(sub, dist, name)
+        summary = train(sub, dist, name, stop)
         results.append({**{k: sub_value(v) for k, v in assignment.items()}, **summary})
         if summary["status"] == "interrupted":  # the same command resumes this run, then the rest of the grid
             return results

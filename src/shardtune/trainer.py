@@ -3,8 +3,7 @@ is sharded beyond calling it (the FSDP wrapper is a module like any other).
 
 The loss of a step is the mean over every response token of the global batch, whatever the micro-batch
 size, gradient accumulation or number of processes: each micro-batch's summed token loss is divided by
-the global token count (known before the forward), and FSDP's gradient averaging over ranks is undone
-by a factor of the world size.
+the global token count (known before the forward), and the adapters' gradients are summed over the ranks.
 """
 
 from __future__ import annotations
@@ -21,7 +20,8 @@ from shardtune.data.formats import IGNORE_INDEX, adds_bos
 from shardtune.data.loader import Data, GlobalBatchSampler, collate, eval_batches
 from shardtune.distributed import DistInfo, all_reduce_max, all_reduce_sum
 from shardtune.metrics import gpu_peak_gib, host_peak_gib, step_flops
-from shardtune.parallel import clip_grad_norm, gathered_root, unwrap
+from shardtune.parallel import clip_grad_norm, gathered_root, reduce_adapter_grads, unwrap
+from shardtune.profiling import MemoryTrace
 
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -66,6 +66,7 @@ class Trainer:
         self.scaler = scaler  # fp16 only: loss scaling, so that small gradients do not flush to zero
         self.pad_id = tokenizer.pad_token_id
         self.tokens_seen = 0  # non-padding tokens trained on, all ranks
+        self.memory_trace = MemoryTrace(dist_info.rank, dist_info.device)
 
     def _batch(self, indices: list[int], split) -> dict[str, torch.Tensor]:
         batch = collate([split.row(i) for i in indices], self.pad_id)
@@ -83,17 +84,23 @@ class Trainer:
             float(sum(x * x for x in lengths)),
         ]
         label_tokens, tokens, squares = all_reduce_sum(local, self.dist.device)
-        scale = self.dist.world_size / label_tokens
+        scale = 1.0 / label_tokens
         loss_sum = torch.zeros((), device=self.dist.device, dtype=torch.float64)
+        trace = self.memory_trace
+        trace.mark(step, "before")
         for i, batch in enumerate(batches):
             faults.inject("micro", self.dist.rank, step, i)
             loss = token_loss_sum(self.model, batch)
+            trace.mark(step, f"forward{i}")
             scaled = loss * scale
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            trace.mark(step, f"backward{i}")
             loss_sum += loss.detach().double()
+        reduce_adapter_grads(self.model, self.dist.world_size)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         norm = clip_grad_norm(self.model, self.max_grad_norm)
+        trace.mark(step, "reduce+clip")
         lr = self.scheduler.get_last_lr()[0]
         if self.scaler:  # skips the update when a gradient overflowed, and adapts the scale
             self.scaler.step(self.optimizer)
@@ -102,6 +109,7 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        trace.mark(step, "optimizer")
         (loss_total,) = all_reduce_sum([loss_sum.item()], self.dist.device)
         if self.dist.device.type == "cuda":
             torch.cuda.synchronize(self.dist.device)

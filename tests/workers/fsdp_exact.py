@@ -72,10 +72,19 @@ def main(workdir: str, overrides: list[str]) -> None:
         expected = reference(input_ids=batch, attention_mask=mask).logits
         logits = sharded(input_ids=batch, attention_mask=mask).logits
     report = parallel.sharding_report(sharded)
-    lora = next(p for n, p in sharded.named_parameters() if "lora_A" in n)  # this rank's piece of one adapter
-    # one training step still agrees across ranks (gradients are reduced, not left local)
+    # one training step: every rank computes the same batch here, so once the adapters' gradients are
+    # summed over the ranks each must be exactly `world` times the unsharded model's
     loss = sharded(input_ids=batch, attention_mask=mask, labels=batch).loss
     loss.backward()
+    parallel.reduce_adapter_grads(sharded, info.world_size)
+    reference(input_ids=batch, attention_mask=mask, labels=batch).loss.backward()
+    ref_grads = {n: q.grad for n, q in reference.named_parameters() if q.requires_grad}
+    adapters = {
+        n.replace("_fsdp_wrapped_module.", ""): p for n, p in sharded.named_parameters() if p.requires_grad
+    }
+    grads_reduced = adapters.keys() == ref_grads.keys() and all(
+        torch.equal(p.grad, info.world_size * ref_grads[n]) for n, p in adapters.items()
+    )
     losses = [None] * info.world_size
     dist.all_gather_object(losses, loss.item())
     (Path(workdir) / f"rank{info.rank}.json").write_text(
@@ -87,7 +96,11 @@ def main(workdir: str, overrides: list[str]) -> None:
                 "max_abs_diff": float((logits - expected).abs().max()),
                 "local": report["local"],
                 "total": report["total"],
-                "lora_shard_sum": float(lora.detach().sum()),
+                "adapters_whole": all(
+                    p.shape == reference.get_parameter(n).shape for n, p in adapters.items()
+                ),
+                "adapter_sum": float(sum(p.detach().double().sum() for p in adapters.values())),
+                "grads_reduced": grads_reduced,
                 "losses": losses,
             }
         )

@@ -1,0 +1,371 @@
+"""`shardtune plan`: will this configuration fit, and how long will it take, before any GPU is touched.
+
+    shardtune plan recipes/llama3_70b.py --gpus 4 --gpu-mem 24GiB [--nodes 1] [--host-ram 128GiB] [--fit]
+
+Memory per GPU is the sum of parts that follow from the shapes and the way shardtune shards (parallel.py):
+
+- the frozen base, sharded: 4-bit bytes of every linear layer (0.5 byte per weight), norms, embeddings and
+  the output head, divided by the number of GPUs; the 4-bit quantization statistics (absmax, kept whole by
+  every rank on the module); with CPU offload the shards live in host memory instead;
+- what FSDP gathers while computing: the root unit (embeddings and head) stays whole from the forward to
+  the end of the backward; one decoder layer at a time plus one prefetched; bitsandbytes dequantizes each
+  weight to the compute dtype for its matmul;
+- the adapters, whole on every GPU: fp32 weights, gradients and two AdamW moments (16 bytes each);
+- activations: what autograd saves for one decoder layer is *measured*, by running a layer of the real
+  widths on the meta device (no memory, no GPU) and adding up the tensors it keeps for the backward, with
+  attention saving what a fused kernel saves; with activation checkpointing every layer keeps its input
+  and one layer is recomputed at a time;
+- logits and the loss: the output head's bf16 logits, their fp32 copy and log-softmax, and their gradient.
+
+Time: the step's model FLOPs (4N + 3A per token, metrics.py) over the GPU's dense bf16 peak times an
+efficiency measured on H200s (bench/results/); a rough figure, labelled as such.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from shardtune.config import Config, ConfigError, apply_overrides
+
+GIB = 2**30
+
+# Dense bf16 tensor-core peaks (FLOP/s) of GPUs users name with --gpu; the measured efficiencies below are
+# fractions of these.
+GPU_PEAKS = {"h200": 989e12, "h100": 989e12, "a100": 312e12, "a10g": 70e12, "l40s": 362e12, "l4": 121e12}
+# Model-FLOP utilization measured on 2x H200 with activation checkpointing (bench/results/2026-11-23-2xh200-b),
+# by model width: the wider the layers, the better the matmuls use the GPU. Used for every GPU until measured
+# there. Without checkpointing the forward is not recomputed (4/3 the MFU); CPU offload measured 1.34x slower.
+MEASURED_MFU = ((8192, 0.265), (4096, 0.13), (0, 0.05))
+NO_RECOMPUTE_GAIN, OFFLOAD_SLOWDOWN = 4 / 3, 1.34
+
+
+@dataclass
+class Shape:
+    hidden: int
+    inter: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+
+    @classmethod
+    def of(cls, conf) -> Shape:
+        heads = conf.num_attention_heads
+        return cls(
+            conf.hidden_size,
+            conf.intermediate_size,
+            conf.num_hidden_layers,
+            heads,
+            getattr(conf, "num_key_value_heads", None) or heads,
+            getattr(conf, "head_dim", None) or conf.hidden_size // heads,
+            conf.vocab_size,
+            bool(getattr(conf, "tie_word_embeddings", False)),
+        )
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of every linear layer of one decoder layer, by PEFT's module names."""
+        d, f, q, kv = self.hidden, self.inter, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return {
+            "q_proj": (d, q),
+            "k_proj": (d, kv),
+            "v_proj": (d, kv),
+            "o_proj": (q, d),
+            "gate_proj": (d, f),
+            "up_proj": (d, f),
+            "down_proj": (f, d),
+        }
+
+    @property
+    def layer_weights(self) -> int:
+        return sum(i * o for i, o in self.linears().values())
+
+    @property
+    def root_weights(self) -> int:
+        """Embeddings and output head (one matrix when tied), final norm."""
+        return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
+
+
+def lora_parameters(shape: Shape, r: int, targets) -> int:
+    names = shape.linears()
+    chosen = names if targets == "all-linear" else {k: v for k, v in names.items() if k in set(targets)}
+    return shape.layers * sum(r * (i + o) for i, o in chosen.values())
+
+
+@dataclass
+class Estimate:
+    """One configuration's prediction; bytes unless named otherwise."""
+
+    settings: dict
+    gpu: dict[str, float] = field(default_factory=dict)  # part -> bytes per GPU at the training peak
+    eval_bytes: float = 0.0  # per GPU during an eval forward (no activations kept, a batch of logits)
+    host: dict[str, float] = field(default_factory=dict)  # phase -> bytes per node
+    checkpoint_bytes: float = 0.0
+    step_s: float = 0.0
+    tokens_per_s_per_gpu: float = 0.0
+    total_s: float = 0.0
+
+    @property
+    def gpu_peak(self) -> float:
+        return max(sum(self.gpu.values()), self.eval_bytes)
+
+
+@functools.cache
+def layer_activation_bytes(
+    hidden: int,
+    inter: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    lora_key: tuple,
+    tokens: int,
+    seq: int,
+    dtype: str = "bfloat16",
+) -> int:
+    """Bytes autograd saves for one decoder layer's backward, for `tokens` tokens in rows of `seq`: a layer of
+    these widths (frozen weights in the compute `dtype`, LoRA adapters in fp32 as trained) runs on the meta
+    device."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from transformers import AttentionInterface, LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    AttentionInterface.register("shardtune_fused", _fused_attention)
+    conf = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        num_hidden_layers=1,
+    )
+    conf._attn_implementation = "shardtune_fused"
+    r, alpha, dropout, chosen = lora_key
+    with torch.device("meta"):
+        compute = getattr(torch, dtype)
+        layer = LlamaDecoderLayer(conf, 0).to(compute).requires_grad_(False)
+        names = list(Shape(hidden, inter, 1, heads, kv_heads, head_dim, 1, False).linears())
+        targets = names if chosen == "all-linear" else [n for n in names if n in chosen]
+        layer = inject_adapter_in_model(
+            LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets),
+            layer,
+        )
+        for name, p in layer.named_parameters():
+            if "lora_" in name:
+                p.data = p.data.float()
+                p.requires_grad_(True)
+        rows = max(1, tokens // seq)
+        x = torch.empty(rows, seq, hidden, dtype=compute, requires_grad=True)
+        positions = torch.arange(seq).unsqueeze(0).expand(rows, -1)
+        cos, sin = (t.to(compute) for t in LlamaRotaryEmbedding(conf)(x, positions))
+    shared = [*layer.parameters(), cos, sin]  # not the layer's own memory: weights, the model's RoPE table
+    return saved_bytes(lambda: layer(x, position_embeddings=(cos, sin)), shared)
+
+
+def saved_bytes(forward, shared: list[torch.Tensor]) -> int:
+    """Bytes of the tensors autograd keeps while `forward()` runs, each counted once, leaving out `shared`
+    tensors and views of them (a weight's transpose costs no memory)."""
+    skip = {id(t) for t in shared}
+    kept: dict[int, torch.Tensor] = {}
+
+    def pack(t: torch.Tensor):
+        root = t
+        while root._base is not None:
+            root = root._base
+        if id(root) not in skip:
+            kept[id(t)] = t  # holding it keeps its id unique until we are done
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(t.numel() * t.element_size() for t in kept.values())
+
+
+class _FusedAttention(torch.autograd.Function):
+    """Stands in for flash / memory-efficient attention when counting: saves q, k, v, the output and the
+    per-row log-sum-exp, as those kernels do (no seq x seq matrix)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _fused_attention(module, query, key, value, attention_mask, **kwargs):
+    out = _FusedAttention.apply(query, key, value)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def estimate(cfg: Config, conf, gpus: int, nodes: int = 1, gpu_name: str = "h200") -> Estimate:
+    """Predicted memory and time of one configuration on `gpus` GPUs in total."""
+    from shardtune.metrics import step_flops
+    from shardtune.modeling import matmul_parameters
+
+    s = Shape.of(conf)
+    n = max(gpus, 1)
+    mb, seq = cfg.train.micro_batch_size, cfg.data.max_len
+    tokens = mb * seq
+    compute = 2  # bf16 / fp16 bytes; fp32 runs cost twice (rare on GPUs)
+    if cfg.param_dtype == "float32":
+        compute = 4
+    double_quant = cfg.quant.double_quant
+    lin = s.layers * s.layer_weights
+    norms = s.layers * 2 * s.hidden
+    base_shard = (lin * 0.5 + norms * compute + s.root_weights * compute) / n
+    # absmax per 64 weights: one byte with double quantization (plus fp32 per 256 blocks), else fp32
+    quant_state = lin / 64 * (1 + 4 / 256 if double_quant else 4)
+    layer_full = s.layer_weights * 0.5 + 2 * s.hidden * compute
+    lora = lora_parameters(s, cfg.lora.r, cfg.lora.target_modules)
+    ac = cfg.parallel.activation_checkpointing
+    offload = cfg.parallel.cpu_offload and n > 1  # one process trains the plain module (parallel.py)
+    key = (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, _target_key(cfg.lora.target_modules))
+    per_layer = layer_activation_bytes(
+        s.hidden, s.inter, s.heads, s.kv_heads, s.head_dim, key, tokens, seq, cfg.param_dtype
+    )
+    boundary = tokens * s.hidden * compute
+    gpu = {
+        "4-bit base shard": 0.0 if offload else base_shard,
+        "4-bit statistics (whole)": quant_state,
+        "embeddings + head, gathered": s.root_weights * compute * (n - 1) / n,
+        "2 decoder layers, gathered": 2 * layer_full,
+        "dequantized weights (2 matmuls)": 2 * max(i * o for i, o in s.linears().values()) * compute,
+        "adapters + grads + AdamW (whole)": 16 * lora,
+        "activations": (s.layers * boundary + per_layer) if ac else s.layers * per_layer,
+        # bf16 logits, their fp32 copy and log-softmax, then the fp32 gradient: ~12 bytes per logit at the peak
+        "logits + loss": 12 * tokens * s.vocab,
+    }
+    # evaluation: the same weights, no activations kept, an eval batch of bf16 logits, their fp32 copy and
+    # log-softmax (10 bytes per logit; measured: rank 0 of an 8B run peaked 6.3 GiB higher evaluating 4 rows)
+    eval_rows = min(cfg.eval.batch_size, cfg.eval.max_rows or cfg.eval.batch_size)
+    static = sum(v for k, v in gpu.items() if k not in ("activations", "logits + loss"))
+    eval_bytes = static + 10 * eval_rows * seq * s.vocab
+    host = {
+        # one decoder layer's weights at a time while loading (loading.py), plus the process itself
+        "load": 2 * GIB + s.layer_weights * 2,
+        # FSDP1 keeps a pinned copy of an offloaded shard and a pinned gradient buffer of its size, measured
+        # at ~3.5x the shard (bench/results/2026-11-23-2xh200)
+        "train": 2 * GIB + (3.5 * base_shard if offload else 0.0),
+        # the checkpoint is staged through host memory by the rank that writes it
+        "save": 2 * GIB + 12 * lora,
+    }
+    per_node = max(1, n // max(nodes, 1))
+    host = {k: v * per_node for k, v in host.items()}
+    n_matmul = matmul_parameters(conf)
+    flops_per_row = step_flops(n_matmul, s.layers, s.hidden, seq, seq * seq, False)[0]
+    rows_per_step = cfg.train.global_batch_size
+    mfu = next(m for width, m in MEASURED_MFU if s.hidden >= width)
+    mfu *= (1.0 if ac else NO_RECOMPUTE_GAIN) / (OFFLOAD_SLOWDOWN if offload else 1.0)
+    peak = GPU_PEAKS.get(gpu_name.lower(), GPU_PEAKS["h200"])
+    step_s = flops_per_row * rows_per_step / (n * peak * mfu)
+    steps = cfg.train.max_steps or 0
+    settings = {
+        "train.micro_batch_size": mb,
+        "parallel.activation_checkpointing": ac,
+        "parallel.cpu_offload": offload,
+    }
+    return Estimate(
+        settings=settings,
+        gpu=gpu,
+        host=host,
+        eval_bytes=eval_bytes,
+        checkpoint_bytes=12 * lora,  # fp32 adapters + two AdamW moments
+        step_s=step_s,
+        tokens_per_s_per_gpu=rows_per_step * seq / step_s / n,
+        total_s=step_s * steps,
+    )
+
+
+def architecture(cfg: Config):
+    """The model's transformers config, and a note when it is not the model's own: a Llama-3 8B / 70B hub id
+    is planned with the built-in shape of the same architecture (no download, no hub access needed)."""
+    from shardtune.modeling import BUILTIN_SHAPES, model_config
+
+    name = cfg.model.name_or_path
+    for size in ("70b", "8b"):
+        if "/" in name and re.search(rf"llama-?3[\d.]*-{size}", name.lower()):
+            shape = f"llama3-{size}"
+            cfg = apply_overrides(cfg, {"model.name_or_path": shape, "model.init": "random"}, "plan")
+            return model_config(cfg), f"{name}: planned with the built-in {shape} shape (same architecture)"
+    try:
+        return model_config(cfg), None
+    except Exception as e:  # offline, gated, or a typo: the shape is all a plan needs
+        raise ConfigError(
+            f"model.name_or_path={name}: cannot read its config ({type(e).__name__}); give a local "
+            f"checkpoint directory or a built-in shape ({', '.join(BUILTIN_SHAPES)}) with model.init=random"
+        ) from None
+
+
+def _target_key(targets):
+    return "all-linear" if targets == "all-linear" else tuple(sorted(targets))
+
+
+def fit(cfg: Config, conf, gpus: int, gpu_mem: float, nodes: int, gpu_name: str) -> list[Estimate]:
+    """Every micro-batch x checkpointing x offload combination that fits `gpu_mem` bytes (with 5% kept for
+    the allocator), fastest first; a micro-batch divides the rows each GPU handles per step."""
+    per_gpu_rows = max(1, cfg.train.global_batch_size // max(gpus, 1))
+    out = []
+    for mb in [m for m in (1, 2, 4, 8, 16, 32) if per_gpu_rows % m == 0]:
+        for ac in (False, True):
+            for offload in (False, True) if gpus > 1 else (False,):
+                trial = apply_overrides(
+                    cfg,
+                    {
+                        "train.micro_batch_size": mb,
+                        "parallel.activation_checkpointing": ac,
+                        "parallel.cpu_offload": offload,
+                    },
+                    "plan --fit",
+                )
+                est = estimate(trial, conf, gpus, nodes, gpu_name)
+                if est.gpu_peak <= 0.95 * gpu_mem:
+                    out.append(est)
+    # fastest predicted first; at equal speed the bigger micro-batch (it keeps the GPU busier, not modelled)
+    return sorted(out, key=lambda e: (e.step_s, -e.settings["train.micro_batch_size"]))
+
+
+def parse_size(text: str) -> float:
+    """'24GiB', '24G', '80GB', '1.5TiB' -> bytes (G and GiB both mean 2^30, as nvidia-smi and Slurm do)."""
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT])?(i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"{text!r} is not a size; write e.g. 24GiB or 80G")
+    unit = {"K": 1, "M": 2, "G": 3, "T": 4}.get((m.group(2) or "G").upper())
+    return float(m.group(1)) * 1024**unit
+
+
+def format_plan(est: Estimate, gpus: int, gpu_mem: float | None, host_ram: float | None) -> str:
+    lines = ["GPU memory per GPU at the training peak:"]
+    for part, b in est.gpu.items():
+        lines.append(f"  {part:<36} {b / GIB:8.2f} GiB")
+    verdict = ""
+    if gpu_mem:
+        verdict = "fits" if est.gpu_peak <= 0.95 * gpu_mem else "DOES NOT FIT"
+        verdict = f"   {verdict} in {gpu_mem / GIB:.0f} GiB (5% kept for the allocator)"
+    lines.append(f"  {'training peak':<36} {sum(est.gpu.values()) / GIB:8.2f} GiB")
+    lines.append(f"  {'eval forward (eval.batch_size rows)':<36} {est.eval_bytes / GIB:8.2f} GiB")
+    lines.append(f"  {'peak':<36} {est.gpu_peak / GIB:8.2f} GiB{verdict}")
+    lines.append("host memory per node:")
+    for phase, b in est.host.items():
+        warn = "   MORE THAN --host-ram" if host_ram and b > host_ram else ""
+        lines.append(f"  {phase:<36} {b / GIB:8.2f} GiB{warn}")
+    lines.append(f"checkpoint on disk: {est.checkpoint_bytes / GIB:.2f} GiB each")
+    total = f", {est.total_s / 3600:.1f} h for the planned steps" if est.total_s else ""
+    lines.append(
+        f"speed (rough, from FLOPs and MFU measured on H200s): {est.step_s:.2f} s/step, "
+        f"{est.tokens_per_s_per_gpu:,.0f} tokens/s/GPU on {gpus} GPU(s){total}"
+    )
+    return "\n".join(lines)
+
+
+def override_line(est: Estimate) -> str:
+    return " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in est.settings.items())

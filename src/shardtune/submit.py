@@ -1,0 +1,325 @@
+"""Training on SLURM from Python, through submitit: `shardtune submit | status | logs | cancel`.
+
+    shardtune submit recipes/llama3_70b.py --nodes 2 --gpus-per-node 8 --time 24:00:00 --partition gpu
+    shardtune submit recipes/tiny.py --sweep optim.lr=1e-4,2e-4,5e-4      # a job array, one run each
+    shardtune status [JOB]      shardtune logs JOB [--task N]      shardtune cancel JOB
+
+The same training as `sbatch slurm/train.sh`, with one Slurm task per GPU instead of a launcher per node:
+submitit starts every task, and each joins the process group from the environment submitit describes. The
+configuration is resolved and validated on the submitting machine (a typo fails there, before any queue
+wait) and travels with the job, so a requeued job trains exactly what was submitted even if the recipe
+file changes meanwhile. Input only the job can check (data files on the cluster, the model) fails the job;
+`shardtune status` shows the error.
+
+Stopping and requeueing: submitit asks Slurm for SIGUSR2 `--signal-lead` seconds before the time limit (and,
+with `SlurmctldParameters=preempt_send_user_signal`, on preemption). Every task records it like SIGTERM and
+SIGUSR1; the tasks agree on a step, save a checkpoint, and task 0 requeues the job (`scontrol requeue`); the
+next start resumes from that checkpoint (train.resume=auto). SIGTERM alone (`scancel`, `shardtune cancel`)
+saves and ends the job without requeueing it. Every start advances at least one step, so a
+job whose lead time is too short still finishes, only slower.
+
+Files: runs/submitit/<job id>.json records each submission (recipe, overrides, run directories);
+runs/submitit/<job id>/ holds submitit's pickles and the per-task logs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from shardtune.config import Config, ConfigError, apply_overrides
+from shardtune.stopping import EXIT_REQUEUE, STOP_SIGNALS, StopRequest
+from shardtune.sweep import expand, slug
+
+RECORDS = "submitit"  # under the runs directory
+
+
+@dataclass
+class Resources:
+    """What one job asks Slurm for."""
+
+    nodes: int = 1
+    gpus_per_node: int = 1
+    tasks_per_node: int | None = None  # one per GPU; set it for CPU-only jobs (gpus_per_node=0)
+    cpus_per_task: int | None = None
+    mem: str | None = None  # per node, e.g. '200G'
+    time: str = "4:00:00"
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    signal_lead_s: int = 300
+    max_parallel: int | None = None  # array tasks running at once
+    extra: dict[str, str] = field(default_factory=dict)  # any other sbatch option, e.g. {'exclusive': True}
+
+    @property
+    def tasks(self) -> int:
+        return self.tasks_per_node or max(self.gpus_per_node, 1)
+
+
+def time_minutes(text: str) -> int:
+    """Slurm's time formats (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) in whole minutes, at least 1."""
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if not m:
+        raise ConfigError(f"--time {text!r}: use minutes (90) or [D-]HH:MM:SS (e.g. 1-12:00:00)")
+    days, a, b, c = (int(x) if x else None for x in m.groups())
+    if days is not None:  # D-HH[:MM[:SS]]
+        seconds = days * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
+    elif c is not None:  # HH:MM:SS
+        seconds = a * 3600 + b * 60 + c
+    else:  # MM[:SS]
+        seconds = a * 60 + (b or 0)
+    return max(1, -(-seconds // 60))
+
+
+class TrainJob(submitit.helpers.Checkpointable):
+    """One training run as a submitit job: every Slurm task runs this, as one rank of the process group.
+
+    Checkpointable, so that a signal arriving before training has started (when submitit's own handler is
+    still in place) requeues the job too; once training runs, shardtune's handler saves first."""
+
+    def __init__(self, cfg: Config, run_name: str, name: str):
+        self.cfg, self.run_name, self.name = cfg, run_name, name
+
+    def __call__(self) -> dict:
+        from shardtune.recipe import run
+
+        env = submitit.JobEnvironment()
+        # MASTER_ADDR (the first node), MASTER_PORT (from the job id), RANK, WORLD_SIZE, LOCAL_RANK; every
+        # task sees all of its node's GPUs and picks its own by LOCAL_RANK
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a failed rank ends the job, no hang
+        job_id = env.array_job_id or env.job_id
+        run_name = self.run_name.format(job_id=job_id)
+        cfg = apply_overrides(
+            self.cfg, {"train.run_name": run_name, "train.resume": "auto"}, "shardtune submit"
+        )
+        with StopRequest((*STOP_SIGNALS, signal.SIGUSR2)) as stop:
+            [summary] = run(cfg, self.name, None, stop)
+        if summary["status"] == "interrupted":
+            # USR2/USR1: the time limit or a preemption announced by Slurm. A bare SIGTERM is `scancel`
+            # (saved, not requeued) or a preemption without the user signal, which Slurm requeues itself.
+            if env.global_rank == 0 and stop.received in (signal.SIGUSR2, signal.SIGUSR1):
+                requeue(os.environ["SLURM_JOB_ID"])
+            # not a result: submitit writes none for an exit, and the requeued job writes the real one
+            sys.exit(EXIT_REQUEUE)
+        return summary
+
+
+def requeue(job_id: str) -> None:
+    out = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+    # a preempted job is being requeued by Slurm already; scontrol then says so, which is fine
+    print(f"[shardtune] scontrol requeue {job_id}: {out.returncode} {out.stderr.strip()}", file=sys.stderr)
+
+
+@dataclass
+class Submission:
+    """The record of one `shardtune submit`: enough for status/logs/cancel to find everything later."""
+
+    job_id: str
+    recipe: str
+    overrides: list[str]
+    folder: str
+    tasks: list[dict[str, Any]]  # {job_id, run_dir, assignment}
+    submitted: str = ""
+
+    @staticmethod
+    def path(runs_dir: Path, job_id: str) -> Path:
+        return runs_dir / RECORDS / f"{job_id.split('_')[0]}.json"
+
+    def save(self, runs_dir: Path) -> Path:
+        path = self.path(runs_dir, self.job_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, runs_dir: Path, job_id: str) -> Submission:
+        path = cls.path(runs_dir, job_id)
+        if not path.is_file():
+            known = sorted(p.stem for p in (runs_dir / RECORDS).glob("*.json"))
+            raise ConfigError(
+                f"no job {job_id} submitted from {runs_dir} (no {path}); "
+                + (f"known jobs: {', '.join(known)}" if known else "no jobs recorded there")
+                + " (pass --runs-dir if the runs went elsewhere)"
+            )
+        return cls(**json.loads(path.read_text()))
+
+    def jobs(self) -> list[submitit.SlurmJob]:
+        return [submitit.SlurmJob(folder=self.folder, job_id=t["job_id"]) for t in self.tasks]
+
+
+def submit(
+    recipe: str,
+    overrides: list[str],
+    grid: dict[str, list] | None,
+    res: Resources,
+    runs_dir: Path,
+    job_name: str | None = None,
+) -> Submission:
+    """Validate every configuration here, then submit one job (or one array task per grid point)."""
+    from shardtune.recipe import load_recipe, resolve_config
+
+    cfg = resolve_config(load_recipe(recipe).config(), overrides, env={})
+    runs_dir = runs_dir.resolve()
+    cfg = apply_overrides(cfg, {"train.output_dir": str(runs_dir)}, "shardtune submit")
+    name = Path(recipe).stem
+    base = cfg.train.run_name or name
+    minutes = time_minutes(res.time)
+    if res.signal_lead_s >= minutes * 60:
+        raise ConfigError(
+            f"--signal-lead {res.signal_lead_s} s is not shorter than --time {res.time}: "
+            "the job would be told to stop before it starts; lower --signal-lead or raise --time"
+        )
+    if grid:
+        points = [(f"{base}-{{job_id}}/sweep/{slug(a)}", a, c) for a, c in expand(cfg, grid)]
+    else:
+        points = [(f"{base}-{{job_id}}", {}, cfg)]
+
+    folder = runs_dir / RECORDS / "%j"
+    executor = submitit.SlurmExecutor(folder=folder)
+    params = dict(
+        job_name=job_name or f"shardtune-{name}",
+        nodes=res.nodes,
+        ntasks_per_node=res.tasks,
+        time=minutes,
+        signal_delay_s=res.signal_lead_s,
+        # one process per task (submitit's default srun); --requeue lets Slurm requeue it on preemption
+        additional_parameters={"requeue": True, **res.extra},
+    )
+    if res.gpus_per_node:
+        params["gpus_per_node"] = res.gpus_per_node
+    for key in ("cpus_per_task", "mem", "partition", "account", "qos", "constraint"):
+        if getattr(res, key) is not None:
+            params[key] = getattr(res, key)
+    if len(points) > 1:
+        params["array_parallelism"] = res.max_parallel or len(points)
+    executor.update_parameters(**params)
+
+    trains = [TrainJob(c, run_name, name) for run_name, _, c in points]
+    if len(trains) == 1:
+        jobs = [executor.submit(trains[0])]
+        job_id = jobs[0].job_id
+    else:
+        jobs = executor.submit_array(trains)
+        job_id = jobs[0].job_id.split("_")[0]
+    record = Submission(
+        job_id=job_id,
+        recipe=recipe,
+        overrides=overrides,
+        folder=str(folder),
+        tasks=[
+            {
+                "job_id": job.job_id,
+                "run_dir": str(runs_dir / run_name.format(job_id=job_id)),
+                "assignment": {k: _plain(v) for k, v in assignment.items()},
+            }
+            for job, (run_name, assignment, _) in zip(jobs, points, strict=True)
+        ],
+        submitted=time.strftime("%Y-%m-%d %H:%M:%S"),
+    )
+    record.save(runs_dir)
+    return record
+
+
+def _plain(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def task_report(task: dict, job: submitit.SlurmJob) -> dict:
+    """Slurm's state of one job (or array task) and what its run directory says."""
+    run_dir = Path(task["run_dir"])
+    row = {"job_id": task["job_id"], "state": job.state, "run_dir": str(run_dir), **task["assignment"]}
+    status = _json(run_dir / "status.json")
+    row["run"] = status.get("status", "-")
+    row["step"] = status.get("step", "-")
+    summary = _json(run_dir / "summary.json")
+    if summary.get("final_eval_loss") is not None:
+        row["eval_loss"] = f"{summary['final_eval_loss']:.4f}"
+    error = _error(status, job)
+    if error:
+        row["error"] = error
+    return row
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _error(status: dict, job: submitit.SlurmJob) -> str | None:
+    """Why a job failed, in the words closest to the cause: the run's own record of the error, else the
+    exception submitit caught, else the end of the job's stderr (a crash, an OOM kill, a bad node)."""
+    if status.get("status") == "failed" and status.get("error"):
+        return status["error"]
+    if job.state in ("PENDING", "RUNNING", "REQUEUED", "COMPLETED", "UNKNOWN", "CONFIGURING", "COMPLETING"):
+        return None
+    if job.paths.result_pickle.exists():
+        try:
+            outcome, result = submitit.core.utils.pickle_load(job.paths.result_pickle)
+        except Exception:  # a half-written pickle: fall back to the log
+            outcome, result = None, None
+        if outcome == "error":
+            lines = [ln for ln in str(result).strip().splitlines() if ln.strip()]
+            return lines[-1] if lines else None
+    stderr = job.stderr() or ""
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    return " | ".join(lines[-3:]) if lines else f"Slurm state {job.state}, no log"
+
+
+def status_rows(record: Submission) -> list[dict]:
+    return [task_report(t, j) for t, j in zip(record.tasks, record.jobs(), strict=True)]
+
+
+def format_status(record: Submission, rows: list[dict]) -> str:
+    swept = list(record.tasks[0]["assignment"]) if record.tasks else []
+    head = ["job", "state", "run", "step", *swept, "eval loss", "run directory"]
+    keys = ["job_id", "state", "run", "step", *swept, "eval_loss", "run_dir"]
+    table = [[str(r.get(k, "-")) for k in keys] for r in rows]
+    widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(head)]
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [
+        f"job {record.job_id}: {record.recipe} {' '.join(record.overrides)} (submitted {record.submitted})",
+        line.format(*head),
+    ]
+    for row, cells in zip(rows, table, strict=True):
+        out.append(line.format(*cells))
+        if row.get("error"):
+            out.append(f"  error ({row['job_id']}): {row['error']}")
+    return "\n".join(out)
+
+
+def recent(runs_dir: Path, limit: int = 10) -> list[Submission]:
+    paths = sorted((runs_dir / RECORDS).glob("*.json"), key=lambda p: p.stat().st_mtime)[-limit:]
+    return [Submission(**json.loads(p.read_text())) for p in reversed(paths)]
+
+
+def logs(record: Submission, task: int | None, rank: int, lines: int | None) -> str:
+    """The end of one job's (or array task's) stderr and stdout, of one rank."""
+    tasks = record.tasks if task is None else [record.tasks[task]]
+    out = []
+    for t in tasks:
+        job = submitit.SlurmJob(folder=record.folder, job_id=t["job_id"], tasks=(rank,))
+        for stream, text in (("stderr", job.stderr()), ("stdout", job.stdout())):
+            body = (text or "").splitlines()
+            body = body if lines is None else body[-lines:]
+            out.append(f"==> job {t['job_id']} rank {rank} {stream} ({getattr(job.paths, stream)}) <==")
+            out.extend(body or ["(empty or not written yet)"])
+    return "\n".join(out)
+
+
+def cancel(record: Submission) -> None:
+    # the array's id cancels every task of it
+    subprocess.run(["scancel", record.job_id], check=True)

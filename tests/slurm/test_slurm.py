@@ -1,0 +1,260 @@
+"""slurm/train.sh against a real SLURM cluster on this machine (slurmctld + slurmd + slurmdbd from Debian,
+started by slurm/cluster.sh): a job that completes, a job cut by its time limit, a job preempted by a
+higher-priority partition, and the multi-node launch logic (2 srun tasks as 2 nodes). The cut jobs must end
+with the same adapter, bit for bit, as the uninterrupted one. Needs root (the cluster's daemons)."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import ROOT, launch
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.slurm,
+    pytest.mark.skipif(
+        os.geteuid() != 0 or not shutil.which("apt-get"), reason="starting SLURM daemons needs root"
+    ),
+]
+# The same run everywhere, so that the uninterrupted one is the reference for the cut ones.
+# (long enough, ~45 s of training, that a 1-minute limit always cuts it)
+RUN = ["recipes/tiny.py", "train.max_steps=70", "train.save_every=10", "eval.samples=0", "eval.every=0"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    subprocess.run([str(ROOT / "slurm/cluster.sh"), "up"], check=True, capture_output=True, text=True)
+    yield
+    subprocess.run([str(ROOT / "slurm/cluster.sh"), "down"], check=False, capture_output=True)
+
+
+def sbatch(runs: Path, options: list[str], *, nproc: int = 2, args=RUN) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD", "MASTER"))}
+    env.update(
+        NPROC_PER_NODE=str(nproc),
+        RUNS_DIR=str(runs),
+        OMP_NUM_THREADS="1",
+        VENV=str(Path(sys.executable).parent.parent),
+    )
+    out = subprocess.run(
+        ["sbatch", "--parsable", "--mem=6G", f"--output={runs}/%x-%j.out", *options, "slurm/train.sh", *args],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return out.stdout.strip().split(";")[0]
+
+
+def wait(job: str, timeout: float = 600) -> None:
+    """Until the job has left the queue and accounting (which lags behind it) records how it ended."""
+    end = time.time() + timeout
+    while time.time() < end:
+        queued = subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip()
+        # the current record of the job (or of each array task), not the earlier starts `states` lists
+        now = subprocess.run(["sacct", "-n", "-X", "-j", job, "-o", "State"], capture_output=True, text=True)
+        ended = now.stdout.split() and not set(now.stdout.split()) & {
+            "PENDING",
+            "RUNNING",
+            "REQUEUED",
+            "COMPLETING",
+        }
+        if not queued and ended:
+            return
+        time.sleep(2)
+    raise AssertionError(f"job {job} still in the queue after {timeout} s: {states(job)}")
+
+
+def states(job: str) -> list[str]:
+    """The job's state at the end of each of its starts (sacct -D lists every requeued start)."""
+    out = subprocess.run(
+        ["sacct", "-n", "-D", "-X", "-j", job, "-o", "State"], capture_output=True, text=True
+    )
+    return out.stdout.split()
+
+
+def adapter(run: Path) -> dict:
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def reference(cluster, tmp_path_factory):
+    """Test 1: `sbatch slurm/train.sh` runs to completion and leaves an adapter that PEFT reloads."""
+    runs = tmp_path_factory.mktemp("slurm")
+    job = sbatch(runs, ["--cpus-per-task=2"])
+    wait(job)
+    run = runs / f"shardtune-{job}"
+    assert states(job) == ["COMPLETED"], (runs / f"shardtune-{job}.out").read_text()[-3000:]
+    assert json.loads((run / "status.json").read_text())["status"] == "complete"
+    for name in ("config-restart0.yaml", "code-restart0.txt", "train.sh", "restart-0.log"):
+        assert (run / "slurm" / name).is_file(), name
+    return run
+
+
+def test_sbatch_leaves_a_loadable_adapter(reference):
+    proc = launch(["tests/workers/reload_adapter.py", str(reference)], launcher="python")
+    reloaded = json.loads(proc.stdout.strip().splitlines()[-1])["eval_loss"]
+    assert reloaded == pytest.approx(
+        json.loads((reference / "summary.json").read_text())["final_eval_loss"], rel=1e-6
+    )
+
+
+def test_time_limit_checkpoints_requeues_and_finishes_identically(reference, tmp_path):
+    # a 1-minute limit and USR1 30 s before it: the run needs longer, so it is cut at least once
+    job = sbatch(tmp_path, ["--cpus-per-task=2", "--time=1", "--signal=B:USR1@30"])
+    wait(job)
+    run, log = tmp_path / f"shardtune-{job}", (tmp_path / f"shardtune-{job}.out").read_text()
+    assert states(job)[-1] == "COMPLETED" and "REQUEUED" in states(job), log[-3000:]
+    assert "got SIGUSR1: asking the training processes to stop" in log and "resumed from" in log
+    assert not (run / "STOP").exists()  # acted on and removed
+    a, b = adapter(run), adapter(reference)
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def test_preemption_checkpoints_requeues_and_finishes_identically(reference, tmp_path):
+    job = sbatch(tmp_path, ["--cpus-per-task=4"])  # the whole node (4 CPUs advertised)
+    metrics = tmp_path / f"shardtune-{job}" / "metrics.jsonl"
+    for _ in range(300):  # let it train a little first
+        if metrics.is_file() and '"step": 2' in metrics.read_text():
+            break
+        time.sleep(0.5)
+    urgent = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--partition=urgent",
+            "--cpus-per-task=4",
+            "--mem=1G",
+            f"--output={tmp_path}/urgent-%j.out",
+            "--wrap",
+            "sleep 5",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    wait(job)
+    wait(urgent)
+    log = (tmp_path / f"shardtune-{job}.out").read_text()
+    assert "REQUEUED" in states(job) and states(job)[-1] == "COMPLETED", log[-3000:]
+    assert states(urgent) == ["COMPLETED"] and "resumed from" in log
+    a, b = adapter(tmp_path / f"shardtune-{job}"), adapter(reference)
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def test_two_launchers_rendezvous_as_two_nodes(cluster, tmp_path):
+    """2 srun tasks of 1 process each (two "nodes" on one machine) meet through c10d and train as one job."""
+    job = sbatch(
+        tmp_path,
+        ["--ntasks=2", "--ntasks-per-node=2", "--cpus-per-task=1"],
+        nproc=1,
+        args=[*RUN[:1], "train.max_steps=6", "eval.samples=0", "eval.every=0"],
+    )
+    wait(job)
+    log = (tmp_path / f"shardtune-{job}.out").read_text()
+    assert states(job) == ["COMPLETED"], log[-3000:]
+    assert "2 launcher(s) x 1 process(es)" in log
+    summary = json.loads((tmp_path / f"shardtune-{job}" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and 0.45 < summary["rank0_holds"] < 0.55
+
+
+# --- shardtune submit (submitit): one Slurm task per process, requeued by the job itself -------------------
+
+CPU_JOB = ["--gpus-per-node=0", "--tasks-per-node=2", "--cpus-per-task=1", "--mem=6G"]
+
+
+def shardtune(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD", "MASTER"))}
+    env.update(OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "shardtune"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def submit(runs: Path, args: list[str], options: list[str]) -> tuple[str, list[Path]]:
+    """`shardtune submit`; the job id and the run directories it announces."""
+    out = shardtune(["submit", *args, *CPU_JOB, *options, f"--runs-dir={runs}"]).stdout
+    job = out.split("submitted job ")[1].split(":")[0]
+    return job, [Path(line.split(": ", 1)[1]) for line in out.splitlines() if line.startswith(f"  {job}")]
+
+
+def test_submitit_time_limit_requeues_and_finishes_identically(reference, tmp_path):
+    """Test 4: a submitit job cut by its 1-minute limit saves, requeues itself and ends with the adapter of
+    the uninterrupted sbatch run, bit for bit."""
+    job, [run] = submit(tmp_path, RUN, ["--time=1", "--signal-lead=30"])
+    wait(job)
+    report = shardtune(["status", job, f"--runs-dir={tmp_path}"]).stdout
+    assert "REQUEUED" in states(job) and states(job)[-1] == "COMPLETED", report
+    assert re.search(rf"^{job}\s+COMPLETED\s+complete\s+70\s", report, re.M), report
+    log = shardtune(["logs", job, f"--runs-dir={tmp_path}", "--lines=0"]).stdout
+    assert "got SIGUSR2: stopping after this step" in log and "resumed from" in log, log[-3000:]
+    a, b = adapter(run), adapter(reference)
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def test_submitit_sweep_is_a_job_array_of_runs(cluster, tmp_path):
+    """Test 5: --sweep with 3 values is one job array; each task is its own run with its own config."""
+    lrs = ["1e-3", "2e-3", "4e-3"]
+    job, runs = submit(
+        tmp_path,
+        [
+            "recipes/tiny.py",
+            "train.max_steps=4",
+            "eval.samples=0",
+            "eval.every=0",
+            "--sweep",
+            f"optim.lr={','.join(lrs)}",
+        ],
+        ["--time=10"],
+    )
+    wait(job)
+    assert len(runs) == 3 and len({r.parent for r in runs}) == 1  # <name>-<array id>/sweep/<point>
+    for run, lr in zip(runs, lrs, strict=True):
+        assert json.loads((run / "status.json").read_text())["status"] == "complete", run
+        assert f"lr: {float(lr)}" in (run / "config.yaml").read_text()
+        assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    report = shardtune(["status", job, f"--runs-dir={tmp_path}"]).stdout
+    assert len(re.findall(r"COMPLETED\s+complete", report)) == 3 and "optim.lr" in report, report
+
+
+def test_submitit_errors_reach_status_and_cancel_works(cluster, tmp_path):
+    """Test 6: a typo fails at submit time (nothing queued); an input only the job can check fails the job,
+    and `shardtune status` shows the job's own error text; `shardtune cancel` stops a job."""
+    typo = shardtune(
+        ["submit", "recipes/tiny.py", "train.max_stepz=5", *CPU_JOB, f"--runs-dir={tmp_path}"], check=False
+    )
+    assert typo.returncode == 2 and "train.max_stepz" in typo.stderr and "max_steps" in typo.stderr
+    assert not (tmp_path / "submitit").exists()
+
+    # a data file with a bad row: the configuration is valid (the file exists), the job's data check is not
+    rows = [{"instruction": f"say {i}", "input": "", "output": str(i)} for i in range(40)]
+    rows[6]["output"] = None
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    job, _ = submit(tmp_path, ["recipes/tiny.py", f"data.source={bad}"], ["--time=10"])
+    long, _ = submit(tmp_path, ["recipes/tiny.py", "train.max_steps=100000"], ["--time=30"])
+    wait(job)
+    report = shardtune(["status", job, f"--runs-dir={tmp_path}"]).stdout
+    assert "FAILED" in report and "row 7: column 'output' is empty" in report, report
+    shardtune(["cancel", long, f"--runs-dir={tmp_path}"])
+    wait(long, timeout=60)
+    assert "CANCELLED" in shardtune(["status", long, f"--runs-dir={tmp_path}"]).stdout
+    assert "REQUEUED" not in states(long)  # its SIGTERM saved the run; only USR1/USR2 requeue
+    listing = shardtune(["status", f"--runs-dir={tmp_path}"]).stdout  # no job id: the newest submissions
+    assert f"job {job}:" in listing and f"job {long}:" in listing

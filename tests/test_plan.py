@@ -1,0 +1,95 @@
+"""`shardtune plan`: its parts checked against the real thing where a CPU can measure it (parameter counts,
+the bytes autograd keeps for a decoder layer, checkpoint size), and the command itself. Its GPU peak
+predictions are checked against GPU runs in bench/results/."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from shardtune import loading, modeling, parallel
+from shardtune.config import Config
+from shardtune.plan import Shape, layer_activation_bytes, lora_parameters, parse_size, saved_bytes
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = Config()
+    conf = modeling.model_config(cfg)
+    sharder = parallel.Sharder(cfg.parallel, cfg.param_dtype, torch.device("cpu"), 1)
+    model, _ = loading.build_model(cfg, conf, None, "sdpa", sharder, torch.device("cpu"))
+    return cfg, conf, model
+
+
+def test_adapter_count_is_the_models(tiny):
+    cfg, conf, model = tiny
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert lora_parameters(Shape.of(conf), cfg.lora.r, cfg.lora.target_modules) == trainable
+    assert lora_parameters(Shape.of(conf), 8, ["q_proj", "v_proj"]) == 4 * 8 * (256 + 256 + 256 + 128)
+
+
+def test_saved_activations_of_a_real_4bit_layer_are_counted(tiny):
+    """The meta-device count equals what a real 4-bit layer with LoRA keeps for its backward on the CPU."""
+    from transformers import AttentionInterface
+
+    from shardtune.plan import _fused_attention
+
+    _, conf, model = tiny
+    s = Shape.of(conf)
+    rows, seq = 2, 64
+    predicted = layer_activation_bytes(
+        s.hidden,
+        s.inter,
+        s.heads,
+        s.kv_heads,
+        s.head_dim,
+        (16, 32.0, 0.0, "all-linear"),
+        rows * seq,
+        seq,
+        "float32",
+    )
+    AttentionInterface.register("shardtune_fused", _fused_attention)
+    inner = model.base_model.model.model
+    layer = inner.layers[0]
+    layer.self_attn.config._attn_implementation = "shardtune_fused"
+    x = torch.randn(rows, seq, s.hidden, requires_grad=True)
+    positions = torch.arange(seq).unsqueeze(0).expand(rows, -1)
+    cos_sin = inner.rotary_emb(x, positions)
+    try:
+        real = saved_bytes(lambda: layer(x, position_embeddings=cos_sin), [*model.parameters(), *cos_sin])
+    finally:
+        layer.self_attn.config._attn_implementation = "sdpa"
+    assert predicted == pytest.approx(real, rel=0.02), (predicted, real)
+
+
+def test_sizes_parse():
+    assert parse_size("24GiB") == parse_size("24G") == 24 * 2**30
+    assert parse_size("512MiB") == 2**29
+    with pytest.raises(Exception, match="24 gigs"):
+        parse_size("24 gigs")
+
+
+def plan(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "shardtune.cli", "plan", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_plan_says_what_fits_and_fit_recommends_a_line():
+    out = plan("recipes/llama3_70b.py", "--gpus", "4", "--gpu-mem", "24GiB", "--fit")
+    assert out.returncode == 0, out.stderr
+    assert (
+        "4-bit base shard" in out.stdout
+        and "activations" in out.stdout
+        and "checkpoint on disk" in out.stdout
+    )
+    line = out.stdout.split("paste:")[1].strip().splitlines()[0]
+    assert "parallel.activation_checkpointing=" in line and "train.micro_batch_size=" in line
+    none = plan("recipes/llama3_70b.py", "--gpus", "1", "--gpu-mem", "24GiB", "--fit")
+    assert none.returncode == 1 and "no configuration fits" in none.stdout
