@@ -9,6 +9,8 @@ shardtune submit RECIPE.py [key=value ...] [--sweep key=v1,v2] --nodes N --gpus-
 shardtune status [JOB]  |  logs JOB [--task I]  |  cancel JOB
 shardtune plan RECIPE.py [key=value ...] --gpus N --gpu-mem 24GiB [--fit]
                                                    predicted memory, checkpoint size and speed
+shardtune doctor RECIPE.py [key=value ...] [--signal-lead S]
+                                                   versions, CUDA/NCCL, 4-bit kernels, dtypes, disk
                                                    submitted jobs: state, errors, logs; cancel one
 """
 
@@ -48,14 +50,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     _submit_parsers(sub)
     _plan_parser(sub)
+    _doctor_parser(sub)
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command not in ("submit", "plan"):
+    if rest and args.command not in ("submit", "plan", "doctor"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.command in ("submit", "status", "logs", "cancel"):
             return _slurm_command(args, rest)
         if args.command == "plan":
             return _plan(args, rest)
+        if args.command == "doctor":
+            return _doctor(args, rest)
         if args.command == "validate":
             from shardtune.recipe import resolve_config
 
@@ -98,15 +103,23 @@ def _plan_parser(sub) -> None:
     )
 
 
-def _plan(args, rest: list[str]) -> int:
+def _recipe_config(command: str, recipe: str, rest: list[str]):
+    """The recipe's config with the command line's key=value overrides (no training flags), and its
+    architecture (with a note when a built-in shape stands in for a hub id)."""
     from shardtune import plan
     from shardtune.recipe import _parse_args, load_recipe, resolve_config
 
     flags, overrides, _ = _parse_args(rest)
     if flags:
-        raise ConfigError(f"shardtune plan takes no {' '.join(sorted(flags))}")
-    cfg = resolve_config(load_recipe(args.recipe).config(), overrides, env={})
-    conf, note = plan.architecture(cfg)
+        raise ConfigError(f"shardtune {command} takes no {' '.join(sorted(flags))}")
+    cfg = resolve_config(load_recipe(recipe).config(), overrides, env={})
+    return (cfg, *plan.architecture(cfg))
+
+
+def _plan(args, rest: list[str]) -> int:
+    from shardtune import plan
+
+    cfg, conf, note = _recipe_config("plan", args.recipe, rest)
     gpu_mem = plan.parse_size(args.gpu_mem) if args.gpu_mem else None
     host_ram = plan.parse_size(args.host_ram) if args.host_ram else None
     if note:
@@ -133,6 +146,28 @@ def _plan(args, rest: list[str]) -> int:
         f"\n--fit: fastest that fits ({best.gpu_peak / 2**30:.1f} GiB peak), paste:\n  {plan.override_line(best)}"
     )
     return 0
+
+
+def _doctor_parser(sub) -> None:
+    p = sub.add_parser(
+        "doctor",
+        help="check this machine and a recipe before running it: versions, CUDA, 4-bit, dtypes, disk",
+    )
+    p.add_argument("recipe")
+    p.add_argument("--gpus", type=int, help="GPUs the run will use (default: this machine's, at least 1)")
+    p.add_argument("--signal-lead", type=float, help="seconds of SLURM's --signal lead, to check it suffices")
+
+
+def _doctor(args, rest: list[str]) -> int:
+    import torch
+
+    from shardtune import doctor
+
+    cfg, conf, note = _recipe_config("doctor", args.recipe, rest)
+    gpus = args.gpus or max(1, torch.cuda.device_count())
+    text, ok = doctor.report(doctor.run_checks(cfg, conf, gpus, args.signal_lead))
+    print((note + "\n" if note else "") + text)
+    return 0 if ok else 1
 
 
 def _submit_parsers(sub) -> None:

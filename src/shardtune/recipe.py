@@ -4,7 +4,8 @@
     torchrun --nproc_per_node 2 recipes/tiny.py [key=value ...] [flags]
 
 Flags: --help (every key, its value in this recipe, its documentation), --print-config, --validate (check
-the configuration and stop), --sweep [key=v1,v2 ...] (run a grid of configurations one after another).
+the configuration and stop), --doctor (check the machine and setup first, see doctor.py), --sweep [key=v1,v2
+...] (run a grid of configurations one after another).
 
 Exit codes: 0 done; 2 a configuration or data error (nothing trained); 75 stopped by SIGTERM/SIGUSR1 after
 saving a checkpoint (run the same command again to continue; see stopping.py).
@@ -32,7 +33,7 @@ from shardtune.stopping import EXIT_REQUEUE, StopRequest
 USAGE = """usage: accelerate launch --config_file fsdp_configs/<hardware>.yaml {recipe} [key=value ...] [flags]
        torchrun --nproc_per_node N {recipe} [key=value ...] [flags]
 
-flags: --help  --print-config  --validate  --sweep [key=v1,v2]  (--sweep once per swept key)
+flags: --help  --print-config  --validate  --doctor  --sweep [key=v1,v2]  (--sweep once per swept key)
 keys (value shown is this recipe's):
 """
 
@@ -80,7 +81,7 @@ def _parse_args(argv: list[str]) -> tuple[set[str], list[str], dict[str, list[st
     i = 0
     while i < len(argv):
         arg = argv[i]
-        if arg in ("-h", "--help", "--print-config", "--validate", "--sweep"):
+        if arg in ("-h", "--help", "--print-config", "--validate", "--sweep", "--doctor"):
             flags.add(arg)
             nxt = argv[i + 1] if i + 1 < len(argv) else ""
             key, sep, values = nxt.partition("=")
@@ -88,7 +89,9 @@ def _parse_args(argv: list[str]) -> tuple[set[str], list[str], dict[str, list[st
                 sweep[key] = split_sweep_values(values)
                 i += 1
         elif arg.startswith("--"):
-            raise ConfigError(f"unknown flag {arg!r}; flags: --help --print-config --validate --sweep")
+            raise ConfigError(
+                f"unknown flag {arg!r}; flags: --help --print-config --validate --sweep --doctor"
+            )
         else:
             overrides.append(arg)
         i += 1
@@ -142,6 +145,8 @@ def main(
             if _is_main_process():
                 print(f"{name}: configuration is valid")
             return
+        if "--doctor" in flags and _is_main_process():
+            _doctor(cfg)
     except ConfigError as e:
         if _is_main_process():
             print(f"error: {e}", file=sys.stderr)
@@ -157,6 +162,18 @@ def main(
             sys.exit(EXIT_USAGE)
     if any(r.get("status") == "interrupted" for r in results):
         sys.exit(EXIT_REQUEUE)  # checkpointed: the same command continues the run
+
+
+def _doctor(cfg: Config) -> None:
+    """`--doctor`: shardtune doctor's checks before training; stops (exit 2) on an error."""
+    from shardtune import doctor, plan
+
+    conf, _ = plan.architecture(cfg)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    text, ok = doctor.report(doctor.run_checks(cfg, conf, world))
+    print(text, file=sys.stderr, flush=True)
+    if not ok:
+        raise ConfigError("shardtune doctor found errors (above); fix them or run without --doctor")
 
 
 def run(cfg: Config, name: str, grid: dict | None = None, stop: StopRequest | None = None) -> list[dict]:
