@@ -121,7 +121,7 @@ done
 status=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["status"])' "$RUN_DIR/status.json" \
   2>/dev/null || echo unknown)
 case $status in
-  complete) log "run complete: $RUN_DIR"; exit 0 ;;
+  complete) READY=""; rm -f "$RUN_DIR/STOP"; log "run complete: $RUN_DIR"; exit 0 ;;  # a late stop is moot
   interrupted)
     # USR1 comes before the time limit (and on preemption); a bare TERM is scancel: saved, not requeued
     # (a preemption that sends only TERM is requeued by Slurm itself)

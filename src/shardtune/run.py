@@ -353,6 +353,7 @@ def _train(
         plot = sink.plot()
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         _print_summary(sink, summary, run_dir, plot, samples, cfg.eval.show)
+        (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop asked after the last step is moot
         write_status(
             run_dir, "complete", step=total_steps, checkpoint=str(final_ckpt), adapter=str(adapter_dir)
         )
