@@ -8,7 +8,7 @@ The same training as `sbatch slurm/train.sh`, with one Slurm task per GPU instea
 submitit starts every task, and each joins the process group from the environment submitit describes. The
 configuration is resolved and validated on the submitting machine (a typo fails there, before any queue
 wait) and travels with the job, so a requeued job trains exactly what was submitted even if the recipe
-file changes meanwhile. Input only the job can check (data files on the cluster, the model) fails the job;
+file changes meanwhile. Input only the job can check (the rows of the data, the model files) fails the job;
 `shardtune status` shows the error.
 
 Stopping and requeueing: submitit asks Slurm for SIGUSR2 `--signal-lead` seconds before the time limit (and,
@@ -106,6 +106,10 @@ class TrainJob(submitit.helpers.Checkpointable):
         )
         with StopRequest((*STOP_SIGNALS, signal.SIGUSR2)) as stop:
             [summary] = run(cfg, self.name, None, stop)
+        # A time-limit signal after the last step is moot; ignored, it cannot kill the process while Python
+        # shuts down (which restores the default action, death, for every handler it installed).
+        for late in (signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(late, signal.SIG_IGN)
         if summary["status"] == "interrupted":
             # USR2/USR1: the time limit or a preemption announced by Slurm. A bare SIGTERM is `scancel`
             # (saved, not requeued) or a preemption without the user signal, which Slurm requeues itself.
