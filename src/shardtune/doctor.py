@@ -72,6 +72,11 @@ def versions() -> list[Finding]:
     return out
 
 
+def _run_device(cfg: Config) -> torch.device:
+    """The device the run will train on (parallel.device, 'auto' meaning CUDA when there is one)."""
+    return torch.device("cuda" if torch.cuda.is_available() and cfg.parallel.device != "cpu" else "cpu")
+
+
 def device(cfg: Config) -> list[Finding]:
     """CUDA, NCCL and a 4-bit round trip on the device the run will use."""
     out = []
@@ -84,7 +89,7 @@ def device(cfg: Config) -> list[Finding]:
         out.append(Finding("ok", f"{torch.cuda.device_count()} GPU(s): {', '.join(names)}; NCCL {nccl}"))
     else:
         out.append(Finding("ok", "no CUDA: training runs on the CPU (gloo)"))
-    dev = torch.device("cuda" if cuda and cfg.parallel.device != "cpu" else "cpu")
+    dev = _run_device(cfg)
     try:
         import bitsandbytes.functional as bnbf
 
@@ -143,7 +148,7 @@ def model(cfg: Config, conf) -> list[Finding]:
                 f"set parallel.wrap_class to one of: {', '.join(layers) or '(none found)'}",
             )
         )
-    dev = torch.device("cuda" if torch.cuda.is_available() and cfg.parallel.device != "cpu" else "cpu")
+    dev = _run_device(cfg)
     attn = attention_implementation(cfg.model.attn_implementation, dev)
     why = "" if attn != "sdpa" or dev.type == "cpu" else " (pip install flash-attn for flash_attention_2)"
     out.append(Finding("ok", f"attention: {attn}{why}"))
