@@ -119,6 +119,8 @@ def _recipe_config(command: str, recipe: str, rest: list[str]):
 def _plan(args, rest: list[str]) -> int:
     from shardtune import plan
 
+    if args.gpu.lower() not in plan.GPU_PEAKS:
+        raise ConfigError(f"--gpu {args.gpu}: no peak rate known; use one of {', '.join(plan.GPU_PEAKS)}")
     cfg, conf, note = _recipe_config("plan", args.recipe, rest)
     gpu_mem = plan.parse_size(args.gpu_mem) if args.gpu_mem else None
     host_ram = plan.parse_size(args.host_ram) if args.host_ram else None

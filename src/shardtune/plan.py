@@ -266,7 +266,7 @@ def estimate(cfg: Config, conf, gpus: int, nodes: int = 1, gpu_name: str = "h200
     rows_per_step = cfg.train.global_batch_size
     mfu = next(m for width, m in MEASURED_MFU if s.hidden >= width)
     mfu *= (1.0 if ac else NO_RECOMPUTE_GAIN) / (OFFLOAD_SLOWDOWN if offload else 1.0)
-    peak = GPU_PEAKS.get(gpu_name.lower(), GPU_PEAKS["h200"])
+    peak = GPU_PEAKS[gpu_name.lower()]  # the CLI offers only these names
     step_s = flops_per_row * rows_per_step / (n * peak * mfu)
     steps = cfg.train.max_steps or 0
     settings = {
