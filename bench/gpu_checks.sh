@@ -3,15 +3,9 @@
 #   bash bench/gpu_checks.sh exact train70b capped70b     # any subset, in order
 # Needs the wheels the GPU image lacks in .whl/ (see ../shared/tools/gpu_wheels.sh); logs go to $OUT.
 set -uo pipefail
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-export OUT=${OUT:-/tmp/gpu_checks}; mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PWD/src || exit 1
-fi
+# shellcheck source=bench/gpu_env.sh
+source "$(dirname "$0")/gpu_env.sh"
 RESULTS=$OUT/results.jsonl
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/machine.txt"
-python3 -c "import torch, transformers, peft, accelerate, bitsandbytes as b; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__, 'bitsandbytes', b.__version__)" | tee -a "$OUT/machine.txt"
 
 TRAIN70=(model.name_or_path=llama3-70b model.init=random data.source=/tmp/rows.jsonl data.format=text data.max_len=2048
          data.test_size=4 train.max_steps=20 train.global_batch_size=2 train.micro_batch_size=1 eval.every=0
@@ -171,6 +165,8 @@ recipes/llama3_8b.py model.name_or_path=llama3-8b model.init=random parallel.act
 recipes/llama3_8b.py model.name_or_path=llama3-8b model.init=random data.max_len=4096
 CONFIGS
       ;;
+    levers)  # packing, Liger's fused kernels, bf16 adapters vs the plain path: loss and LoRA gradients, 1 GPU
+      python3 tests/workers/gpu_levers.py 2>"$OUT/levers.err" >> "$RESULTS" || tail -30 "$OUT/levers.err" ;;
     memtrace)  # GPU memory phase by phase in step 2 (SHARDTUNE_MEMORY_TRACE), 70B x 20 layers and 8B, 3 steps
       python3 bench/make_rows.py /tmp/rows.jsonl 64 2100
       for shape in "recipes/llama3_70b.py model.name_or_path=llama3-70b model.shape.num_hidden_layers=20" \

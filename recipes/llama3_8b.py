@@ -2,6 +2,9 @@
 
 Completion-only loss after "### Response:\\n", a reserved special token as pad, EOS appended, 1% held out,
 eval and checkpoints every 100 steps, TensorBoard logs, and answers to a few questions after training.
+Rows are packed without padding (alpaca answers run from a few tokens to a thousand) and Liger's fused kernels
+run where installed. On GPUs with memory to spare, `parallel.activation_checkpointing=auto` (on the command line,
+which wins over the accelerate config) recomputes only as many layers as the memory needs (BENCHMARKS.md).
 
     accelerate launch --config_file fsdp_configs/2xh100.yaml recipes/llama3_8b.py
     accelerate launch --config_file fsdp_configs/2xh100.yaml recipes/llama3_8b.py data.source=my_rows.jsonl
@@ -21,6 +24,7 @@ def config() -> Config:
     cfg.data.test_size = 0.01
     cfg.data.max_len = 1024
     cfg.data.pad_token = "<|reserved_special_token_0|>"
+    cfg.data.packing = True
     cfg.lora.r = 16
     cfg.lora.alpha = 32
     cfg.lora.dropout = 0.05

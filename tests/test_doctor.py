@@ -1,9 +1,12 @@
 """`shardtune doctor` and `--doctor`: each finding says what is wrong and what to change."""
 
+import json
 import subprocess
 import sys
 
-from conftest import ROOT
+import pytest
+
+from conftest import BIN, ROOT, run_env
 from shardtune.cli import main as cli
 from shardtune.doctor import logged_save_seconds, signal_lead
 
@@ -65,3 +68,55 @@ def test_doctor_flag_stops_a_run_before_it_trains(tmp_path):
     )
     assert proc.returncode == 2 and "shardtune doctor found errors" in proc.stderr
     assert "not a class" in proc.stderr and not any(tmp_path.iterdir())
+
+
+def _doctor_smoke(*args):
+    return subprocess.run(
+        [str(BIN / "shardtune"), "doctor", "recipes/tiny.py", "--smoke", *args],
+        cwd=ROOT,
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+@pytest.mark.slow
+def test_smoke_runs_every_stage_of_a_run():
+    proc = _doctor_smoke()
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stages = [
+        ln.split(":")[0].strip() for ln in proc.stdout.splitlines() if ln.startswith(("  PASS", "  FAIL"))
+    ]
+    assert stages == [
+        "PASS  load data and model",
+        "PASS  train 2 steps",
+        "PASS  save a checkpoint",
+        "PASS  resume from it",
+        "PASS  train 1 more step",
+    ]
+    assert "(step 2, saved by 2 processes)" in proc.stdout  # the resume continued from the smoke's own save
+
+
+def test_smoke_reports_the_stage_that_fails_and_why(tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(
+        "\n".join(json.dumps({"instruction": f"q{i}", "output": None if i == 2 else "a"}) for i in range(64))
+    )
+    proc = _doctor_smoke(f"data.source={rows}", "data.format=alpaca")
+    assert proc.returncode == 1
+    assert (
+        "FAIL  load data and model" in proc.stdout
+        and "row 3" in proc.stdout
+        and "'output' is empty" in proc.stdout
+    )
+    assert "resume from it" not in proc.stdout  # nothing after a failed save is attempted
+
+
+def test_fused_kernels_that_cannot_run_here_are_an_error_with_the_fix(capsys, tmp_path):
+    assert cli(["doctor", "recipes/tiny.py", f"train.output_dir={tmp_path}"]) == 0
+    assert "Liger fused kernels: off" in capsys.readouterr().out  # auto, on a CPU
+    assert cli(["doctor", "recipes/tiny.py", "model.fused_kernels=true", f"train.output_dir={tmp_path}"]) == 1
+    out = capsys.readouterr().out
+    assert "ERROR ] model.fused_kernels=true: Liger's kernels are Triton kernels for CUDA GPUs" in out
+    assert "fix: set model.fused_kernels=auto or false" in out

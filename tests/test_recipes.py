@@ -116,10 +116,12 @@ def test_llama3_8b_alpaca_cleaned(tmp_path):
     summary = read_summary(run)
     assert summary["final_eval_loss"] < summary["first_eval_loss"]
     assert "60 train rows, 4 eval rows" in proc.stderr
-    cfg = (run / "config.yaml").read_text()  # the recipe's own GPU settings ran on CPU: bf16 + checkpointing
+    # the recipe's own GPU settings ran on CPU: bf16, checkpointing, packed rows (Liger 'auto': off on a CPU)
+    cfg = (run / "config.yaml").read_text()
     assert (
-        "activation_checkpointing: true" in cfg and "mixed_precision: bf16" in cfg
-    )  # 64 of the 96 rows have no input; 4 held out
+        "activation_checkpointing: true" in cfg and "mixed_precision: bf16" in cfg and "packing: true" in cfg
+    )
+    assert summary["fused_kernels"] is False
     answers = [json.loads(x) for x in (run / "generations.jsonl").read_text().splitlines()]
     assert next(a["question"] for a in answers if "question" in a) == "What is the capital of France?"
     assert (run / "adapter" / "adapter_model.safetensors").is_file()

@@ -9,7 +9,9 @@ shardtune submit RECIPE.py [key=value ...] [--sweep key=v1,v2] --nodes N --gpus-
 shardtune status [JOB]  |  logs JOB [--task I]  |  cancel JOB
 shardtune plan RECIPE.py [key=value ...] --gpus N --gpu-mem 24GiB [--fit]
                                                    predicted memory, checkpoint size and speed
-shardtune doctor RECIPE.py [key=value ...] [--signal-lead S]
+shardtune bench SHAPE [key=value ...] --gpus N --seq 3072 --micro-batch 1 [--lengths instruct]
+                                                   train a random model of a named shape, one JSON line
+shardtune doctor RECIPE.py [key=value ...] [--signal-lead S] [--smoke]
                                                    versions, CUDA/NCCL, 4-bit kernels, dtypes, disk
                                                    submitted jobs: state, errors, logs; cancel one
 """
@@ -21,7 +23,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from shardtune.config import ConfigError
+from shardtune.config import ConfigError, apply_overrides
 
 
 def load_recipe_config(path: str):
@@ -51,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     _submit_parsers(sub)
     _plan_parser(sub)
     _doctor_parser(sub)
+    _bench_parser(sub)
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command not in ("submit", "plan", "doctor"):
+    if rest and args.command not in ("submit", "plan", "doctor", "bench"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.command in ("submit", "status", "logs", "cancel"):
@@ -61,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             return _plan(args, rest)
         if args.command == "doctor":
             return _doctor(args, rest)
+        if args.command == "bench":
+            return _bench(args, rest)
         if args.command == "validate":
             from shardtune.recipe import resolve_config
 
@@ -130,6 +135,12 @@ def _plan(args, rest: list[str]) -> int:
         f"{args.recipe} on {args.gpus} GPU(s), {args.nodes} node(s): seq {cfg.data.max_len}, "
         f"global batch {cfg.train.global_batch_size}, LoRA r={cfg.lora.r}"
     )
+    if cfg.parallel.activation_checkpointing == "auto":
+        choice, _ = plan.choose_checkpointing(
+            cfg, conf, args.gpus, gpu_mem or plan.GPU_MEMORY[args.gpu.lower()]
+        )
+        print(f"activation checkpointing (auto): {plan.describe_checkpointing(choice)}")
+        cfg = apply_overrides(cfg, choice, "parallel.activation_checkpointing=auto")
     est = plan.estimate(cfg, conf, args.gpus, args.nodes, args.gpu)
     print(plan.format_plan(est, args.gpus, gpu_mem, host_ram))
     if not args.fit:
@@ -150,6 +161,59 @@ def _plan(args, rest: list[str]) -> int:
     return 0
 
 
+def _bench_parser(sub) -> None:
+    from shardtune.bench import SHAPES
+
+    p = sub.add_parser(
+        "bench",
+        help="train a random-weight model of a named shape for a few steps; print one JSON line",
+        description="Overrides (key=value) change the benchmark recipe (shardtune/bench.py) as on a training "
+        "command line, e.g. parallel.activation_checkpointing=false data.packing=true.",
+    )
+    p.add_argument("shape", choices=sorted(SHAPES))
+    p.add_argument("--gpus", type=int, default=1, help="processes (GPUs) on this machine")
+    p.add_argument(
+        "--seq", type=int, default=3072, help="tokens per row (the longest row with --lengths instruct)"
+    )
+    p.add_argument("--micro-batch", type=int, default=1, help="rows per forward pass per GPU")
+    p.add_argument("--warmup", type=int, default=3, help="steps run before measuring")
+    p.add_argument("--steps", type=int, default=5, help="steps measured")
+    p.add_argument("--lengths", choices=["fixed", "instruct"], default="fixed")
+    p.add_argument("--out", help="also append the JSON line to this file")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds before the run is stopped")
+    p.add_argument("--workdir", help="where rows, logs and the run go (default: a new temporary directory)")
+
+
+def _bench(args, rest: list[str]) -> int:
+    import json
+
+    from shardtune import bench
+    from shardtune.recipe import _parse_args, resolve_config
+
+    flags, overrides, _ = _parse_args(rest)
+    if flags:
+        raise ConfigError(f"shardtune bench takes no {' '.join(sorted(flags))}")
+    resolve_config(bench.config(), overrides, env={})  # a typo fails here, before anything starts
+    record = bench.run(
+        args.shape,
+        overrides,
+        args.gpus,
+        args.seq,
+        args.micro_batch,
+        args.warmup,
+        args.steps,
+        args.lengths,
+        Path(args.workdir) if args.workdir else None,
+        args.timeout,
+    )
+    line = json.dumps(record)
+    print(line)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(line + "\n")
+    return 1 if "error" in record else 0
+
+
 def _doctor_parser(sub) -> None:
     p = sub.add_parser(
         "doctor",
@@ -158,6 +222,11 @@ def _doctor_parser(sub) -> None:
     p.add_argument("recipe")
     p.add_argument("--gpus", type=int, help="GPUs the run will use (default: this machine's, at least 1)")
     p.add_argument("--signal-lead", type=float, help="seconds of SLURM's --signal lead, to check it suffices")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="also run the recipe for real: load, 2 steps, save, resume, 1 step (minutes)",
+    )
 
 
 def _doctor(args, rest: list[str]) -> int:
@@ -168,7 +237,14 @@ def _doctor(args, rest: list[str]) -> int:
     cfg, conf, note = _recipe_config("doctor", args.recipe, rest)
     gpus = args.gpus or max(1, torch.cuda.device_count())
     text, ok = doctor.report(doctor.run_checks(cfg, conf, gpus, args.signal_lead))
-    print((note + "\n" if note else "") + text)
+    print((note + "\n" if note else "") + text, flush=True)
+    if args.smoke:
+        from shardtune import smoke
+
+        procs = args.gpus or torch.cuda.device_count() or 2  # no GPU: 2 CPU processes, as the demo
+        text, smoke_ok = smoke.report(smoke.run_smoke(args.recipe, rest, procs))
+        print(text)
+        ok = ok and smoke_ok
     return 0 if ok else 1
 
 

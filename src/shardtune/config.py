@@ -47,8 +47,11 @@ class ModelConfig(Section):
     it. Default: for models under 2B parameters; larger ones are drawn directly on the devices."""
     tokenizer: str | None = None
     """Tokenizer hub id or directory. Default: the model's own; the tokenizer built in code for built-in shapes."""
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
     """Attention kernel. 'auto' picks flash_attention_2 when flash_attn is importable on a GPU, else sdpa."""
+    fused_kernels: bool | Literal["auto"] = "auto"
+    """Liger kernels: fused RMSNorm, SwiGLU, RoPE, and linear + cross-entropy that never materializes the logits
+    (GPU, needs liger-kernel; Llama models). 'auto': on where they can run, off elsewhere (the log says which)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of the model."""
     trust_remote_code: bool = False
@@ -82,6 +85,10 @@ class LoraSettings(Section):
     """Module names to adapt, e.g. [q_proj, v_proj]; 'all-linear' adapts every linear layer but the output head."""
     use_rslora: bool = False
     """Rank-stabilized LoRA scaling (alpha / sqrt(r))."""
+    compute_dtype: Literal["auto", "float32"] = "auto"
+    """dtype the adapters compute in. 'auto': the run's compute dtype (bf16 under parallel.mixed_precision=bf16,
+    through autocast, as the Hugging Face Trainer does); their weights, gradients and optimizer state stay
+    float32 either way. 'float32': PEFT's default, every adapter input cast up (measured slower on GPU)."""
 
 
 class GeneratedTaskConfig(Section):
@@ -138,6 +145,10 @@ class DataConfig(Section):
     chat_template: str | None = None
     """Chat template for format=chat: a Jinja string or a built-in name ('human_assistant', 'llama3').
     Default: the tokenizer's own."""
+    packing: bool = False
+    """Padding-free batches: the rows of a micro-batch are laid end to end in one sequence whose position ids
+    restart at every row, so that no compute goes to padding and rows cannot attend to each other (the
+    attention kernel gets the row boundaries). The rows of each step, and the per-token loss, are unchanged."""
     pad_token: str | None = None
     """Token used for padding. Default: the tokenizer's pad token, else a reserved special token, else EOS."""
     generated: GeneratedTaskConfig = Field(default_factory=GeneratedTaskConfig)
@@ -208,9 +219,13 @@ class ParallelConfig(Section):
     dtype follows it; LoRA weights and optimizer state stay float32."""
     wrap_class: str = "LlamaDecoderLayer"
     """Decoder-layer class that FSDP wraps as one unit (accelerate: fsdp_transformer_layer_cls_to_wrap)."""
-    activation_checkpointing: bool = False
-    """Recompute each decoder layer in backward instead of storing its activations, applied through FSDP
-    (accelerate: fsdp_activation_checkpointing)."""
+    activation_checkpointing: bool | Literal["auto"] = False
+    """Recompute decoder layers in backward instead of storing their activations, applied through FSDP
+    (accelerate: fsdp_activation_checkpointing). 'auto' picks, from the GPU's memory and `shardtune plan`'s
+    estimate, the least recomputation that fits: none, or every checkpoint_every-th layer for the largest k
+    that fits."""
+    checkpoint_every: int = Field(1, ge=1)
+    """With activation checkpointing, recompute every k-th decoder layer (1: all of them, 2: half, ...)."""
     cpu_offload: bool = False
     """Keep sharded parameters and gradients in CPU memory between uses (accelerate: fsdp_offload_params).
     GPU only."""

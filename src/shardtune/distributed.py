@@ -7,6 +7,7 @@ so that a single process runs the same FSDP code path as many.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
@@ -73,9 +74,18 @@ def init_distributed(
     return info
 
 
-def teardown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def teardown(failed: bool = False) -> None:
+    """Leave the process group. After a failure on one rank (an out-of-memory error, a bad batch) the others
+    are still waiting inside a collective for it; NCCL's graceful destroy would wait for them in turn, and both
+    would hang until the collective timeout (30 min). So a failed NCCL rank aborts its communicators and
+    exits at once; the launcher then stops the others."""
+    if not dist.is_initialized():
+        return
+    if failed and dist.get_backend() == "nccl":
+        with contextlib.suppress(Exception):  # a private API: whatever it does, the exit must not block
+            dist.distributed_c10d._abort_process_group()
+        return
+    dist.destroy_process_group()
 
 
 def barrier(group=None) -> None:

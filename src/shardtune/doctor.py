@@ -111,7 +111,7 @@ def device(cfg: Config) -> list[Finding]:
 
 
 def model(cfg: Config, conf) -> list[Finding]:
-    """The dtype rule, the wrap class, the attention implementation."""
+    """The dtype rule, the wrap class, the attention implementation, the fused kernels."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     from shardtune.modeling import attention_implementation
@@ -152,7 +152,25 @@ def model(cfg: Config, conf) -> list[Finding]:
     attn = attention_implementation(cfg.model.attn_implementation, dev)
     why = "" if attn != "sdpa" or dev.type == "cpu" else " (pip install flash-attn for flash_attention_2)"
     out.append(Finding("ok", f"attention: {attn}{why}"))
+    out.append(_fused_kernels(cfg, conf, dev))
     return out
+
+
+def _fused_kernels(cfg: Config, conf, dev: torch.device) -> Finding:
+    from shardtune.config import ConfigError
+    from shardtune.modeling import fused_kernels
+
+    try:
+        on = fused_kernels(cfg, conf, dev.type)
+    except ConfigError as e:
+        return Finding("error", str(e).split(". Set")[0], "set model.fused_kernels=auto or false")
+    if on:
+        return Finding("ok", "Liger fused kernels: on")
+    if cfg.model.fused_kernels == "auto" and dev.type == "cuda":
+        return Finding(
+            "warn", "Liger fused kernels: off (liger-kernel not installed)", "pip install liger-kernel"
+        )
+    return Finding("ok", "Liger fused kernels: off")
 
 
 def disk(cfg: Config, checkpoint_bytes: float) -> list[Finding]:

@@ -155,6 +155,10 @@ def skeleton(cfg: Config, conf, attn: str):
                                     device="meta",
                                 ),
                             )
+        if cfg.model.fused_kernels is True:  # resolved from 'auto' by the run (modeling.fused_kernels)
+            from shardtune.modeling import apply_fused_kernels
+
+            apply_fused_kernels(model)
         model.requires_grad_(False)
         model.config.use_cache = False
         model = get_peft_model(model, lora_config(cfg))

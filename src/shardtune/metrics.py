@@ -59,11 +59,12 @@ def _timed_matmul(device: torch.device, dtype: torch.dtype, n: int) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
-def step_flops(n_matmul: int, n_layers: int, hidden: int, tokens: float, squares: float, recompute: bool):
-    """(model FLOPs, hardware FLOPs) of one step over rows with Σs = `tokens` and Σs² = `squares`."""
+def step_flops(n_matmul: int, n_layers: int, hidden: int, tokens: float, squares: float, recompute: float):
+    """(model FLOPs, hardware FLOPs) of one step over rows with Σs = `tokens` and Σs² = `squares`;
+    `recompute` is the share of the layers whose forward runs again in backward (activation checkpointing)."""
     attention = 2 * n_layers * hidden * squares  # A summed over every token: Σ_rows s·(2·L·d·s)
     model = 4 * n_matmul * tokens + 3 * attention
-    hardware = model + (2 * n_matmul * tokens + attention if recompute else 0.0)
+    hardware = model + float(recompute) * (2 * n_matmul * tokens + attention)
     return model, hardware
 
 
@@ -170,7 +171,8 @@ class MetricsSink:
         self.eval_points.append((step, m["eval_loss"]))
         self.tb.add_scalar("eval/loss", m["eval_loss"], step)
         self._record({"step": step, **m})
-        self.write(f"eval @ step {step}: loss {m['eval_loss']:.4f} over {m['eval_tokens']:,} tokens")
+        peak = f" (peak GPU mem so far {m['gpu_peak_gib']:.2f} GiB)" if m.get("gpu_peak_gib") else ""
+        self.write(f"eval @ step {step}: loss {m['eval_loss']:.4f} over {m['eval_tokens']:,} tokens{peak}")
 
     def note(self, rec: dict) -> None:
         if self.enabled:

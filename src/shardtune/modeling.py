@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
 
-from shardtune.config import BUILTIN_SHAPE_NAMES, Config
+from shardtune.config import BUILTIN_SHAPE_NAMES, Config, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,45 @@ def attention_implementation(requested: str, device: torch.device) -> str:
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
+
+
+def fused_kernels(cfg: Config, conf, device_type: str) -> bool:
+    """Whether the run uses Liger's kernels: model.fused_kernels=true must be possible here (else a ConfigError
+    before anything loads); 'auto' means wherever they can run (a CUDA device, liger-kernel, a Llama model)."""
+    wanted = cfg.model.fused_kernels
+    if not wanted:
+        return False
+    model_type = getattr(conf, "model_type", None)
+    problem = None
+    if device_type != "cuda":
+        problem = "Liger's kernels are Triton kernels for CUDA GPUs; this run is on the CPU"
+    elif importlib.util.find_spec("liger_kernel") is None:
+        problem = "liger-kernel is not installed (pip install liger-kernel)"
+    elif model_type != "llama":
+        problem = f"they are wired for Llama models; this one is {model_type!r}"
+    if problem is None:
+        return True
+    if wanted == "auto":
+        return False
+    raise ConfigError(f"model.fused_kernels=true: {problem}. Set model.fused_kernels=auto or false.")
+
+
+def apply_fused_kernels(causal_lm) -> None:
+    """Liger's RMSNorm, SwiGLU and RoPE kernels, and its forward that computes the loss from the hidden states
+    chunk by chunk (the logits are never held whole), on a LlamaForCausalLM instance (also on meta).
+    The SwiGLU forward calls the MLP's own (4-bit, LoRA-wrapped) projections, so only the activation fuses."""
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+    # it reports every optional backend it cannot import (CuTe DSL, Ascend) as a warning
+    logging.getLogger("liger_kernel").setLevel(logging.ERROR)
+    apply_liger_kernel_to_llama(
+        rope=True,
+        rms_norm=True,
+        swiglu=True,
+        cross_entropy=False,
+        fused_linear_cross_entropy=True,
+        model=causal_lm,
+    )
 
 
 def quantization_config(cfg: Config) -> BitsAndBytesConfig | None:

@@ -94,7 +94,10 @@ class Sharder:
         """The rest of the model (its layers already wrapped) as the root unit, then checkpointing."""
         if self.enabled:
             model = FSDP(model, ignored_states=_adapters(model), **self.kwargs)
-        if self.pcfg.activation_checkpointing and self.layer_cls is not None:
+        every = checkpointed_every(self.pcfg)
+        if every and self.layer_cls is not None:
+            layers = [m for m in model.modules() if isinstance(m, self.layer_cls)]
+            chosen = {id(m) for i, m in enumerate(layers) if i % every == 0}
             # Through FSDP's wrapper, not Hugging Face's gradient_checkpointing (which would all-gather each
             # layer again).
             apply_activation_checkpointing(
@@ -102,9 +105,23 @@ class Sharder:
                 checkpoint_wrapper_fn=functools.partial(
                     checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT
                 ),
-                check_fn=lambda m: isinstance(m, self.layer_cls),
+                check_fn=lambda m: id(m) in chosen,
             )
         return model
+
+
+def checkpointed_every(pcfg: ParallelConfig) -> int:
+    """Every how many decoder layers one is recomputed in backward (0: none). 'auto' must have been
+    resolved before (run.py, from the GPU's memory)."""
+    if pcfg.activation_checkpointing == "auto":
+        raise ValueError("parallel.activation_checkpointing='auto' reached the sharder unresolved")
+    return pcfg.checkpoint_every if pcfg.activation_checkpointing else 0
+
+
+def checkpointed_fraction(pcfg: ParallelConfig, n_layers: int) -> float:
+    """Share of the decoder layers recomputed in backward (for HFU and the plan)."""
+    every = checkpointed_every(pcfg)
+    return len(range(0, n_layers, every)) / n_layers if every else 0.0
 
 
 def reduce_adapter_grads(model: torch.nn.Module, world_size: int, bucket_mib: int = 256) -> None:

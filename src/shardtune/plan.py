@@ -18,7 +18,7 @@ Memory per GPU is the sum of parts that follow from the shapes and the way shard
 - logits and the loss: the output head's bf16 logits, their fp32 copy and log-softmax, and their gradient.
 
 Time: the step's model FLOPs (4N + 3A per token, metrics.py) over the GPU's dense bf16 peak times an
-efficiency measured on H200s (bench/results/); a rough figure, labelled as such.
+efficiency measured on H200s by width and micro-batch (bench/results/); a rough figure, labelled as such.
 """
 
 from __future__ import annotations
@@ -33,14 +33,28 @@ from shardtune.config import Config, ConfigError, apply_overrides
 
 GIB = 2**30
 
-# Dense bf16 tensor-core peaks (FLOP/s) of GPUs users name with --gpu; the measured efficiencies below are
-# fractions of these.
-GPU_PEAKS = {"h200": 989e12, "h100": 989e12, "a100": 312e12, "a10g": 70e12, "l40s": 362e12, "l4": 121e12}
-# Model-FLOP utilization measured on 2x H200 with activation checkpointing (bench/results/2026-11-23-2xh200-b),
-# by model width: the wider the layers, the better the matmuls use the GPU. Used for every GPU until measured
-# there. Without checkpointing the forward is not recomputed (4/3 the MFU); CPU offload measured 1.34x slower.
-MEASURED_MFU = ((8192, 0.265), (4096, 0.13), (0, 0.05))
-NO_RECOMPUTE_GAIN, OFFLOAD_SLOWDOWN = 4 / 3, 1.34
+# Dense bf16 matmul rates (FLOP/s) of GPUs users name with --gpu: what MFU is measured against. H100/H200: the
+# rate measured on them (metrics.MEASURED_PEAK_FLOPS); the others: the data-sheet peak times the H200's
+# measured/data-sheet ratio (0.8).
+GPU_PEAKS = {"h200": 790e12, "h100": 790e12, "a100": 250e12, "a10g": 56e12, "l40s": 290e12, "l4": 97e12}
+# Memory of one GPU (what torch reports as total), for choices made without --gpu-mem.
+GPU_MEMORY = {
+    k: v * GIB
+    for k, v in {"h200": 139.8, "h100": 79.1, "a100": 79.1, "a10g": 22.0, "l40s": 44.4, "l4": 22.0}.items()
+}
+# Model-FLOP utilization without recomputation, measured on 2x H200 (bench/results/2026-11-23-2xh200-c: bf16
+# adapters, Liger kernels), by layer width: the best MFU, and the micro-batch (tokens) at which half of it is lost
+# to fixed per-step costs (kernel launches, FSDP hooks, the 4-bit dequantization of every weight).
+MEASURED_MFU = ((8192, 0.63, 650), (4096, 0.55, 1500), (0, 0.20, 1500))
+OFFLOAD_SLOWDOWN = 1.34  # CPU offload, measured on the 80-layer 70B (bench/results/2026-11-23-2xh200)
+
+
+def expected_mfu(hidden: int, tokens: int, recomputed: float, offload: bool) -> float:
+    """MFU to expect: the width's measured best, less for small micro-batches, less again for the forward
+    recomputed in backward (4N + 2N·share FLOPs done for 4N counted) and for CPU offload."""
+    best, half = next((b, h) for width, b, h in MEASURED_MFU if hidden >= width)
+    mfu = best * tokens / (tokens + half)
+    return mfu * 4 / (4 + 2 * recomputed) / (OFFLOAD_SLOWDOWN if offload else 1.0)
 
 
 @dataclass
@@ -126,10 +140,11 @@ def layer_activation_bytes(
     tokens: int,
     seq: int,
     dtype: str = "bfloat16",
+    adapter_dtype: str = "float32",
 ) -> int:
     """Bytes autograd saves for one decoder layer's backward, for `tokens` tokens in rows of `seq`: a layer of
-    these widths (frozen weights in the compute `dtype`, LoRA adapters in fp32 as trained) runs on the meta
-    device."""
+    these widths (frozen weights in the compute `dtype`, LoRA adapters computing in `adapter_dtype`: fp32
+    makes PEFT keep an fp32 copy of every adapter's input) runs on the meta device."""
     from peft import LoraConfig, inject_adapter_in_model
     from transformers import AttentionInterface, LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
@@ -156,7 +171,7 @@ def layer_activation_bytes(
         )
         for name, p in layer.named_parameters():
             if "lora_" in name:
-                p.data = p.data.float()
+                p.data = p.data.to(getattr(torch, adapter_dtype))
                 p.requires_grad_(True)
         rows = max(1, tokens // seq)
         x = torch.empty(rows, seq, hidden, dtype=compute, requires_grad=True)
@@ -227,12 +242,24 @@ def estimate(cfg: Config, conf, gpus: int, nodes: int = 1, gpu_name: str = "h200
     quant_state = lin / 64 * (1 + 4 / 256 if double_quant else 4)
     layer_full = s.layer_weights * 0.5 + 2 * s.hidden * compute
     lora = lora_parameters(s, cfg.lora.r, cfg.lora.target_modules)
-    ac = cfg.parallel.activation_checkpointing
+    if cfg.parallel.activation_checkpointing == "auto":
+        raise ValueError("resolve parallel.activation_checkpointing=auto first (choose_checkpointing)")
+    ac = bool(cfg.parallel.activation_checkpointing)
+    every = cfg.parallel.checkpoint_every if ac else 0
     offload = cfg.parallel.cpu_offload and n > 1  # one process trains the plain module (parallel.py)
     key = (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, _target_key(cfg.lora.target_modules))
+    adapter_dtype = cfg.param_dtype if cfg.lora.compute_dtype == "auto" else "float32"
     per_layer = layer_activation_bytes(
-        s.hidden, s.inter, s.heads, s.kv_heads, s.head_dim, key, tokens, seq, cfg.param_dtype
+        s.hidden, s.inter, s.heads, s.kv_heads, s.head_dim, key, tokens, seq, cfg.param_dtype, adapter_dtype
     )
+    from shardtune.modeling import fused_kernels
+
+    # 'auto' on a GPU: on when liger-kernel is installed here (plan where the job's environment is)
+    fused = cfg.model.fused_kernels is True or fused_kernels(cfg, conf, "cuda")
+    if fused:
+        # Liger's SwiGLU keeps no activation output (recomputed in backward) and its RMSNorm no fp32 copy of
+        # the input (two norms per layer)
+        per_layer -= tokens * (s.inter * compute + 2 * s.hidden * 4)
     boundary = tokens * s.hidden * compute
     gpu = {
         "4-bit base shard": 0.0 if offload else base_shard,
@@ -241,9 +268,11 @@ def estimate(cfg: Config, conf, gpus: int, nodes: int = 1, gpu_name: str = "h200
         "2 decoder layers, gathered": 2 * layer_full,
         "dequantized weights (2 matmuls)": 2 * max(i * o for i, o in s.linears().values()) * compute,
         "adapters + grads + AdamW (whole)": 16 * lora,
-        "activations": (s.layers * boundary + per_layer) if ac else s.layers * per_layer,
-        # bf16 logits, their fp32 copy and log-softmax, then the fp32 gradient: ~12 bytes per logit at the peak
-        "logits + loss": 12 * tokens * s.vocab,
+        "activations": _activations(s.layers, every, boundary, per_layer),
+        # bf16 logits, their fp32 copy and log-softmax, then the fp32 gradient: ~12 bytes per logit at the peak;
+        # Liger's fused loss holds one chunk of fp32 logits (about tokens x hidden values) and the head's input
+        # gradient
+        "logits + loss": 12 * tokens * s.hidden if fused else 12 * tokens * s.vocab,
     }
     # evaluation: the same weights, no activations kept, an eval batch of bf16 logits, their fp32 copy and
     # log-softmax (10 bytes per logit; measured: rank 0 of an 8B run peaked 6.3 GiB higher evaluating 4 rows)
@@ -264,14 +293,15 @@ def estimate(cfg: Config, conf, gpus: int, nodes: int = 1, gpu_name: str = "h200
     n_matmul = matmul_parameters(conf)
     flops_per_row = step_flops(n_matmul, s.layers, s.hidden, seq, seq * seq, False)[0]
     rows_per_step = cfg.train.global_batch_size
-    mfu = next(m for width, m in MEASURED_MFU if s.hidden >= width)
-    mfu *= (1.0 if ac else NO_RECOMPUTE_GAIN) / (OFFLOAD_SLOWDOWN if offload else 1.0)
+    recomputed = len(range(0, s.layers, every)) / s.layers if every else 0.0
+    mfu = expected_mfu(s.hidden, tokens, recomputed, offload)
     peak = GPU_PEAKS[gpu_name.lower()]  # the CLI offers only these names
     step_s = flops_per_row * rows_per_step / (n * peak * mfu)
     steps = cfg.train.max_steps or 0
     settings = {
         "train.micro_batch_size": mb,
         "parallel.activation_checkpointing": ac,
+        "parallel.checkpoint_every": every or 1,
         "parallel.cpu_offload": offload,
     }
     return Estimate(
@@ -284,6 +314,41 @@ def estimate(cfg: Config, conf, gpus: int, nodes: int = 1, gpu_name: str = "h200
         tokens_per_s_per_gpu=rows_per_step * seq / step_s / n,
         total_s=step_s * steps,
     )
+
+
+def _activations(layers: int, every: int, boundary: float, per_layer: float) -> float:
+    """Checkpointed layers keep only their input (`boundary`); the others keep everything; one checkpointed layer
+    at a time is recomputed whole in backward."""
+    if not every:
+        return layers * per_layer
+    kept = len(range(0, layers, every))
+    return kept * boundary + (layers - kept) * per_layer + per_layer
+
+
+# Checkpointing choices, least recomputation first: none, then every k-th layer, then all.
+CHECKPOINT_CHOICES = ((False, 1), (True, 4), (True, 3), (True, 2), (True, 1))
+AUTO_MARGIN = 0.9  # of the GPU's memory: room for fragmentation and what the plan does not see
+
+
+def choose_checkpointing(cfg: Config, conf, gpus: int, gpu_mem: float | None) -> tuple[dict, Estimate | None]:
+    """parallel.activation_checkpointing=auto: the least recomputation whose planned peak fits `gpu_mem` (none
+    when there is no GPU limit); all layers when nothing fits (the plan may be pessimistic)."""
+    if gpu_mem is None:
+        return {"parallel.activation_checkpointing": False, "parallel.checkpoint_every": 1}, None
+    est = None
+    for ac, every in CHECKPOINT_CHOICES:
+        choice = {"parallel.activation_checkpointing": ac, "parallel.checkpoint_every": every}
+        est = estimate(apply_overrides(cfg, choice, "checkpointing=auto"), conf, gpus)
+        if est.gpu_peak <= AUTO_MARGIN * gpu_mem:
+            return choice, est
+    return choice, est
+
+
+def describe_checkpointing(choice: dict) -> str:
+    if not choice["parallel.activation_checkpointing"]:
+        return "none (every layer keeps its activations)"
+    every = choice["parallel.checkpoint_every"]
+    return "every layer" if every == 1 else f"every {every}th layer"
 
 
 def architecture(cfg: Config):
@@ -316,13 +381,14 @@ def fit(cfg: Config, conf, gpus: int, gpu_mem: float, nodes: int, gpu_name: str)
     per_gpu_rows = max(1, cfg.train.global_batch_size // max(gpus, 1))
     out = []
     for mb in [m for m in (1, 2, 4, 8, 16, 32) if per_gpu_rows % m == 0]:
-        for ac in (False, True):
+        for ac, every in CHECKPOINT_CHOICES:
             for offload in (False, True) if gpus > 1 else (False,):
                 trial = apply_overrides(
                     cfg,
                     {
                         "train.micro_batch_size": mb,
                         "parallel.activation_checkpointing": ac,
+                        "parallel.checkpoint_every": every,
                         "parallel.cpu_offload": offload,
                     },
                     "plan --fit",

@@ -188,9 +188,12 @@ def run(cfg: Config, name: str, grid: dict | None = None, stop: StopRequest | No
     )
     setup_logging(dist.rank)
     try:
-        return run_grid(cfg, grid, dist, name, stop) if grid else [train(cfg, dist, name, stop)]
-    finally:
-        teardown()
+        results = run_grid(cfg, grid, dist, name, stop) if grid else [train(cfg, dist, name, stop)]
+    except BaseException:
+        teardown(failed=True)
+        raise
+    teardown()
+    return results
 
 
 def load_recipe(path: str | Path):

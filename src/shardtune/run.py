@@ -26,7 +26,7 @@ from transformers import get_scheduler
 
 from shardtune import loading, modeling, parallel
 from shardtune.checkpoint import CheckpointManager, resume_point, write_atomic
-from shardtune.config import Config, to_yaml
+from shardtune.config import Config, apply_overrides, to_yaml
 from shardtune.data.loader import Data, GlobalBatchSampler, build_data
 from shardtune.distributed import DistInfo, all_reduce_max, barrier, gather_object
 from shardtune.export import export_adapter
@@ -70,6 +70,30 @@ def train(cfg: Config, dist: DistInfo, name: str, stop: StopRequest | None = Non
                 run_dir, "failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-4000:]
             )
         raise
+
+
+def _resolve_checkpointing(cfg: Config, dist: DistInfo) -> Config:
+    """parallel.activation_checkpointing=auto -> the least recomputation that `shardtune plan` says fits this
+    GPU (none on the CPU, where memory is the host's)."""
+    if cfg.parallel.activation_checkpointing != "auto":
+        return cfg
+    from shardtune import plan
+
+    gpu_mem = None
+    if dist.device.type == "cuda":
+        gpu_mem = torch.cuda.get_device_properties(dist.device).total_memory
+        if cfg.parallel.gpu_memory_limit_gib:
+            gpu_mem = min(gpu_mem, cfg.parallel.gpu_memory_limit_gib * 2**30)
+    choice, est = plan.choose_checkpointing(cfg, modeling.model_config(cfg), dist.world_size, gpu_mem)
+    if dist.is_main:
+        log.info(
+            "activation checkpointing (auto): %s%s",
+            plan.describe_checkpointing(choice),
+            f", planned peak {est.gpu_peak / 2**30:.1f} of {gpu_mem / 2**30:.0f} GiB"
+            if gpu_mem
+            else " (CPU)",
+        )
+    return apply_overrides(cfg, choice, "parallel.activation_checkpointing=auto")
 
 
 def _tokenizer(cfg: Config, run_dir: Path):
@@ -118,6 +142,7 @@ class Model:
     build: loading.BuildReport
     rank0_holds: float
     host_load_gib: float
+    attention: str
 
 
 def _model(cfg: Config, dist: DistInfo, run_dir: Path, tokenizer) -> Model:
@@ -143,7 +168,7 @@ def _model(cfg: Config, dist: DistInfo, run_dir: Path, tokenizer) -> Model:
     share = parallel.sharding_report(module)
     if dist.is_main:
         log.info(
-            "model: %s (%s), %s params, %s trainable (LoRA r=%d on %s), %s, attention %s, %s on %d %s(s)",
+            "model: %s (%s), %s params, %s trainable (LoRA r=%d on %s), %s, attention %s%s, %s on %d %s(s)",
             cfg.model.name_or_path,
             cfg.model.init,
             f"{build.total:,}",
@@ -152,6 +177,7 @@ def _model(cfg: Config, dist: DistInfo, run_dir: Path, tokenizer) -> Model:
             cfg.lora.target_modules,
             f"NF4 4-bit storage {cfg.storage_dtype}" if cfg.quant.load_in_4bit else "not quantized",
             attn,
+            ", Liger fused kernels" if cfg.model.fused_kernels is True else "",
             f"FSDP {cfg.parallel.sharding_strategy} compute {cfg.param_dtype}",
             dist.world_size,
             dist.device.type.upper() if dist.device.type == "cuda" else "CPU process",
@@ -165,7 +191,7 @@ def _model(cfg: Config, dist: DistInfo, run_dir: Path, tokenizer) -> Model:
             host_load,
             gpu_load,
         )
-    return Model(module, conf, base, build, share["local"] / share["total"], host_load)
+    return Model(module, conf, base, build, share["local"] / share["total"], host_load, attn)
 
 
 def _train(
@@ -179,6 +205,9 @@ def _train(
 ) -> dict:
     tokenizer = _tokenizer(cfg, run_dir)
     data = _data(cfg, dist, run_dir, tokenizer)  # bad data fails here, before any model is loaded
+    fused = modeling.fused_kernels(cfg, modeling.model_config(cfg), dist.device.type)
+    cfg = apply_overrides(cfg, {"model.fused_kernels": fused}, "model.fused_kernels")  # auto -> a choice
+    cfg = _resolve_checkpointing(cfg, dist)
     m = _model(cfg, dist, run_dir, tokenizer)
     model = m.module
     peft_config = parallel.unwrap(model).peft_config["default"]
@@ -236,10 +265,23 @@ def _train(
         m.conf.num_hidden_layers,
         m.conf.hidden_size,
         peak,
-        cfg.parallel.activation_checkpointing,
+        parallel.checkpointed_fraction(cfg.parallel, m.conf.num_hidden_layers),
     )
+    adapters_autocast = cfg.lora.compute_dtype == "auto" and cfg.param_dtype != "float32"
     trainer = Trainer(
-        model, optimizer, scheduler, data, sampler, tokenizer, dist, flops, cfg.train.max_grad_norm, scaler
+        model,
+        optimizer,
+        scheduler,
+        data,
+        sampler,
+        tokenizer,
+        dist,
+        flops,
+        cfg.train.max_grad_norm,
+        scaler,
+        autocast_dtype=modeling.DTYPES[cfg.param_dtype] if adapters_autocast else None,
+        packed=cfg.data.packing,
+        fused_loss=cfg.model.fused_kernels,
     )
     trainer.tokens_seen = state.get("tokens_seen", 0)
     sink = MetricsSink(run_dir, total_steps, start_step, dist.is_main)
@@ -341,6 +383,11 @@ def _train(
         "host_peak_gib_per_rank": [p["host_peak_gib"] for p in peaks],
         "gpu_peak_gib_per_rank": [p["gpu_peak_gib"] for p in peaks],
         "world_size": dist.world_size,
+        "device_name": torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda" else "cpu",
+        "attention": m.attention,
+        "activation_checkpointing": cfg.parallel.activation_checkpointing,  # as resolved (auto -> a choice)
+        "checkpoint_every": cfg.parallel.checkpoint_every,
+        "fused_kernels": cfg.model.fused_kernels,  # as resolved
         "rank0_holds": m.rank0_holds,  # fraction of the flat parameters on rank 0
         "train_time_s": train_time,
         "tokens_seen": trainer.tokens_seen,

@@ -8,6 +8,7 @@ the global token count (known before the forward), and the adapters' gradients a
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -23,12 +24,19 @@ from shardtune.metrics import gpu_peak_gib, host_peak_gib, step_flops
 from shardtune.parallel import clip_grad_norm, gathered_root, reduce_adapter_grads, unwrap
 from shardtune.profiling import MemoryTrace
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
-def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed cross-entropy over the batch's labelled positions (labels are pre-shifted)."""
-    logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).logits
+
+def token_loss_sum(model, batch: dict[str, torch.Tensor], fused: bool = False) -> torch.Tensor:
+    """Summed cross-entropy over the batch's labelled positions (labels are pre-shifted).
+
+    `fused`: the model's forward is Liger's (modeling.apply_fused_kernels), which computes the loss from the
+    hidden states and the head's weight chunk by chunk and never holds the logits; `shift_labels` tells it the
+    labels are shifted already and `num_items_in_batch=1` makes its reduction the plain sum."""
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    if fused:
+        return model(**inputs, shift_labels=batch["labels"], num_items_in_batch=1, use_cache=False).loss
+    logits = model(**inputs, use_cache=False).logits
     return F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]),
         batch["labels"].reshape(-1),
@@ -37,13 +45,21 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     )
 
 
+def compute_context(device: torch.device, autocast_dtype: torch.dtype | None):
+    """The context every forward runs in: autocast to the compute dtype (so the adapters compute in it), or
+    nothing."""
+    if autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=autocast_dtype)
+
+
 @dataclass
 class FlopModel:
     n_matmul: int
     n_layers: int
     hidden: int
     peak_flops: float
-    recompute: bool
+    recompute: float  # share of the layers recomputed in backward
 
 
 class Trainer:
@@ -59,27 +75,44 @@ class Trainer:
         flops: FlopModel,
         max_grad_norm: float | None,
         scaler=None,
+        autocast_dtype: torch.dtype | None = None,
+        packed: bool = False,
+        fused_loss: bool = False,
     ):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.data, self.sampler, self.tokenizer = data, sampler, tokenizer
         self.dist, self.flops, self.max_grad_norm = dist_info, flops, max_grad_norm
         self.scaler = scaler  # fp16 only: loss scaling, so that small gradients do not flush to zero
         self.pad_id = tokenizer.pad_token_id
+        self.packed, self.fused_loss = packed, fused_loss
+        # NOTE: PEFT casts every adapter input up to the adapters' fp32 unless autocast is on; under autocast
+        # the adapters compute in the run's dtype from fp32 weights (as the Hugging Face Trainer runs them).
+        self.autocast_dtype = autocast_dtype
         self.tokens_seen = 0  # non-padding tokens trained on, all ranks
         self.memory_trace = MemoryTrace(dist_info.rank, dist_info.device)
 
     def _batch(self, indices: list[int], split) -> dict[str, torch.Tensor]:
-        batch = collate([split.row(i) for i in indices], self.pad_id)
-        return {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()}
+        batch = collate([split.row(i) for i in indices], self.pad_id, self.packed)
+        # counted on the host, so that counting tokens costs no device sync
+        counts = {"lengths": batch.pop("lengths"), "labelled": int((batch["labels"] != IGNORE_INDEX).sum())}
+        batch = {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()}
+        return {**batch, **counts}
+
+    def compute(self):
+        return compute_context(self.dist.device, self.autocast_dtype)
+
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with self.compute():
+            return token_loss_sum(self.model, batch, self.fused_loss)
 
     def train_step(self, step: int) -> dict:
         """One optimizer step (0-based `step`); returns its metrics, identical on every rank."""
         start = time.perf_counter()
         micro = self.sampler.micro_batches(step)
         batches = [self._batch(idx, self.data.train) for idx in micro]
-        lengths = [int(n) for b in batches for n in b["attention_mask"].sum(1).tolist()]
+        lengths = [int(n) for b in batches for n in b["lengths"].tolist()]
         local = [
-            sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches),
+            sum(b["labelled"] for b in batches),
             float(sum(lengths)),
             float(sum(x * x for x in lengths)),
         ]
@@ -90,7 +123,7 @@ class Trainer:
         trace.mark(step, "before")
         for i, batch in enumerate(batches):
             faults.inject("micro", self.dist.rank, step, i)
-            loss = token_loss_sum(self.model, batch)
+            loss = self.loss_sum(batch)
             trace.mark(step, f"forward{i}")
             scaled = loss * scale
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
@@ -145,11 +178,14 @@ class Trainer:
             batch = self._batch(indices or [0], split)
             if not indices:  # a dummy forward, so that collectives line up; it counts for nothing
                 batch["labels"].fill_(IGNORE_INDEX)
-            total += token_loss_sum(self.model, batch).item()
+            total += self.loss_sum(batch).item()
             count += int((batch["labels"] != IGNORE_INDEX).sum())
         self.model.train()
         total, count = all_reduce_sum([total, count], self.dist.device)
-        return {"eval_loss": total / max(count, 1), "eval_tokens": int(count), "eval_rows": n}
+        out = {"eval_loss": total / max(count, 1), "eval_tokens": int(count), "eval_rows": n}
+        if self.dist.device.type == "cuda":  # the highest so far, eval included: eval can set the run's peak
+            out["gpu_peak_gib"] = all_reduce_max([gpu_peak_gib(self.dist.device)], self.dist.device)[0]
+        return out
 
     @torch.no_grad()
     def generate(self, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
@@ -172,7 +208,7 @@ class Trainer:
                     self.dist.device
                 )
                 # synced_gpus keeps every rank stepping (and gathering layers) until all are done
-                with gathered_root(self.model):
+                with gathered_root(self.model), self.compute():
                     gen = unwrap(self.model).generate(
                         **enc,
                         max_new_tokens=max_new_tokens,

@@ -10,6 +10,14 @@ import torch
 
 from conftest import BIN, ROOT, run_env
 
+
+def worker_lines(command: list[str]) -> list[dict]:
+    """Run a GPU worker script; the JSON lines it printed."""
+    proc = subprocess.run(command, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads(x) for x in proc.stdout.strip().splitlines() if x.startswith("{")]
+
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")]
 
 
@@ -19,15 +27,20 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2,
     ids=["8b", "70b-proxy-20-layers"],
 )
 def test_sharded_logits_equal_one_gpu(shape, extra):
-    proc = subprocess.run(
-        [str(BIN / "torchrun"), "--nproc_per_node", "2", "tests/workers/gpu_exact.py", shape, *extra],
-        cwd=ROOT,
-        env=run_env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = worker_lines(
+        [str(BIN / "torchrun"), "--nproc_per_node", "2", "tests/workers/gpu_exact.py", shape, *extra]
+    )[-1]
     assert result["rel_l2"] <= 1e-3 and 0.45 < result["rank0_holds"] < 0.55
     print(result, file=sys.stderr)
+
+
+def test_speed_levers_match_the_plain_path():
+    """Packing, Liger's fused kernels and bf16 adapter compute against the plain path, one GPU, bf16."""
+    results = {r["check"]: r for r in worker_lines([sys.executable, "tests/workers/gpu_levers.py"])}
+    print(results, file=sys.stderr)
+    # bf16 compute: kernels that sum in another order differ by bf16 rounding, not more
+    for name in ("packed-vs-padded", "fused-vs-plain", "fused-packed-vs-plain-padded"):
+        assert results[name]["loss_rel_diff"] < 2e-3 and results[name]["min_grad_cosine"] > 0.99, name
+    assert results["packed-vs-padded"]["per_token_max_abs_diff"] < 0.1
+    assert results["adapters-bf16-vs-fp32"]["loss_rel_diff"] < 1e-2
+    assert results["adapters-bf16-vs-fp32"]["min_grad_cosine"] > 0.98

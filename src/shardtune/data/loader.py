@@ -79,21 +79,39 @@ def build_data(cfg: DataConfig, tokenizer, seed: int) -> Data:
     return Data(enc_train, enc_eval, formatter_eval, held.rows, source.origin)
 
 
-def collate(rows: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch. `labels[t]` is the target for position t (already shifted): ids[t+1] where that
-    token is trained, else -100; so the loss is a plain cross-entropy over all positions."""
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+def collate(
+    rows: list[tuple[np.ndarray, np.ndarray]], pad_id: int, packed: bool = False
+) -> dict[str, torch.Tensor]:
+    """A batch of rows. `labels[t]` is the target for position t (already shifted): ids[t+1] where that token
+    is trained, else -100; so the loss is a plain cross-entropy over all positions, and a row's last position
+    never predicts the next row's first token.
+
+    Padded (default): one row per sequence, right-padded, with an attention mask. Packed: the rows end to end
+    in a single sequence with `position_ids` that restart at 0 for every row and no attention mask, from
+    which transformers' attention (sdpa, flex, flash_attention_2) keeps every row to itself. `lengths` (row
+    lengths, on the host) goes with either."""
+    lengths = [len(ids) for ids, _ in rows]
+    width, n_seq = (sum(lengths), 1) if packed else (max(lengths), len(rows))
+    input_ids = torch.full((n_seq, width), pad_id, dtype=torch.long)
+    labels = torch.full((n_seq, width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((n_seq, width), dtype=torch.long)
+    positions = torch.zeros((n_seq, width), dtype=torch.long)
+    start = 0
     for i, (ids, trained) in enumerate(rows):
         n = len(ids)
+        seq, a = (0, start) if packed else (i, 0)
         t = torch.from_numpy(ids.astype(np.int64))
-        input_ids[i, :n] = t
-        attention[i, :n] = 1
-        target = torch.where(torch.from_numpy(trained[1:]), t[1:], IGNORE_INDEX)
-        labels[i, : n - 1] = target
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+        input_ids[seq, a : a + n] = t
+        attention[seq, a : a + n] = 1
+        positions[seq, a : a + n] = torch.arange(n)
+        labels[seq, a : a + n - 1] = torch.where(torch.from_numpy(trained[1:]), t[1:], IGNORE_INDEX)
+        start += n
+    batch = {"input_ids": input_ids, "labels": labels, "lengths": torch.tensor(lengths)}
+    if packed:
+        batch["position_ids"] = positions
+    else:
+        batch["attention_mask"] = attention
+    return batch
 
 
 class GlobalBatchSampler:

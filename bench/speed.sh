@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Throughput runs for BENCHMARKS.md on a 2-GPU machine: `shardtune bench`, one JSON line per run in
+# $OUT/speed.jsonl, a table at the end. Groups run in the order given:
+#   bash bench/speed.sh 8b proxy 70b varlen
+set -uo pipefail
+# shellcheck source=bench/gpu_env.sh
+source "$(dirname "$0")/gpu_env.sh"
+LOG=$OUT/speed.jsonl
+NOAC=parallel.activation_checkpointing=false
+
+bench() {  # shape, then bench options and overrides
+  echo "$(date +%T) bench $*" >&2
+  python3 -m shardtune.cli bench "$@" --timeout 300 --out "$LOG" --workdir /tmp/bench > /dev/null 2>> "$OUT/speed.err" \
+    || { echo "FAILED: bench $*" >&2; tail -3 "$LOG" | cut -c1-2000 >&2; }
+  rm -rf /tmp/bench/*-gpu-*/  # run directories (checkpoints)
+  mkdir -p "$OUT/logs" && mv /tmp/bench/*.log "$OUT/logs/" 2>/dev/null
+}
+
+for group in "$@"; do
+  case $group in
+    8b)  # the published recipe's settings first (fp32 adapters = PEFT's default, checkpointing), then each lever
+      bench llama3-8b --gpus 2 --seq 3072 lora.compute_dtype=float32
+      bench llama3-8b --gpus 2 --seq 3072
+      bench llama3-8b --gpus 2 --seq 3072 $NOAC
+      bench llama3-8b --gpus 2 --seq 3072 --micro-batch 2 $NOAC
+      bench llama3-8b --gpus 2 --seq 3072 --micro-batch 2 $NOAC model.fused_kernels=true
+      bench llama3-8b --gpus 2 --seq 3072 --micro-batch 4 $NOAC model.fused_kernels=true ;;
+    8b1)  # one GPU, for the scaling figure
+      bench llama3-8b --gpus 1 --seq 3072 --micro-batch 2 $NOAC model.fused_kernels=true ;;
+    proxy)  # Llama-3-70B widths, 20 layers
+      P=(llama3-70b-proxy --gpus 2 --seq 3072 --warmup 2 --steps 3)
+      bench "${P[@]}" lora.compute_dtype=float32
+      bench "${P[@]}" --micro-batch 2 $NOAC model.fused_kernels=true
+      bench "${P[@]}" --micro-batch 4 $NOAC model.fused_kernels=true ;;
+    70b)  # the full 80 layers: checkpointing chosen from memory
+      bench llama3-70b --gpus 2 --seq 3072 --warmup 2 --steps 3 --micro-batch 2 model.fused_kernels=true \
+        parallel.activation_checkpointing=auto ;;
+    70b1)  # the full 80 layers, one row per GPU: no recomputation (it fits an H200), then what auto picks
+      bench llama3-70b --gpus 2 --seq 3072 --warmup 2 --steps 3 model.fused_kernels=true $NOAC
+      bench llama3-70b --gpus 2 --seq 3072 --warmup 2 --steps 3 model.fused_kernels=true \
+        parallel.activation_checkpointing=auto ;;
+    dropout)  # LoRA dropout 0.05 (the published recipe's, above) vs none
+      bench llama3-70b-proxy --gpus 2 --seq 3072 --warmup 2 --steps 3 --micro-batch 4 $NOAC model.fused_kernels=true \
+        lora.dropout=0 ;;
+    varlen)  # instruction-like lengths (tens to thousands of tokens), 8 rows per GPU per step: padded vs packed
+      V=(llama3-8b --gpus 2 --seq 3072 --micro-batch 8 --lengths instruct model.fused_kernels=true
+         parallel.activation_checkpointing=auto)
+      bench "${V[@]}"
+      bench "${V[@]}" data.packing=true ;;
+  esac
+done
+echo; echo "=== $LOG"
+python3 - "$LOG" <<'PY'
+import json, sys
+print(f"{'shape':<17}{'gpus':>4}{'mb':>4} {'lengths':<9}{'tok/s/GPU':>10}{'MFU':>7}{'HFU':>7}{'peak GiB':>9}  overrides")
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    if "error" in r:
+        print(f"{r['shape']:<17}{r['gpus']:>4}{r['micro_batch']:>4} {r['lengths']:<9} ERROR {r['error']}  {' '.join(r['overrides'])}")
+        continue
+    peak = max(x for x in r["gpu_peak_gib_per_rank"] if x is not None)
+    print(f"{r['shape']:<17}{r['gpus']:>4}{r['micro_batch']:>4} {r['lengths']:<9}{r['tokens_per_s_per_gpu']:>10,.0f}"
+          f"{r['mfu']:>7.1%}{r['hfu']:>7.1%}{peak:>9.1f}  {' '.join(r['overrides'])}")
+PY

@@ -1,0 +1,97 @@
+"""`shardtune doctor RECIPE --smoke`: the whole life of a run, in minutes, on the hardware it will run on.
+
+Two short runs of the recipe as given (its data, model and overrides), each a real launch of `torchrun`:
+load, 2 steps, a checkpoint; then the same command again, which resumes from that checkpoint and trains 1
+step. Each stage is reported pass/fail with what the run said when it failed, so a broken data path, a
+model that does not load, a save that cannot be written or a resume that does not continue are found
+before the allocation is spent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# A small slice of the recipe: two global batches, no generation, the eval kept to a row per process.
+SMOKE = ["train.save_every=2", "eval.every=0", "eval.samples=0", "eval.questions=[]", "train.log_every=1"]
+
+
+@dataclass
+class Stage:
+    name: str
+    ok: bool
+    detail: str
+
+
+def _launch(recipe: str, overrides: list[str], procs: int, steps: int, out: Path, timeout_s: float):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
+    command += [recipe, *overrides, *SMOKE, f"eval.max_rows={procs}", f"train.max_steps={steps}"]
+    command += [f"train.output_dir={out}", "train.run_name=smoke"]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+        rc, log = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as e:
+        rc, log = f"timed out after {timeout_s:.0f}s", (e.stdout or b"").decode() + (e.stderr or b"").decode()
+    return rc, log, time.perf_counter() - t0
+
+
+def _steps(run: Path) -> dict[int, float]:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    rows = [json.loads(x) for x in path.read_text().splitlines() if '"tokens_per_s_per_device"' in x]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def _why(log: str) -> str:
+    """What a failed run's log says went wrong: shardtune's own "error: ..." (bad config or data), else the
+    exception a rank raised, else its last lines (torchrun's summary names no cause)."""
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
+    ours = [ln for ln in lines if ln.startswith("error: ")]
+    raised = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b.*: ", ln)]
+    return " | ".join(dict.fromkeys(ours or raised[-1:] or lines[-3:]))[-600:]
+
+
+def run_smoke(recipe: str, overrides: list[str], procs: int, timeout_s: float = 900) -> list[Stage]:
+    stages: list[Stage] = []
+    with tempfile.TemporaryDirectory(prefix="shardtune-smoke-") as tmp:
+        run = Path(tmp) / "smoke"
+        rc, log, took = _launch(recipe, overrides, procs, 2, Path(tmp), timeout_s)
+        loaded = next((ln for ln in log.splitlines() if "load:" in ln), None)
+        stages.append(Stage("load data and model", loaded is not None, loaded or _why(log)))
+        steps = _steps(run)
+        trained = [s for s in (1, 2) if s in steps and math.isfinite(steps[s])]
+        stages.append(Stage("train 2 steps", trained == [1, 2], f"losses {steps}" if steps else _why(log)))
+        saved = (run / "checkpoints" / "step-00000002" / "manifest.json").is_file()
+        stages.append(
+            Stage(
+                "save a checkpoint",
+                saved and rc == 0,
+                f"{took:.0f}s for load + 2 steps + save" if saved and rc == 0 else _why(log),
+            )
+        )
+        if not saved:
+            return stages
+        rc, log, took = _launch(recipe, overrides, procs, 3, Path(tmp), timeout_s)
+        resumed = next((ln for ln in log.splitlines() if "resumed from" in ln), None)
+        stages.append(
+            Stage("resume from it", resumed is not None and "step 2" in resumed, resumed or _why(log))
+        )
+        steps = _steps(run)
+        ok = rc == 0 and 3 in steps and math.isfinite(steps[3])
+        stages.append(Stage("train 1 more step", ok, f"step 3 loss {steps.get(3)}" if ok else _why(log)))
+    return stages
+
+
+def report(stages: list[Stage]) -> tuple[str, bool]:
+    lines = [f"  {'PASS' if s.ok else 'FAIL'}  {s.name}: {s.detail}" for s in stages]
+    ok = len(stages) == 5 and all(s.ok for s in stages)
+    return "smoke test (load, 2 steps, save, resume, 1 step):\n" + "\n".join(lines), ok

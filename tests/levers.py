@@ -1,0 +1,79 @@
+"""Shared by the speed-lever tests on CPU (tests/test_levers.py) and on GPU (tests/workers/gpu_levers.py): a
+model built by shardtune's own loader (4-bit base, LoRA) on one device, rows of several lengths, and the
+loss and adapter gradients of one forward/backward under a given set of levers."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from shardtune.config import Config, apply_overrides
+from shardtune.data.loader import collate
+from shardtune.loading import build_model
+from shardtune.modeling import model_config
+from shardtune.parallel import Sharder
+from shardtune.trainer import compute_context, token_loss_sum
+
+
+def build(overrides: dict, device: torch.device):
+    """A random 4-bit + LoRA model as a training run builds it (one process: the plain module)."""
+    cfg = apply_overrides(
+        Config(),
+        {"model.init": "random", "lora.dropout": 0.0, "model.fused_kernels": False, **overrides},
+        "test",
+    )
+    torch.manual_seed(0)
+    model, _ = build_model(
+        cfg, model_config(cfg), None, "sdpa", Sharder(cfg.parallel, cfg.param_dtype, device, 1), device
+    )
+    gen = torch.Generator().manual_seed(1)
+    for name, p in model.named_parameters():  # as after some training: LoRA B starts at zero, a no-op
+        if "lora_B" in name:
+            p.data.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    return cfg, model
+
+
+def rows(lengths: list[int], vocab: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Rows of random tokens; the first quarter of each is prompt (untrained), the rest trained."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for n in lengths:
+        trained = np.ones(n, dtype=bool)
+        trained[: n // 4] = False
+        out.append((rng.integers(3, vocab, n), trained))
+    return out
+
+
+def to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in batch.items() if k != "lengths"}
+
+
+def per_token_losses(model, batch: dict, autocast_dtype=None) -> torch.Tensor:
+    """Cross-entropy of every labelled position, in row order (padded and packed batches list the same
+    positions in the same order)."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    with torch.no_grad(), compute_context(batch["input_ids"].device, autocast_dtype):
+        logits = model(**inputs, use_cache=False).logits.float()
+    labels = batch["labels"]
+    mask = labels != -100
+    return torch.nn.functional.cross_entropy(logits[mask], labels[mask], reduction="none")
+
+
+def loss_and_grads(model, batch: dict, autocast_dtype=None, fused: bool = False):
+    """Summed token loss and the adapters' gradients (fp32, by name) of one forward/backward."""
+    model.zero_grad(set_to_none=True)
+    with compute_context(batch["input_ids"].device, autocast_dtype):
+        loss = token_loss_sum(model, batch, fused)
+    loss.backward()
+    grads = {
+        n.replace("._checkpoint_wrapped_module", ""): p.grad.detach().clone()
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
+    return loss.detach().double().item(), grads
+
+
+def batches(lengths: list[int], vocab: int, pad_id: int, device: torch.device) -> tuple[dict, dict]:
+    """The same rows, padded and packed."""
+    r = rows(lengths, vocab)
+    return to(collate(r, pad_id), device), to(collate(r, pad_id, packed=True), device)

@@ -1,0 +1,173 @@
+"""Correctness of the speed levers on CPU (the GPU side: tests/gpu/test_gpu.py): padding-free packing,
+adapters computing in bf16, checkpointing every k-th layer, checkpointing chosen from the GPU's memory, and
+`shardtune bench` itself."""
+
+import itertools
+import json
+
+import pytest
+import torch
+from levers import batches, build, loss_and_grads, per_token_losses
+
+from conftest import BIN, ROOT, run_env
+from shardtune import plan
+from shardtune.config import Config, ConfigError, apply_overrides
+from shardtune.modeling import fused_kernels, model_config
+
+CPU = torch.device("cpu")
+LENGTHS = [37, 5, 64, 18]  # one row of every micro-batch is the longest; the others would be padded
+
+
+def test_packed_rows_have_the_padded_rows_per_token_loss():
+    _, model = build({}, CPU)
+    padded, packed = batches(LENGTHS, 384, 2, CPU)
+    assert packed["input_ids"].shape == (1, sum(LENGTHS)) and "attention_mask" not in packed
+    a, b = per_token_losses(model, padded), per_token_losses(model, packed)
+    assert a.shape == b.shape and a.numel() == sum(n - n // 4 for n in LENGTHS)  # labels: trained[1:]
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    # the same through backward: the adapters' gradients agree
+    (la, ga), (lb, gb) = loss_and_grads(model, padded), loss_and_grads(model, packed)
+    assert la == pytest.approx(lb, rel=1e-5)
+    for name in ga:  # fp32 sums in another order: equal to rounding
+        torch.testing.assert_close(gb[name], ga[name], rtol=1e-3, atol=1e-4 * ga[name].abs().max().item())
+
+
+def test_packed_rows_cannot_attend_to_each_other():
+    _, model = build({}, CPU)
+    _, packed = batches(LENGTHS, 384, 2, CPU)
+    before = per_token_losses(model, packed)
+    changed = {k: v.clone() for k, v in packed.items()}
+    changed["input_ids"][0, : LENGTHS[0]] = (changed["input_ids"][0, : LENGTHS[0]] + 7) % 384  # row 1 only
+    after = per_token_losses(model, changed)
+    first = LENGTHS[0] - LENGTHS[0] // 4  # labelled positions of row 1
+    assert not torch.equal(before[:first], after[:first])  # row 1 did change...
+    torch.testing.assert_close(after[first:], before[first:], rtol=0, atol=0)  # ...and no other row noticed
+
+
+def test_adapters_compute_in_bf16_under_autocast_and_keep_fp32_gradients():
+    _, model = build({"parallel.mixed_precision": "bf16"}, CPU)
+    padded, _ = batches(LENGTHS, 384, 2, CPU)
+    seen = []  # the dtype each adapter matmul computes in (its output's)
+    lora_a = next(m for n, m in model.named_modules() if n.endswith("q_proj.lora_A.default"))
+    lora_a.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    loss32, g32 = loss_and_grads(model, padded)  # PEFT's default: inputs cast up to the fp32 adapters
+    loss16, g16 = loss_and_grads(model, padded, autocast_dtype=torch.bfloat16)
+    assert seen == [torch.float32, torch.bfloat16]
+    assert loss16 == pytest.approx(loss32, rel=2e-2)
+    for name, g in g16.items():
+        assert g.dtype == torch.float32  # the weights, their gradients and AdamW stay fp32
+        cos = torch.nn.functional.cosine_similarity(g.flatten(), g32[name].flatten(), dim=0)
+        assert cos > 0.98 or g32[name].abs().max() == 0, name
+
+
+def _count_checkpointed(every: int) -> tuple[int, tuple]:
+    """Checkpoint wrappers the loader's sharder puts on, and the loss and gradients through them."""
+    _, model = build({"parallel.activation_checkpointing": True, "parallel.checkpoint_every": every}, CPU)
+    wrapped = sum(type(m).__name__ == "CheckpointWrapper" for m in model.modules())
+    padded, _ = batches(LENGTHS, 384, 2, CPU)
+    return wrapped, loss_and_grads(model, padded)
+
+
+def test_checkpointing_every_kth_layer_recomputes_those_layers_exactly():
+    layers = model_config(Config()).num_hidden_layers
+    n_all, (loss_all, g_all) = _count_checkpointed(1)
+    n_half, (loss_half, g_half) = _count_checkpointed(2)
+    assert (n_all, n_half) == (layers, len(range(0, layers, 2)))
+    assert loss_half == loss_all
+    for name in g_all:
+        torch.testing.assert_close(g_half[name], g_all[name], rtol=0, atol=0)
+
+
+def test_auto_checkpointing_picks_the_least_recomputation_that_fits():
+    cfg = apply_overrides(
+        Config(),
+        {
+            "model.name_or_path": "llama3-8b",
+            "parallel.mixed_precision": "bf16",
+            "data.max_len": 4096,
+            "train.micro_batch_size": 2,
+            "train.global_batch_size": 4,
+            "parallel.activation_checkpointing": "auto",
+            "eval.batch_size": 1,
+        },
+        "test",
+    )
+    conf = model_config(cfg)
+    peaks = {}
+    for ac, every in plan.CHECKPOINT_CHOICES:
+        choice = {"parallel.activation_checkpointing": ac, "parallel.checkpoint_every": every}
+        peaks[(ac, every)] = plan.estimate(apply_overrides(cfg, choice, "test"), conf, 2).gpu_peak
+    ordered = [peaks[c] for c in plan.CHECKPOINT_CHOICES]
+    assert all(a > b for a, b in itertools.pairwise(ordered))  # more recomputation, less memory
+    for target in plan.CHECKPOINT_CHOICES:
+        mem = peaks[target] / plan.AUTO_MARGIN * 1.001  # just enough for this choice
+        choice, _ = plan.choose_checkpointing(cfg, conf, 2, mem)
+        assert (choice["parallel.activation_checkpointing"], choice["parallel.checkpoint_every"]) == target
+    choice, _ = plan.choose_checkpointing(cfg, conf, 2, None)  # no GPU: nothing to save
+    assert choice["parallel.activation_checkpointing"] is False
+
+
+def test_fused_kernels_are_refused_on_the_cpu_and_auto_turns_them_off():
+    cfg = apply_overrides(Config(), {"model.fused_kernels": True}, "test")
+    with pytest.raises(
+        ConfigError, match=r"model\.fused_kernels=true: .*CPU.*Set model\.fused_kernels=auto or false"
+    ):
+        fused_kernels(cfg, model_config(cfg), "cpu")
+    assert Config().model.fused_kernels == "auto"
+    assert fused_kernels(Config(), model_config(Config()), "cpu") is False
+    assert fused_kernels(apply_overrides(cfg, {"model.fused_kernels": False}, "t"), None, "cuda") is False
+
+
+@pytest.mark.slow
+def test_shardtune_bench_prints_one_json_line_per_run(tmp_path):
+    import subprocess
+
+    def bench(*args):
+        proc = subprocess.run(
+            [
+                str(BIN / "shardtune"),
+                "bench",
+                "tiny",
+                "--gpus",
+                "2",
+                "--warmup",
+                "1",
+                "--steps",
+                "2",
+                "--workdir",
+                str(tmp_path),
+                *args,
+            ],
+            cwd=ROOT,
+            env=run_env(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    fixed = bench("--seq", "96", "--micro-batch", "2", "parallel.activation_checkpointing=false")
+    assert fixed["tokens_per_step"] == 96 * 2 * 2  # every row exactly --seq tokens
+    assert fixed["measured_steps"] == 2 and fixed["tokens_per_s_per_gpu"] > 0
+    assert 0 < fixed["mfu"] == fixed["hfu"]  # nothing recomputed
+    assert fixed["settings"]["activation_checkpointing"] is False and fixed["settings"]["lora"]["r"] == 16
+    assert fixed["settings"]["fused_kernels"] is False  # auto, on a CPU
+    varied = bench("--seq", "256", "--micro-batch", "4", "--lengths", "instruct", "data.packing=true")
+    assert varied["settings"]["packing"] is True and varied["hfu"] > varied["mfu"]  # recipe checkpoints
+    assert varied["tokens_per_step"] < 256 * 4 * 2  # real tokens only
+
+
+def test_bench_refuses_a_typo_before_starting(tmp_path):
+    import subprocess
+
+    proc = subprocess.run(
+        [str(BIN / "shardtune"), "bench", "tiny", "data.pakcing=true", "--workdir", str(tmp_path)],
+        cwd=ROOT,
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "data.packing" in proc.stderr
+    assert not list(tmp_path.iterdir())
