@@ -3,8 +3,8 @@
 Completion-only loss after "### Response:\\n", a reserved special token as pad, EOS appended, 1% held out,
 eval and checkpoints every 100 steps, TensorBoard logs, and answers to a few questions after training.
 Rows are packed without padding (alpaca answers run from a few tokens to a thousand) and Liger's fused kernels
-run where installed. On GPUs with memory to spare, `parallel.activation_checkpointing=auto` (on the command line,
-which wins over the accelerate config) recomputes only as many layers as the memory needs (BENCHMARKS.md).
+run where installed; with fsdp_configs/2xh100.yaml activation checkpointing is `auto`: only as many layers are
+recomputed as the GPU's memory needs (BENCHMARKS.md).
 
     accelerate launch --config_file fsdp_configs/2xh100.yaml recipes/llama3_8b.py
     accelerate launch --config_file fsdp_configs/2xh100.yaml recipes/llama3_8b.py data.source=my_rows.jsonl

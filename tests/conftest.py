@@ -33,8 +33,9 @@ def launch(
     timeout: int = 900,
     check: bool = True,
     env: dict[str, str] | None = None,
+    config: str = "fsdp_configs/cpu_2proc.yaml",
 ) -> subprocess.CompletedProcess:
-    """Run a script with 2 (or `nproc`) CPU processes, as a user would."""
+    """Run a script with 2 (or `nproc`) CPU processes, as a user would (`config`: the accelerate config)."""
     if launcher == "torchrun":
         cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(_port()), *args]
     elif launcher == "accelerate":
@@ -42,7 +43,7 @@ def launch(
             str(BIN / "accelerate"),
             "launch",
             "--config_file",
-            str(ROOT / "fsdp_configs/cpu_2proc.yaml"),
+            str(ROOT / config),
             "--num_processes",
             str(nproc),
             "--main_process_port",

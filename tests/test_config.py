@@ -153,6 +153,18 @@ def test_precedence_recipe_then_launcher_then_command_line(tmp_path):
     assert cfg.parallel.cpu_offload and cfg.parallel.mixed_precision == "bf16"
 
 
+def test_checkpointing_auto_comes_through_accelerate_and_its_yaml():
+    """`fsdp_activation_checkpointing: auto` (the bundled GPU configs) reaches the run as 'auto', from the
+    environment `accelerate launch` exports and from the YAML read under torchrun; true/false stay booleans."""
+    env = {"ACCELERATE_USE_FSDP": "true", "FSDP_ACTIVATION_CHECKPOINTING": "auto"}
+    assert resolve_config(Config(), [], env).parallel.activation_checkpointing == "auto"
+    for name in ("2xh100", "8xh100", "multinode"):
+        cfg = resolve_config(Config(), [f"parallel.launch_config=fsdp_configs/{name}.yaml"], {})
+        assert cfg.parallel.activation_checkpointing == "auto", name
+    cfg = resolve_config(Config(), ["parallel.launch_config=fsdp_configs/4xa10g.yaml"], {})
+    assert cfg.parallel.activation_checkpointing is True
+
+
 def test_yaml_with_use_cpu_is_refused(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(

@@ -144,6 +144,45 @@ def test_llama3_70b_no_robots_chat(tmp_path):
     assert sample["prompt"].endswith("\n\nAssistant: ")
 
 
+@pytest.mark.slow
+def test_the_4xa10g_command_runs_as_4_processes(tmp_path, capsys):
+    """`accelerate launch --config_file fsdp_configs/4xa10g.yaml recipes/llama3_70b.py` as written, on 4 CPU
+    processes with the tiny model and local rows in place of the hub's: the launch, the config's settings,
+    4-way sharding and the recipe's batch layout (the 4-GPU run itself needs a 4-GPU machine)."""
+    from shardtune.cli import main as cli
+
+    data = no_robots(tmp_path / "no_robots")
+    small = [
+        "model.name_or_path=tiny",
+        "model.init=random",
+        "train.max_steps=2",
+        "eval.every=0",
+        "eval.samples=0",
+        "eval.max_rows=4",
+        "data.max_len=192",
+    ]
+    proc = launch(
+        ["recipes/llama3_70b.py", f"data.source={data}", f"train.output_dir={tmp_path}", *small],
+        launcher="accelerate",
+        nproc=4,
+        config="fsdp_configs/4xa10g.yaml",
+    )
+    summary = read_summary(tmp_path / "llama3_70b")
+    assert summary["world_size"] == 4 and 0.2 < summary["rank0_holds"] < 0.3  # a quarter of the base each
+    cfg = (tmp_path / "llama3_70b" / "config.yaml").read_text()
+    assert (
+        "cpu_offload: true" in cfg
+        and "activation_checkpointing: true" in cfg
+        and "mixed_precision: bf16" in cfg
+    )
+    log = proc.stdout + proc.stderr
+    assert "(2 x 1 rows per process per step)" in log  # global batch 8 = 4 GPUs x 1 row x 2 accumulated
+    assert "parallel.cpu_offload is ignored on CPU" in log
+    # and the plan for the real thing: 80 layers on 4 x 24 GiB with offload fits
+    assert cli(["plan", "recipes/llama3_70b.py", "--gpus", "4", "--gpu-mem", "24GiB", "--gpu", "a10g"]) == 0
+    assert "fits in 24 GiB" in capsys.readouterr().out
+
+
 def test_shardtune_validate_command(capsys):
     from shardtune.cli import main
 

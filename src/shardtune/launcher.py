@@ -64,6 +64,9 @@ def _from_fsdp_settings(settings: dict[str, str], mixed_precision: str | None, o
     ):
         if key in settings:
             out[f"parallel.{field}"] = _bool(settings[key])
+    if str(settings.get("activation_checkpointing", "")).strip().lower() == "auto":
+        # shardtune's own value (accelerate passes it through untouched): recompute as little as fits
+        out["parallel.activation_checkpointing"] = "auto"
     if settings.get("backward_prefetch"):
         out["parallel.backward_prefetch"] = str(settings["backward_prefetch"]).upper()
     if mixed_precision:
