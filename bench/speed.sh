@@ -42,6 +42,12 @@ for group in "$@"; do
     dropout)  # LoRA dropout 0.05 (the published recipe's, above) vs none
       bench llama3-70b-proxy --gpus 2 --seq 3072 --warmup 2 --steps 3 --micro-batch 4 $NOAC model.fused_kernels=true \
         lora.dropout=0 ;;
+    plan)  # for shardtune plan's table: a second and third sequence length, and CPU offload on/off under a 24 GiB cap
+      bench llama3-8b --gpus 2 --seq 2048 --micro-batch 2 $NOAC
+      bench llama3-8b --gpus 2 --seq 4096 --micro-batch 1
+      bench llama3-70b-proxy --gpus 2 --seq 2048 --micro-batch 2 $NOAC
+      bench llama3-70b --gpus 2 --seq 3072 --warmup 1 --steps 2 parallel.gpu_memory_limit_gib=24 parallel.cpu_offload=true
+      bench llama3-70b --gpus 2 --seq 3072 --warmup 1 --steps 2 parallel.gpu_memory_limit_gib=24 ;;  # expected not to fit
     varlen)  # instruction-like lengths (tens to thousands of tokens), 8 rows per GPU per step: padded vs packed
       V=(llama3-8b --gpus 2 --seq 3072 --micro-batch 8 --lengths instruct model.fused_kernels=true
          parallel.activation_checkpointing=auto)

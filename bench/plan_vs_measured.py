@@ -1,0 +1,49 @@
+"""`shardtune plan`'s predicted peak GPU memory and speed against `shardtune bench` lines (BENCHMARKS.md's table):
+    python bench/plan_vs_measured.py bench/results/2026-11-23-2xh200-c/speed.jsonl
+The plan is asked about exactly what each bench run trained: the benchmark recipe, the shape, sequence,
+micro-batch, GPUs and the run's overrides ('auto' checkpointing resolved for an H200, as the run did).
+"""
+
+import json
+import sys
+
+from shardtune import bench, plan
+from shardtune.config import apply_overrides
+from shardtune.recipe import resolve_config
+
+
+def predict(r: dict):
+    name, shape = bench.SHAPES[r["shape"]]
+    mb, gpus = r["micro_batch"], r["gpus"]
+    overrides = [f"model.name_or_path={name}", *(f"{k}={v}" for k, v in shape.items())]
+    overrides += [
+        f"data.max_len={r['seq']}",
+        f"train.global_batch_size={mb * gpus}",
+        f"train.micro_batch_size={mb}",
+    ]
+    cfg = resolve_config(bench.config(), [*overrides, f"eval.max_rows={gpus}", *r["overrides"]], env={})
+    conf, _ = plan.architecture(cfg)
+    if cfg.parallel.activation_checkpointing == "auto":
+        memory = (cfg.parallel.gpu_memory_limit_gib or 139.8) * 2**30
+        choice, _ = plan.choose_checkpointing(cfg, conf, gpus, memory)
+        cfg = apply_overrides(cfg, choice, "auto")
+    return plan.estimate(cfg, conf, gpus)
+
+
+print(
+    "| run | GPUs | seq | mb | overrides | predicted GiB | measured GiB | error | predicted tok/s/GPU | measured |"
+)
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+with open(sys.argv[1]) as f:
+    for line in f:
+        r = json.loads(line)
+        if "error" in r:
+            continue
+        est = predict(r)
+        measured = max(x for x in r["gpu_peak_gib_per_rank"] if x)
+        predicted = est.gpu_peak / 2**30
+        print(
+            f"| {r['shape']} ({r['lengths']}) | {r['gpus']} | {r['seq']} | {r['micro_batch']} | "
+            f"{' '.join(r['overrides'])} | {predicted:.1f} | {measured:.1f} | {(predicted - measured) / measured:+.0%} | "
+            f"{est.tokens_per_s_per_gpu:,.0f} | {r['tokens_per_s_per_gpu']:,.0f} |"
+        )
