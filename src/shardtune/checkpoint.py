@@ -116,9 +116,7 @@ def _trainable_state(model, optimizer):
     state-dict machinery is involved: FSDP1's sharded state dict unshards every unit and copies each rank's
     slice of every frozen 4-bit weight before `ignore_frozen_params` drops them (measured: +5 GiB per GPU for
     a moment at every save of the 80-layer 70B, enough to fail a save on 24 GB GPUs)."""
-    if (
-        not optimizer.state
-    ):  # a fresh optimizer (a resume): create its state so that there is somewhere to load
+    if not optimizer.state:  # a fresh optimizer (a resume): give DCP state tensors to load into
         _init_optim_state(optimizer)
     names = {p: _fqn(n) for n, p in model.named_parameters() if p.requires_grad}
     msd = {names[p]: p.detach() for p in names}
