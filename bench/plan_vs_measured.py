@@ -8,7 +8,6 @@ import json
 import sys
 
 from shardtune import bench, plan
-from shardtune.config import apply_overrides
 from shardtune.recipe import resolve_config
 
 
@@ -23,10 +22,12 @@ def predict(r: dict):
     ]
     cfg = resolve_config(bench.config(), [*overrides, f"eval.max_rows={gpus}", *r["overrides"]], env={})
     conf, _ = plan.architecture(cfg)
-    if cfg.parallel.activation_checkpointing == "auto":
-        memory = (cfg.parallel.gpu_memory_limit_gib or 139.8) * 2**30
-        choice, _ = plan.choose_checkpointing(cfg, conf, gpus, memory)
-        cfg = apply_overrides(cfg, choice, "auto")
+    memory = (
+        cfg.parallel.gpu_memory_limit_gib * 2**30
+        if cfg.parallel.gpu_memory_limit_gib
+        else plan.GPU_MEMORY["h200"]
+    )
+    cfg, _ = plan.resolve_checkpointing(cfg, conf, gpus, memory)
     return plan.estimate(cfg, conf, gpus)
 
 

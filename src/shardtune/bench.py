@@ -17,14 +17,14 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
+import yaml
+
 from shardtune.config import Config
+from shardtune.spawn import torchrun
 
 # Named shapes: built-in architectures, plus the 70B-layer proxy (Llama-3-70B widths, 20 layers).
 SHAPES = {
@@ -111,18 +111,8 @@ def run(
         f"train.run_name={run_name}",
         *overrides,
     ]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"]
-    command += ["-m", "shardtune.bench", *args]
     log_path = work / f"{run_name}.log"
-    with log_path.open("w") as log:
-        # its own session, so that a run that outlives `timeout_s` is stopped with every process it started
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            rc = f"timed out after {timeout_s:.0f}s"
+    rc = torchrun(["-m", "shardtune.bench", *args], gpus, log_path, timeout_s)
     record = {
         "shape": shape,
         "gpus": gpus,
@@ -141,11 +131,11 @@ def run(
 
 def summarize(run_dir: Path, warmup: int) -> dict:
     """The measured steps of a finished run (those after `warmup`), averaged, and the settings used."""
-    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").open() if '"tokens_per_s_per_device"' in x]
+    from shardtune.metrics import train_steps  # torch: not for every `shardtune` command's start
+
+    metrics = train_steps(run_dir)
     measured = metrics[warmup:] or metrics
     summary = json.loads((run_dir / "summary.json").read_text())
-    import yaml
-
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     mean = statistics.mean
     return {

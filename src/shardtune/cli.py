@@ -23,7 +23,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from shardtune.config import ConfigError, apply_overrides
+from shardtune.config import ConfigError
 
 
 def load_recipe_config(path: str):
@@ -108,16 +108,23 @@ def _plan_parser(sub) -> None:
     )
 
 
-def _recipe_config(command: str, recipe: str, rest: list[str]):
-    """The recipe's config with the command line's key=value overrides (no training flags), and its
-    architecture (with a note when a built-in shape stands in for a hub id)."""
-    from shardtune import plan
-    from shardtune.recipe import _parse_args, load_recipe, resolve_config
+def _overrides(command: str, rest: list[str]) -> list[str]:
+    """The key=value overrides of a command line that takes no training flags."""
+    from shardtune.recipe import _parse_args
 
     flags, overrides, _ = _parse_args(rest)
     if flags:
         raise ConfigError(f"shardtune {command} takes no {' '.join(sorted(flags))}")
-    cfg = resolve_config(load_recipe(recipe).config(), overrides, env={})
+    return overrides
+
+
+def _recipe_config(command: str, recipe: str, rest: list[str]):
+    """The recipe's config with the command line's key=value overrides (no training flags), and its
+    architecture (with a note when a built-in shape stands in for a hub id)."""
+    from shardtune import plan
+    from shardtune.recipe import load_recipe, resolve_config
+
+    cfg = resolve_config(load_recipe(recipe).config(), _overrides(command, rest), env={})
     return (cfg, *plan.architecture(cfg))
 
 
@@ -136,11 +143,9 @@ def _plan(args, rest: list[str]) -> int:
         f"global batch {cfg.train.global_batch_size}, LoRA r={cfg.lora.r}"
     )
     if cfg.parallel.activation_checkpointing == "auto":
-        choice, _ = plan.choose_checkpointing(
-            cfg, conf, args.gpus, gpu_mem or plan.GPU_MEMORY[args.gpu.lower()]
-        )
-        print(f"activation checkpointing (auto): {plan.describe_checkpointing(choice)}")
-        cfg = apply_overrides(cfg, choice, "parallel.activation_checkpointing=auto")
+        memory = gpu_mem or plan.GPU_MEMORY[args.gpu.lower()]
+        cfg, _ = plan.resolve_checkpointing(cfg, conf, args.gpus, memory)
+        print(f"activation checkpointing (auto): {plan.describe_checkpointing(cfg)}")
     est = plan.estimate(cfg, conf, args.gpus, args.nodes, args.gpu)
     print(plan.format_plan(est, args.gpus, gpu_mem, host_ram))
     if not args.fit:
@@ -188,11 +193,9 @@ def _bench(args, rest: list[str]) -> int:
     import json
 
     from shardtune import bench
-    from shardtune.recipe import _parse_args, resolve_config
+    from shardtune.recipe import resolve_config
 
-    flags, overrides, _ = _parse_args(rest)
-    if flags:
-        raise ConfigError(f"shardtune bench takes no {' '.join(sorted(flags))}")
+    overrides = _overrides("bench", rest)
     resolve_config(bench.config(), overrides, env={})  # a typo fails here, before anything starts
     record = bench.run(
         args.shape,

@@ -68,6 +68,14 @@ def step_flops(n_matmul: int, n_layers: int, hidden: int, tokens: float, squares
     return model, hardware
 
 
+def train_steps(run_dir: Path) -> list[dict]:
+    """The training-step records of a run's metrics.jsonl, in order (eval and note records left out)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if '"tokens_per_s_per_device"' in x]
+
+
 def host_peak_gib() -> float:
     """Peak resident memory of this process (GiB)."""
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux

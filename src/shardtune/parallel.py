@@ -112,9 +112,11 @@ class Sharder:
 
 def checkpointed_every(pcfg: ParallelConfig) -> int:
     """Every how many decoder layers one is recomputed in backward (0: none). 'auto' must have been
-    resolved before (run.py, from the GPU's memory)."""
+    resolved before (plan.resolve_checkpointing, from the GPU's memory)."""
     if pcfg.activation_checkpointing == "auto":
-        raise ValueError("parallel.activation_checkpointing='auto' reached the sharder unresolved")
+        raise ValueError(
+            "parallel.activation_checkpointing='auto' is unresolved (plan.resolve_checkpointing)"
+        )
     return pcfg.checkpoint_every if pcfg.activation_checkpointing else 0
 
 

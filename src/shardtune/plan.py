@@ -225,7 +225,8 @@ def _fused_attention(module, query, key, value, attention_mask, **kwargs):
 def estimate(cfg: Config, conf, gpus: int, nodes: int = 1, gpu_name: str = "h200") -> Estimate:
     """Predicted memory and time of one configuration on `gpus` GPUs in total."""
     from shardtune.metrics import step_flops
-    from shardtune.modeling import matmul_parameters
+    from shardtune.modeling import fused_kernels, matmul_parameters
+    from shardtune.parallel import checkpointed_every, checkpointed_fraction
 
     s = Shape.of(conf)
     n = max(gpus, 1)
@@ -242,18 +243,13 @@ def estimate(cfg: Config, conf, gpus: int, nodes: int = 1, gpu_name: str = "h200
     quant_state = lin / 64 * (1 + 4 / 256 if double_quant else 4)
     layer_full = s.layer_weights * 0.5 + 2 * s.hidden * compute
     lora = lora_parameters(s, cfg.lora.r, cfg.lora.target_modules)
-    if cfg.parallel.activation_checkpointing == "auto":
-        raise ValueError("resolve parallel.activation_checkpointing=auto first (choose_checkpointing)")
-    ac = bool(cfg.parallel.activation_checkpointing)
-    every = cfg.parallel.checkpoint_every if ac else 0
+    every = checkpointed_every(cfg.parallel)  # 0: nothing recomputed
     offload = cfg.parallel.cpu_offload and n > 1  # one process trains the plain module (parallel.py)
     key = (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, _target_key(cfg.lora.target_modules))
     adapter_dtype = cfg.param_dtype if cfg.lora.compute_dtype == "auto" else "float32"
     per_layer = layer_activation_bytes(
         s.hidden, s.inter, s.heads, s.kv_heads, s.head_dim, key, tokens, seq, cfg.param_dtype, adapter_dtype
     )
-    from shardtune.modeling import fused_kernels
-
     # 'auto' on a GPU: on when liger-kernel is installed here (plan where the job's environment is)
     fused = cfg.model.fused_kernels is True or fused_kernels(cfg, conf, "cuda")
     if fused:
@@ -268,7 +264,9 @@ def estimate(cfg: Config, conf, gpus: int, nodes: int = 1, gpu_name: str = "h200
         "2 decoder layers, gathered": 2 * layer_full,
         "dequantized weights (2 matmuls)": 2 * max(i * o for i, o in s.linears().values()) * compute,
         "adapters + grads + AdamW (whole)": 16 * lora,
-        "activations": _activations(s.layers, every, boundary, per_layer),
+        "activations": _activations(
+            s.layers, checkpointed_fraction(cfg.parallel, s.layers), boundary, per_layer
+        ),
         # bf16 logits, their fp32 copy and log-softmax, then the fp32 gradient: ~12 bytes per logit at the peak;
         # Liger's fused loss holds one chunk of fp32 logits (about tokens x hidden values) and the head's input
         # gradient
@@ -293,14 +291,13 @@ def estimate(cfg: Config, conf, gpus: int, nodes: int = 1, gpu_name: str = "h200
     n_matmul = matmul_parameters(conf)
     flops_per_row = step_flops(n_matmul, s.layers, s.hidden, seq, seq * seq, False)[0]
     rows_per_step = cfg.train.global_batch_size
-    recomputed = len(range(0, s.layers, every)) / s.layers if every else 0.0
-    mfu = expected_mfu(s.hidden, tokens, recomputed, offload)
+    mfu = expected_mfu(s.hidden, tokens, checkpointed_fraction(cfg.parallel, s.layers), offload)
     peak = GPU_PEAKS[gpu_name.lower()]  # the CLI offers only these names
     step_s = flops_per_row * rows_per_step / (n * peak * mfu)
     steps = cfg.train.max_steps or 0
     settings = {
         "train.micro_batch_size": mb,
-        "parallel.activation_checkpointing": ac,
+        "parallel.activation_checkpointing": bool(every),
         "parallel.checkpoint_every": every or 1,
         "parallel.cpu_offload": offload,
     }
@@ -316,12 +313,12 @@ def estimate(cfg: Config, conf, gpus: int, nodes: int = 1, gpu_name: str = "h200
     )
 
 
-def _activations(layers: int, every: int, boundary: float, per_layer: float) -> float:
-    """Checkpointed layers keep only their input (`boundary`); the others keep everything; one checkpointed layer
-    at a time is recomputed whole in backward."""
-    if not every:
+def _activations(layers: int, recomputed: float, boundary: float, per_layer: float) -> float:
+    """Checkpointed layers (the `recomputed` share) keep only their input (`boundary`); the others keep
+    everything; one checkpointed layer at a time is recomputed whole in backward."""
+    if not recomputed:
         return layers * per_layer
-    kept = len(range(0, layers, every))
+    kept = round(recomputed * layers)
     return kept * boundary + (layers - kept) * per_layer + per_layer
 
 
@@ -344,10 +341,24 @@ def choose_checkpointing(cfg: Config, conf, gpus: int, gpu_mem: float | None) ->
     return choice, est
 
 
-def describe_checkpointing(choice: dict) -> str:
-    if not choice["parallel.activation_checkpointing"]:
+def resolve_checkpointing(
+    cfg: Config, conf, gpus: int, gpu_mem: float | None
+) -> tuple[Config, Estimate | None]:
+    """`cfg` with parallel.activation_checkpointing=auto replaced by choose_checkpointing's choice (as it is
+    when not auto), and the estimate of that choice (None when nothing was chosen or there is no GPU limit)."""
+    if cfg.parallel.activation_checkpointing != "auto":
+        return cfg, None
+    choice, est = choose_checkpointing(cfg, conf, gpus, gpu_mem)
+    return apply_overrides(cfg, choice, "parallel.activation_checkpointing=auto"), est
+
+
+def describe_checkpointing(cfg: Config) -> str:
+    """The checkpointing a (resolved) configuration runs, in words."""
+    from shardtune.parallel import checkpointed_every
+
+    every = checkpointed_every(cfg.parallel)
+    if not every:
         return "none (every layer keeps its activations)"
-    every = choice["parallel.checkpoint_every"]
     return "every layer" if every == 1 else f"every {every}th layer"
 
 

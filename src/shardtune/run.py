@@ -72,9 +72,12 @@ def train(cfg: Config, dist: DistInfo, name: str, stop: StopRequest | None = Non
         raise
 
 
-def _resolve_checkpointing(cfg: Config, dist: DistInfo) -> Config:
-    """parallel.activation_checkpointing=auto -> the least recomputation that `shardtune plan` says fits this
-    GPU (none on the CPU, where memory is the host's)."""
+def _resolve_auto(cfg: Config, conf, dist: DistInfo) -> Config:
+    """The settings left to the run, decided here: model.fused_kernels=auto (where Liger can run) and
+    parallel.activation_checkpointing=auto (the least recomputation that `shardtune plan` says fits this GPU;
+    none on the CPU, where memory is the host's)."""
+    fused = modeling.fused_kernels(cfg, conf, dist.device.type)  # `true` where it cannot run: refused here
+    cfg = apply_overrides(cfg, {"model.fused_kernels": fused}, "model.fused_kernels")
     if cfg.parallel.activation_checkpointing != "auto":
         return cfg
     from shardtune import plan
@@ -84,16 +87,14 @@ def _resolve_checkpointing(cfg: Config, dist: DistInfo) -> Config:
         gpu_mem = torch.cuda.get_device_properties(dist.device).total_memory
         if cfg.parallel.gpu_memory_limit_gib:
             gpu_mem = min(gpu_mem, cfg.parallel.gpu_memory_limit_gib * 2**30)
-    choice, est = plan.choose_checkpointing(cfg, modeling.model_config(cfg), dist.world_size, gpu_mem)
+    cfg, est = plan.resolve_checkpointing(cfg, conf, dist.world_size, gpu_mem)
     if dist.is_main:
         log.info(
             "activation checkpointing (auto): %s%s",
-            plan.describe_checkpointing(choice),
-            f", planned peak {est.gpu_peak / 2**30:.1f} of {gpu_mem / 2**30:.0f} GiB"
-            if gpu_mem
-            else " (CPU)",
+            plan.describe_checkpointing(cfg),
+            f", planned peak {est.gpu_peak / 2**30:.1f} of {gpu_mem / 2**30:.0f} GiB" if est else " (CPU)",
         )
-    return apply_overrides(cfg, choice, "parallel.activation_checkpointing=auto")
+    return cfg
 
 
 def _tokenizer(cfg: Config, run_dir: Path):
@@ -145,10 +146,9 @@ class Model:
     attention: str
 
 
-def _model(cfg: Config, dist: DistInfo, run_dir: Path, tokenizer) -> Model:
+def _model(cfg: Config, conf, dist: DistInfo, run_dir: Path, tokenizer) -> Model:
     """The base streamed in layer by layer and sharded as it arrives. A small random base is first written as
     a checkpoint, so that the adapter can be reloaded onto it; a large one is drawn on the devices."""
-    conf = modeling.model_config(cfg)
     base = cfg.model.name_or_path
     if cfg.model.init == "random":
         base = None
@@ -205,10 +205,9 @@ def _train(
 ) -> dict:
     tokenizer = _tokenizer(cfg, run_dir)
     data = _data(cfg, dist, run_dir, tokenizer)  # bad data fails here, before any model is loaded
-    fused = modeling.fused_kernels(cfg, modeling.model_config(cfg), dist.device.type)
-    cfg = apply_overrides(cfg, {"model.fused_kernels": fused}, "model.fused_kernels")  # auto -> a choice
-    cfg = _resolve_checkpointing(cfg, dist)
-    m = _model(cfg, dist, run_dir, tokenizer)
+    conf = modeling.model_config(cfg)  # read once: a hub model's config is a download
+    cfg = _resolve_auto(cfg, conf, dist)
+    m = _model(cfg, conf, dist, run_dir, tokenizer)
     model = m.module
     peft_config = parallel.unwrap(model).peft_config["default"]
     peft_config.base_model_name_or_path = (

@@ -9,15 +9,15 @@ before the allocation is spent.
 
 from __future__ import annotations
 
-import json
 import math
 import re
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from shardtune.metrics import train_steps
+from shardtune.spawn import torchrun
 
 # A small slice of the recipe: two global batches, no generation, the eval kept to a row per process.
 SMOKE = ["train.save_every=2", "eval.every=0", "eval.samples=0", "eval.questions=[]", "train.log_every=1"]
@@ -31,24 +31,16 @@ class Stage:
 
 
 def _launch(recipe: str, overrides: list[str], procs: int, steps: int, out: Path, timeout_s: float):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
-    command += [recipe, *overrides, *SMOKE, f"eval.max_rows={procs}", f"train.max_steps={steps}"]
-    command += [f"train.output_dir={out}", "train.run_name=smoke"]
+    args = [recipe, *overrides, *SMOKE, f"eval.max_rows={procs}", f"train.max_steps={steps}"]
+    args += [f"train.output_dir={out}", "train.run_name=smoke"]
+    log_path = out / f"smoke-{steps}-steps.log"
     t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
-        rc, log = proc.returncode, proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as e:
-        rc, log = f"timed out after {timeout_s:.0f}s", (e.stdout or b"").decode() + (e.stderr or b"").decode()
-    return rc, log, time.perf_counter() - t0
+    rc = torchrun(args, procs, log_path, timeout_s)
+    return rc, log_path.read_text(errors="replace"), time.perf_counter() - t0
 
 
 def _steps(run: Path) -> dict[int, float]:
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return {}
-    rows = [json.loads(x) for x in path.read_text().splitlines() if '"tokens_per_s_per_device"' in x]
-    return {r["step"]: r["loss"] for r in rows}
+    return {r["step"]: r["loss"] for r in train_steps(run)}
 
 
 def _why(log: str) -> str:

@@ -178,8 +178,9 @@ class Trainer:
             batch = self._batch(indices or [0], split)
             if not indices:  # a dummy forward, so that collectives line up; it counts for nothing
                 batch["labels"].fill_(IGNORE_INDEX)
+                batch["labelled"] = 0
             total += self.loss_sum(batch).item()
-            count += int((batch["labels"] != IGNORE_INDEX).sum())
+            count += batch["labelled"]  # counted on the host by _batch
         self.model.train()
         total, count = all_reduce_sum([total, count], self.dist.device)
         out = {"eval_loss": total / max(count, 1), "eval_tokens": int(count), "eval_rows": n}

@@ -94,24 +94,19 @@ def collate(
     width, n_seq = (sum(lengths), 1) if packed else (max(lengths), len(rows))
     input_ids = torch.full((n_seq, width), pad_id, dtype=torch.long)
     labels = torch.full((n_seq, width), IGNORE_INDEX, dtype=torch.long)
-    attention = torch.zeros((n_seq, width), dtype=torch.long)
-    positions = torch.zeros((n_seq, width), dtype=torch.long)
+    # where the rows are: position ids restarting at every row (packed), or the attention mask (padded)
+    where = torch.zeros((n_seq, width), dtype=torch.long)
     start = 0
     for i, (ids, trained) in enumerate(rows):
         n = len(ids)
         seq, a = (0, start) if packed else (i, 0)
         t = torch.from_numpy(ids.astype(np.int64))
         input_ids[seq, a : a + n] = t
-        attention[seq, a : a + n] = 1
-        positions[seq, a : a + n] = torch.arange(n)
+        where[seq, a : a + n] = torch.arange(n) if packed else 1
         labels[seq, a : a + n - 1] = torch.where(torch.from_numpy(trained[1:]), t[1:], IGNORE_INDEX)
         start += n
-    batch = {"input_ids": input_ids, "labels": labels, "lengths": torch.tensor(lengths)}
-    if packed:
-        batch["position_ids"] = positions
-    else:
-        batch["attention_mask"] = attention
-    return batch
+    key = "position_ids" if packed else "attention_mask"
+    return {"input_ids": input_ids, "labels": labels, key: where, "lengths": torch.tensor(lengths)}
 
 
 class GlobalBatchSampler:
