@@ -120,3 +120,16 @@ def test_fused_kernels_that_cannot_run_here_are_an_error_with_the_fix(capsys, tm
     out = capsys.readouterr().out
     assert "ERROR ] model.fused_kernels=true: Liger's kernels are Triton kernels for CUDA GPUs" in out
     assert "fix: set model.fused_kernels=auto or false" in out
+
+
+def test_checkpointing_auto_is_decided_as_the_run_would(capsys, tmp_path):
+    """The bundled GPU configs say `fsdp_activation_checkpointing: auto`; doctor (and --doctor) must plan it as
+    the run will, not stop on it."""
+    args = [
+        "doctor",
+        "recipes/tiny.py",
+        "parallel.activation_checkpointing=auto",
+        f"train.output_dir={tmp_path}",
+    ]
+    assert cli(args) == 0
+    assert "all checks passed" in capsys.readouterr().out

@@ -217,8 +217,10 @@ def logged_save_seconds(run_dir: Path) -> float | None:
 
 
 def run_checks(cfg: Config, conf, gpus: int, lead_s: float | None = None) -> list[Finding]:
-    from shardtune.plan import estimate
+    from shardtune.plan import device_memory, estimate, resolve_checkpointing
 
+    # checkpointing 'auto' decided as the run will decide it on this machine's device
+    cfg, _ = resolve_checkpointing(cfg, conf, max(gpus, 1), device_memory(cfg, _run_device(cfg)))
     est = estimate(cfg, conf, max(gpus, 1))
     run_dir = Path(cfg.train.output_dir) / (cfg.train.run_name or "")
     measured = logged_save_seconds(run_dir) if cfg.train.run_name else None

@@ -341,6 +341,16 @@ def choose_checkpointing(cfg: Config, conf, gpus: int, gpu_mem: float | None) ->
     return choice, est
 
 
+def device_memory(cfg: Config, device: torch.device) -> float | None:
+    """Bytes of GPU memory a run on `device` may use (its total, or parallel.gpu_memory_limit_gib if lower);
+    None on a CPU."""
+    if device.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    limit = cfg.parallel.gpu_memory_limit_gib
+    return min(total, limit * GIB) if limit else total
+
+
 def resolve_checkpointing(
     cfg: Config, conf, gpus: int, gpu_mem: float | None
 ) -> tuple[Config, Estimate | None]:

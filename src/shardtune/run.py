@@ -82,11 +82,7 @@ def _resolve_auto(cfg: Config, conf, dist: DistInfo) -> Config:
         return cfg
     from shardtune import plan
 
-    gpu_mem = None
-    if dist.device.type == "cuda":
-        gpu_mem = torch.cuda.get_device_properties(dist.device).total_memory
-        if cfg.parallel.gpu_memory_limit_gib:
-            gpu_mem = min(gpu_mem, cfg.parallel.gpu_memory_limit_gib * 2**30)
+    gpu_mem = plan.device_memory(cfg, dist.device)
     cfg, est = plan.resolve_checkpointing(cfg, conf, dist.world_size, gpu_mem)
     if dist.is_main:
         log.info(
