@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import importlib.util
 import os
 import re
 import shutil
@@ -157,20 +158,19 @@ def model(cfg: Config, conf) -> list[Finding]:
 
 
 def _fused_kernels(cfg: Config, conf, dev: torch.device) -> Finding:
-    from shardtune.config import ConfigError
-    from shardtune.modeling import fused_kernels
+    from shardtune.modeling import fused_kernels_problem
 
-    try:
-        on = fused_kernels(cfg, conf, dev.type)
-    except ConfigError as e:
-        return Finding("error", str(e).split(". Set")[0], "set model.fused_kernels=auto or false")
-    if on:
+    wanted = cfg.model.fused_kernels
+    problem = fused_kernels_problem(conf, dev.type) if wanted else None
+    if wanted and problem is None:
         return Finding("ok", "Liger fused kernels: on")
-    if cfg.model.fused_kernels == "auto" and dev.type == "cuda":
+    if wanted is True:
         return Finding(
-            "warn", "Liger fused kernels: off (liger-kernel not installed)", "pip install liger-kernel"
+            "error", f"model.fused_kernels=true: {problem}", "set model.fused_kernels=auto or false"
         )
-    return Finding("ok", "Liger fused kernels: off")
+    if wanted == "auto" and dev.type == "cuda" and importlib.util.find_spec("liger_kernel") is None:
+        return Finding("warn", f"Liger fused kernels: off ({problem})", "pip install liger-kernel")
+    return Finding("ok", f"Liger fused kernels: off ({problem})" if problem else "Liger fused kernels: off")
 
 
 def disk(cfg: Config, checkpoint_bytes: float) -> list[Finding]:

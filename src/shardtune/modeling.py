@@ -89,20 +89,25 @@ def attention_implementation(requested: str, device: torch.device) -> str:
     return "sdpa"
 
 
+def fused_kernels_problem(conf, device_type: str) -> str | None:
+    """Why Liger's kernels cannot run here (a CUDA device, liger-kernel and a Llama model are needed), or None."""
+    model_type = getattr(conf, "model_type", None)
+    if device_type != "cuda":
+        return "Liger's kernels are Triton kernels for CUDA GPUs; this run is on the CPU"
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed (pip install liger-kernel)"
+    if model_type != "llama":
+        return f"they are wired for Llama models; this one is {model_type!r}"
+    return None
+
+
 def fused_kernels(cfg: Config, conf, device_type: str) -> bool:
     """Whether the run uses Liger's kernels: model.fused_kernels=true must be possible here (else a ConfigError
-    before anything loads); 'auto' means wherever they can run (a CUDA device, liger-kernel, a Llama model)."""
+    before anything loads); 'auto' means wherever they can run."""
     wanted = cfg.model.fused_kernels
     if not wanted:
         return False
-    model_type = getattr(conf, "model_type", None)
-    problem = None
-    if device_type != "cuda":
-        problem = "Liger's kernels are Triton kernels for CUDA GPUs; this run is on the CPU"
-    elif importlib.util.find_spec("liger_kernel") is None:
-        problem = "liger-kernel is not installed (pip install liger-kernel)"
-    elif model_type != "llama":
-        problem = f"they are wired for Llama models; this one is {model_type!r}"
+    problem = fused_kernels_problem(conf, device_type)
     if problem is None:
         return True
     if wanted == "auto":
