@@ -38,8 +38,10 @@ test-fast: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/pytest -q -m "slow and not slurm" tests
 
-test-gpu: $(STAMP)
-	$(BIN)/pytest -q tests/gpu
+# GPU checks (2+ GPUs): in the environment's own Python, whose torch has CUDA (the venv's is the pinned CPU
+# build); on the bench machines `source bench/gpu_env.sh` first (it installs the wheels the image lacks)
+test-gpu:
+	$(PYTHON) -m pytest -q tests/gpu
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

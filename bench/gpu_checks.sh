@@ -189,6 +189,26 @@ CONFIGS
         "${P8[@]}" train.global_batch_size=1 train.run_name=p8_1gpu > "$OUT/p8_1gpu.log" 2>&1 \
         && summarize profile8b-1gpu /tmp/runs/p8_1gpu || tail -30 "$OUT/p8_1gpu.log"
       rm -f "$OUT"/profile8b_*/rank*.json ;;
+    a10g2)  # the 4xA10G command as written, on the 2 GPUs lent (the 4-GPU kind is withheld), each capped at 24 GiB
+      python3 bench/make_rows.py /tmp/rows.jsonl 64 3100
+      python3 -m accelerate.commands.launch --config_file fsdp_configs/4xa10g.yaml --num_processes 2 \
+        recipes/llama3_70b.py model.name_or_path=llama3-70b model.init=random data.source=/tmp/rows.jsonl \
+        data.format=text data.test_size=2 train.max_steps=8 eval.every=0 eval.samples=0 eval.max_rows=2 \
+        train.save_every=0 train.log_every=1 parallel.gpu_memory_limit_gib=24 train.output_dir=/tmp/runs \
+        train.run_name=a10g2 > "$OUT/a10g2.log" 2>&1 \
+        && summarize 4xa10g.yaml-as-2-processes-capped-24GiB-70b-80layers /tmp/runs/a10g2 || tail -30 "$OUT/a10g2.log" ;;
+    offload)  # host memory with CPU offload, phase by phase (70B widths x 20 layers), and without offload
+      for off in true false; do
+        python3 -m torch.distributed.run --nproc_per_node 2 bench/offload_probe.py parallel.cpu_offload=$off \
+          2>"$OUT/offload.err" | grep '^{' >> "$RESULTS" || tail -20 "$OUT/offload.err"
+      done ;;
+    smoke)  # shardtune doctor, then doctor --smoke on the 8B shape: load, 2 steps, save, resume, 1 step (GPUS=2)
+      python3 bench/make_rows.py /tmp/rows.jsonl 64 2100
+      S8=(recipes/llama3_8b.py model.name_or_path=llama3-8b model.init=random data.source=/tmp/rows.jsonl
+          data.format=text data.max_len=2048 data.test_size=2 train.global_batch_size=8 data.pad_token=null
+          data.keep_if_empty=[] --gpus "${GPUS:-2}")
+      python3 -m shardtune.cli doctor "${S8[@]}" > "$OUT/doctor.log" 2>&1; cat "$OUT/doctor.log"
+      python3 -m shardtune.cli doctor "${S8[@]}" --smoke > "$OUT/smoke.log" 2>&1; tail -8 "$OUT/smoke.log" ;;
     resume8b)  # 8B shape (random, drawn on the GPUs): uninterrupted vs SIGUSR1 at step 6 then resumed
       python3 bench/make_rows.py /tmp/rows.jsonl 64 2100
       R8=(model.name_or_path=llama3-8b model.init=random "${TRAIN70[@]:2}" train.max_steps=12 train.save_every=4

@@ -1,7 +1,7 @@
 """`shardtune plan`'s predicted peak GPU memory and speed against `shardtune bench` lines (BENCHMARKS.md's table):
     python bench/plan_vs_measured.py bench/results/2026-11-23-2xh200-c/speed.jsonl
 The plan is asked about exactly what each bench run trained: the benchmark recipe, the shape, sequence,
-micro-batch, GPUs and the run's overrides ('auto' checkpointing resolved for an H200, as the run did).
+micro-batch, GPUs, the run's overrides and the settings it resolved ('auto' checkpointing and fused kernels).
 """
 
 import json
@@ -20,7 +20,17 @@ def predict(r: dict):
         f"train.global_batch_size={mb * gpus}",
         f"train.micro_batch_size={mb}",
     ]
-    cfg = resolve_config(bench.config(), [*overrides, f"eval.max_rows={gpus}", *r["overrides"]], env={})
+    # the fused kernels and checkpointing as the run resolved them ('auto' planned here would depend on this
+    # machine's Liger and on the plan's version)
+    ran = r["settings"]
+    resolved = [
+        f"model.fused_kernels={str(ran['fused_kernels']).lower()}",
+        f"parallel.activation_checkpointing={str(ran['activation_checkpointing']).lower()}",
+        f"parallel.checkpoint_every={ran['checkpoint_every']}",
+    ]
+    cfg = resolve_config(
+        bench.config(), [*overrides, f"eval.max_rows={gpus}", *r["overrides"], *resolved], env={}
+    )
     conf, _ = plan.architecture(cfg)
     memory = (
         cfg.parallel.gpu_memory_limit_gib * 2**30

@@ -133,3 +133,24 @@ def test_checkpointing_auto_is_decided_as_the_run_would(capsys, tmp_path):
     ]
     assert cli(args) == 0
     assert "all checks passed" in capsys.readouterr().out
+
+
+def test_a_failed_runs_cause_is_found_in_its_log():
+    """What `doctor --smoke` and `shardtune bench` report: our own error line first, else the exception a rank
+    raised (torchrun prefixes it with "[rankN]: "), never torchrun's summary, which names no cause."""
+    from shardtune.spawn import failure
+
+    traceback = [
+        "[rank0]: Traceback (most recent call last):",
+        '[rank0]:   File "src/shardtune/tokenizer.py", line 98, in prepare_tokenizer',
+        "[rank0]: ValueError: data.pad_token='<|x|>' is not in the tokenizer's vocabulary",
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: rank 0 failed",
+        "  error_file: <N/A>",
+        "  traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html",
+    ]
+    assert (
+        failure("\n".join(traceback))
+        == "ValueError: data.pad_token='<|x|>' is not in the tokenizer's vocabulary"
+    )
+    ours = ["error: Invalid configuration:", *traceback]
+    assert failure("\n".join(ours)) == "error: Invalid configuration:"

@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from shardtune.config import Config
-from shardtune.spawn import torchrun
+from shardtune.spawn import failure, torchrun
 
 # Named shapes: built-in architectures, plus the 70B-layer proxy (Llama-3-70B widths, 20 layers).
 SHAPES = {
@@ -123,9 +123,14 @@ def run(
     }
     run_dir = work / run_name
     if rc != 0 or not (run_dir / "summary.json").is_file():
-        tail = log_path.read_text(errors="replace").splitlines()[-25:]
+        log = log_path.read_text(errors="replace")
         error = rc if isinstance(rc, str) else f"exit {rc}"
-        return {**record, "error": error, "log": str(log_path), "log_tail": tail}
+        return {
+            **record,
+            "error": f"{error}: {failure(log)}",
+            "log": str(log_path),
+            "log_tail": log.splitlines()[-25:],
+        }
     return {**record, **summarize(run_dir, warmup)}
 
 

@@ -10,14 +10,13 @@ before the allocation is spent.
 from __future__ import annotations
 
 import math
-import re
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from shardtune.metrics import train_steps
-from shardtune.spawn import torchrun
+from shardtune.spawn import failure, torchrun
 
 # A small slice of the recipe: two global batches, no generation, the eval kept to a row per process.
 SMOKE = ["train.save_every=2", "eval.every=0", "eval.samples=0", "eval.questions=[]", "train.log_every=1"]
@@ -43,31 +42,22 @@ def _steps(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in train_steps(run)}
 
 
-def _why(log: str) -> str:
-    """What a failed run's log says went wrong: shardtune's own "error: ..." (bad config or data), else the
-    exception a rank raised, else its last lines (torchrun's summary names no cause)."""
-    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
-    ours = [ln for ln in lines if ln.startswith("error: ")]
-    raised = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b.*: ", ln)]
-    return " | ".join(dict.fromkeys(ours or raised[-1:] or lines[-3:]))[-600:]
-
-
 def run_smoke(recipe: str, overrides: list[str], procs: int, timeout_s: float = 900) -> list[Stage]:
     stages: list[Stage] = []
     with tempfile.TemporaryDirectory(prefix="shardtune-smoke-") as tmp:
         run = Path(tmp) / "smoke"
         rc, log, took = _launch(recipe, overrides, procs, 2, Path(tmp), timeout_s)
         loaded = next((ln for ln in log.splitlines() if "load:" in ln), None)
-        stages.append(Stage("load data and model", loaded is not None, loaded or _why(log)))
+        stages.append(Stage("load data and model", loaded is not None, loaded or failure(log)))
         steps = _steps(run)
         trained = [s for s in (1, 2) if s in steps and math.isfinite(steps[s])]
-        stages.append(Stage("train 2 steps", trained == [1, 2], f"losses {steps}" if steps else _why(log)))
+        stages.append(Stage("train 2 steps", trained == [1, 2], f"losses {steps}" if steps else failure(log)))
         saved = (run / "checkpoints" / "step-00000002" / "manifest.json").is_file()
         stages.append(
             Stage(
                 "save a checkpoint",
                 saved and rc == 0,
-                f"{took:.0f}s for load + 2 steps + save" if saved and rc == 0 else _why(log),
+                f"{took:.0f}s for load + 2 steps + save" if saved and rc == 0 else failure(log),
             )
         )
         if not saved:
@@ -75,11 +65,11 @@ def run_smoke(recipe: str, overrides: list[str], procs: int, timeout_s: float = 
         rc, log, took = _launch(recipe, overrides, procs, 3, Path(tmp), timeout_s)
         resumed = next((ln for ln in log.splitlines() if "resumed from" in ln), None)
         stages.append(
-            Stage("resume from it", resumed is not None and "step 2" in resumed, resumed or _why(log))
+            Stage("resume from it", resumed is not None and "step 2" in resumed, resumed or failure(log))
         )
         steps = _steps(run)
         ok = rc == 0 and 3 in steps and math.isfinite(steps[3])
-        stages.append(Stage("train 1 more step", ok, f"step 3 loss {steps.get(3)}" if ok else _why(log)))
+        stages.append(Stage("train 1 more step", ok, f"step 3 loss {steps.get(3)}" if ok else failure(log)))
     return stages
 
 

@@ -5,6 +5,7 @@ its own session, its output in a log file, stopped with every process it started
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,3 +31,15 @@ def torchrun(args: list[str], procs: int, log_path: Path, timeout_s: float) -> i
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             return f"timed out after {timeout_s:.0f}s"
+
+
+def failure(log: str) -> str:
+    """What a failed run's log says went wrong: shardtune's own "error: ..." (bad config or data), else the
+    exception a rank raised, else its last lines (torchrun's summary names no cause)."""
+    # torchrun prefixes a worker's traceback with "[rankN]: "
+    lines = [re.sub(r"^\[rank\d+\]:\s*", "", ln.strip()) for ln in log.splitlines() if ln.strip()]
+    ours = [ln for ln in lines if ln.startswith("error: ")]
+    raised = [
+        ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b.*: ", ln) and "ChildFailedError" not in ln
+    ]
+    return " | ".join(dict.fromkeys(ours or raised[-1:] or lines[-3:]))[-600:]
