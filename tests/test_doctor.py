@@ -19,6 +19,7 @@ def test_a_good_setup_passes(capsys, tmp_path):
         "bitsandbytes 4-bit round trip on cpu",
         "FSDP wraps LlamaDecoderLayer",
         "attention: sdpa",
+        "data: generated",
         "disk:",
         "all checks passed",
     ):
@@ -154,3 +155,16 @@ def test_a_failed_runs_cause_is_found_in_its_log():
     )
     ours = ["error: Invalid configuration:", *traceback]
     assert failure("\n".join(ours)) == "error: Invalid configuration:"
+
+
+def test_data_the_run_would_refuse_is_found_before_the_run(capsys, tmp_path):
+    """The failure doctor missed on a GPU: a pad token the tokenizer lacks stops the run at its first step."""
+    args = [
+        "doctor",
+        "recipes/tiny.py",
+        "data.pad_token=<|reserved_special_token_0|>",
+        f"train.output_dir={tmp_path}",
+    ]
+    assert cli(args) == 1
+    out = capsys.readouterr().out
+    assert "data: data.pad_token='<|reserved_special_token_0|>' is not in the tokenizer's vocabulary" in out

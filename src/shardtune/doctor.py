@@ -6,7 +6,7 @@
 Checks: library versions against the ones shardtune is tested with; CUDA, NCCL and a 4-bit round trip
 through bitsandbytes on this machine's device; the dtype rule (4-bit storage = FSDP parameter dtype =
 compute dtype); that the wrap class exists in the model's code; the attention implementation that will
-run; free disk for the checkpoints the run keeps; on SLURM, that the signal's lead time covers a step and a
+run; the tokenizer and data, prepared as the run prepares them; free disk for the checkpoints the run keeps; on SLURM, that the signal's lead time covers a step and a
 checkpoint save (from `shardtune plan`'s estimates, or from the run's own logged save times).
 """
 
@@ -173,6 +173,27 @@ def _fused_kernels(cfg: Config, conf, dev: torch.device) -> Finding:
     return Finding("ok", f"Liger fused kernels: off ({problem})" if problem else "Liger fused kernels: off")
 
 
+def data(cfg: Config) -> list[Finding]:
+    """The tokenizer and the data, prepared as the run's first step prepares them (no model is loaded): a
+    missing file, a bad row or a pad token the tokenizer lacks is found here, not after the queue wait."""
+    from shardtune.data.loader import build_data
+    from shardtune.run import tokenizer_for
+
+    run_dir = Path(cfg.train.output_dir) / (cfg.train.run_name or "")
+    try:
+        built = build_data(cfg.data, tokenizer_for(cfg, run_dir), cfg.train.seed)
+    except Exception as e:  # the run would stop with this same error
+        return [Finding("error", f"data: {e}")]
+    lengths = built.train.lengths()
+    return [
+        Finding(
+            "ok",
+            f"data: {built.origin}, format {built.formatter.fmt}: {len(built.train)} train rows, "
+            f"{len(built.eval)} eval rows, tokens per row mean {lengths.mean():.0f}, max {lengths.max()}",
+        )
+    ]
+
+
 def disk(cfg: Config, checkpoint_bytes: float) -> list[Finding]:
     where = Path(cfg.train.output_dir)
     probe = where
@@ -216,7 +237,10 @@ def logged_save_seconds(run_dir: Path) -> float | None:
     return max(times) if times else None
 
 
-def run_checks(cfg: Config, conf, gpus: int, lead_s: float | None = None) -> list[Finding]:
+def run_checks(
+    cfg: Config, conf, gpus: int, lead_s: float | None = None, with_data: bool = True
+) -> list[Finding]:
+    """Every check; `with_data` False at the start of a run (`--doctor`), which prepares the data next anyway."""
     from shardtune.plan import device_memory, estimate, resolve_checkpointing
 
     # checkpointing 'auto' decided as the run will decide it on this machine's device
@@ -232,6 +256,7 @@ def run_checks(cfg: Config, conf, gpus: int, lead_s: float | None = None) -> lis
         *versions(),
         *device(cfg),
         *model(cfg, conf),
+        *(data(cfg) if with_data else []),
         *disk(cfg, est.checkpoint_bytes),
         *signal_lead(lead_s, est.step_s, save_s, measured is not None),
     ]

@@ -93,7 +93,9 @@ def _resolve_auto(cfg: Config, conf, dist: DistInfo) -> Config:
     return cfg
 
 
-def _tokenizer(cfg: Config, run_dir: Path):
+def tokenizer_for(cfg: Config, run_dir: Path):
+    """The tokenizer the run trains with: the run directory's own when resuming, else the model's (or the
+    built-in one for the built-in shapes), with the configured pad token and chat template."""
     saved = run_dir / "tokenizer"
     if saved.is_dir():  # a resumed run uses exactly the tokenizer it started with
         tok = load_tokenizer(str(saved))
@@ -199,7 +201,7 @@ def _train(
     cfg_yaml: str,
     stop: StopRequest,
 ) -> dict:
-    tokenizer = _tokenizer(cfg, run_dir)
+    tokenizer = tokenizer_for(cfg, run_dir)
     data = _data(cfg, dist, run_dir, tokenizer)  # bad data fails here, before any model is loaded
     conf = modeling.model_config(cfg)  # read once: a hub model's config is a download
     cfg = _resolve_auto(cfg, conf, dist)
