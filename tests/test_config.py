@@ -129,7 +129,10 @@ def test_accelerate_environment_is_read():
             {"ACCELERATE_USE_FSDP": "true", "FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP"},
             "fsdp_auto_wrap_policy",
         ),
-        ({"ACCELERATE_USE_DEEPSPEED": "true"}, "DEEPSPEED is not supported"),
+        (
+            {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "ds.json"},
+            "deepspeed_config_file is not supported",
+        ),
     ],
 )
 def test_accelerate_settings_that_would_change_what_runs_are_refused(env, message):

@@ -43,7 +43,14 @@ def load_recipe(path: Path):
 
 def test_recipes_and_configs_are_all_there():
     assert {p.stem for p in RECIPES} >= {"tiny", "llama3_8b", "llama3_70b", "product_descriptions"}
-    assert {p.stem for p in CONFIGS} >= {"cpu_2proc", "4xa10g", "2xh100", "8xh100", "multinode"}
+    assert {p.stem for p in CONFIGS} >= {
+        "cpu_2proc",
+        "4xa10g",
+        "2xh100",
+        "8xh100",
+        "multinode",
+        "zero3_2xh100",
+    }
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
@@ -59,7 +66,10 @@ def test_config_process_layouts():
     assert layouts["cpu_2proc"]["num_processes"] == 2 and layouts["4xa10g"]["num_processes"] == 4
     assert layouts["2xh100"]["num_processes"] == 2 and layouts["8xh100"]["num_processes"] == 8
     assert layouts["multinode"]["num_machines"] == 2 and layouts["multinode"]["num_processes"] == 16
-    assert all(layout["distributed_type"] == "FSDP" for layout in layouts.values())
+    assert layouts["zero3_2xh100"]["num_processes"] == 2 and layouts["zero3_4xa10g"]["num_processes"] == 4
+    deepspeed = {name for name, layout in layouts.items() if layout["distributed_type"] == "DEEPSPEED"}
+    assert deepspeed == {"zero3_cpu_2proc", "zero3_2xh100", "zero3_4xa10g"}
+    assert all(layouts[name]["distributed_type"] == "FSDP" for name in layouts.keys() - deepspeed)
 
 
 def test_recipe_command_line(tmp_path):

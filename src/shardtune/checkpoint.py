@@ -101,14 +101,14 @@ def set_rng_state(tensors: dict[str, torch.Tensor], plain: dict, device: torch.d
 
 
 # ----------------------------------------------------------------------------------- model state
-def _fqn(name: str) -> str:
+def fqn(name: str) -> str:
     """A parameter's name without the FSDP and checkpoint wrappers (what get_state_dict would call it)."""
     for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
         name = name.replace(wrapper, "")
     return name
 
 
-def _trainable_state(model, optimizer):
+def _trainable_state(model, optimizer, fresh: bool = False):
     """The adapters and their AdamW state, as the very tensors training uses, by name: DCP saves from them and
     loads into them in place.
 
@@ -116,9 +116,13 @@ def _trainable_state(model, optimizer):
     state-dict machinery is involved: FSDP1's sharded state dict unshards every unit and copies each rank's
     slice of every frozen 4-bit weight before `ignore_frozen_params` drops them (measured: +5 GiB per GPU for
     a moment at every save of the 80-layer 70B, enough to fail a save on 24 GB GPUs)."""
+    if type(model).__name__ == "DeepSpeedEngine":  # partitioned: assembled whole (zero3.py)
+        from shardtune import zero3
+
+        return zero3.trainable_state(model, optimizer, fresh=fresh)
     if not optimizer.state:  # a fresh optimizer (a resume): give DCP state tensors to load into
         _init_optim_state(optimizer)
-    names = {p: _fqn(n) for n, p in model.named_parameters() if p.requires_grad}
+    names = {p: fqn(n) for n, p in model.named_parameters() if p.requires_grad}
     msd = {names[p]: p.detach() for p in names}
     osd = {
         "state": {names[p]: state for p, state in optimizer.state.items()},
@@ -228,9 +232,13 @@ class CheckpointManager:
     def load(self, path: Path, model, optimizer) -> dict:
         """Restore weights, optimizer and this rank's RNGs from `path`; returns the train state."""
         t0 = time.perf_counter()
-        msd, osd = _trainable_state(model, optimizer)
+        msd, osd = _trainable_state(model, optimizer, fresh=True)
         state = {"model": msd, "optim": osd}
         dcp.load(state, checkpoint_id=str(path), process_group=self.group)  # tensors: in place
+        if type(model).__name__ == "DeepSpeedEngine":
+            from shardtune import zero3
+
+            zero3.load_trainable_state(model, state["model"], state["optim"])
         for group, loaded in zip(optimizer.param_groups, state["optim"]["param_groups"], strict=True):
             group.update({k: v for k, v in loaded.items() if k != "params"})  # lr etc.: plain values
         train_state = json.loads((path / "train_state.json").read_text())

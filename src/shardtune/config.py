@@ -212,6 +212,10 @@ class ParallelConfig(Section):
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train: 'auto' uses the GPUs when CUDA is available, else the CPU (gloo)."""
+    backend: Literal["fsdp", "deepspeed"] = "fsdp"
+    """What shards the frozen 4-bit base: torch FSDP1, or DeepSpeed ZeRO-3 (accelerate: distributed_type
+    DEEPSPEED, zero_stage 3; needs `pip install deepspeed`), which then also partitions the adapters, their
+    gradients and AdamW state."""
     sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"] = "FULL_SHARD"
     """FSDP sharding strategy (accelerate: fsdp_sharding_strategy)."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
@@ -299,6 +303,11 @@ class Config(Section):
             raise ValueError(
                 "parallel.sharding_strategy=SHARD_GRAD_OP does not work with 4-bit bitsandbytes weights (they are "
                 "re-wrapped in every forward); use FULL_SHARD, or HYBRID_SHARD across machines."
+            )
+        if self.parallel.backend == "deepspeed" and self.parallel.mixed_precision == "fp16":
+            raise ValueError(
+                "parallel.mixed_precision=fp16 is not supported with parallel.backend=deepspeed (its loss scaling "
+                "is not wired in); use bf16."
             )
         if self.data.generated.min_len > self.data.generated.max_len:
             raise ValueError("data.generated.min_len must be <= data.generated.max_len")

@@ -161,7 +161,7 @@ def _fused_kernels(cfg: Config, conf, dev: torch.device) -> Finding:
     from shardtune.modeling import fused_kernels_problem
 
     wanted = cfg.model.fused_kernels
-    problem = fused_kernels_problem(conf, dev.type) if wanted else None
+    problem = fused_kernels_problem(conf, dev.type, cfg.parallel.backend) if wanted else None
     if wanted and problem is None:
         return Finding("ok", "Liger fused kernels: on")
     if wanted is True:

@@ -6,7 +6,9 @@ without a word, so shardtune never hands the model to accelerate: it reads those
 applies torch's FSDP itself (see parallel.py), the same way on CPU and GPU.
 
 Only the settings that mean something for FSDP + 4-bit QLoRA are mapped; ones that would silently change
-what runs (FSDP2, DeepSpeed, use_orig_params=false) are refused with the reason.
+what runs (FSDP2, use_orig_params=false, DeepSpeed ZeRO stages other than 3, optimizer offload) are refused
+with the reason. A DeepSpeed config selects shardtune's ZeRO-3 backend (parallel.backend=deepspeed, zero3.py);
+its batch and clipping values are the recipe's (train.global_batch_size, train.max_grad_norm).
 """
 
 from __future__ import annotations
@@ -74,13 +76,50 @@ def _from_fsdp_settings(settings: dict[str, str], mixed_precision: str | None, o
     return out
 
 
+def _from_deepspeed_settings(
+    settings: dict[str, str], mixed_precision: str | None, origin: str
+) -> dict[str, Any]:
+    """Map accelerate's deepspeed_config keys (zero_stage, offload_param_device, offload_optimizer_device) to
+    shardtune `parallel.*` overrides."""
+    stage = str(settings.get("zero_stage", "3"))
+    if stage != "3":
+        raise ConfigError(
+            f"{origin}: zero_stage={stage}: shardtune's DeepSpeed backend is ZeRO stage 3 (stages 1 and 2 keep the "
+            f"whole 4-bit base on every GPU). Set zero_stage: 3, or use an FSDP config from fsdp_configs/."
+        )
+    out: dict[str, Any] = {"parallel.backend": "deepspeed"}
+    param = str(settings.get("offload_param_device", "none")).lower()
+    if param not in ("none", "cpu"):
+        raise ConfigError(f"{origin}: offload_param_device={param} is not supported; use none or cpu.")
+    out["parallel.cpu_offload"] = param == "cpu"
+    optimizer = str(settings.get("offload_optimizer_device", "none")).lower()
+    if optimizer != "none":
+        raise ConfigError(
+            f"{origin}: offload_optimizer_device={optimizer}: shardtune keeps the adapters' AdamW state on the "
+            f"GPUs (16 bytes per LoRA parameter, partitioned: about 1.5 GiB per GPU for 70B at r=16 on 2 GPUs). Set "
+            f"offload_optimizer_device: none."
+        )
+    if mixed_precision:
+        out["parallel.mixed_precision"] = mixed_precision.lower()
+    return out
+
+
 def accelerate_env_overrides(env: dict[str, str] | None = None) -> tuple[dict[str, Any], str | None]:
     """Overrides from the environment `accelerate launch` sets, and a description of the origin (or None)."""
     env = dict(os.environ if env is None else env)
     if _bool(env.get("ACCELERATE_USE_DEEPSPEED", "false")):
-        raise ConfigError(
-            "accelerate config: distributed_type DEEPSPEED is not supported yet; use an FSDP config from fsdp_configs/."
-        )
+        origin = "accelerate config (ACCELERATE_DEEPSPEED_* environment)"
+        if env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+            raise ConfigError(
+                f"{origin}: deepspeed_config_file is not supported; give zero_stage and the offload devices in "
+                f"the accelerate YAML's deepspeed_config (see fsdp_configs/zero3_2gpu.yaml)."
+            )
+        settings = {
+            key.lower(): env[f"ACCELERATE_DEEPSPEED_{key}"]
+            for key in ("ZERO_STAGE", "OFFLOAD_PARAM_DEVICE", "OFFLOAD_OPTIMIZER_DEVICE")
+            if f"ACCELERATE_DEEPSPEED_{key}" in env
+        }
+        return _from_deepspeed_settings(settings, env.get("ACCELERATE_MIXED_PRECISION"), origin), origin
     if not _bool(env.get("ACCELERATE_USE_FSDP", "false")):
         if "ACCELERATE_MIXED_PRECISION" in env:  # launched by accelerate, but not with an FSDP config
             return {
@@ -106,21 +145,25 @@ def accelerate_yaml_overrides(path: str | Path) -> tuple[dict[str, Any], str]:
         raise ConfigError(f"{path}: not a valid accelerate config: {e}") from None
     origin = f"accelerate config {path}"
     distributed = str(cluster.distributed_type).split(".")[-1]
-    if distributed == "DEEPSPEED":
+    if distributed not in ("FSDP", "DEEPSPEED"):
         raise ConfigError(
-            f"{origin}: distributed_type DEEPSPEED is not supported yet; use distributed_type: FSDP."
-        )
-    if distributed != "FSDP":
-        raise ConfigError(
-            f"{origin}: distributed_type is {distributed}; shardtune configs use distributed_type: FSDP."
+            f"{origin}: distributed_type is {distributed}; shardtune configs use distributed_type FSDP or DEEPSPEED."
         )
     if getattr(cluster, "use_cpu", False):
         raise ConfigError(
             f"{origin}: use_cpu: true makes `accelerate launch` start a single process; leave it false "
             f"(shardtune trains on the CPU by itself when there is no GPU)."
         )
-    fsdp = {k.removeprefix("fsdp_"): v for k, v in (cluster.fsdp_config or {}).items()}
     mixed = str(cluster.mixed_precision).split(".")[-1].lower() if cluster.mixed_precision else None
+    if distributed == "DEEPSPEED":
+        deepspeed = dict(cluster.deepspeed_config or {})
+        if deepspeed.get("deepspeed_config_file"):
+            raise ConfigError(
+                f"{origin}: deepspeed_config_file is not supported; give zero_stage and the offload devices in "
+                f"deepspeed_config (see fsdp_configs/zero3_2gpu.yaml)."
+            )
+        return _from_deepspeed_settings(deepspeed, mixed, origin), origin
+    fsdp = {k.removeprefix("fsdp_"): v for k, v in (cluster.fsdp_config or {}).items()}
     return _from_fsdp_settings(fsdp, mixed, origin), origin
 
 

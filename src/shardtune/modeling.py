@@ -89,9 +89,11 @@ def attention_implementation(requested: str, device: torch.device) -> str:
     return "sdpa"
 
 
-def fused_kernels_problem(conf, device_type: str) -> str | None:
+def fused_kernels_problem(conf, device_type: str, backend: str = "fsdp") -> str | None:
     """Why Liger's kernels cannot run here (a CUDA device, liger-kernel and a Llama model are needed), or None."""
     model_type = getattr(conf, "model_type", None)
+    if backend == "deepspeed":
+        return "Liger's fused loss reads the output head's weight directly, which DeepSpeed ZeRO-3 keeps partitioned"
     if device_type != "cuda":
         return "Liger's kernels are Triton kernels for CUDA GPUs; this run is on the CPU"
     if importlib.util.find_spec("liger_kernel") is None:
@@ -107,7 +109,7 @@ def fused_kernels(cfg: Config, conf, device_type: str) -> bool:
     wanted = cfg.model.fused_kernels
     if not wanted:
         return False
-    problem = fused_kernels_problem(conf, device_type)
+    problem = fused_kernels_problem(conf, device_type, cfg.parallel.backend)
     if problem is None:
         return True
     if wanted == "auto":

@@ -60,9 +60,7 @@ class Sharder:
     def __init__(self, pcfg: ParallelConfig, param_dtype: str, device: torch.device, world_size: int):
         self.pcfg, self.device, self.enabled = pcfg, device, world_size > 1
         self.layer_cls: type | None = None
-        offload = pcfg.cpu_offload and device.type == "cuda"
-        if pcfg.cpu_offload and not offload:
-            log.warning("parallel.cpu_offload is ignored on CPU: the parameters already live in host memory")
+        offload = offload_on(pcfg, device)
         self.kwargs = dict(
             sharding_strategy=ShardingStrategy[pcfg.sharding_strategy],
             mixed_precision=MixedPrecision(
@@ -94,20 +92,32 @@ class Sharder:
         """The rest of the model (its layers already wrapped) as the root unit, then checkpointing."""
         if self.enabled:
             model = FSDP(model, ignored_states=_adapters(model), **self.kwargs)
-        every = checkpointed_every(self.pcfg)
-        if every and self.layer_cls is not None:
-            layers = [m for m in model.modules() if isinstance(m, self.layer_cls)]
-            chosen = {id(m) for i, m in enumerate(layers) if i % every == 0}
-            # Through FSDP's wrapper, not Hugging Face's gradient_checkpointing (which would all-gather each
-            # layer again).
-            apply_activation_checkpointing(
-                model,
-                checkpoint_wrapper_fn=functools.partial(
-                    checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT
-                ),
-                check_fn=lambda m: id(m) in chosen,
-            )
+        apply_checkpointing(model, self.pcfg, self.layer_cls)
         return model
+
+
+def apply_checkpointing(model: torch.nn.Module, pcfg: ParallelConfig, layer_cls: type | None) -> None:
+    """Recompute every k-th decoder layer in backward (parallel.checkpoint_every), through torch's wrapper, not
+    Hugging Face's gradient_checkpointing (which under FSDP would all-gather each layer again)."""
+    every = checkpointed_every(pcfg)
+    if not every or layer_cls is None:
+        return
+    layers = [m for m in model.modules() if isinstance(m, layer_cls)]
+    chosen = {id(m) for i, m in enumerate(layers) if i % every == 0}
+    apply_activation_checkpointing(
+        model,
+        checkpoint_wrapper_fn=functools.partial(
+            checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT
+        ),
+        check_fn=lambda m: id(m) in chosen,
+    )
+
+
+def offload_on(pcfg: ParallelConfig, device: torch.device) -> bool:
+    """parallel.cpu_offload where it means something: on GPUs (on the CPU it is ignored, with a warning)."""
+    if pcfg.cpu_offload and device.type != "cuda":
+        log.warning("parallel.cpu_offload is ignored on CPU: the parameters already live in host memory")
+    return pcfg.cpu_offload and device.type == "cuda"
 
 
 def checkpointed_every(pcfg: ParallelConfig) -> int:
@@ -161,7 +171,13 @@ def gathered_root(model: torch.nn.Module):
 def sharding_report(model: torch.nn.Module) -> dict[str, int]:
     """Elements of the flat parameters this rank holds vs. their unsharded total (tests and logs)."""
     if not isinstance(model, FSDP):
-        n = sum(p.numel() for p in model.parameters())
+        params = list(unwrap(model).parameters())
+        if params and hasattr(params[0], "ds_numel"):  # partitioned by DeepSpeed ZeRO-3 (zero3.py)
+            return {
+                "local": sum(p.ds_tensor.numel() for p in params),
+                "total": sum(p.ds_numel for p in params),
+            }
+        n = sum(p.numel() for p in params)
         return {"local": n, "total": n}
     local = total = 0
     for unit in FSDP.fsdp_modules(model):
@@ -175,5 +191,5 @@ def sharding_report(model: torch.nn.Module) -> dict[str, int]:
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside the root FSDP wrapper (the PEFT model)."""
-    return model.module if isinstance(model, FSDP) else model
+    """The module inside the root FSDP wrapper or the DeepSpeed engine (the PEFT model)."""
+    return model.module if isinstance(model, FSDP) or type(model).__name__ == "DeepSpeedEngine" else model

@@ -26,7 +26,7 @@ from transformers import get_scheduler
 
 from shardtune import loading, modeling, parallel
 from shardtune.checkpoint import CheckpointManager, resume_point, write_atomic
-from shardtune.config import Config, apply_overrides, to_yaml
+from shardtune.config import Config, ConfigError, apply_overrides, to_yaml
 from shardtune.data.loader import Data, GlobalBatchSampler, build_data
 from shardtune.distributed import DistInfo, all_reduce_max, barrier, gather_object
 from shardtune.export import export_adapter
@@ -142,6 +142,25 @@ class Model:
     rank0_holds: float
     host_load_gib: float
     attention: str
+    deepspeed_config: dict | None = None  # parallel.backend=deepspeed: the engine is made with the optimizer
+
+
+def _sharder(cfg: Config, dist: DistInfo):
+    if cfg.parallel.backend == "deepspeed":
+        import importlib.util
+
+        from shardtune import zero3
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError(
+                "parallel.backend=deepspeed needs DeepSpeed: pip install 'shardtune[deepspeed]'"
+            )
+
+        config = zero3.ds_config(
+            cfg.parallel, dist.device, cfg.train.micro_batch_size, dist.world_size, cfg.train.max_grad_norm
+        )
+        return zero3.ZeroSharder(cfg.parallel, config, dist.device, dist.world_size)
+    return parallel.Sharder(cfg.parallel, cfg.param_dtype, dist.device, dist.world_size)
 
 
 def _model(cfg: Config, conf, dist: DistInfo, run_dir: Path, tokenizer) -> Model:
@@ -157,9 +176,10 @@ def _model(cfg: Config, conf, dist: DistInfo, run_dir: Path, tokenizer) -> Model
             barrier()
             base = str(base_dir.resolve())
     attn = modeling.attention_implementation(cfg.model.attn_implementation, dist.device)
-    sharder = parallel.Sharder(cfg.parallel, cfg.param_dtype, dist.device, dist.world_size)
+    sharder = _sharder(cfg, dist)
     host_before = host_rss_gib()
     module, build = loading.build_model(cfg, conf, base, attn, sharder, dist.device)
+    config = getattr(sharder, "config", None)
     host_load, gpu_load = all_reduce_max(
         [host_peak_gib() - host_before, gpu_peak_gib(dist.device) or 0.0], dist.device
     )
@@ -176,7 +196,9 @@ def _model(cfg: Config, conf, dist: DistInfo, run_dir: Path, tokenizer) -> Model
             f"NF4 4-bit storage {cfg.storage_dtype}" if cfg.quant.load_in_4bit else "not quantized",
             attn,
             ", Liger fused kernels" if cfg.model.fused_kernels is True else "",
-            f"FSDP {cfg.parallel.sharding_strategy} compute {cfg.param_dtype}",
+            f"FSDP {cfg.parallel.sharding_strategy} compute {cfg.param_dtype}"
+            if cfg.parallel.backend == "fsdp"
+            else f"DeepSpeed ZeRO-3 compute {cfg.param_dtype}",
             dist.world_size,
             dist.device.type.upper() if dist.device.type == "cuda" else "CPU process",
         )
@@ -189,7 +211,7 @@ def _model(cfg: Config, conf, dist: DistInfo, run_dir: Path, tokenizer) -> Model
             host_load,
             gpu_load,
         )
-    return Model(module, conf, base, build, share["local"] / share["total"], host_load, attn)
+    return Model(module, conf, base, build, share["local"] / share["total"], host_load, attn, config)
 
 
 def _train(
@@ -235,6 +257,10 @@ def _train(
         num_training_steps=total_steps,
     )
 
+    if m.deepspeed_config is not None and dist.world_size > 1:
+        from shardtune import zero3
+
+        model = zero3.initialize(model, optimizer, m.deepspeed_config)
     scaler = None
     if cfg.parallel.mixed_precision == "fp16":
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler

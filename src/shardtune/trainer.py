@@ -1,5 +1,6 @@
 """The loop: forward, loss, backward, clip, step; held-out loss; generation. It does not know how the model
-is sharded beyond calling it (the FSDP wrapper is a module like any other).
+is sharded beyond calling it (the FSDP wrapper is a module like any other) and, under DeepSpeed, letting its
+engine run backward and the optimizer step (zero3.py).
 
 The loss of a step is the mean over every response token of the global batch, whatever the micro-batch
 size, gradient accumulation or number of processes: each micro-batch's summed token loss is divided by
@@ -16,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from shardtune import faults
+from shardtune import faults, zero3
 from shardtune.data.formats import IGNORE_INDEX, adds_bos
 from shardtune.data.loader import Data, GlobalBatchSampler, collate, eval_batches
 from shardtune.distributed import DistInfo, all_reduce_max, all_reduce_sum
@@ -90,6 +91,7 @@ class Trainer:
         self.autocast_dtype = autocast_dtype
         self.tokens_seen = 0  # non-padding tokens trained on, all ranks
         self.memory_trace = MemoryTrace(dist_info.rank, dist_info.device)
+        self.engine = model if zero3.is_engine(model) else None
 
     def _batch(self, indices: list[int], split) -> dict[str, torch.Tensor]:
         batch = collate([split.row(i) for i in indices], self.pad_id, self.packed)
@@ -126,22 +128,28 @@ class Trainer:
             loss = self.loss_sum(batch)
             trace.mark(step, f"forward{i}")
             scaled = loss * scale
-            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            if self.engine is not None:
+                zero3.backward(self.engine, scaled, self.dist.world_size)
+            else:
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             trace.mark(step, f"backward{i}")
             loss_sum += loss.detach().double()
-        reduce_adapter_grads(self.model, self.dist.world_size)
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        norm = clip_grad_norm(self.model, self.max_grad_norm)
-        trace.mark(step, "reduce+clip")
         lr = self.scheduler.get_last_lr()[0]
-        if self.scaler:  # skips the update when a gradient overflowed, and adapts the scale
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+        if self.engine is not None:  # DeepSpeed reduces, clips, steps and zeroes (zero3.py)
+            norm = zero3.step(self.engine)
         else:
-            self.optimizer.step()
+            reduce_adapter_grads(self.model, self.dist.world_size)
+            if self.scaler:
+                self.scaler.unscale_(self.optimizer)
+            norm = clip_grad_norm(self.model, self.max_grad_norm)
+            trace.mark(step, "reduce+clip")
+            if self.scaler:  # skips the update when a gradient overflowed, and adapts the scale
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         trace.mark(step, "optimizer")
         (loss_total,) = all_reduce_sum([loss_sum.item()], self.dist.device)
         if self.dist.device.type == "cuda":
