@@ -189,6 +189,26 @@ CONFIGS
         "${P8[@]}" train.global_batch_size=1 train.run_name=p8_1gpu > "$OUT/p8_1gpu.log" 2>&1 \
         && summarize profile8b-1gpu /tmp/runs/p8_1gpu || tail -30 "$OUT/p8_1gpu.log"
       rm -f "$OUT"/profile8b_*/rank*.json ;;
+    zero3)  # DeepSpeed ZeRO-3: sharded vs unsharded logits (8B, 70B widths x 20), then 8B 20 steps against FSDP
+      # deepspeed for this group only (gpu_env.sh leaves it out: transformers imports it when present)
+      [ -d /tmp/site_ds ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site_ds \
+        .whl/deepspeed-*.whl
+      DS=(env "PYTHONPATH=/tmp/site_ds:$PYTHONPATH")
+      for shape in "llama3-8b" "llama3-70b model.shape.num_hidden_layers=20"; do
+        # shellcheck disable=SC2086
+        "${DS[@]}" python3 -m torch.distributed.run --nproc_per_node 2 tests/workers/gpu_exact.py $shape \
+          parallel.backend=deepspeed 2>"$OUT/zero3_exact.err" | grep '^{' | sed 's/^{/{"check": "exact-zero3", /' \
+          >> "$RESULTS" || tail -30 "$OUT/zero3_exact.err"
+      done
+      python3 bench/make_rows.py /tmp/rows.jsonl 64 2100
+      Z8=(model.name_or_path=llama3-8b model.init=random "${TRAIN70[@]:2}" data.pad_token=null data.keep_if_empty=[]
+          eval.questions=[] model.fused_kernels=false train.output_dir=/tmp/runs)
+      python3 -m accelerate.commands.launch --config_file fsdp_configs/2xh100.yaml recipes/llama3_8b.py "${Z8[@]}" \
+        train.run_name=z8_fsdp > "$OUT/z8_fsdp.log" 2>&1 && summarize 8b-fsdp /tmp/runs/z8_fsdp || tail -30 "$OUT/z8_fsdp.log"
+      "${DS[@]}" python3 -m accelerate.commands.launch --config_file fsdp_configs/zero3_2xh100.yaml recipes/llama3_8b.py \
+        "${Z8[@]}" train.run_name=z8_zero3 > "$OUT/z8_zero3.log" 2>&1 && summarize 8b-zero3 /tmp/runs/z8_zero3 \
+        || tail -30 "$OUT/z8_zero3.log"
+      compare_losses loss-zero3-vs-fsdp-8b /tmp/runs/z8_zero3 /tmp/runs/z8_fsdp ;;
     a10g2)  # the 4xA10G command as written, on the 2 GPUs lent (the 4-GPU kind is withheld), each capped at 24 GiB
       python3 bench/make_rows.py /tmp/rows.jsonl 64 3100
       python3 -m accelerate.commands.launch --config_file fsdp_configs/4xa10g.yaml --num_processes 2 \

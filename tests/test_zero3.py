@@ -1,6 +1,8 @@
 """DeepSpeed ZeRO-3 (parallel.backend=deepspeed): selected by an accelerate DEEPSPEED config, trains as the
 FSDP path does, resumes exactly, writes the same checkpoints and adapters. Real DeepSpeed over gloo."""
 
+import json
+
 import pytest
 import torch
 from test_resume import RUN, adapter, losses
@@ -70,3 +72,15 @@ def test_deepspeed_configs_map_to_the_backend_and_refuse_what_it_does_not_do(tmp
             ["parallel.backend=deepspeed", "parallel.mixed_precision=fp16"],
             env={},
         )
+
+
+@pytest.mark.slow
+def test_zero3_logits_equal_the_unsharded_models_in_bf16():
+    """bf16 storage for the 4-bit bytes and norms, fp32 adapters: DeepSpeed partitions and gathers them all,
+    and the logits before any update are the unsharded model's, bit for bit (the GPU check's worker, on CPU)."""
+    proc = launch(
+        ["tests/workers/gpu_exact.py", "tiny", "parallel.backend=deepspeed", "parallel.mixed_precision=bf16"],
+        env={"SHARDTUNE_DEVICE": "cpu"},
+    )
+    result = json.loads([x for x in proc.stdout.splitlines() if x.startswith("{")][-1])
+    assert result["backend"] == "deepspeed" and result["identical"] and result["rank0_holds"] == 0.5

@@ -145,7 +145,8 @@ class Model:
     deepspeed_config: dict | None = None  # parallel.backend=deepspeed: the engine is made with the optimizer
 
 
-def _sharder(cfg: Config, dist: DistInfo):
+def sharder_for(cfg: Config, dist: DistInfo):
+    """What shards the model as it is built: FSDP (parallel.py) or DeepSpeed ZeRO-3 (zero3.py)."""
     if cfg.parallel.backend == "deepspeed":
         import importlib.util
 
@@ -176,7 +177,7 @@ def _model(cfg: Config, conf, dist: DistInfo, run_dir: Path, tokenizer) -> Model
             barrier()
             base = str(base_dir.resolve())
     attn = modeling.attention_implementation(cfg.model.attn_implementation, dist.device)
-    sharder = _sharder(cfg, dist)
+    sharder = sharder_for(cfg, dist)
     host_before = host_rss_gib()
     module, build = loading.build_model(cfg, conf, base, attn, sharder, dist.device)
     config = getattr(sharder, "config", None)

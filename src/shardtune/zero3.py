@@ -63,7 +63,9 @@ def ds_config(
 
 
 class ZeroSharder:
-    """The FSDP Sharder's counterpart: partitions each decoder layer as it is built, then the root."""
+    """The FSDP Sharder's counterpart: partitions each decoder layer as it is built, then the root. The
+    partitioned model runs only inside its engine (`initialize`, made once the optimizer exists): the engine's
+    hooks gather each module's weights for its forward and backward."""
 
     def __init__(self, pcfg: ParallelConfig, config: dict, device: torch.device, world_size: int):
         import deepspeed

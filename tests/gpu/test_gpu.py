@@ -23,8 +23,13 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2,
 
 @pytest.mark.parametrize(
     "shape, extra",
-    [("llama3-8b", []), ("llama3-70b", ["model.shape.num_hidden_layers=20"])],
-    ids=["8b", "70b-proxy-20-layers"],
+    [
+        ("llama3-8b", []),
+        ("llama3-70b", ["model.shape.num_hidden_layers=20"]),
+        ("llama3-8b", ["parallel.backend=deepspeed"]),
+        ("llama3-70b", ["model.shape.num_hidden_layers=20", "parallel.backend=deepspeed"]),
+    ],
+    ids=["8b", "70b-proxy-20-layers", "8b-zero3", "70b-proxy-20-layers-zero3"],
 )
 def test_sharded_logits_equal_one_gpu(shape, extra):
     result = worker_lines(

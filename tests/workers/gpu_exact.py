@@ -2,7 +2,8 @@
 
 Each rank builds the model twice from the same seeded random weights (bf16 compute, NF4 storage bf16, LoRA
 r=16 on all linear layers): once unsharded on its own GPU (the 1-GPU model), once sharded across all ranks
-by FSDP. Same batch, same logits expected. Prints one JSON line from rank 0.
+by FSDP (or DeepSpeed ZeRO-3 with parallel.backend=deepspeed). Same batch, same logits expected. Prints one
+JSON line from rank 0.
 usage: torchrun --nproc_per_node 2 tests/workers/gpu_exact.py SHAPE [key=value ...]
 """
 
@@ -12,9 +13,10 @@ import sys
 
 import torch
 
-from shardtune import loading, modeling, parallel
+from shardtune import loading, modeling, parallel, zero3
 from shardtune.config import Config, apply_overrides
 from shardtune.distributed import init_distributed, teardown
+from shardtune.run import sharder_for
 
 
 def main(shape: str, overrides: list[str]) -> None:
@@ -41,14 +43,11 @@ def main(shape: str, overrides: list[str]) -> None:
         expected = single(input_ids=batch).logits.float()
     del single
     torch.cuda.empty_cache()
-    sharded, report = loading.build_model(
-        cfg,
-        conf,
-        None,
-        attn,
-        parallel.Sharder(cfg.parallel, cfg.param_dtype, info.device, info.world_size),
-        info.device,
-    )
+    sharder = sharder_for(cfg, info)
+    sharded, report = loading.build_model(cfg, conf, None, attn, sharder, info.device)
+    if cfg.parallel.backend == "deepspeed" and info.world_size > 1:  # partitioned: it runs inside its engine
+        adapters = [p for p in sharded.parameters() if p.requires_grad]
+        sharded = zero3.initialize(sharded, torch.optim.AdamW(adapters), sharder.config)
     with torch.no_grad():
         logits = sharded(input_ids=batch).logits.float()
     rel = float((logits - expected).norm() / expected.norm())
@@ -58,6 +57,7 @@ def main(shape: str, overrides: list[str]) -> None:
             json.dumps(
                 {
                     "shape": shape,
+                    "backend": cfg.parallel.backend,
                     "layers": conf.num_hidden_layers,
                     "world": info.world_size,
                     "attn": attn,
