@@ -448,7 +448,12 @@ def format_plan(est: Estimate, gpus: int, gpu_mem: float | None, host_ram: float
         warn = "   MORE THAN --host-ram" if host_ram and b > host_ram else ""
         lines.append(f"  {phase:<36} {b / GIB:8.2f} GiB{warn}")
     lines.append(f"checkpoint on disk: {est.checkpoint_bytes / GIB:.2f} GiB each")
-    total = f", {est.total_s / 3600:.1f} h for the planned steps" if est.total_s else ""
+    total = (
+        f", {est.total_s / 3600:.1f} h for the planned steps"
+        if est.total_s
+        else "; the total follows from train.epochs and the data's size: give train.max_steps to plan it "
+        "(`shardtune doctor` counts the rows)"
+    )
     lines.append(
         f"speed (rough, from FLOPs and MFU measured on H200s): {est.step_s:.2f} s/step, "
         f"{est.tokens_per_s_per_gpu:,.0f} tokens/s/GPU on {gpus} GPU(s){total}"
