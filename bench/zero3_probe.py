@@ -10,7 +10,6 @@ import sys
 import torch
 
 from shardtune import loading, modeling, parallel, zero3
-from shardtune.checkpoint import _trainable_state
 from shardtune.config import Config, apply_overrides
 from shardtune.distributed import init_distributed, teardown
 from shardtune.trainer import token_loss_sum
@@ -63,7 +62,7 @@ with autocast:
     loss = token_loss_sum(engine, {"input_ids": batch, "labels": labels}) / labels.numel()
 zero3.backward(engine, loss, info.world_size)
 norm = float(zero3.step(engine))
-msd, osd = _trainable_state(engine, optimizer)
+msd, osd = zero3.trainable_state(engine, optimizer)
 with torch.no_grad(), autocast:
     before = engine(input_ids=batch).logits.float()
 zero3.load_trainable_state(engine, msd, osd)

@@ -35,6 +35,7 @@ from shardtune import faults
 from shardtune.config import ConfigError
 from shardtune.distributed import DistInfo, barrier, broadcast_object, side_group
 from shardtune.metrics import gpu_peak_gib
+from shardtune.parallel import is_engine
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def _trainable_state(model, optimizer, fresh: bool = False):
     state-dict machinery is involved: FSDP1's sharded state dict unshards every unit and copies each rank's
     slice of every frozen 4-bit weight before `ignore_frozen_params` drops them (measured: +5 GiB per GPU for
     a moment at every save of the 80-layer 70B, enough to fail a save on 24 GB GPUs)."""
-    if type(model).__name__ == "DeepSpeedEngine":  # partitioned: assembled whole (zero3.py)
+    if is_engine(model):  # partitioned: assembled whole (zero3.py)
         from shardtune import zero3
 
         return zero3.trainable_state(model, optimizer, fresh=fresh)
@@ -235,7 +236,7 @@ class CheckpointManager:
         msd, osd = _trainable_state(model, optimizer, fresh=True)
         state = {"model": msd, "optim": osd}
         dcp.load(state, checkpoint_id=str(path), process_group=self.group)  # tensors: in place
-        if type(model).__name__ == "DeepSpeedEngine":
+        if is_engine(model):
             from shardtune import zero3
 
             zero3.load_trainable_state(model, state["model"], state["optim"])

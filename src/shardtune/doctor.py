@@ -6,8 +6,9 @@
 Checks: library versions against the ones shardtune is tested with; CUDA, NCCL and a 4-bit round trip
 through bitsandbytes on this machine's device; the dtype rule (4-bit storage = FSDP parameter dtype =
 compute dtype); that the wrap class exists in the model's code; the attention implementation that will
-run; the tokenizer and data, prepared as the run prepares them; free disk for the checkpoints the run keeps; on SLURM, that the signal's lead time covers a step and a
-checkpoint save (from `shardtune plan`'s estimates, or from the run's own logged save times).
+run; the tokenizer and data, prepared as the run prepares them; free disk for the checkpoints the run keeps;
+on SLURM, that the signal's lead time covers a step and a checkpoint save (from `shardtune plan`'s
+estimates, or from the run's own logged save times).
 """
 
 from __future__ import annotations

@@ -81,6 +81,11 @@ def _from_deepspeed_settings(
 ) -> dict[str, Any]:
     """Map accelerate's deepspeed_config keys (zero_stage, offload_param_device, offload_optimizer_device) to
     shardtune `parallel.*` overrides."""
+    if settings.get("deepspeed_config_file"):
+        raise ConfigError(
+            f"{origin}: deepspeed_config_file is not supported; give zero_stage and the offload devices in "
+            f"the accelerate YAML's deepspeed_config (see fsdp_configs/zero3_2xh100.yaml)."
+        )
     stage = str(settings.get("zero_stage", "3"))
     if stage != "3":
         raise ConfigError(
@@ -109,16 +114,14 @@ def accelerate_env_overrides(env: dict[str, str] | None = None) -> tuple[dict[st
     env = dict(os.environ if env is None else env)
     if _bool(env.get("ACCELERATE_USE_DEEPSPEED", "false")):
         origin = "accelerate config (ACCELERATE_DEEPSPEED_* environment)"
-        if env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
-            raise ConfigError(
-                f"{origin}: deepspeed_config_file is not supported; give zero_stage and the offload devices in "
-                f"the accelerate YAML's deepspeed_config (see fsdp_configs/zero3_2gpu.yaml)."
-            )
-        settings = {
-            key.lower(): env[f"ACCELERATE_DEEPSPEED_{key}"]
-            for key in ("ZERO_STAGE", "OFFLOAD_PARAM_DEVICE", "OFFLOAD_OPTIMIZER_DEVICE")
-            if f"ACCELERATE_DEEPSPEED_{key}" in env
+        # the YAML's deepspeed_config keys, as accelerate exports them
+        names = {
+            "ACCELERATE_DEEPSPEED_CONFIG_FILE": "deepspeed_config_file",
+            "ACCELERATE_DEEPSPEED_ZERO_STAGE": "zero_stage",
+            "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "offload_param_device",
+            "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "offload_optimizer_device",
         }
+        settings = {key: env[var] for var, key in names.items() if var in env}
         return _from_deepspeed_settings(settings, env.get("ACCELERATE_MIXED_PRECISION"), origin), origin
     if not _bool(env.get("ACCELERATE_USE_FSDP", "false")):
         if "ACCELERATE_MIXED_PRECISION" in env:  # launched by accelerate, but not with an FSDP config
@@ -156,13 +159,7 @@ def accelerate_yaml_overrides(path: str | Path) -> tuple[dict[str, Any], str]:
         )
     mixed = str(cluster.mixed_precision).split(".")[-1].lower() if cluster.mixed_precision else None
     if distributed == "DEEPSPEED":
-        deepspeed = dict(cluster.deepspeed_config or {})
-        if deepspeed.get("deepspeed_config_file"):
-            raise ConfigError(
-                f"{origin}: deepspeed_config_file is not supported; give zero_stage and the offload devices in "
-                f"deepspeed_config (see fsdp_configs/zero3_2gpu.yaml)."
-            )
-        return _from_deepspeed_settings(deepspeed, mixed, origin), origin
+        return _from_deepspeed_settings(dict(cluster.deepspeed_config or {}), mixed, origin), origin
     fsdp = {k.removeprefix("fsdp_"): v for k, v in (cluster.fsdp_config or {}).items()}
     return _from_fsdp_settings(fsdp, mixed, origin), origin
 

@@ -190,6 +190,11 @@ def sharding_report(model: torch.nn.Module) -> dict[str, int]:
     return {"local": local, "total": total}
 
 
+def is_engine(model) -> bool:
+    """A DeepSpeed engine (parallel.backend=deepspeed, zero3.py), told apart without importing deepspeed."""
+    return type(model).__name__ == "DeepSpeedEngine"
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside the root FSDP wrapper or the DeepSpeed engine (the PEFT model)."""
-    return model.module if isinstance(model, FSDP) or type(model).__name__ == "DeepSpeedEngine" else model
+    return model.module if isinstance(model, FSDP) or is_engine(model) else model

@@ -22,7 +22,7 @@ from shardtune.data.formats import IGNORE_INDEX, adds_bos
 from shardtune.data.loader import Data, GlobalBatchSampler, collate, eval_batches
 from shardtune.distributed import DistInfo, all_reduce_max, all_reduce_sum
 from shardtune.metrics import gpu_peak_gib, host_peak_gib, step_flops
-from shardtune.parallel import clip_grad_norm, gathered_root, reduce_adapter_grads, unwrap
+from shardtune.parallel import clip_grad_norm, gathered_root, is_engine, reduce_adapter_grads, unwrap
 from shardtune.profiling import MemoryTrace
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -91,7 +91,7 @@ class Trainer:
         self.autocast_dtype = autocast_dtype
         self.tokens_seen = 0  # non-padding tokens trained on, all ranks
         self.memory_trace = MemoryTrace(dist_info.rank, dist_info.device)
-        self.engine = model if zero3.is_engine(model) else None
+        self.engine = model if is_engine(model) else None
 
     def _batch(self, indices: list[int], split) -> dict[str, torch.Tensor]:
         batch = collate([split.row(i) for i in indices], self.pad_id, self.packed)

@@ -32,10 +32,6 @@ from shardtune.config import ParallelConfig
 from shardtune.parallel import apply_checkpointing, offload_on
 
 
-def is_engine(model) -> bool:
-    return type(model).__name__ == "DeepSpeedEngine"
-
-
 def ds_config(
     pcfg: ParallelConfig, device: torch.device, micro_batch: int, world_size: int, max_grad_norm: float | None
 ) -> dict:
