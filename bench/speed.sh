@@ -39,6 +39,10 @@ for group in "$@"; do
       bench llama3-70b --gpus 2 --seq 3072 --warmup 2 --steps 3 model.fused_kernels=true $NOAC
       bench llama3-70b --gpus 2 --seq 3072 --warmup 2 --steps 3 model.fused_kernels=true \
         parallel.activation_checkpointing=auto ;;
+    targets)  # the three target rows, fastest settings (lora.fused is the default)
+      bench llama3-70b-proxy --gpus 2 --seq 3072 --warmup 2 --steps 3 --micro-batch 4 $NOAC model.fused_kernels=true
+      bench llama3-70b --gpus 2 --seq 3072 --warmup 2 --steps 3 model.fused_kernels=true $NOAC
+      bench llama3-8b --gpus 2 --seq 3072 --micro-batch 4 $NOAC model.fused_kernels=true ;;
     dropout)  # LoRA dropout 0.05 (the published recipe's, above) vs none
       bench llama3-70b-proxy --gpus 2 --seq 3072 --warmup 2 --steps 3 --micro-batch 4 $NOAC model.fused_kernels=true \
         lora.dropout=0 ;;

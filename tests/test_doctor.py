@@ -26,6 +26,16 @@ def test_a_good_setup_passes(capsys, tmp_path):
         assert expected in out, out
 
 
+def test_findings_name_the_backend_that_shards():
+    from shardtune import doctor, modeling
+    from shardtune.config import Config, apply_overrides
+
+    cfg = apply_overrides(Config(), {"parallel.backend": "deepspeed"}, "test")
+    text = " | ".join(f.what for f in doctor.model(cfg, modeling.model_config(cfg)))
+    assert "DeepSpeed ZeRO-3 partitions layer by layer: LlamaDecoderLayer" in text
+    assert "= DeepSpeed ZeRO-3 parameter dtype" in text and "FSDP" not in text, text
+
+
 def test_a_wrong_wrap_class_is_named_with_the_fix(capsys, tmp_path):
     assert (
         cli(["doctor", "recipes/tiny.py", "parallel.wrap_class=LlamaLayer", f"train.output_dir={tmp_path}"])

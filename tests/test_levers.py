@@ -68,6 +68,47 @@ def _count_checkpointed(every: int) -> tuple[int, tuple]:
     return wrapped, loss_and_grads(model, padded)
 
 
+@pytest.mark.parametrize("quantized", [True, False])
+def test_fused_lora_matches_peft_forward_and_gradients(quantized):
+    """lora.fused (one addmm) against PEFT's own forward: same adapters, same dropout draws, same numbers up to
+    the rounding of the sum, in fp32 and under bf16 autocast; the saved adapter is PEFT's."""
+    from peft.tuners.lora import Linear as PeftLinear
+
+    from shardtune.fused_lora import FusedLinear
+
+    common = {"lora.dropout": 0.1, "quant.load_in_4bit": quantized}
+    _, peft_model = build({**common, "lora.fused": False}, CPU)
+    _, fused_model = build({**common, "lora.fused": True}, CPU)
+    assert {type(m) for m in fused_model.modules() if isinstance(m, PeftLinear)} == {FusedLinear}
+    assert {type(m) for m in peft_model.modules() if isinstance(m, PeftLinear)} == {PeftLinear}
+    peft_model.train(), fused_model.train()  # dropout on: both draw the same masks from the same seed
+    padded, _ = batches(LENGTHS, 384, 2, CPU)
+    cosine = lambda a, b: min(  # noqa: E731  (the worst over the adapters)
+        torch.nn.functional.cosine_similarity(a[k].flatten().double(), b[k].flatten().double(), dim=0).item()
+        for k in a
+    )
+    for dtype, rel, cos in ((None, 1e-6, 1 - 1e-9), (torch.bfloat16, 2e-3, 0.99)):
+        torch.manual_seed(5)
+        lp, gp = loss_and_grads(peft_model, padded, autocast_dtype=dtype)
+        torch.manual_seed(5)
+        lf, gf = loss_and_grads(fused_model, padded, autocast_dtype=dtype)
+        assert lf == pytest.approx(lp, rel=rel), dtype
+        assert gf.keys() == gp.keys() and len(gf) > 0
+        assert cosine(gf, gp) > cos, dtype
+        torch.manual_seed(6)  # other dropout draws give other gradients (0.76 here): the masks above matched
+        assert cosine(loss_and_grads(fused_model, padded, autocast_dtype=dtype)[1], gf) < 0.95
+
+
+def test_fused_lora_is_refused_under_deepspeed_and_auto_turns_it_off():
+    from shardtune.modeling import lora_fused
+
+    cfg = apply_overrides(Config(), {"parallel.backend": "deepspeed"}, "test")
+    assert cfg.lora.fused == "auto" and not lora_fused(cfg)
+    assert lora_fused(Config())
+    with pytest.raises(ConfigError, match=r"lora\.fused=true does not work with parallel\.backend=deepspeed"):
+        apply_overrides(Config(), {"parallel.backend": "deepspeed", "lora.fused": "true"}, "test")
+
+
 def test_checkpointing_every_kth_layer_recomputes_those_layers_exactly():
     layers = model_config(Config()).num_hidden_layers
     n_all, (loss_all, g_all) = _count_checkpointed(1)

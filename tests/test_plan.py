@@ -10,7 +10,7 @@ import torch
 
 from conftest import ROOT
 from shardtune import loading, modeling, parallel
-from shardtune.config import Config
+from shardtune.config import Config, apply_overrides
 from shardtune.plan import Shape, layer_activation_bytes, lora_parameters, parse_size, saved_bytes
 
 
@@ -45,7 +45,7 @@ def test_saved_activations_of_a_real_4bit_layer_are_counted(tiny):
         s.heads,
         s.kv_heads,
         s.head_dim,
-        (16, 32.0, 0.0, "all-linear"),
+        (16, 32.0, 0.0, "all-linear", True),  # lora.fused, as the model was built
         rows * seq,
         seq,
         "float32",
@@ -93,3 +93,15 @@ def test_plan_says_what_fits_and_fit_recommends_a_line():
     assert "parallel.activation_checkpointing=" in line and "train.micro_batch_size=" in line
     none = plan("recipes/llama3_70b.py", "--gpus", "1", "--gpu-mem", "24GiB", "--fit")
     assert none.returncode == 1 and "no configuration fits" in none.stdout
+
+
+def test_zero3_partitions_the_adapters_in_the_plan():
+    from shardtune import plan as planner
+
+    cfg = Config()
+    conf = modeling.model_config(cfg)
+    fsdp = planner.estimate(cfg, conf, 4).gpu
+    zero3 = planner.estimate(apply_overrides(cfg, {"parallel.backend": "deepspeed"}, "test"), conf, 4).gpu
+    whole = fsdp["adapters + grads + AdamW (whole)"]
+    assert whole == 16 * lora_parameters(Shape.of(conf), cfg.lora.r, cfg.lora.target_modules)
+    assert zero3["adapters + grads + AdamW (partitioned)"] == whole / 4

@@ -89,6 +89,10 @@ class LoraSettings(Section):
     """dtype the adapters compute in. 'auto': the run's compute dtype (bf16 under parallel.mixed_precision=bf16,
     through autocast, as the Hugging Face Trainer does); their weights, gradients and optimizer state stay
     float32 either way. 'float32': PEFT's default, every adapter input cast up (measured slower on GPU)."""
+    fused: bool | Literal["auto"] = "auto"
+    """Add each adapter's update to the base output inside one matmul (addmm) instead of PEFT's copy, scale
+    and sum (fused_lora.py; same adapters and files, the sum rounded once). 'auto': on, except under
+    parallel.backend=deepspeed, which gathers a weight only when its own module runs."""
 
 
 class GeneratedTaskConfig(Section):
@@ -303,6 +307,11 @@ class Config(Section):
             raise ValueError(
                 "parallel.sharding_strategy=SHARD_GRAD_OP does not work with 4-bit bitsandbytes weights (they are "
                 "re-wrapped in every forward); use FULL_SHARD, or HYBRID_SHARD across machines."
+            )
+        if self.parallel.backend == "deepspeed" and self.lora.fused is True:
+            raise ValueError(
+                "lora.fused=true does not work with parallel.backend=deepspeed (ZeRO-3 gathers lora_B's weight "
+                "only when lora_B itself runs, and the fused update reads it directly); use lora.fused=auto."
             )
         if self.parallel.backend == "deepspeed" and self.parallel.mixed_precision == "fp16":
             raise ValueError(

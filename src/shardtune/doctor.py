@@ -118,10 +118,11 @@ def model(cfg: Config, conf) -> list[Finding]:
 
     from shardtune.modeling import attention_implementation
 
+    sharder = "FSDP" if cfg.parallel.backend == "fsdp" else "DeepSpeed ZeRO-3"
     out = [
         Finding(
             "ok",
-            f"4-bit storage {cfg.storage_dtype} = FSDP parameter dtype {cfg.param_dtype} = compute dtype "
+            f"4-bit storage {cfg.storage_dtype} = {sharder} parameter dtype {cfg.param_dtype} = compute dtype "
             f"{cfg.param_dtype}",
         )
     ]
@@ -140,7 +141,8 @@ def model(cfg: Config, conf) -> list[Finding]:
             Finding("warn", f"cannot locate the code of model type {conf.model_type!r} to check {wrap}")
         )
     elif hasattr(module, wrap):
-        out.append(Finding("ok", f"FSDP wraps {wrap} (found in {module.__name__})"))
+        verb = "wraps" if cfg.parallel.backend == "fsdp" else "partitions layer by layer:"
+        out.append(Finding("ok", f"{sharder} {verb} {wrap} (found in {module.__name__})"))
     else:
         layers = sorted(n for n in dir(module) if n.endswith(("DecoderLayer", "Block")))
         out.append(

@@ -166,7 +166,7 @@ def lora_config(cfg: Config):
     from peft import LoraConfig
 
     lc = cfg.lora
-    return LoraConfig(
+    config = LoraConfig(
         r=lc.r,
         lora_alpha=lc.alpha,
         lora_dropout=lc.dropout,
@@ -175,6 +175,16 @@ def lora_config(cfg: Config):
         bias="none",
         task_type="CAUSAL_LM",
     )
+    if lora_fused(cfg):
+        from shardtune import fused_lora
+
+        fused_lora.register(config)
+    return config
+
+
+def lora_fused(cfg: Config) -> bool:
+    """lora.fused resolved: 'auto' is on unless DeepSpeed partitions the adapters (see the setting)."""
+    return cfg.lora.fused is True or (cfg.lora.fused == "auto" and cfg.parallel.backend != "deepspeed")
 
 
 def base_on_disk(cfg: Config, conf) -> bool:

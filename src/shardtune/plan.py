@@ -42,10 +42,11 @@ GPU_MEMORY = {
     k: v * GIB
     for k, v in {"h200": 139.8, "h100": 79.1, "a100": 79.1, "a10g": 22.0, "l40s": 44.4, "l4": 22.0}.items()
 }
-# Model-FLOP utilization without recomputation, measured on 2x H200 (bench/results/2026-11-23-2xh200-c: bf16
-# adapters, Liger kernels), by layer width: the best MFU, and the micro-batch (tokens) at which half of it is lost
-# to fixed per-step costs (kernel launches, FSDP hooks, the 4-bit dequantization of every weight).
-MEASURED_MFU = ((8192, 0.63, 650), (4096, 0.55, 1500), (0, 0.20, 1500))
+# Model-FLOP utilization without recomputation, by layer width: the best MFU, and the micro-batch (tokens) at
+# which half of it is lost to fixed per-step costs (kernel launches, FSDP hooks, the 4-bit dequantization of
+# every weight). Measured on 2x H200 with PEFT's LoRA forward (bench/results/2026-11-23-2xh200-c: 0.63 and
+# 0.55), times what lora.fused gained on one H200 (bench/results/2026-11-23-1xh200-fusedlora: x1.11, x1.18).
+MEASURED_MFU = ((8192, 0.70, 650), (4096, 0.65, 1500), (0, 0.20, 1500))
 OFFLOAD_SLOWDOWN = 1.34  # CPU offload, measured on the 80-layer 70B (bench/results/2026-11-23-2xh200)
 
 
@@ -159,16 +160,18 @@ def layer_activation_bytes(
         num_hidden_layers=1,
     )
     conf._attn_implementation = "shardtune_fused"
-    r, alpha, dropout, chosen = lora_key
+    r, alpha, dropout, chosen, fused = lora_key
     with torch.device("meta"):
         compute = getattr(torch, dtype)
         layer = LlamaDecoderLayer(conf, 0).to(compute).requires_grad_(False)
         names = list(Shape(hidden, inter, 1, heads, kv_heads, head_dim, 1, False).linears())
         targets = names if chosen == "all-linear" else [n for n in names if n in chosen]
-        layer = inject_adapter_in_model(
-            LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets),
-            layer,
-        )
+        lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
+        if fused:  # lora.fused: saves no copy of the adapters' inputs (fused_lora.py)
+            from shardtune import fused_lora
+
+            fused_lora.register(lora)
+        layer = inject_adapter_in_model(lora, layer)
         for name, p in layer.named_parameters():
             if "lora_" in name:
                 p.data = p.data.to(getattr(torch, adapter_dtype))
@@ -225,7 +228,7 @@ def _fused_attention(module, query, key, value, attention_mask, **kwargs):
 def estimate(cfg: Config, conf, gpus: int, nodes: int = 1, gpu_name: str = "h200") -> Estimate:
     """Predicted memory and time of one configuration on `gpus` GPUs in total."""
     from shardtune.metrics import step_flops
-    from shardtune.modeling import fused_kernels, matmul_parameters
+    from shardtune.modeling import fused_kernels, lora_fused, matmul_parameters
     from shardtune.parallel import checkpointed_every, checkpointed_fraction
 
     s = Shape.of(conf)
@@ -245,7 +248,13 @@ def estimate(cfg: Config, conf, gpus: int, nodes: int = 1, gpu_name: str = "h200
     lora = lora_parameters(s, cfg.lora.r, cfg.lora.target_modules)
     every = checkpointed_every(cfg.parallel)  # 0: nothing recomputed
     offload = cfg.parallel.cpu_offload and n > 1  # one process trains the plain module (parallel.py)
-    key = (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, _target_key(cfg.lora.target_modules))
+    key = (
+        cfg.lora.r,
+        cfg.lora.alpha,
+        cfg.lora.dropout,
+        _target_key(cfg.lora.target_modules),
+        lora_fused(cfg),
+    )
     adapter_dtype = cfg.param_dtype if cfg.lora.compute_dtype == "auto" else "float32"
     per_layer = layer_activation_bytes(
         s.hidden, s.inter, s.heads, s.kv_heads, s.head_dim, key, tokens, seq, cfg.param_dtype, adapter_dtype
@@ -265,7 +274,12 @@ def estimate(cfg: Config, conf, gpus: int, nodes: int = 1, gpu_name: str = "h200
         "embeddings + head, gathered": s.root_weights * compute * (1 if offload else (n - 1) / n),
         "2 decoder layers, gathered": 2 * layer_full,
         "dequantized weights (2 matmuls)": 2 * max(i * o for i, o in s.linears().values()) * compute,
-        "adapters + grads + AdamW (whole)": 16 * lora,
+        # FSDP leaves the adapters whole on every rank; ZeRO-3 partitions them with their gradients and AdamW
+        **(
+            {"adapters + grads + AdamW (whole)": 16 * lora}
+            if cfg.parallel.backend == "fsdp"
+            else {"adapters + grads + AdamW (partitioned)": 16 * lora / n}
+        ),
         "activations": _activations(
             s.layers, checkpointed_fraction(cfg.parallel, s.layers), boundary, per_layer
         ),
@@ -282,9 +296,10 @@ def estimate(cfg: Config, conf, gpus: int, nodes: int = 1, gpu_name: str = "h200
     host = {
         # one decoder layer's weights at a time while loading (loading.py), plus the process itself
         "load": 2 * GIB + s.layer_weights * 2,
-        # FSDP1 keeps a pinned copy of an offloaded shard and a pinned gradient buffer of its size, measured
-        # at ~3.5x the shard (bench/results/2026-11-23-2xh200)
-        "train": 2 * GIB + (3.5 * base_shard if offload else 0.0),
+        # the offloaded shard, pinned in place (parallel.lean_offload), plus the pinned allocator's rounding up
+        # to powers of two: 1.4-1.7x the shard measured (bench/results/2026-11-23-1xh200-fusedlora; FSDP1's own
+        # buffers took 3.4x)
+        "train": 2 * GIB + (1.7 * base_shard if offload else 0.0),
         # the checkpoint is staged through host memory by the rank that writes it
         "save": 2 * GIB + 12 * lora,
     }

@@ -34,7 +34,10 @@ def reference_model(cfg, base, device):
     for m in model.modules():
         if hasattr(m, "support_avx512bf16_for_cpu"):  # same kernels as shardtune on this CPU
             m.support_avx512bf16_for_cpu = False
-    return get_peft_model(model, modeling.lora_config(cfg))
+    # PEFT's own LoRA layers (no lora.fused): the reference is what transformers + PEFT compute
+    return get_peft_model(
+        model, modeling.lora_config(apply_overrides(cfg, {"lora.fused": False}, "reference"))
+    )
 
 
 def main(workdir: str, overrides: list[str]) -> None:

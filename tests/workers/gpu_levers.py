@@ -1,6 +1,7 @@
 """Each speed lever against the plain path on one GPU, on a 4-layer Llama-3-8B-width model (4-bit, LoRA r=16,
 bf16): the same rows padded vs packed, Liger's fused kernels vs transformers' modules, adapters computing in
-bf16 vs fp32. Prints one JSON line per comparison (tests/gpu/test_gpu.py asserts on them)."""
+bf16 vs fp32, the fused LoRA update vs PEFT's forward. Prints one JSON line
+per comparison (tests/gpu/test_gpu.py asserts on them)."""
 
 import json
 import sys
@@ -57,6 +58,15 @@ l32, g32 = loss_and_grads(model, padded, None)
 report("adapters-bf16-vs-fp32", l32, la, g32, ga)
 del model
 torch.cuda.empty_cache()
+
+lora = {}
+for fused in (True, False):  # lora.fused (the default) vs PEFT's forward. No dropout: CUDA's dropout draws
+    _, m = build({**BASE, "lora.fused": fused}, GPU)  # other masks for PEFT's fp32 input than for bf16
+    lora[fused] = loss_and_grads(m, padded, BF16)
+    del m
+    torch.cuda.empty_cache()
+(l_peft, g_peft), (l_fused, g_fused) = lora[False], lora[True]
+report("lora-fused-vs-peft", l_peft, l_fused, g_peft, g_fused)
 
 _, fused = build({**BASE, "model.fused_kernels": True}, GPU)
 lf, gf = loss_and_grads(fused, padded, BF16, fused=True)
