@@ -118,7 +118,11 @@ def model(cfg: Config, conf) -> list[Finding]:
 
     from shardtune.modeling import attention_implementation
 
-    sharder = "FSDP" if cfg.parallel.backend == "fsdp" else "DeepSpeed ZeRO-3"
+    sharder, verb = (
+        ("FSDP", "wraps")
+        if cfg.parallel.backend == "fsdp"
+        else ("DeepSpeed ZeRO-3", "partitions layer by layer:")
+    )
     out = [
         Finding(
             "ok",
@@ -141,7 +145,6 @@ def model(cfg: Config, conf) -> list[Finding]:
             Finding("warn", f"cannot locate the code of model type {conf.model_type!r} to check {wrap}")
         )
     elif hasattr(module, wrap):
-        verb = "wraps" if cfg.parallel.backend == "fsdp" else "partitions layer by layer:"
         out.append(Finding("ok", f"{sharder} {verb} {wrap} (found in {module.__name__})"))
     else:
         layers = sorted(n for n in dir(module) if n.endswith(("DecoderLayer", "Block")))

@@ -123,7 +123,8 @@ def offload_on(pcfg: ParallelConfig, device: torch.device) -> bool:
 
 
 def lean_offload(model: FSDP) -> None:
-    """Host memory of FSDP1's CPU offload, from ~3.5x the offloaded shards to ~1x.
+    """Host memory of FSDP1's CPU offload, from 3.4x the offloaded shards to 1.25-1.7x (measured on one H200,
+    bench/results/2026-11-23-1xh200-fusedlora; the rest is the pinned allocator rounding up to powers of two).
 
     At its lazy initialization (the first forward) FSDP1 pins a copy of every unit's shard while the
     unpinned one stays referenced by the parameters' views until the first reshard, and pins a gradient
@@ -138,7 +139,7 @@ def lean_offload(model: FSDP) -> None:
     needed = ("init_flat_param_attributes", "_use_sharded_views", "_offload_params")
     if not handles or not all(hasattr(h, n) for h in handles for n in needed):
         log.warning(
-            "parallel.cpu_offload: this torch's FSDP differs; host memory is FSDP's own (~3.5x the shards)"
+            "parallel.cpu_offload: this torch's FSDP differs; host memory is FSDP's own (~3.4x the shards)"
         )
         return
     for handle in handles:
