@@ -28,6 +28,9 @@ def predict(r: dict):
         f"parallel.activation_checkpointing={str(ran['activation_checkpointing']).lower()}",
         f"parallel.checkpoint_every={ran['checkpoint_every']}",
     ]
+    # runs from before lora.fused existed (no record of it) ran PEFT's LoRA forward
+    if "fused" not in ran["lora"]:
+        overrides.append("lora.fused=false")
     cfg = resolve_config(
         bench.config(), [*overrides, f"eval.max_rows={gpus}", *r["overrides"], *resolved], env={}
     )

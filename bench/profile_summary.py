@@ -11,7 +11,7 @@ import json
 import re
 
 KINDS = [  # first match wins
-    ("NF4 dequantize (bitsandbytes)", r"dequant|kgemm_4bit|kQuantize"),
+    ("NF4 dequantize", r"dequant|kgemm_4bit|kQuantize"),  # bitsandbytes' kernels and nf4_kernel.py's
     ("attention", r"flash|fmha|attention|cudnn.*sdpa|sdpa"),
     ("collectives (NCCL)", r"nccl"),
     ("matmul", r"gemm|cutlass|xmma|nvjet|sm\d\d_|cublas|splitK"),

@@ -43,6 +43,21 @@ for group in "$@"; do
       bench llama3-70b-proxy --gpus 2 --seq 3072 --warmup 2 --steps 3 --micro-batch 4 $NOAC model.fused_kernels=true
       bench llama3-70b --gpus 2 --seq 3072 --warmup 2 --steps 3 model.fused_kernels=true $NOAC
       bench llama3-8b --gpus 2 --seq 3072 --micro-batch 4 $NOAC model.fused_kernels=true ;;
+    one)  # one GPU (when no 2-GPU machine is lent): proxy and 8B at micro-batch 4 without and with selective
+      # recomputation, the 80-layer 70B at 1 (selective) and at 2 (what auto picks)
+      O=(--gpus 1 --seq 3072 --warmup 2 --steps 3 model.fused_kernels=true)
+      SEL=parallel.activation_checkpointing=selective
+      bench llama3-70b-proxy "${O[@]}" --micro-batch 4 $NOAC
+      bench llama3-70b-proxy "${O[@]}" --micro-batch 4 $SEL
+      bench llama3-8b "${O[@]}" --micro-batch 4 $NOAC
+      bench llama3-8b "${O[@]}" --micro-batch 4 $SEL
+      bench llama3-70b "${O[@]}" $SEL
+      bench llama3-70b "${O[@]}" --micro-batch 2 parallel.activation_checkpointing=auto ;;
+    targets1)  # the three target shapes on one GPU, fastest settings that fit one H200
+      O=(--gpus 1 --seq 3072 --warmup 2 --steps 3 model.fused_kernels=true)
+      bench llama3-70b-proxy "${O[@]}" --micro-batch 4 $NOAC
+      bench llama3-8b "${O[@]}" --micro-batch 4 $NOAC
+      bench llama3-70b "${O[@]}" parallel.activation_checkpointing=selective ;;
     dropout)  # LoRA dropout 0.05 (the published recipe's, above) vs none
       bench llama3-70b-proxy --gpus 2 --seq 3072 --warmup 2 --steps 3 --micro-batch 4 $NOAC model.fused_kernels=true \
         lora.dropout=0 ;;

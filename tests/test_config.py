@@ -161,6 +161,8 @@ def test_checkpointing_auto_comes_through_accelerate_and_its_yaml():
     environment `accelerate launch` exports and from the YAML read under torchrun; true/false stay booleans."""
     env = {"ACCELERATE_USE_FSDP": "true", "FSDP_ACTIVATION_CHECKPOINTING": "auto"}
     assert resolve_config(Config(), [], env).parallel.activation_checkpointing == "auto"
+    env["FSDP_ACTIVATION_CHECKPOINTING"] = "Selective"  # shardtune's other own value
+    assert resolve_config(Config(), [], env).parallel.activation_checkpointing == "selective"
     for name in ("2xh100", "8xh100", "multinode"):
         cfg = resolve_config(Config(), [f"parallel.launch_config=fsdp_configs/{name}.yaml"], {})
         assert cfg.parallel.activation_checkpointing == "auto", name

@@ -21,9 +21,12 @@ def test_a_good_setup_passes(capsys, tmp_path):
         "attention: sdpa",
         "data: generated",
         "disk:",
-        "all checks passed",
     ):
         assert expected in out, out
+    # a library released after the last tested version (CI installs the newest) is a warning, and nothing else
+    warnings = [line for line in out.splitlines() if line.startswith("[ WARN ]")]
+    assert all("(tested: " in line for line in warnings), out
+    assert "all checks passed" in out if not warnings else f"0 error(s), {len(warnings)} warning(s)" in out
 
 
 def test_findings_name_the_backend_that_shards():

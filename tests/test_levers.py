@@ -99,6 +99,51 @@ def test_fused_lora_matches_peft_forward_and_gradients(quantized):
         assert cosine(loss_and_grads(fused_model, padded, autocast_dtype=dtype)[1], gf) < 0.95
 
 
+@pytest.mark.parametrize("every", [None, 2])
+def test_selective_recompute_redraws_the_dropout_masks_and_keeps_less(every):
+    """parallel.activation_checkpointing=selective (and `true` in the layers it leaves whole): every adapter
+    draws its dropout mask again in backward instead of keeping it with a dropped copy of its input. The loss
+    and gradients are bit-identical to keeping them (fp32 and bf16 autocast), and dropout then costs the
+    layers no more activation memory than no dropout."""
+    from shardtune.fused_lora import FusedLinear
+    from shardtune.plan import saved_bytes
+
+    if every:  # `true`: every 2nd layer recomputed whole, the others redraw their masks
+        ac = {"parallel.activation_checkpointing": True, "parallel.checkpoint_every": every}
+    else:
+        ac = {"parallel.activation_checkpointing": "selective"}
+    _, kept = build({"lora.dropout": 0.1}, CPU)  # no recomputation: masks and dropped copies kept
+    _, replayed = build({"lora.dropout": 0.1, **ac}, CPU)
+    layers = replayed.base_model.model.model.layers
+    flags = [{m.replay_dropout for m in layer.modules() if isinstance(m, FusedLinear)} for layer in layers]
+    # a recomputed layer keeps nothing between forward and backward: it keeps its masks while it recomputes
+    assert flags == [{False} if every and i % every == 0 else {True} for i in range(len(layers))]
+    assert not any(m.replay_dropout for m in kept.modules() if isinstance(m, FusedLinear))
+    padded, _ = batches(LENGTHS, 384, 2, CPU)
+    kept.train(), replayed.train()
+    for dtype in (None, torch.bfloat16):
+        torch.manual_seed(5)
+        lk, gk = loss_and_grads(kept, padded, autocast_dtype=dtype)
+        after_kept = torch.rand(1)
+        torch.manual_seed(5)
+        lr, gr = loss_and_grads(replayed, padded, autocast_dtype=dtype)
+        assert lr == lk and torch.rand(1) == after_kept, dtype  # same draws, and the generator left as it was
+        for name in gk:
+            torch.testing.assert_close(gr[name], gk[name], rtol=0, atol=0)
+        torch.manual_seed(6)  # other draws, other gradients: the masks above were drawn again, not zeros
+        other = loss_and_grads(replayed, padded, autocast_dtype=dtype)[1]
+        assert any(not torch.equal(other[n], gr[n]) for n in gr)
+    if every:
+        return
+    _, no_dropout = build({"lora.dropout": 0.0}, CPU)
+
+    def kept_bytes(model):
+        inputs = {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
+        return saved_bytes(lambda: model(**inputs, use_cache=False), list(model.parameters()))
+
+    assert kept_bytes(replayed) == kept_bytes(no_dropout) < kept_bytes(kept)
+
+
 def test_fused_lora_is_refused_under_deepspeed_and_auto_turns_it_off():
     from shardtune.modeling import lora_fused
 
@@ -130,10 +175,14 @@ def test_auto_checkpointing_picks_the_least_recomputation_that_fits():
             "train.global_batch_size": 4,
             "parallel.activation_checkpointing": "auto",
             "eval.batch_size": 1,
+            "lora.dropout": 0.05,  # 'selective' keeps less only with dropout
         },
         "test",
     )
     conf = model_config(cfg)
+    assert plan.checkpoint_choices(cfg) == plan.CHECKPOINT_CHOICES
+    no_dropout = apply_overrides(cfg, {"lora.dropout": 0.0}, "test")
+    assert ("selective", 1) not in plan.checkpoint_choices(no_dropout)  # it would be 'none' at a cost
     peaks = {}
     for ac, every in plan.CHECKPOINT_CHOICES:
         choice = {"parallel.activation_checkpointing": ac, "parallel.checkpoint_every": every}

@@ -45,7 +45,7 @@ def test_saved_activations_of_a_real_4bit_layer_are_counted(tiny):
         s.heads,
         s.kv_heads,
         s.head_dim,
-        (16, 32.0, 0.0, "all-linear", True),  # lora.fused, as the model was built
+        (16, 32.0, 0.0, "all-linear", True, False),  # lora.fused, as the model was built
         rows * seq,
         seq,
         "float32",

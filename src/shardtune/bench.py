@@ -161,7 +161,10 @@ def summarize(run_dir: Path, warmup: int) -> dict:
             "cpu_offload": cfg["parallel"]["cpu_offload"],
             "packing": cfg["data"]["packing"],
             "fused_kernels": summary.get("fused_kernels"),
-            "lora": {k: cfg["lora"][k] for k in ("r", "alpha", "dropout", "target_modules", "compute_dtype")},
+            "lora": {
+                k: cfg["lora"][k]
+                for k in ("r", "alpha", "dropout", "target_modules", "compute_dtype", "fused")
+            },
             "mixed_precision": cfg["parallel"]["mixed_precision"],
             "global_batch_size": cfg["train"]["global_batch_size"],
         },

@@ -29,7 +29,7 @@ from shardtune.config import Config
 # (lowest, highest) versions the CPU CI and the GPU machines ran; outside them things may still work.
 TESTED = {
     "torch": ("2.11", "2.13"),
-    "transformers": ("5.17", "5.23"),
+    "transformers": ("5.17", "5.24"),
     "peft": ("0.21", "0.21"),
     "accelerate": ("1.15", "1.15"),
     "bitsandbytes": ("0.50", "0.50"),

@@ -8,6 +8,13 @@ that is 700 MB per pass per 12k tokens, per adapter. Here the input goes to the 
 computes in bf16 either way) and the update is one `addmm(result, h, B^T, alpha=scaling)`: the scaling
 goes into the matmul and the sum into its epilogue, so the output is read and written once.
 
+With LoRA dropout, PEFT keeps for backward a dropped copy of the input and its mask for every adapter (q, k
+and v each drop the same input), on top of the input itself: 0.4 GiB per 3072-token row per Llama-3-70B
+layer, 30% of the layer's activations. Where memory is short (parallel.activation_checkpointing=selective,
+replay_dropout()) the adapter keeps only the input, shared, and draws the same mask again in backward from the
+random state it was drawn with, as activation checkpointing replays dropout: one more elementwise pass per
+adapter, 3% of a step (measured on one H200, bench/results/2026-12-01-1xh200-selective).
+
 The adapters, their names, dropout draws, initialization and saved files are PEFT's own: only `forward`
 differs, and only in rounding (the sum is rounded once instead of three times). Registered through PEFT's
 custom-module hook (`LoraConfig._register_custom_module`); what it does not cover (merged or disabled
@@ -17,12 +24,17 @@ cast outside autocast) runs PEFT's forward unchanged.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from peft.tuners.lora import Linear as PeftLinear
+from torch import nn
 
 
 class FusedLinear(PeftLinear):
     """PEFT's LoRA `Linear` (also around bitsandbytes' Linear4bit, a subclass of nn.Linear), fused forward."""
+
+    replay_dropout = False  # draw the dropout mask again in backward (replay_dropout(), selective recompute)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if (
@@ -40,11 +52,104 @@ class FusedLinear(PeftLinear):
         result = self.base_layer(x, *args, **kwargs)
         out = result.reshape(-1, result.shape[-1])
         for a in active:
-            h = self.lora_A[a](self.lora_dropout[a](x))
+            h = _adapter_input(x, self.lora_dropout[a], self.lora_A[a], autocast, self.replay_dropout)
             out = torch.addmm(
                 out, h.reshape(-1, h.shape[-1]), self.lora_B[a].weight.t(), alpha=self.scaling[a]
             )
         return out.view(result.shape).to(result.dtype)
+
+
+def replay_dropout(module: nn.Module) -> None:
+    """The fused LoRA layers in `module` draw their dropout masks again in backward from then on."""
+    for m in module.modules():
+        if isinstance(m, FusedLinear):
+            m.replay_dropout = True
+
+
+def _adapter_input(
+    x: torch.Tensor, dropout: nn.Module, lora_a: nn.Linear, autocast: bool, replay: bool
+) -> torch.Tensor:
+    """lora_A(dropout(x)) as PEFT computes it (the same mask draws, the matmul in the same dtype); with
+    `replay`, keeping for backward only x (shared by the adapters that read it), not a dropped copy and mask
+    per adapter."""
+    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    if not replay or p == 0.0 or not torch.is_grad_enabled() or x.device.type not in ("cuda", "cpu", "meta"):
+        return lora_a(dropout(x))
+    weight = lora_a.weight
+    if autocast:  # what autocast does to nn.Linear's operands, here outside the Function so that autograd
+        dtype = torch.get_autocast_dtype(x.device.type)  # carries the gradient back to the fp32 weight
+        weight = weight.to(dtype)
+    else:
+        dtype = weight.dtype
+    with _no_autocast(x.device):
+        return _DroppedMatmul.apply(x, weight, p, dtype)
+
+
+def _no_autocast(device: torch.device):
+    # (the meta device, where shardtune plan counts what backward keeps, has no autocast)
+    return torch.autocast(device.type, enabled=False) if device.type != "meta" else contextlib.nullcontext()
+
+
+class _RandomState:
+    """The random state of x's device, to draw the same dropout mask again later without disturbing what
+    comes after (what torch.utils.checkpoint's preserve_rng_state does, for one device)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.state = self._get()
+
+    def _get(self) -> torch.Tensor:
+        return torch.cuda.get_rng_state(self.device) if self.cuda else torch.get_rng_state()
+
+    def _set(self, state: torch.Tensor) -> None:
+        if self.cuda:
+            torch.cuda.set_rng_state(state, self.device)
+        else:
+            torch.set_rng_state(state)
+
+    def replay(self, draw):
+        now = self._get()
+        self._set(self.state)
+        try:
+            return draw()
+        finally:
+            self._set(now)
+
+
+def _dropout(x: torch.Tensor, p: float):
+    """F.dropout(x, p) in training, drawn exactly as it draws (the fused kernel on CUDA, a Bernoulli draw on
+    the CPU: at::dropout), and the function that applies the same mask to a gradient."""
+    if x.device.type == "cuda":
+        out, mask = torch.ops.aten.native_dropout(x, p, True)
+        return out, lambda g: torch.ops.aten.native_dropout_backward(g, mask, 1.0 / (1.0 - p))
+    noise = torch.empty_like(x).bernoulli_(1.0 - p).div_(1.0 - p)
+    return x * noise, lambda g: g * noise
+
+
+class _DroppedMatmul(torch.autograd.Function):
+    """linear(dropout(x, p).to(dtype), weight) that saves x and the random state, not the dropped copy and mask."""
+
+    @staticmethod
+    def forward(ctx, x, weight, p, dtype):
+        ctx.rng = _RandomState(x.device)
+        dropped, _ = _dropout(x, p)
+        ctx.p, ctx.dtype = p, dtype
+        ctx.save_for_backward(x, weight)
+        return nn.functional.linear(dropped.to(dtype), weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        with _no_autocast(x.device):  # a CPU backward may run inside the autocast
+            dropped, mask = ctx.rng.replay(lambda: _dropout(x, ctx.p))
+            g = grad.reshape(-1, grad.shape[-1])
+            # the products autograd's matmul backward computes (the same kernels, the same rounding)
+            grad_weight = g.t().mm(dropped.reshape(-1, x.shape[-1]).to(ctx.dtype))
+            grad_x = None
+            if ctx.needs_input_grad[0]:  # not for the first layer's input (the frozen embeddings')
+                grad_x = mask(g.mm(weight).view(x.shape).to(x.dtype))
+        return grad_x, grad_weight, None, None
 
 
 def register(lora_config) -> None:

@@ -127,11 +127,11 @@ def weight_source(cfg: Config, path: str | None, conf, device: torch.device):
 # ------------------------------------------------------------------------------------------- skeleton
 def skeleton(cfg: Config, conf, attn: str):
     """The model on the meta device: Linear4bit in the decoder layers, PEFT LoRA around them."""
-    import bitsandbytes as bnb
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     from shardtune.modeling import lora_config
+    from shardtune.nf4 import Linear4bit  # bitsandbytes' module, dequantizing in one kernel on GPUs
 
     dtype = DTYPES[cfg.param_dtype]
     with torch.device("meta"):
@@ -144,7 +144,7 @@ def skeleton(cfg: Config, conf, attn: str):
                             setattr(
                                 parent,
                                 name,
-                                bnb.nn.Linear4bit(
+                                Linear4bit(
                                     child.in_features,
                                     child.out_features,
                                     bias=child.bias is not None,

@@ -44,17 +44,24 @@ GPU_MEMORY = {
 }
 # Model-FLOP utilization without recomputation, by layer width: the best MFU, and the micro-batch (tokens) at
 # which half of it is lost to fixed per-step costs (kernel launches, FSDP hooks, the 4-bit dequantization of
-# every weight). Measured on 2x H200 with PEFT's LoRA forward (bench/results/2026-11-23-2xh200-c: 0.63 and
-# 0.55), times what lora.fused gained on one H200 (bench/results/2026-11-23-1xh200-fusedlora: x1.11, x1.18).
-MEASURED_MFU = ((8192, 0.70, 650), (4096, 0.65, 1500), (0, 0.20, 1500))
+# every weight). 8192: fitted to one H200 with lora.fused and the one-kernel NF4 dequantization
+# (bench/results/2026-12-01-1xh200-selective: 69.7% at 12,288 tokens, 65.7% at 3,072 without the dropout
+# replay), less the 2% FSDP cost across 2 GPUs; 4096: 2x H200 with PEFT's forward (2026-11-23-2xh200-c: 0.55)
+# times what lora.fused and the kernel gained on one H200 (x1.18, x1.015).
+MEASURED_MFU = ((8192, 0.70, 255), (4096, 0.67, 1500), (0, 0.20, 1500))
 OFFLOAD_SLOWDOWN = 1.34  # CPU offload, measured on the 80-layer 70B (bench/results/2026-11-23-2xh200)
+# LoRA dropout masks drawn again in backward (selective recomputation), measured on one H200 on the 70B widths
+# and the 8B (bench/results/2026-12-01-1xh200-selective: -2.0% and -3.0%)
+REPLAY_SLOWDOWN = 1.025
 
 
-def expected_mfu(hidden: int, tokens: int, recomputed: float, offload: bool) -> float:
+def expected_mfu(hidden: int, tokens: int, recomputed: float, offload: bool, replayed: float = 0.0) -> float:
     """MFU to expect: the width's measured best, less for small micro-batches, less again for the forward
-    recomputed in backward (4N + 2N·share FLOPs done for 4N counted) and for CPU offload."""
+    recomputed in backward (4N + 2N·share FLOPs done for 4N counted), for the share of layers that redraw
+    their dropout masks, and for CPU offload."""
     best, half = next((b, h) for width, b, h in MEASURED_MFU if hidden >= width)
     mfu = best * tokens / (tokens + half)
+    mfu /= 1 + (REPLAY_SLOWDOWN - 1) * replayed
     return mfu * 4 / (4 + 2 * recomputed) / (OFFLOAD_SLOWDOWN if offload else 1.0)
 
 
@@ -160,7 +167,7 @@ def layer_activation_bytes(
         num_hidden_layers=1,
     )
     conf._attn_implementation = "shardtune_fused"
-    r, alpha, dropout, chosen, fused = lora_key
+    r, alpha, dropout, chosen, fused, replay = lora_key
     with torch.device("meta"):
         compute = getattr(torch, dtype)
         layer = LlamaDecoderLayer(conf, 0).to(compute).requires_grad_(False)
@@ -172,6 +179,8 @@ def layer_activation_bytes(
 
             fused_lora.register(lora)
         layer = inject_adapter_in_model(lora, layer)
+        if replay:  # selective recomputation: the dropout masks drawn again in backward, not kept
+            fused_lora.replay_dropout(layer)
         for name, p in layer.named_parameters():
             if "lora_" in name:
                 p.data = p.data.to(getattr(torch, adapter_dtype))
@@ -181,12 +190,15 @@ def layer_activation_bytes(
         positions = torch.arange(seq).unsqueeze(0).expand(rows, -1)
         cos, sin = (t.to(compute) for t in LlamaRotaryEmbedding(conf)(x, positions))
     shared = [*layer.parameters(), cos, sin]  # not the layer's own memory: weights, the model's RoPE table
-    return saved_bytes(lambda: layer(x, position_embeddings=(cos, sin)), shared)
+    # PEFT's own forward under autocast gives every adapter its own bf16 copy of the input (autocast's cast of
+    # PEFT's fp32 copy), where this count sees views of one input: count each view as the copy it is there
+    return saved_bytes(lambda: layer(x, position_embeddings=(cos, sin)), shared, views_apart=not fused)
 
 
-def saved_bytes(forward, shared: list[torch.Tensor]) -> int:
-    """Bytes of the tensors autograd keeps while `forward()` runs, each counted once, leaving out `shared`
-    tensors and views of them (a weight's transpose costs no memory)."""
+def saved_bytes(forward, shared: list[torch.Tensor], views_apart: bool = False) -> int:
+    """Bytes of the tensors autograd keeps while `forward()` runs, each allocation counted once (a tensor and
+    its views; with `views_apart` each view saved as its own), leaving out `shared` tensors and views of them
+    (a weight's transpose costs no memory)."""
     skip = {id(t) for t in shared}
     kept: dict[int, torch.Tensor] = {}
 
@@ -195,7 +207,8 @@ def saved_bytes(forward, shared: list[torch.Tensor]) -> int:
         while root._base is not None:
             root = root._base
         if id(root) not in skip:
-            kept[id(t)] = t  # holding it keeps its id unique until we are done
+            held = t if views_apart else root
+            kept[id(held)] = held  # holding it keeps its id unique until we are done
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -248,7 +261,12 @@ def estimate(cfg: Config, conf, gpus: int, nodes: int = 1, gpu_name: str = "h200
     lora = lora_parameters(s, cfg.lora.r, cfg.lora.target_modules)
     every = checkpointed_every(cfg.parallel)  # 0: nothing recomputed
     offload = cfg.parallel.cpu_offload and n > 1  # one process trains the plain module (parallel.py)
-    key = (
+    # 'auto' on a GPU: on when liger-kernel is installed here (plan where the job's environment is)
+    fused = cfg.model.fused_kernels is True or fused_kernels(cfg, conf, "cuda")
+    # Liger's SwiGLU keeps no activation output (recomputed in backward) and its RMSNorm no fp32 copy of the
+    # input (two norms per layer)
+    liger = tokens * (s.inter * compute + 2 * s.hidden * 4) if fused else 0
+    lora_key = (
         cfg.lora.r,
         cfg.lora.alpha,
         cfg.lora.dropout,
@@ -256,15 +274,13 @@ def estimate(cfg: Config, conf, gpus: int, nodes: int = 1, gpu_name: str = "h200
         lora_fused(cfg),
     )
     adapter_dtype = cfg.param_dtype if cfg.lora.compute_dtype == "auto" else "float32"
-    per_layer = layer_activation_bytes(
-        s.hidden, s.inter, s.heads, s.kv_heads, s.head_dim, key, tokens, seq, cfg.param_dtype, adapter_dtype
-    )
-    # 'auto' on a GPU: on when liger-kernel is installed here (plan where the job's environment is)
-    fused = cfg.model.fused_kernels is True or fused_kernels(cfg, conf, "cuda")
-    if fused:
-        # Liger's SwiGLU keeps no activation output (recomputed in backward) and its RMSNorm no fp32 copy of
-        # the input (two norms per layer)
-        per_layer -= tokens * (s.inter * compute + 2 * s.hidden * 4)
+    widths = (s.hidden, s.inter, s.heads, s.kv_heads, s.head_dim)
+
+    def per_layer(replay: bool) -> float:
+        key = (*lora_key, replay)
+        return layer_activation_bytes(*widths, key, tokens, seq, cfg.param_dtype, adapter_dtype) - liger
+
+    replay = replays_dropout(cfg)
     boundary = tokens * s.hidden * compute
     gpu = {
         "4-bit base shard": 0.0 if offload else base_shard,
@@ -281,7 +297,11 @@ def estimate(cfg: Config, conf, gpus: int, nodes: int = 1, gpu_name: str = "h200
             else {"adapters + grads + AdamW (partitioned)": 16 * lora / n}
         ),
         "activations": _activations(
-            s.layers, checkpointed_fraction(cfg.parallel, s.layers), boundary, per_layer
+            s.layers,
+            checkpointed_fraction(cfg.parallel, s.layers),
+            boundary,
+            per_layer(replay),
+            per_layer(False),
         ),
         # bf16 logits, their fp32 copy and log-softmax, then the fp32 gradient: ~12 bytes per logit at the peak;
         # Liger's fused loss holds one chunk of fp32 logits (about tokens x hidden values) and the head's input
@@ -308,13 +328,14 @@ def estimate(cfg: Config, conf, gpus: int, nodes: int = 1, gpu_name: str = "h200
     n_matmul = matmul_parameters(conf)
     flops_per_row = step_flops(n_matmul, s.layers, s.hidden, seq, seq * seq, False)[0]
     rows_per_step = cfg.train.global_batch_size
-    mfu = expected_mfu(s.hidden, tokens, checkpointed_fraction(cfg.parallel, s.layers), offload)
+    recomputed = checkpointed_fraction(cfg.parallel, s.layers)
+    mfu = expected_mfu(s.hidden, tokens, recomputed, offload, (1 - recomputed) if replay else 0.0)
     peak = GPU_PEAKS[gpu_name.lower()]  # the CLI offers only these names
     step_s = flops_per_row * rows_per_step / (n * peak * mfu)
     steps = cfg.train.max_steps or 0
     settings = {
         "train.micro_batch_size": mb,
-        "parallel.activation_checkpointing": bool(every),
+        "parallel.activation_checkpointing": bool(every) or ("selective" if replay else False),
         "parallel.checkpoint_every": every or 1,
         "parallel.cpu_offload": offload,
     }
@@ -330,17 +351,41 @@ def estimate(cfg: Config, conf, gpus: int, nodes: int = 1, gpu_name: str = "h200
     )
 
 
-def _activations(layers: int, recomputed: float, boundary: float, per_layer: float) -> float:
+def _activations(
+    layers: int, recomputed: float, boundary: float, per_layer: float, per_layer_whole: float
+) -> float:
     """Checkpointed layers (the `recomputed` share) keep only their input (`boundary`); the others keep
-    everything; one checkpointed layer at a time is recomputed whole in backward."""
+    `per_layer` each; one checkpointed layer at a time is recomputed whole in backward (`per_layer_whole`: its
+    dropout masks are kept, not drawn again)."""
     if not recomputed:
         return layers * per_layer
-    kept = round(recomputed * layers)
-    return kept * boundary + (layers - kept) * per_layer + per_layer
+    n = round(recomputed * layers)
+    return n * boundary + (layers - n) * per_layer + per_layer_whole
 
 
-# Checkpointing choices, least recomputation first: none, then every k-th layer, then all.
-CHECKPOINT_CHOICES = ((False, 1), (True, 4), (True, 3), (True, 2), (True, 1))
+def replays_dropout(cfg: Config) -> bool:
+    """Whether the layers that keep their activations draw their LoRA dropout masks again in backward (selective
+    recomputation, with the fused LoRA layers and some dropout; parallel.recomputes_selectively)."""
+    from shardtune.modeling import lora_fused
+    from shardtune.parallel import recomputes_selectively
+
+    return recomputes_selectively(cfg.parallel) and lora_fused(cfg) and cfg.lora.dropout > 0
+
+
+# Checkpointing choices, least recomputation first: none, selective (the dropout masks drawn again), then every
+# k-th layer, then all.
+CHECKPOINT_CHOICES = ((False, 1), ("selective", 1), (True, 4), (True, 3), (True, 2), (True, 1))
+
+
+def checkpoint_choices(cfg: Config) -> tuple:
+    """CHECKPOINT_CHOICES that differ for this configuration ('selective' is 'none' without dropout or with
+    PEFT's own LoRA forward)."""
+    with_selective = replays_dropout(
+        apply_overrides(cfg, {"parallel.activation_checkpointing": "selective"}, "plan")
+    )
+    return tuple(c for c in CHECKPOINT_CHOICES if with_selective or c[0] != "selective")
+
+
 AUTO_MARGIN = 0.85  # of the GPU's memory: fragmentation, and the plan's worst underestimate measured (-11%)
 
 
@@ -350,7 +395,7 @@ def choose_checkpointing(cfg: Config, conf, gpus: int, gpu_mem: float | None) ->
     if gpu_mem is None:
         return {"parallel.activation_checkpointing": False, "parallel.checkpoint_every": 1}, None
     est = None
-    for ac, every in CHECKPOINT_CHOICES:
+    for ac, every in checkpoint_choices(cfg):
         choice = {"parallel.activation_checkpointing": ac, "parallel.checkpoint_every": every}
         est = estimate(apply_overrides(cfg, choice, "checkpointing=auto"), conf, gpus)
         if est.gpu_peak <= AUTO_MARGIN * gpu_mem:
@@ -384,9 +429,12 @@ def describe_checkpointing(cfg: Config) -> str:
     from shardtune.parallel import checkpointed_every
 
     every = checkpointed_every(cfg.parallel)
+    if not every and replays_dropout(cfg):
+        return "selective (no layer recomputed; the LoRA dropout masks drawn again in backward)"
     if not every:
         return "none (every layer keeps its activations)"
-    return "every layer" if every == 1 else f"every {every}th layer"
+    suffix = {2: "nd", 3: "rd"}.get(every, "th")
+    return "every layer" if every == 1 else f"every {every}{suffix} layer"
 
 
 def architecture(cfg: Config):
@@ -419,7 +467,7 @@ def fit(cfg: Config, conf, gpus: int, gpu_mem: float, nodes: int, gpu_name: str)
     per_gpu_rows = max(1, cfg.train.global_batch_size // max(gpus, 1))
     out = []
     for mb in [m for m in (1, 2, 4, 8, 16, 32) if per_gpu_rows % m == 0]:
-        for ac, every in CHECKPOINT_CHOICES:
+        for ac, every in checkpoint_choices(cfg):
             for offload in (False, True) if gpus > 1 else (False,):
                 trial = apply_overrides(
                     cfg,

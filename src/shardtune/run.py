@@ -186,6 +186,8 @@ def _model(cfg: Config, conf, dist: DistInfo, run_dir: Path, tokenizer) -> Model
     )
     share = parallel.sharding_report(module)
     if dist.is_main:
+        from shardtune import nf4  # bitsandbytes: imported by the loader already
+
         log.info(
             "model: %s (%s), %s params, %s trainable (LoRA r=%d on %s), %s, attention %s%s, %s on %d %s(s)",
             cfg.model.name_or_path,
@@ -194,7 +196,10 @@ def _model(cfg: Config, conf, dist: DistInfo, run_dir: Path, tokenizer) -> Model
             f"{build.trainable:,}",
             cfg.lora.r,
             cfg.lora.target_modules,
-            f"NF4 4-bit storage {cfg.storage_dtype}" if cfg.quant.load_in_4bit else "not quantized",
+            f"{cfg.quant.quant_type.upper()} 4-bit storage {cfg.storage_dtype}, "
+            f"{nf4.describe(cfg.quant, dist.device)}"
+            if cfg.quant.load_in_4bit
+            else "not quantized",
             attn,
             ", Liger fused kernels" if cfg.model.fused_kernels is True else "",
             f"FSDP {cfg.parallel.sharding_strategy} compute {cfg.param_dtype}"

@@ -52,6 +52,14 @@ def test_speed_levers_match_the_plain_path():
     assert results["packed-vs-padded"]["per_token_max_abs_diff"] < 0.1
     assert results["adapters-bf16-vs-fp32"]["loss_rel_diff"] < 1e-2
     assert results["adapters-bf16-vs-fp32"]["min_grad_cosine"] > 0.98
+    # the dropout masks drawn again in backward are the ones drawn in forward: every number bit-identical
+    replayed = results["lora-dropout-replayed-vs-kept"]
+    assert all(replayed[k] is True for k in ("output", "grad_x", "grad_a", "rng_after")), replayed
+    # the one-kernel NF4 dequantization gives bitsandbytes' weights: one layer's output and input gradient bit
+    # for bit, the model's loss too; its gradients as close as bitsandbytes' own reruns (attention's backward)
+    nf4 = results["nf4-kernel-vs-bitsandbytes"]
+    assert nf4["modules"] == 4 * 7 and nf4["layer_bit_identical"] is True and nf4["loss_equal"] is True, nf4
+    assert nf4["min_grad_cosine"] > 0.9999 and nf4["bnb_rerun_min_grad_cosine"] > 0.9999, nf4
 
 
 def test_cpu_offload_keeps_host_memory_near_the_shards():

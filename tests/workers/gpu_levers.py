@@ -1,7 +1,7 @@
 """Each speed lever against the plain path on one GPU, on a 4-layer Llama-3-8B-width model (4-bit, LoRA r=16,
 bf16): the same rows padded vs packed, Liger's fused kernels vs transformers' modules, adapters computing in
-bf16 vs fp32, the fused LoRA update vs PEFT's forward. Prints one JSON line
-per comparison (tests/gpu/test_gpu.py asserts on them)."""
+bf16 vs fp32, shardtune's one-kernel NF4 dequantization vs bitsandbytes', the fused LoRA update vs PEFT's
+forward, and the fused update's dropout drawn again in backward vs kept. Prints one JSON line per comparison (tests/gpu/test_gpu.py asserts on them)."""
 
 import json
 import sys
@@ -56,6 +56,45 @@ report(
 
 l32, g32 = loss_and_grads(model, padded, None)
 report("adapters-bf16-vs-fp32", l32, la, g32, ga)
+
+# shardtune's Linear4bit (one-kernel dequantization, nf4.py) against bitsandbytes' own forward. One layer's
+# matmuls are deterministic: output and input gradient bit-identical. Through the whole model the backward is
+# not (attention's kernels sum in varying order), so there: the same loss, and gradients as close as two runs
+# of bitsandbytes' own path are to each other.
+import bitsandbytes as bnb  # noqa: E402
+
+from shardtune import nf4  # noqa: E402
+
+swapped = [m for m in model.modules() if type(m) is nf4.Linear4bit]
+x = torch.randn(2, 1600, 4096, device=GPU, dtype=BF16, requires_grad=True)
+down = next(m for m in swapped if m.in_features == 14336)
+x_down = torch.randn(2, 1600, 14336, device=GPU, dtype=BF16, requires_grad=True)
+layer_outs = []
+for cls in (nf4.Linear4bit, bnb.nn.Linear4bit):
+    for m in swapped:
+        m.__class__ = cls
+    outs = []
+    for module, inp in ((swapped[0], x), (down, x_down)):
+        inp.grad = None
+        y = module(inp)
+        y.backward(torch.ones_like(y) * 1e-2)
+        outs += [y, inp.grad.clone()]
+    layer_outs.append(outs)
+l_bnb, g_bnb = loss_and_grads(model, padded, BF16)
+l_bnb2, g_bnb2 = loss_and_grads(model, padded, BF16)
+print(
+    json.dumps(
+        {
+            "check": "nf4-kernel-vs-bitsandbytes",
+            "modules": len(swapped),
+            "layer_bit_identical": all(torch.equal(a, b) for a, b in zip(*layer_outs, strict=True)),
+            "loss_equal": l_bnb == la,
+            "min_grad_cosine": grad_agreement(g_bnb, ga),
+            "bnb_rerun_min_grad_cosine": grad_agreement(g_bnb, g_bnb2),
+        }
+    ),
+    flush=True,
+)
 del model
 torch.cuda.empty_cache()
 
@@ -72,3 +111,32 @@ lf, gf = loss_and_grads(fused, padded, BF16, fused=True)
 lfp, gfp = loss_and_grads(fused, packed, BF16, fused=True)
 report("fused-vs-plain", la, lf, ga, gf)
 report("fused-packed-vs-plain-padded", la, lfp, ga, gfp)
+
+# lora.fused draws each adapter's dropout mask again in backward instead of keeping it: against dropout + the
+# adapter's matmul as autograd runs them, at the 70B MLP's input width, under bf16 autocast (dropout 0.05)
+from shardtune.fused_lora import _adapter_input  # noqa: E402
+
+lora_a = torch.nn.Linear(28672, 16, bias=False, device=GPU)
+dropout = torch.nn.Dropout(0.05).train()
+x0 = torch.randn(2, 3072, 28672, device=GPU, dtype=BF16)
+outs = []
+for replayed in (False, True):
+    lora_a.zero_grad()
+    x = x0.clone().requires_grad_()
+    torch.manual_seed(11)
+    with torch.autocast("cuda", dtype=BF16):
+        h = _adapter_input(x, dropout, lora_a, True, replayed)
+    (h.float() * torch.linspace(-1, 1, 16, device=GPU)).sum().backward()
+    outs.append((h, x.grad, lora_a.weight.grad, torch.rand(1, device=GPU)))
+print(
+    json.dumps(
+        {
+            "check": "lora-dropout-replayed-vs-kept",
+            **{
+                k: torch.equal(a, b)
+                for k, a, b in zip(("output", "grad_x", "grad_a", "rng_after"), *outs, strict=True)
+            },
+        }
+    ),
+    flush=True,
+)
