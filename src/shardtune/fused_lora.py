@@ -13,7 +13,7 @@ and v each drop the same input), on top of the input itself: 0.4 GiB per 3072-to
 layer, 30% of the layer's activations. Where memory is short (parallel.activation_checkpointing=selective,
 replay_dropout()) the adapter keeps only the input, shared, and draws the same mask again in backward from the
 random state it was drawn with, as activation checkpointing replays dropout: one more elementwise pass per
-adapter, 3% of a step (measured on one H200, bench/results/2026-12-01-1xh200-selective).
+adapter, 2-3% of a step (measured on one H200, bench/results/2026-12-01-1xh200-selective).
 
 The adapters, their names, dropout draws, initialization and saved files are PEFT's own: only `forward`
 differs, and only in rounding (the sum is rounded once instead of three times). Registered through PEFT's

@@ -66,10 +66,11 @@ def _from_fsdp_settings(settings: dict[str, str], mixed_precision: str | None, o
     ):
         if key in settings:
             out[f"parallel.{field}"] = _bool(settings[key])
-    if str(settings.get("activation_checkpointing", "")).strip().lower() in ("auto", "selective"):
+    checkpointing = str(settings.get("activation_checkpointing", "")).strip().lower()
+    if checkpointing in ("auto", "selective"):
         # shardtune's own values (accelerate passes them through untouched): recompute as little as fits, or
         # only the cheap parts
-        out["parallel.activation_checkpointing"] = str(settings["activation_checkpointing"]).strip().lower()
+        out["parallel.activation_checkpointing"] = checkpointing
     if settings.get("backward_prefetch"):
         out["parallel.backward_prefetch"] = str(settings["backward_prefetch"]).upper()
     if mixed_precision:

@@ -260,6 +260,7 @@ def estimate(cfg: Config, conf, gpus: int, nodes: int = 1, gpu_name: str = "h200
     layer_full = s.layer_weights * 0.5 + 2 * s.hidden * compute
     lora = lora_parameters(s, cfg.lora.r, cfg.lora.target_modules)
     every = checkpointed_every(cfg.parallel)  # 0: nothing recomputed
+    recomputed = checkpointed_fraction(cfg.parallel, s.layers)
     offload = cfg.parallel.cpu_offload and n > 1  # one process trains the plain module (parallel.py)
     # 'auto' on a GPU: on when liger-kernel is installed here (plan where the job's environment is)
     fused = cfg.model.fused_kernels is True or fused_kernels(cfg, conf, "cuda")
@@ -298,7 +299,7 @@ def estimate(cfg: Config, conf, gpus: int, nodes: int = 1, gpu_name: str = "h200
         ),
         "activations": _activations(
             s.layers,
-            checkpointed_fraction(cfg.parallel, s.layers),
+            recomputed,
             boundary,
             per_layer(replay),
             per_layer(False),
@@ -328,7 +329,6 @@ def estimate(cfg: Config, conf, gpus: int, nodes: int = 1, gpu_name: str = "h200
     n_matmul = matmul_parameters(conf)
     flops_per_row = step_flops(n_matmul, s.layers, s.hidden, seq, seq * seq, False)[0]
     rows_per_step = cfg.train.global_batch_size
-    recomputed = checkpointed_fraction(cfg.parallel, s.layers)
     mfu = expected_mfu(s.hidden, tokens, recomputed, offload, (1 - recomputed) if replay else 0.0)
     peak = GPU_PEAKS[gpu_name.lower()]  # the CLI offers only these names
     step_s = flops_per_row * rows_per_step / (n * peak * mfu)

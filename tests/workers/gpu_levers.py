@@ -1,7 +1,8 @@
 """Each speed lever against the plain path on one GPU, on a 4-layer Llama-3-8B-width model (4-bit, LoRA r=16,
 bf16): the same rows padded vs packed, Liger's fused kernels vs transformers' modules, adapters computing in
 bf16 vs fp32, shardtune's one-kernel NF4 dequantization vs bitsandbytes', the fused LoRA update vs PEFT's
-forward, and the fused update's dropout drawn again in backward vs kept. Prints one JSON line per comparison (tests/gpu/test_gpu.py asserts on them)."""
+forward, and the fused update's dropout drawn again in backward vs kept. Prints one JSON line per comparison
+(tests/gpu/test_gpu.py asserts on them)."""
 
 import json
 import sys
