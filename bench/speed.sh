@@ -39,9 +39,12 @@ for group in "$@"; do
       bench llama3-70b --gpus 2 --seq 3072 --warmup 2 --steps 3 model.fused_kernels=true $NOAC
       bench llama3-70b --gpus 2 --seq 3072 --warmup 2 --steps 3 model.fused_kernels=true \
         parallel.activation_checkpointing=auto ;;
-    targets)  # the three target rows, fastest settings (lora.fused is the default)
+    targets)  # the three target rows, fastest settings (lora.fused is the default); the 80-layer 70B also with its
+      # 4-bit base replicated instead of sharded (35 GiB fits an H200 beside one row: no all-gathers)
       bench llama3-70b-proxy --gpus 2 --seq 3072 --warmup 2 --steps 3 --micro-batch 4 $NOAC model.fused_kernels=true
       bench llama3-70b --gpus 2 --seq 3072 --warmup 2 --steps 3 model.fused_kernels=true $NOAC
+      bench llama3-70b --gpus 2 --seq 3072 --warmup 2 --steps 3 model.fused_kernels=true $NOAC \
+        parallel.sharding_strategy=NO_SHARD
       bench llama3-8b --gpus 2 --seq 3072 --micro-batch 4 $NOAC model.fused_kernels=true ;;
     one)  # one GPU (when no 2-GPU machine is lent): proxy and 8B at micro-batch 4 without and with selective
       # recomputation, the 80-layer 70B at 1 (selective) and at 2 (what auto picks)
@@ -58,6 +61,13 @@ for group in "$@"; do
       bench llama3-70b-proxy "${O[@]}" --micro-batch 4 $NOAC
       bench llama3-8b "${O[@]}" --micro-batch 4 $NOAC
       bench llama3-70b "${O[@]}" parallel.activation_checkpointing=selective ;;
+    kernel1)  # one GPU, the LoRA dropout kernel on (lora_kernel.py): the three target shapes without recomputation
+      # (the 80-layer 70B fits one H200 so), then the 80-layer 70B without dropout, the kernel's ceiling
+      O=(--gpus 1 --seq 3072 --warmup 2 --steps 3 model.fused_kernels=true $NOAC)
+      bench llama3-70b-proxy "${O[@]}" --micro-batch 4
+      bench llama3-8b "${O[@]}" --micro-batch 4
+      bench llama3-70b "${O[@]}"
+      bench llama3-70b "${O[@]}" lora.dropout=0 ;;
     dropout)  # LoRA dropout 0.05 (the published recipe's, above) vs none
       bench llama3-70b-proxy --gpus 2 --seq 3072 --warmup 2 --steps 3 --micro-batch 4 $NOAC model.fused_kernels=true \
         lora.dropout=0 ;;
@@ -77,7 +87,7 @@ done
 echo; echo "=== $LOG"
 python3 - "$LOG" <<'PY'
 import json, sys
-print(f"{'shape':<17}{'gpus':>4}{'mb':>4} {'lengths':<9}{'tok/s/GPU':>10}{'MFU':>7}{'HFU':>7}{'peak GiB':>9}  overrides")
+print(f"{'shape':<17}{'gpus':>4}{'mb':>4} {'lengths':<9}{'tok/s/GPU':>10}{'MFU':>7}{'HFU':>7}{'peak GiB':>9}{'retries':>8}  overrides")
 for line in open(sys.argv[1]):
     r = json.loads(line)
     if "error" in r:
@@ -85,5 +95,5 @@ for line in open(sys.argv[1]):
         continue
     peak = max(x for x in r["gpu_peak_gib_per_rank"] if x is not None)
     print(f"{r['shape']:<17}{r['gpus']:>4}{r['micro_batch']:>4} {r['lengths']:<9}{r['tokens_per_s_per_gpu']:>10,.0f}"
-          f"{r['mfu']:>7.1%}{r['hfu']:>7.1%}{peak:>9.1f}  {' '.join(r['overrides'])}")
+          f"{r['mfu']:>7.1%}{r['hfu']:>7.1%}{peak:>9.1f}{r.get('alloc_retries') or 0:>8}  {' '.join(r['overrides'])}")
 PY

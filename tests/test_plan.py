@@ -105,3 +105,23 @@ def test_zero3_partitions_the_adapters_in_the_plan():
     whole = fsdp["adapters + grads + AdamW (whole)"]
     assert whole == 16 * lora_parameters(Shape.of(conf), cfg.lora.r, cfg.lora.target_modules)
     assert zero3["adapters + grads + AdamW (partitioned)"] == whole / 4
+
+
+def test_no_shard_keeps_the_base_whole_and_gathers_nothing():
+    """parallel.sharding_strategy=NO_SHARD: each GPU holds the whole 4-bit base and FSDP gathers nothing;
+    HYBRID_SHARD shards it within a node."""
+    from shardtune import plan as planner
+
+    cfg = apply_overrides(Config(), {"model.name_or_path": "llama3-70b"}, "test")
+    conf = modeling.model_config(cfg)
+    full = planner.estimate(cfg, conf, 4).gpu
+    whole = planner.estimate(
+        apply_overrides(cfg, {"parallel.sharding_strategy": "NO_SHARD"}, "test"), conf, 4
+    ).gpu
+    hybrid = apply_overrides(cfg, {"parallel.sharding_strategy": "HYBRID_SHARD"}, "test")
+    assert whole["4-bit base shard"] == pytest.approx(4 * full["4-bit base shard"])
+    assert planner.estimate(hybrid, conf, 4, nodes=2).gpu["4-bit base shard"] == pytest.approx(
+        2 * full["4-bit base shard"]
+    )
+    assert whole["2 decoder layers, gathered"] == whole["embeddings + head, gathered"] == 0
+    assert full["2 decoder layers, gathered"] > 0 and full["embeddings + head, gathered"] > 0

@@ -152,6 +152,8 @@ def summarize(run_dir: Path, warmup: int) -> dict:
         "gpu_peak_gib_per_rank": summary.get("gpu_peak_gib_per_rank"),
         "host_peak_gib_per_rank": summary.get("host_peak_gib_per_rank"),
         "load_s": summary.get("load_s"),
+        "alloc_retries": metrics[-1].get("alloc_retries"),  # the CUDA allocator's cache flushes, whole run
+        "step_s_each": [round(m["step_time_s"], 4) for m in measured],
         "loss_first_last": [metrics[0]["loss"], metrics[-1]["loss"]],
         "measured_steps": len(measured),
         "settings": {

@@ -232,9 +232,10 @@ class ParallelConfig(Section):
     (accelerate: fsdp_activation_checkpointing). 'selective' recomputes no layer whole, only what is cheap to
     redo: the LoRA dropout masks, drawn again in backward instead of kept with a dropped copy of each adapter's
     input (lora.fused; 30% less activation memory at 70B widths with dropout, ~3% more time); `true` does the
-    same in the layers it does not recompute. 'auto' picks, from the GPU's memory and `shardtune plan`'s
-    estimate, the least recomputation that fits: none, selective, or every checkpoint_every-th layer for the
-    largest k that fits."""
+    same in the layers it does not recompute. On a GPU the fused layers' dropout kernel keeps no masks in any
+    mode, so there 'selective' is the same as none. 'auto' picks, from the GPU's memory and `shardtune plan`'s
+    estimate, the least recomputation that fits: none, or every checkpoint_every-th layer for the largest k
+    that fits."""
     checkpoint_every: int = Field(1, ge=1)
     """With activation checkpointing, recompute every k-th decoder layer (1: all of them, 2: half, ...)."""
     cpu_offload: bool = False

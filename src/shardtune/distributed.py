@@ -40,6 +40,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def use_expandable_segments() -> None:
+    """Let the CUDA caching allocator grow segments in place, unless the user configured it
+    (PYTORCH_CUDA_ALLOC_CONF). With fixed-size segments, a run near the memory limit (a 70B layer's
+    activations for one row are a few GiB of odd sizes) fragments them; the allocator then stalls a step to
+    free its whole cache and retry (`alloc_retries` in the step metrics). Set before the first allocation, and
+    in the environment too so that processes this one starts inherit it."""
+    if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+        torch._C._accelerator_setAllocatorSettings("expandable_segments:True")
+
+
 def init_distributed(
     device: str = "auto", timeout_minutes: float = 30.0, gpu_memory_limit_gib: float | None = None
 ) -> DistInfo:
@@ -53,6 +64,7 @@ def init_distributed(
     if use_cuda:
         if not torch.cuda.is_available():
             raise RuntimeError("parallel.device=cuda but CUDA is not available on this machine")
+        use_expandable_segments()
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
         if gpu_memory_limit_gib is not None:

@@ -10,13 +10,15 @@ goes into the matmul and the sum into its epilogue, so the output is read and wr
 
 With LoRA dropout, PEFT keeps for backward a dropped copy of the input and its mask for every adapter (q, k
 and v each drop the same input), on top of the input itself: 0.4 GiB per 3072-token row per Llama-3-70B
-layer, 30% of the layer's activations. Where memory is short (parallel.activation_checkpointing=selective,
-replay_dropout()) the adapter keeps only the input, shared, and draws the same mask again in backward from the
-random state it was drawn with, as activation checkpointing replays dropout: one more elementwise pass per
-adapter, 2-3% of a step (measured on one H200, bench/results/2026-12-01-1xh200-selective).
+layer, 30% of the layer's activations. On a GPU the adapter's first matmul draws its dropout inside a Triton
+kernel instead (lora_kernel.py): nothing kept but the input, shared, and fewer passes over it (-30 GiB and
++1% on the 70B widths at micro-batch 4, one H200, bench/results/2026-12-01-1xh200-dropout-kernel); its masks
+are its own draws, not torch's. Without Triton (the CPU), parallel.activation_checkpointing=selective
+(replay_dropout()) keeps only the input too and draws the same mask again in backward from the random state
+it was drawn with, as activation checkpointing replays dropout: one more elementwise pass per adapter.
 
-The adapters, their names, dropout draws, initialization and saved files are PEFT's own: only `forward`
-differs, and only in rounding (the sum is rounded once instead of three times). Registered through PEFT's
+The adapters, their names, initialization and saved files are PEFT's own, and off the GPU its dropout draws:
+only `forward` differs, and there only in rounding (the sum is rounded once instead of three times). Registered through PEFT's
 custom-module hook (`LoraConfig._register_custom_module`); what it does not cover (merged or disabled
 adapters, mixed-adapter batches, DoRA and other variants, a bias on B, an input whose dtype PEFT would
 cast outside autocast) runs PEFT's forward unchanged.
@@ -25,6 +27,8 @@ cast outside autocast) runs PEFT's forward unchanged.
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 
 import torch
 from peft.tuners.lora import Linear as PeftLinear
@@ -34,7 +38,7 @@ from torch import nn
 class FusedLinear(PeftLinear):
     """PEFT's LoRA `Linear` (also around bitsandbytes' Linear4bit, a subclass of nn.Linear), fused forward."""
 
-    replay_dropout = False  # draw the dropout mask again in backward (replay_dropout(), selective recompute)
+    replay_dropout = False  # draw the dropout mask again in backward (replay_dropout(); without the kernel)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if (
@@ -73,7 +77,9 @@ def _adapter_input(
     `replay`, keeping for backward only x (shared by the adapters that read it), not a dropped copy and mask
     per adapter."""
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-    if not replay or p == 0.0 or not torch.is_grad_enabled() or x.device.type not in ("cuda", "cpu", "meta"):
+    kernel = x.device.type == "cuda" and _triton()
+    replay = replay and x.device.type in ("cuda", "cpu", "meta")
+    if p == 0.0 or not torch.is_grad_enabled() or not (kernel or replay):
         return lora_a(dropout(x))
     weight = lora_a.weight
     if autocast:  # what autocast does to nn.Linear's operands, here outside the Function so that autograd
@@ -82,7 +88,16 @@ def _adapter_input(
     else:
         dtype = weight.dtype
     with _no_autocast(x.device):
+        if kernel:  # the mask drawn inside the matmul (lora_kernel.py): nothing but x kept, in any mode
+            from shardtune import lora_kernel
+
+            return lora_kernel.DroppedMatmul.apply(x.to(dtype), weight, p)
         return _DroppedMatmul.apply(x, weight, p, dtype)
+
+
+@functools.cache
+def _triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def _no_autocast(device: torch.device):

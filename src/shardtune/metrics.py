@@ -95,6 +95,12 @@ def gpu_peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
+def alloc_retries(device: torch.device) -> int:
+    """How many times so far the CUDA caching allocator found no free block, emptied its cache and retried:
+    each one stalls the step (memory is near the limit or fragmented)."""
+    return torch.cuda.memory_stats(device).get("num_alloc_retries", 0) if device.type == "cuda" else 0
+
+
 def format_line(step: int, total: int, m: dict, eta_s: float | None = None) -> str:
     gpu = f"{m['gpu_peak_gib']:.2f} GiB" if m.get("gpu_peak_gib") is not None else "n/a (CPU)"
     eta = f", ETA {int(eta_s) // 60}m{int(eta_s) % 60:02d}s" if eta_s is not None else ""
@@ -116,6 +122,7 @@ class MetricsSink:
         self.train_points: list[tuple[int, float]] = []
         self.eval_points: list[tuple[int, float]] = []
         self.bar = self.tb = self.jsonl = None
+        self.warned_retries = False
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
@@ -167,6 +174,14 @@ class MetricsSink:
             )
         for key in ("loss", "lr", "grad_norm", "tokens_per_s_per_device", "mfu", "host_peak_gib"):
             self.tb.add_scalar(f"train/{key}", m[key], step)
+        if m.get("alloc_retries") and not self.warned_retries:
+            self.warned_retries = True
+            self.write(
+                f"[shardtune] warning: by step {step} the CUDA allocator emptied its cache and retried "
+                f"{m['alloc_retries']} time(s), stalling those steps: GPU memory is at its limit. A smaller "
+                "train.micro_batch_size, or recomputing some layers (parallel.activation_checkpointing=auto), "
+                "may train faster here."
+            )
         if log_line:
             done = step - self.start_step
             eta = (time.perf_counter() - self.started) / done * (self.total - step) if done else None

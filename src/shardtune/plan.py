@@ -44,24 +44,19 @@ GPU_MEMORY = {
 }
 # Model-FLOP utilization without recomputation, by layer width: the best MFU, and the micro-batch (tokens) at
 # which half of it is lost to fixed per-step costs (kernel launches, FSDP hooks, the 4-bit dequantization of
-# every weight). 8192: fitted to one H200 with lora.fused and the one-kernel NF4 dequantization
-# (bench/results/2026-12-01-1xh200-selective: 69.7% at 12,288 tokens, 65.7% at 3,072 without the dropout
-# replay), less the 2% FSDP cost across 2 GPUs; 4096: 2x H200 with PEFT's forward (2026-11-23-2xh200-c: 0.55)
-# times what lora.fused and the kernel gained on one H200 (x1.18, x1.015).
-MEASURED_MFU = ((8192, 0.70, 255), (4096, 0.67, 1500), (0, 0.20, 1500))
+# every weight). 8192: fitted to one H200 with lora.fused, the one-kernel NF4 dequantization and the LoRA
+# dropout kernel (bench/results/2026-12-01-1xh200-dropout-kernel: 70.3% at 12,288 tokens, 65.3% at 3,072),
+# less the 2% FSDP cost across 2 GPUs; 4096: 2x H200 with PEFT's forward (2026-11-23-2xh200-c: 0.55) times
+# what lora.fused and the kernel gained on one H200 (x1.18, x1.015).
+MEASURED_MFU = ((8192, 0.707, 322), (4096, 0.67, 1500), (0, 0.20, 1500))
 OFFLOAD_SLOWDOWN = 1.34  # CPU offload, measured on the 80-layer 70B (bench/results/2026-11-23-2xh200)
-# LoRA dropout masks drawn again in backward (selective recomputation), measured on one H200 on the 70B widths
-# and the 8B (bench/results/2026-12-01-1xh200-selective: -2.0% and -3.0%)
-REPLAY_SLOWDOWN = 1.025
 
 
-def expected_mfu(hidden: int, tokens: int, recomputed: float, offload: bool, replayed: float = 0.0) -> float:
+def expected_mfu(hidden: int, tokens: int, recomputed: float, offload: bool) -> float:
     """MFU to expect: the width's measured best, less for small micro-batches, less again for the forward
-    recomputed in backward (4N + 2N·share FLOPs done for 4N counted), for the share of layers that redraw
-    their dropout masks, and for CPU offload."""
+    recomputed in backward (4N + 2N·share FLOPs done for 4N counted), and for CPU offload."""
     best, half = next((b, h) for width, b, h in MEASURED_MFU if hidden >= width)
     mfu = best * tokens / (tokens + half)
-    mfu /= 1 + (REPLAY_SLOWDOWN - 1) * replayed
     return mfu * 4 / (4 + 2 * recomputed) / (OFFLOAD_SLOWDOWN if offload else 1.0)
 
 
@@ -179,7 +174,7 @@ def layer_activation_bytes(
 
             fused_lora.register(lora)
         layer = inject_adapter_in_model(lora, layer)
-        if replay:  # selective recomputation: the dropout masks drawn again in backward, not kept
+        if replay:  # only the adapters' inputs kept (the dropout kernel; selective recomputation)
             fused_lora.replay_dropout(layer)
         for name, p in layer.named_parameters():
             if "lora_" in name:
@@ -254,7 +249,12 @@ def estimate(cfg: Config, conf, gpus: int, nodes: int = 1, gpu_name: str = "h200
     double_quant = cfg.quant.double_quant
     lin = s.layers * s.layer_weights
     norms = s.layers * 2 * s.hidden
-    base_shard = (lin * 0.5 + norms * compute + s.root_weights * compute) / n
+    # the GPUs the frozen base is sharded over: NO_SHARD keeps it whole on each (no all-gathers), HYBRID_SHARD
+    # shards it within a node
+    shards = {"NO_SHARD": 1, "HYBRID_SHARD": max(1, n // max(nodes, 1))}.get(
+        cfg.parallel.sharding_strategy, n
+    )
+    base_shard = (lin * 0.5 + norms * compute + s.root_weights * compute) / shards
     # absmax per 64 weights: one byte with double quantization (plus fp32 per 256 blocks), else fp32
     quant_state = lin / 64 * (1 + 4 / 256 if double_quant else 4)
     layer_full = s.layer_weights * 0.5 + 2 * s.hidden * compute
@@ -281,15 +281,15 @@ def estimate(cfg: Config, conf, gpus: int, nodes: int = 1, gpu_name: str = "h200
         key = (*lora_key, replay)
         return layer_activation_bytes(*widths, key, tokens, seq, cfg.param_dtype, adapter_dtype) - liger
 
-    replay = replays_dropout(cfg)
+    replay = keeps_inputs_only(cfg)
     boundary = tokens * s.hidden * compute
     gpu = {
         "4-bit base shard": 0.0 if offload else base_shard,
         "4-bit statistics (whole)": quant_state,
         # the root unit stays gathered from forward to backward (FSDP1 does not reshard the root); its own
         # shard is counted above unless offloaded (measured: -20% without this on the offloaded 80-layer 70B)
-        "embeddings + head, gathered": s.root_weights * compute * (1 if offload else (n - 1) / n),
-        "2 decoder layers, gathered": 2 * layer_full,
+        "embeddings + head, gathered": s.root_weights * compute * (1 if offload else (shards - 1) / shards),
+        "2 decoder layers, gathered": 2 * layer_full if shards > 1 else 0.0,
         "dequantized weights (2 matmuls)": 2 * max(i * o for i, o in s.linears().values()) * compute,
         # FSDP leaves the adapters whole on every rank; ZeRO-3 partitions them with their gradients and AdamW
         **(
@@ -329,13 +329,13 @@ def estimate(cfg: Config, conf, gpus: int, nodes: int = 1, gpu_name: str = "h200
     n_matmul = matmul_parameters(conf)
     flops_per_row = step_flops(n_matmul, s.layers, s.hidden, seq, seq * seq, False)[0]
     rows_per_step = cfg.train.global_batch_size
-    mfu = expected_mfu(s.hidden, tokens, recomputed, offload, (1 - recomputed) if replay else 0.0)
+    mfu = expected_mfu(s.hidden, tokens, recomputed, offload)
     peak = GPU_PEAKS[gpu_name.lower()]  # the CLI offers only these names
     step_s = flops_per_row * rows_per_step / (n * peak * mfu)
     steps = cfg.train.max_steps or 0
     settings = {
         "train.micro_batch_size": mb,
-        "parallel.activation_checkpointing": bool(every) or ("selective" if replay else False),
+        "parallel.activation_checkpointing": bool(every),
         "parallel.checkpoint_every": every or 1,
         "parallel.cpu_offload": offload,
     }
@@ -363,27 +363,18 @@ def _activations(
     return n * boundary + (layers - n) * per_layer + per_layer_whole
 
 
-def replays_dropout(cfg: Config) -> bool:
-    """Whether the layers that keep their activations draw their LoRA dropout masks again in backward (selective
-    recomputation, with the fused LoRA layers and some dropout; parallel.recomputes_selectively)."""
+def keeps_inputs_only(cfg: Config) -> bool:
+    """Whether the LoRA layers with dropout keep for backward only their inputs, not a dropped copy and a mask
+    per adapter: the fused layers do on a GPU (the dropout kernel, lora_kernel.py), which is what the plan is
+    for (on a CPU, only with parallel.activation_checkpointing=selective)."""
     from shardtune.modeling import lora_fused
-    from shardtune.parallel import recomputes_selectively
 
-    return recomputes_selectively(cfg.parallel) and lora_fused(cfg) and cfg.lora.dropout > 0
-
-
-# Checkpointing choices, least recomputation first: none, selective (the dropout masks drawn again), then every
-# k-th layer, then all.
-CHECKPOINT_CHOICES = ((False, 1), ("selective", 1), (True, 4), (True, 3), (True, 2), (True, 1))
+    return lora_fused(cfg) and cfg.lora.dropout > 0
 
 
-def checkpoint_choices(cfg: Config) -> tuple:
-    """CHECKPOINT_CHOICES that differ for this configuration ('selective' is 'none' without dropout or with
-    PEFT's own LoRA forward)."""
-    with_selective = replays_dropout(
-        apply_overrides(cfg, {"parallel.activation_checkpointing": "selective"}, "plan")
-    )
-    return tuple(c for c in CHECKPOINT_CHOICES if with_selective or c[0] != "selective")
+# Checkpointing choices, least recomputation first: none, then every k-th layer, then all. ('selective' is
+# 'none' on a GPU: the dropout kernel already keeps no dropout masks.)
+CHECKPOINT_CHOICES = ((False, 1), (True, 4), (True, 3), (True, 2), (True, 1))
 
 
 AUTO_MARGIN = 0.85  # of the GPU's memory: fragmentation, and the plan's worst underestimate measured (-11%)
@@ -395,7 +386,7 @@ def choose_checkpointing(cfg: Config, conf, gpus: int, gpu_mem: float | None) ->
     if gpu_mem is None:
         return {"parallel.activation_checkpointing": False, "parallel.checkpoint_every": 1}, None
     est = None
-    for ac, every in checkpoint_choices(cfg):
+    for ac, every in CHECKPOINT_CHOICES:
         choice = {"parallel.activation_checkpointing": ac, "parallel.checkpoint_every": every}
         est = estimate(apply_overrides(cfg, choice, "checkpointing=auto"), conf, gpus)
         if est.gpu_peak <= AUTO_MARGIN * gpu_mem:
@@ -429,8 +420,6 @@ def describe_checkpointing(cfg: Config) -> str:
     from shardtune.parallel import checkpointed_every
 
     every = checkpointed_every(cfg.parallel)
-    if not every and replays_dropout(cfg):
-        return "selective (no layer recomputed; the LoRA dropout masks drawn again in backward)"
     if not every:
         return "none (every layer keeps its activations)"
     suffix = {2: "nd", 3: "rd"}.get(every, "th")
@@ -467,7 +456,7 @@ def fit(cfg: Config, conf, gpus: int, gpu_mem: float, nodes: int, gpu_name: str)
     per_gpu_rows = max(1, cfg.train.global_batch_size // max(gpus, 1))
     out = []
     for mb in [m for m in (1, 2, 4, 8, 16, 32) if per_gpu_rows % m == 0]:
-        for ac, every in checkpoint_choices(cfg):
+        for ac, every in CHECKPOINT_CHOICES:
             for offload in (False, True) if gpus > 1 else (False,):
                 trial = apply_overrides(
                     cfg,

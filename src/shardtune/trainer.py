@@ -21,7 +21,7 @@ from shardtune import faults, zero3
 from shardtune.data.formats import IGNORE_INDEX, adds_bos
 from shardtune.data.loader import Data, GlobalBatchSampler, collate, eval_batches
 from shardtune.distributed import DistInfo, all_reduce_max, all_reduce_sum
-from shardtune.metrics import gpu_peak_gib, host_peak_gib, step_flops
+from shardtune.metrics import alloc_retries, gpu_peak_gib, host_peak_gib, step_flops
 from shardtune.parallel import clip_grad_norm, gathered_root, is_engine, reduce_adapter_grads, unwrap
 from shardtune.profiling import MemoryTrace
 
@@ -159,7 +159,10 @@ class Trainer:
         f = self.flops
         model_flops, hw_flops = step_flops(f.n_matmul, f.n_layers, f.hidden, tokens, squares, f.recompute)
         per_device = self.flops.peak_flops * elapsed * self.dist.world_size
-        host, gpu = all_reduce_max([host_peak_gib(), gpu_peak_gib(self.dist.device) or 0.0], self.dist.device)
+        host, gpu, retries = all_reduce_max(
+            [host_peak_gib(), gpu_peak_gib(self.dist.device) or 0.0, alloc_retries(self.dist.device)],
+            self.dist.device,
+        )
         return {
             "loss": loss_total / label_tokens,
             "lr": lr,
@@ -172,6 +175,7 @@ class Trainer:
             "hfu": hw_flops / per_device,
             "host_peak_gib": host,
             "gpu_peak_gib": gpu if self.dist.device.type == "cuda" else None,
+            "alloc_retries": int(retries),  # so far, on the rank with the most
             "device_kind": "GPU" if self.dist.device.type == "cuda" else "proc",
         }
 

@@ -55,6 +55,16 @@ def test_speed_levers_match_the_plain_path():
     # the dropout masks drawn again in backward are the ones drawn in forward: every number bit-identical
     replayed = results["lora-dropout-replayed-vs-kept"]
     assert all(replayed[k] is True for k in ("output", "grad_x", "grad_a", "rng_after")), replayed
+    # the dropout kernel: its mask drawn again in backward (bit-for-bit repeatable, the generator moved on),
+    # keeping 1 - p of the inputs, with outputs and gradients at least as close to fp64 as autograd's bf16 path
+    kernel = results["lora-dropout-kernel"]
+    assert kernel["repeatable"] is True and kernel["rng_advanced"] is True, kernel
+    assert abs(kernel["keep_rate"] - 0.95) < 1e-3, kernel
+    for name in ("out", "grad_x", "grad_a"):
+        assert kernel[f"{name}_rel_err"] <= max(kernel[f"{name}_autograd_rel_err"], 1e-3) < 5e-3, (
+            name,
+            kernel,
+        )
     # the one-kernel NF4 dequantization gives bitsandbytes' weights: one layer's output and input gradient bit
     # for bit, the model's loss too; its gradients as close as bitsandbytes' own reruns (attention's backward)
     nf4 = results["nf4-kernel-vs-bitsandbytes"]

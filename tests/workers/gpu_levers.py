@@ -113,9 +113,9 @@ lfp, gfp = loss_and_grads(fused, packed, BF16, fused=True)
 report("fused-vs-plain", la, lf, ga, gf)
 report("fused-packed-vs-plain-padded", la, lfp, ga, gfp)
 
-# lora.fused draws each adapter's dropout mask again in backward instead of keeping it: against dropout + the
-# adapter's matmul as autograd runs them, at the 70B MLP's input width, under bf16 autocast (dropout 0.05)
-from shardtune.fused_lora import _adapter_input  # noqa: E402
+# Without Triton, selective recomputation draws each adapter's dropout mask again in backward instead of keeping
+# it: against dropout + the adapter's matmul as autograd runs them, at the 70B MLP's input width (dropout 0.05)
+from shardtune import fused_lora, lora_kernel  # noqa: E402
 
 lora_a = torch.nn.Linear(28672, 16, bias=False, device=GPU)
 dropout = torch.nn.Dropout(0.05).train()
@@ -126,7 +126,11 @@ for replayed in (False, True):
     x = x0.clone().requires_grad_()
     torch.manual_seed(11)
     with torch.autocast("cuda", dtype=BF16):
-        h = _adapter_input(x, dropout, lora_a, True, replayed)
+        if replayed:  # what _adapter_input runs without Triton
+            with torch.autocast("cuda", enabled=False):
+                h = fused_lora._DroppedMatmul.apply(x, lora_a.weight.to(BF16), 0.05, BF16)
+        else:
+            h = lora_a(dropout(x))
     (h.float() * torch.linspace(-1, 1, 16, device=GPU)).sum().backward()
     outs.append((h, x.grad, lora_a.weight.grad, torch.rand(1, device=GPU)))
 print(
@@ -136,6 +140,59 @@ print(
             **{
                 k: torch.equal(a, b)
                 for k, a, b in zip(("output", "grad_x", "grad_a", "rng_after"), *outs, strict=True)
+            },
+        }
+    ),
+    flush=True,
+)
+
+# The dropout kernel (lora_kernel.py, what the fused layers run on a GPU): output and both gradients against
+# dropout with the kernel's own mask in fp64, beside autograd's bf16 dropout + linear with that mask; the same
+# random state draws the same numbers; the generator moves on; the keep rate is 1 - p.
+M, K, R = 6144, 28672, 16
+x = torch.randn(M, K, device=GPU, dtype=BF16)
+w = (torch.randn(R, K, device=GPU) / K**0.5).to(BF16)
+g = torch.randn(M, R, device=GPU, dtype=BF16)
+state = torch.cuda.get_rng_state(GPU)
+xk, wk = x.clone().requires_grad_(), w.clone().requires_grad_()
+h = lora_kernel.DroppedMatmul.apply(xk, wk, 0.05)
+h.backward(g)
+advanced = not torch.equal(torch.cuda.get_rng_state(GPU), state)
+torch.cuda.set_rng_state(state, GPU)
+again = lora_kernel.DroppedMatmul.apply(x, w, 0.05)
+torch.cuda.set_rng_state(state, GPU)
+seed, offset = lora_kernel.draw_state(GPU, M * K // 8)
+mask = lora_kernel.keep_mask((M, K), GPU, 0.05, seed, offset)
+refs = {}
+for dtype in (BF16, torch.float64):
+    xr, wr = x.to(dtype).clone().requires_grad_(), w.to(dtype).clone().requires_grad_()
+    hr = torch.nn.functional.linear(xr * mask * lora_kernel.keep_scale(0.05), wr)
+    hr.backward(g.to(dtype))
+    refs[dtype] = (hr, xr.grad, wr.grad)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+print(
+    json.dumps(
+        {
+            "check": "lora-dropout-kernel",
+            "keep_rate": mask.float().mean().item(),
+            "repeatable": torch.equal(again, h.detach()),
+            "rng_advanced": advanced,
+            **{
+                f"{name}_rel_err": rel(ours, ref)
+                for name, ours, ref in zip(
+                    ("out", "grad_x", "grad_a"), (h, xk.grad, wk.grad), refs[torch.float64], strict=True
+                )
+            },
+            **{
+                f"{name}_autograd_rel_err": rel(theirs, ref)
+                for name, theirs, ref in zip(
+                    ("out", "grad_x", "grad_a"), refs[BF16], refs[torch.float64], strict=True
+                )
             },
         }
     ),

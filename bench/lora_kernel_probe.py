@@ -1,0 +1,192 @@
+"""The LoRA dropout kernel (lora_kernel.py) on one GPU: its outputs and gradients against dropout with the same
+mask as autograd runs it (bf16) and in fp64, and its time and kept memory against the two other paths
+(PEFT's: dropout then the matmul, the dropped copy and mask kept; selective: x kept, the mask drawn again).
+One JSON line per check, then a table.   python bench/lora_kernel_probe.py > probe.jsonl"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from shardtune import lora_kernel
+from shardtune.fused_lora import _adapter_input
+
+GPU, BF16, P = torch.device("cuda", 0), torch.bfloat16, 0.05
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def accuracy(M: int, K: int, R: int) -> dict:
+    """Forward and both gradients: the kernel and autograd's bf16 dropout + linear, each against fp64 with the
+    kernel's own mask."""
+    torch.manual_seed(0)
+    x = torch.randn(M, K, device=GPU, dtype=BF16)
+    w = (torch.randn(R, K, device=GPU) / K**0.5).to(BF16)
+    g = torch.randn(M, R, device=GPU, dtype=BF16)
+    state = torch.cuda.get_rng_state(GPU)
+    xk, wk = x.clone().requires_grad_(), w.clone().requires_grad_()
+    h = lora_kernel.DroppedMatmul.apply(xk, wk, P)
+    h.backward(g)
+    after = torch.cuda.get_rng_state(GPU)
+    torch.cuda.set_rng_state(state, GPU)  # the same draw again: the same seed and offset
+    seed, offset = lora_kernel.draw_state(GPU, M * ((K + 7) // 8))
+    mask = lora_kernel.keep_mask((M, K), GPU, P, seed, offset)
+    out = {
+        "M": M,
+        "K": K,
+        "R": R,
+        "keep_rate": mask.float().mean().item(),
+        "rng_advanced": not torch.equal(state, after),
+    }
+    refs = {}
+    for name, dtype in (("bf16", BF16), ("fp64", torch.float64)):
+        xr, wr = x.to(dtype).clone().requires_grad_(), w.to(dtype).clone().requires_grad_()
+        hr = torch.nn.functional.linear(xr * mask * lora_kernel.keep_scale(P), wr)
+        hr.backward(g.to(dtype))
+        refs[name] = (hr, xr.grad, wr.grad)
+    for i, what in enumerate(("out", "grad_x", "grad_a")):
+        ours = (h, xk.grad, wk.grad)[i]
+        out[f"{what}_rel_err"] = rel(ours, refs["fp64"][i])
+        out[f"{what}_autograd_bf16_rel_err"] = rel(refs["bf16"][i], refs["fp64"][i])
+    # the same random state: the same numbers, bit for bit
+    torch.cuda.set_rng_state(state, GPU)
+    h2 = lora_kernel.DroppedMatmul.apply(x, w, P)
+    out["repeatable"] = torch.equal(h2, h.detach())
+    return out
+
+
+def timed(M: int, K: int, R: int, path: str) -> dict:
+    """Forward + backward of one adapter's A under bf16 autocast (mean of 20), and the memory kept between them."""
+    x = torch.randn(M, K, device=GPU, dtype=BF16, requires_grad=True)
+    lora_a = torch.nn.Linear(K, R, bias=False, device=GPU)
+    dropout = torch.nn.Dropout(P).train()
+    g = torch.randn(M, R, device=GPU, dtype=BF16)
+    if path == "kernel":
+        run = lambda: _adapter_input(x, dropout, lora_a, True, False)  # noqa: E731
+    elif path == "selective":  # the replay path (what runs without Triton)
+        run = lambda: _replay(x, dropout, lora_a)  # noqa: E731
+    else:
+        run = lambda: lora_a(dropout(x))  # noqa: E731
+
+    def step():
+        with torch.autocast("cuda", dtype=BF16):
+            h = run()
+        h.backward(g)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated(GPU)
+    with torch.autocast("cuda", dtype=BF16):
+        h = run()
+    kept = torch.cuda.memory_allocated(GPU) - before - h.numel() * h.element_size()
+    h.backward(g)
+    # 20 steps queued back to back (where the GPU's work is short, the host's launches still show)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    return {
+        "M": M,
+        "K": K,
+        "path": path,
+        "fwd_bwd_ms": start.elapsed_time(end) / 20,
+        "kept_mib": kept / 2**20,
+    }
+
+
+def _replay(x, dropout, lora_a):
+    from shardtune import fused_lora
+
+    weight = lora_a.weight.to(BF16)
+    with torch.autocast("cuda", enabled=False):
+        return fused_lora._DroppedMatmul.apply(x, weight, dropout.p, BF16)
+
+
+def tiles(M: int, K: int) -> list[dict]:
+    """The kernels alone (triton.testing.do_bench, no host work between them) for tile settings around the
+    defaults: milliseconds and the rate at which they move the bytes they must (forward reads x; backward reads
+    x and writes its gradient), beside a copy of x (read + write) for the memory's rate."""
+    from triton.testing import do_bench
+
+    x = torch.randn(M, K, device=GPU, dtype=BF16)
+    w = (torch.randn(16, K, device=GPU) / K**0.5).to(BF16)
+    g = torch.randn(M, 16, device=GPU, dtype=BF16)
+    out = [{"check": "tiles", "M": M, "K": K, "what": "copy of x", "ms": do_bench(lambda: x.clone())}]
+    out[-1]["tb_s"] = 4 * M * K / out[-1]["ms"] / 1e9
+    for rounds in (10, 7):
+        ms = do_bench(lambda r=rounds: lora_kernel.keep_mask((M, K), GPU, P, 1, 0, r))
+        out.append(
+            {
+                "check": "tiles",
+                "M": M,
+                "K": K,
+                "what": f"mask only r{rounds}",
+                "ms": ms,
+                "tb_s": M * K / ms / 1e9,
+            }
+        )
+    for bm, bk, warps, stages, rounds in (
+        (64, 128, 4, 3, 10),
+        (64, 128, 4, 3, 7),
+        (64, 128, 8, 3, 10),
+        (32, 256, 4, 3, 10),
+        (32, 256, 4, 3, 7),
+        (64, 128, 4, 2, 10),
+    ):
+        t = {"BM": bm, "BK": bk, "num_warps": warps, "num_stages": stages, "ROUNDS": rounds}
+        f = do_bench(lambda t=t: lora_kernel.forward(x, w, P, 1, 0, t))
+        b = do_bench(lambda t=t: lora_kernel.backward(x, w, g, P, 1, 0, True, t))
+        out.append(
+            {
+                "check": "tiles",
+                "M": M,
+                "K": K,
+                "what": f"{bm}x{bk} w{warps} s{stages} r{rounds}",
+                "fwd_ms": f,
+                "bwd_ms": b,
+                "fwd_tb_s": 2 * M * K / f / 1e9,
+                "bwd_tb_s": 4 * M * K / b / 1e9,
+            }
+        )
+    return out
+
+
+rows = []
+if "--tiles" in sys.argv:
+    for M, K in ((3072, 8192), (3072, 28672), (12288, 28672)):
+        for r in tiles(M, K):
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+            ms = (
+                f"{r['ms']:.3f} ms {r['tb_s']:.2f} TB/s"
+                if "ms" in r
+                else (
+                    f"fwd {r['fwd_ms']:.3f} ms {r['fwd_tb_s']:.2f} TB/s  bwd {r['bwd_ms']:.3f} ms {r['bwd_tb_s']:.2f} TB/s"
+                )
+            )
+            print(f"{M:>6}{K:>7} {r['what']:<18} {ms}", file=sys.stderr)
+    sys.exit(0)
+rows = []
+for M, K, R in ((6144, 8192, 16), (6144, 28672, 16), (3000, 8200, 8), (4096, 4096, 64)):
+    rows.append({"check": "accuracy", **accuracy(M, K, R)})
+    print(json.dumps(rows[-1]), flush=True)
+for M, K in ((3072, 8192), (3072, 28672), (12288, 8192), (12288, 28672)):
+    for path in ("peft", "selective", "kernel"):
+        rows.append({"check": "speed", **timed(M, K, 16, path)})
+        print(json.dumps(rows[-1]), flush=True)
+print(f"{'M':>6}{'K':>7} {'path':<10}{'fwd+bwd ms':>11}{'kept MiB':>10}", file=sys.stderr)
+for r in rows:
+    if r["check"] == "speed":
+        print(
+            f"{r['M']:>6}{r['K']:>7} {r['path']:<10}{r['fwd_bwd_ms']:>11.3f}{r['kept_mib']:>10.1f}",
+            file=sys.stderr,
+        )
+    else:
+        print({k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()}, file=sys.stderr)
