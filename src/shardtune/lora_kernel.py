@@ -121,10 +121,13 @@ def _mask(out_ptr, M, K, seed, offset, threshold, BM: tl.constexpr, BK: tl.const
     )
 
 
-def _splits(tiles: int, device: torch.device, limit: int) -> int:
-    """Into how many parts to split the other dimension so that the GPU gets ~4 programs per multiprocessor."""
+def _split(length: int, block: int, programs: int, device: torch.device) -> tuple[int, int]:
+    """How to split `length` (a multiple of `block` per part) among programs that already number `programs`
+    along the other dimension, so that the GPU gets ~4 per multiprocessor: (length per part, parts)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(limit, triton.cdiv(4 * sms, tiles)))
+    parts = max(1, min(triton.cdiv(length, block), triton.cdiv(4 * sms, programs)))
+    per_part = triton.cdiv(triton.cdiv(length, parts), block) * block
+    return per_part, triton.cdiv(length, per_part)
 
 
 def threshold(p: float) -> int:
@@ -184,9 +187,7 @@ def forward(x2, weight, p, seed, offset, tiles=FORWARD) -> torch.Tensor:
     (M, K), R = x2.shape, weight.shape[0]
     RP, bm, bk = _ranks_padded(R), tiles["BM"], tiles["BK"]
     row_tiles = triton.cdiv(M, bm)
-    splits = _splits(row_tiles, x2.device, triton.cdiv(K, bk))
-    k_per_split = triton.cdiv(triton.cdiv(K, splits), bk) * bk
-    splits = triton.cdiv(K, k_per_split)
+    k_per_split, splits = _split(K, bk, row_tiles, x2.device)
     part = torch.empty(splits, M, RP, dtype=torch.float32, device=x2.device)
     _forward[(row_tiles, splits)](
         x2, weight, part, M, K, R, k_per_split, seed, offset, threshold(p), RP=RP, **tiles
@@ -199,9 +200,7 @@ def backward(x2, weight, g, p, seed, offset, grad_x: bool, tiles=BACKWARD):
     (M, K), R = x2.shape, weight.shape[0]
     RP, bm, bk = _ranks_padded(R), tiles["BM"], tiles["BK"]
     col_tiles = triton.cdiv(K, bk)
-    splits = _splits(col_tiles, x2.device, triton.cdiv(M, bm))
-    rows_per_split = triton.cdiv(triton.cdiv(M, splits), bm) * bm
-    splits = triton.cdiv(M, rows_per_split)
+    rows_per_split, splits = _split(M, bm, col_tiles, x2.device)
     part = torch.empty(splits, RP, K, dtype=torch.float32, device=x2.device)
     gx = torch.empty_like(x2) if grad_x else x2  # (not written without GRAD_X)
     scale = keep_scale(p)

@@ -65,6 +65,12 @@ def test_speed_levers_match_the_plain_path():
             name,
             kernel,
         )
+    # activation checkpointing recomputes the same keep bits: the same loss; gradients as close as a rerun's, far
+    # closer than another draw's
+    ckpt = results["dropout-kernel-checkpointed-vs-not"]
+    assert ckpt["loss_equal"] is True, ckpt
+    assert ckpt["min_grad_cosine"] > 0.9999 and ckpt["rerun_min_grad_cosine"] > 0.9999, ckpt
+    assert ckpt["other_draw_min_grad_cosine"] < 0.999, ckpt
     # the one-kernel NF4 dequantization gives bitsandbytes' weights: one layer's output and input gradient bit
     # for bit, the model's loss too; its gradients as close as bitsandbytes' own reruns (attention's backward)
     nf4 = results["nf4-kernel-vs-bitsandbytes"]

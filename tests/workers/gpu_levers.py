@@ -198,3 +198,31 @@ print(
     ),
     flush=True,
 )
+
+# The dropout kernel under activation checkpointing: each layer recomputed in backward draws the same keep bits
+# (torch.utils.checkpoint restores the CUDA generator, whose seed and offset the kernel draws from). The same
+# loss, gradients as close as a rerun without checkpointing is (attention's backward), and unlike another draw's.
+del fused
+torch.cuda.empty_cache()
+models = {}
+for name, extra in (("plain", {}), ("checkpointed", {"parallel.activation_checkpointing": True})):
+    models[name] = build({**BASE, "lora.dropout": 0.05, **extra}, GPU)[1].train()
+runs = {}
+for name, model_name, seed in (
+    ("a", "plain", 7),
+    ("rerun", "plain", 7),
+    ("ckpt", "checkpointed", 7),
+    ("other", "plain", 8),
+):
+    torch.manual_seed(seed)
+    runs[name] = loss_and_grads(models[model_name], padded, BF16)
+report(
+    "dropout-kernel-checkpointed-vs-not",
+    runs["a"][0],
+    runs["ckpt"][0],
+    runs["a"][1],
+    runs["ckpt"][1],
+    loss_equal=runs["a"][0] == runs["ckpt"][0],
+    rerun_min_grad_cosine=grad_agreement(runs["a"][1], runs["rerun"][1]),
+    other_draw_min_grad_cosine=grad_agreement(runs["a"][1], runs["other"][1]),
+)
