@@ -18,10 +18,10 @@ are its own draws, not torch's. Without Triton (the CPU), parallel.activation_ch
 it was drawn with, as activation checkpointing replays dropout: one more elementwise pass per adapter.
 
 The adapters, their names, initialization and saved files are PEFT's own, and off the GPU its dropout draws:
-only `forward` differs, and there only in rounding (the sum is rounded once instead of three times). Registered through PEFT's
-custom-module hook (`LoraConfig._register_custom_module`); what it does not cover (merged or disabled
-adapters, mixed-adapter batches, DoRA and other variants, a bias on B, an input whose dtype PEFT would
-cast outside autocast) runs PEFT's forward unchanged.
+only `forward` differs, and there only in rounding (the sum is rounded once instead of three times).
+Registered through PEFT's custom-module hook (`LoraConfig._register_custom_module`); what it does not cover
+(merged or disabled adapters, mixed-adapter batches, DoRA and other variants, a bias on B, an input whose
+dtype PEFT would cast outside autocast) runs PEFT's forward unchanged.
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ generator (Philox: the bits are a function of a seed, the row and the column), s
 bits again while it reads x for A's gradient and writes x's. Against dropout as autograd runs it (a dropped copy
 and a mask written, read back by the matmul, both kept for backward, read again there) that is 2 bytes moved
 per input element in forward instead of 7, 4 in backward instead of 9, and nothing kept but x, which the base
-layer keeps anyway: the memory of selective recomputation without its second dropout pass.
+layer keeps anyway: the memory of selective recomputation without its second dropout pass. (The kernels are
+bound by the generator, ~2 keep bits per ns on an H200, more than by memory; one adapter's forward and backward
+at a 3072 x 28672 input take 0.3 ms.)
 
 The mask is not PEFT's: torch's dropout draws from the CUDA generator through its own kernel. The draws here
 use that generator too (its seed, and an offset reserved from it as torch's dropout reserves one), so
