@@ -15,6 +15,7 @@ KINDS = [  # first match wins
     ("attention", r"flash|fmha|attention|cudnn.*sdpa|sdpa"),
     ("collectives (NCCL)", r"nccl"),
     ("matmul", r"gemm|cutlass|xmma|nvjet|sm\d\d_|cublas|splitK"),
+    ("LoRA dropout (lora_kernel.py)", r"lora_dropout"),
     ("Liger / Triton fused", r"triton|liger|_kernel$|rms_norm|swiglu|rope|cross_entropy"),
     ("dropout", r"dropout|bernoulli|philox"),
     ("optimizer (AdamW)", r"adam|multi_tensor"),

@@ -46,7 +46,7 @@ def _keep(seed, offset, rows, k0, n_groups, threshold, BK: tl.constexpr, ROUNDS:
 
 
 @triton.jit
-def _forward(
+def _lora_dropout_forward(
     x_ptr, a_ptr, part_ptr, M, K, R, k_per_split, seed, offset, threshold,
     BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, ROUNDS: tl.constexpr,
 ):  # fmt: skip
@@ -73,7 +73,7 @@ def _forward(
 
 
 @triton.jit
-def _backward(
+def _lora_dropout_backward(
     x_ptr, a_ptr, g_ptr, gx_ptr, part_ptr, M, K, R, rows_per_split, seed, offset, threshold, scale,
     BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, GRAD_X: tl.constexpr, ROUNDS: tl.constexpr,
 ):  # fmt: skip
@@ -110,7 +110,9 @@ def _backward(
 
 
 @triton.jit
-def _mask(out_ptr, M, K, seed, offset, threshold, BM: tl.constexpr, BK: tl.constexpr, ROUNDS: tl.constexpr):
+def _lora_dropout_mask(
+    out_ptr, M, K, seed, offset, threshold, BM: tl.constexpr, BK: tl.constexpr, ROUNDS: tl.constexpr
+):
     """The keep bits themselves (tests compare the kernels against dropout with this mask)."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     k0 = tl.program_id(1) * BK
@@ -169,7 +171,7 @@ def keep_mask(
     M, K = x_shape
     out = torch.empty(M, K, dtype=torch.bool, device=device)
     bm, bk = 64, 128
-    _mask[(triton.cdiv(M, bm), triton.cdiv(K, bk))](
+    _lora_dropout_mask[(triton.cdiv(M, bm), triton.cdiv(K, bk))](
         out, M, K, seed, offset, threshold(p), BM=bm, BK=bk, ROUNDS=rounds or ROUNDS
     )
     return out
@@ -191,7 +193,7 @@ def forward(x2, weight, p, seed, offset, tiles=FORWARD) -> torch.Tensor:
     row_tiles = triton.cdiv(M, bm)
     k_per_split, splits = _split(K, bk, row_tiles, x2.device)
     part = torch.empty(splits, M, RP, dtype=torch.float32, device=x2.device)
-    _forward[(row_tiles, splits)](
+    _lora_dropout_forward[(row_tiles, splits)](
         x2, weight, part, M, K, R, k_per_split, seed, offset, threshold(p), RP=RP, **tiles
     )
     return (part.sum(0)[:, :R] * keep_scale(p)).to(x2.dtype)
@@ -206,7 +208,7 @@ def backward(x2, weight, g, p, seed, offset, grad_x: bool, tiles=BACKWARD):
     part = torch.empty(splits, RP, K, dtype=torch.float32, device=x2.device)
     gx = torch.empty_like(x2) if grad_x else x2  # (not written without GRAD_X)
     scale = keep_scale(p)
-    _backward[(col_tiles, splits)](
+    _lora_dropout_backward[(col_tiles, splits)](
         x2, weight, g, gx, part, M, K, R, rows_per_split, seed, offset, threshold(p), scale,
         RP=RP, GRAD_X=grad_x, **tiles,
     )  # fmt: skip
