@@ -48,7 +48,9 @@ def use_expandable_segments() -> None:
     in the environment too so that processes this one starts inherit it."""
     if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
-        torch._C._accelerator_setAllocatorSettings("expandable_segments:True")
+        # (torch >= 2.9; before, torch.cuda.memory's, deprecated since)
+        setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+        (setter or torch.cuda.memory._set_allocator_settings)("expandable_segments:True")
 
 
 def init_distributed(
