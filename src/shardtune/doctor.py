@@ -160,7 +160,22 @@ def model(cfg: Config, conf) -> list[Finding]:
     why = "" if attn != "sdpa" or dev.type == "cpu" else " (pip install flash-attn for flash_attention_2)"
     out.append(Finding("ok", f"attention: {attn}{why}"))
     out.append(_fused_kernels(cfg, conf, dev))
+    if dev.type == "cuda":
+        out.append(triton_kernels())
     return out
+
+
+def triton_kernels() -> Finding:
+    """shardtune's own GPU kernels (nf4_kernel.py, lora_kernel.py) need Triton; without it the run still
+    trains, slower, and with LoRA dropout it keeps more than `shardtune plan` counts."""
+    if importlib.util.find_spec("triton") is not None:
+        return Finding("ok", "Triton kernels: one-kernel NF4 dequantization, LoRA dropout inside the matmul")
+    return Finding(
+        "warn",
+        "Triton is not installed: bitsandbytes' slower dequantization, and LoRA dropout keeps a masked copy of "
+        "every adapter's input (more GPU memory than shardtune plan predicts)",
+        "pip install triton (it comes with torch's CUDA wheels)",
+    )
 
 
 def _fused_kernels(cfg: Config, conf, dev: torch.device) -> Finding:
