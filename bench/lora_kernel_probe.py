@@ -9,54 +9,20 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from shardtune import lora_kernel
-from shardtune.fused_lora import _adapter_input
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
+from levers import dropout_kernel_accuracy  # noqa: E402
+
+from shardtune import lora_kernel  # noqa: E402
+from shardtune.fused_lora import _adapter_input  # noqa: E402
 
 GPU, BF16, P = torch.device("cuda", 0), torch.bfloat16, 0.05
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 def accuracy(M: int, K: int, R: int) -> dict:
     """Forward and both gradients: the kernel and autograd's bf16 dropout + linear, each against fp64 with the
-    kernel's own mask."""
-    torch.manual_seed(0)
-    x = torch.randn(M, K, device=GPU, dtype=BF16)
-    w = (torch.randn(R, K, device=GPU) / K**0.5).to(BF16)
-    g = torch.randn(M, R, device=GPU, dtype=BF16)
-    state = torch.cuda.get_rng_state(GPU)
-    xk, wk = x.clone().requires_grad_(), w.clone().requires_grad_()
-    h = lora_kernel.DroppedMatmul.apply(xk, wk, P)
-    h.backward(g)
-    after = torch.cuda.get_rng_state(GPU)
-    torch.cuda.set_rng_state(state, GPU)  # the same draw again: the same seed and offset
-    seed, offset = lora_kernel.draw_state(GPU, M * ((K + 7) // 8))
-    mask = lora_kernel.keep_mask((M, K), GPU, P, seed, offset)
-    out = {
-        "M": M,
-        "K": K,
-        "R": R,
-        "keep_rate": mask.float().mean().item(),
-        "rng_advanced": not torch.equal(state, after),
-    }
-    refs = {}
-    for name, dtype in (("bf16", BF16), ("fp64", torch.float64)):
-        xr, wr = x.to(dtype).clone().requires_grad_(), w.to(dtype).clone().requires_grad_()
-        hr = torch.nn.functional.linear(xr * mask * lora_kernel.keep_scale(P), wr)
-        hr.backward(g.to(dtype))
-        refs[name] = (hr, xr.grad, wr.grad)
-    for i, what in enumerate(("out", "grad_x", "grad_a")):
-        ours = (h, xk.grad, wk.grad)[i]
-        out[f"{what}_rel_err"] = rel(ours, refs["fp64"][i])
-        out[f"{what}_autograd_bf16_rel_err"] = rel(refs["bf16"][i], refs["fp64"][i])
-    # the same random state: the same numbers, bit for bit
-    torch.cuda.set_rng_state(state, GPU)
-    h2 = lora_kernel.DroppedMatmul.apply(x, w, P)
-    out["repeatable"] = torch.equal(h2, h.detach())
-    return out
+    kernel's own mask (the GPU levers test's check, tests/levers.py, at more shapes)."""
+    return {"M": M, "K": K, "R": R, **dropout_kernel_accuracy(M, K, R, GPU, P)}
 
 
 def timed(M: int, K: int, R: int, path: str) -> dict:
@@ -173,7 +139,6 @@ if "--tiles" in sys.argv:
             )
             print(f"{M:>6}{K:>7} {r['what']:<18} {ms}", file=sys.stderr)
     sys.exit(0)
-rows = []
 for M, K, R in ((6144, 8192, 16), (6144, 28672, 16), (3000, 8200, 8), (4096, 4096, 64)):
     rows.append({"check": "accuracy", **accuracy(M, K, R)})
     print(json.dumps(rows[-1]), flush=True)

@@ -77,3 +77,49 @@ def batches(lengths: list[int], vocab: int, pad_id: int, device: torch.device) -
     """The same rows, padded and packed."""
     r = rows(lengths, vocab)
     return to(collate(r, pad_id), device), to(collate(r, pad_id, packed=True), device)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def dropout_kernel_accuracy(
+    M: int, K: int, R: int, device: torch.device, p: float = 0.05, dtype=torch.bfloat16
+):
+    """lora_kernel.DroppedMatmul on an [M, K] input and an [R, K] weight: its output and both gradients against
+    dropout with the kernel's own mask in fp64, beside autograd's `dtype` dropout + linear with that mask (relative
+    L2 errors); whether the same random state draws the same numbers, whether the generator moved on, and the
+    keep rate."""
+    from shardtune import lora_kernel
+    from shardtune.fused_lora import _RandomState
+
+    torch.manual_seed(0)
+    x = torch.randn(M, K, device=device, dtype=dtype)
+    w = (torch.randn(R, K, device=device) / K**0.5).to(dtype)
+    g = torch.randn(M, R, device=device, dtype=dtype)
+    rng = _RandomState(device)
+    xk, wk = x.clone().requires_grad_(), w.clone().requires_grad_()
+    h = lora_kernel.DroppedMatmul.apply(xk, wk, p)
+    h.backward(g)
+    advanced = not torch.equal(rng._get(), rng.state)
+    again = rng.replay(lambda: lora_kernel.DroppedMatmul.apply(x, w, p))
+    seed, offset = rng.replay(lambda: lora_kernel.draw_state(device, M * ((K + 7) // 8)))
+    mask = lora_kernel.keep_mask((M, K), device, p, seed, offset)
+    refs = {}
+    for ref_dtype in (dtype, torch.float64):
+        xr, wr = x.to(ref_dtype).clone().requires_grad_(), w.to(ref_dtype).clone().requires_grad_()
+        hr = torch.nn.functional.linear(xr * mask * lora_kernel.keep_scale(p), wr)
+        hr.backward(g.to(ref_dtype))
+        refs[ref_dtype] = (hr, xr.grad, wr.grad)
+    names = ("out", "grad_x", "grad_a")
+    ours = (h, xk.grad, wk.grad)
+    return {
+        "keep_rate": mask.float().mean().item(),
+        "repeatable": torch.equal(again, h.detach()),
+        "rng_advanced": advanced,
+        **{f"{n}_rel_err": _rel(a, b) for n, a, b in zip(names, ours, refs[torch.float64], strict=True)},
+        **{
+            f"{n}_autograd_rel_err": _rel(a, b)
+            for n, a, b in zip(names, refs[dtype], refs[torch.float64], strict=True)
+        },
+    }

@@ -185,19 +185,12 @@ def test_data_the_run_would_refuse_is_found_before_the_run(capsys, tmp_path):
 
 def test_missing_triton_is_a_warning_that_names_what_slows_and_the_fix(monkeypatch):
     """On a GPU without Triton shardtune's own kernels cannot run: a warning, with what it costs and the fix."""
-    import importlib.util
+    from shardtune import doctor, modeling
 
-    from shardtune import doctor
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a)
-    )
+    monkeypatch.setattr(modeling, "triton_available", lambda: False)
     missing = doctor.triton_kernels()
     assert (
         missing.level == "warn" and "shardtune plan" in missing.what and "pip install triton" in missing.fix
     )
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: object() if name == "triton" else real(name, *a)
-    )
+    monkeypatch.setattr(modeling, "triton_available", lambda: True)
     assert doctor.triton_kernels().level == "ok"

@@ -168,7 +168,9 @@ def model(cfg: Config, conf) -> list[Finding]:
 def triton_kernels() -> Finding:
     """shardtune's own GPU kernels (nf4_kernel.py, lora_kernel.py) need Triton; without it the run still
     trains, slower, and with LoRA dropout it keeps more than `shardtune plan` counts."""
-    if importlib.util.find_spec("triton") is not None:
+    from shardtune.modeling import triton_available
+
+    if triton_available():
         return Finding("ok", "Triton kernels: one-kernel NF4 dequantization, LoRA dropout inside the matmul")
     return Finding(
         "warn",

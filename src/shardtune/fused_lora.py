@@ -27,12 +27,12 @@ dtype PEFT would cast outside autocast) runs PEFT's forward unchanged.
 from __future__ import annotations
 
 import contextlib
-import functools
-import importlib.util
 
 import torch
 from peft.tuners.lora import Linear as PeftLinear
 from torch import nn
+
+from shardtune.modeling import triton_available
 
 
 class FusedLinear(PeftLinear):
@@ -77,7 +77,7 @@ def _adapter_input(
     `replay`, keeping for backward only x (shared by the adapters that read it), not a dropped copy and mask
     per adapter."""
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-    kernel = x.device.type == "cuda" and _triton()
+    kernel = x.device.type == "cuda" and triton_available()
     replay = replay and x.device.type in ("cuda", "cpu", "meta")
     if p == 0.0 or not torch.is_grad_enabled() or not (kernel or replay):
         return lora_a(dropout(x))
@@ -93,11 +93,6 @@ def _adapter_input(
 
             return lora_kernel.DroppedMatmul.apply(x.to(dtype), weight, p)
         return _DroppedMatmul.apply(x, weight, p, dtype)
-
-
-@functools.cache
-def _triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
 
 
 def _no_autocast(device: torch.device):

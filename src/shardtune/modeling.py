@@ -7,6 +7,7 @@ then streamed in like any other checkpoint, so the trained adapter can be reload
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 from pathlib import Path
@@ -87,6 +88,12 @@ def attention_implementation(requested: str, device: torch.device) -> str:
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether shardtune's own GPU kernels (nf4_kernel.py, lora_kernel.py) can run: Triton is importable."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def fused_kernels_problem(conf, device_type: str, backend: str = "fsdp") -> str | None:

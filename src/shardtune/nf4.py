@@ -11,12 +11,11 @@ formats other than double-quantized NF4, no Triton) runs bitsandbytes' forward.
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-
 import bitsandbytes as bnb
 import torch
 from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+from shardtune.modeling import triton_available
 
 # bitsandbytes' own crossover on CUDA (backends/cuda/ops.py, _gemm_4bit_custom_max_m): above it, it too
 # dequantizes and calls linear; at or below it, inference may use its fused 4-bit gemm
@@ -81,17 +80,12 @@ def _supported(x: torch.Tensor, state) -> bool:
         and state.state2.blocksize == 256
         and state.blocksize % 2 == 0
         and state.dtype in (torch.bfloat16, torch.float16, torch.float32)
-        and _triton()
+        and triton_available()
     )
 
 
 def describe(quant, device: torch.device) -> str:
     """How a run's 4-bit weights get dequantized (`quant`: the run's QuantConfig), for its log."""
-    if device.type == "cuda" and quant.quant_type == "nf4" and quant.double_quant and _triton():
+    if device.type == "cuda" and quant.quant_type == "nf4" and quant.double_quant and triton_available():
         return "dequantized in one kernel"
     return "dequantized by bitsandbytes"
-
-
-@functools.cache
-def _triton() -> bool:
-    return importlib.util.find_spec("triton") is not None

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from levers import batches, build, loss_and_grads, per_token_losses
+from levers import batches, build, dropout_kernel_accuracy, loss_and_grads, per_token_losses
 
 GPU = torch.device("cuda", 0)
 BASE = {
@@ -115,7 +115,7 @@ report("fused-packed-vs-plain-padded", la, lfp, ga, gfp)
 
 # Without Triton, selective recomputation draws each adapter's dropout mask again in backward instead of keeping
 # it: against dropout + the adapter's matmul as autograd runs them, at the 70B MLP's input width (dropout 0.05)
-from shardtune import fused_lora, lora_kernel  # noqa: E402
+from shardtune import fused_lora  # noqa: E402
 
 lora_a = torch.nn.Linear(28672, 16, bias=False, device=GPU)
 dropout = torch.nn.Dropout(0.05).train()
@@ -149,54 +149,8 @@ print(
 # The dropout kernel (lora_kernel.py, what the fused layers run on a GPU): output and both gradients against
 # dropout with the kernel's own mask in fp64, beside autograd's bf16 dropout + linear with that mask; the same
 # random state draws the same numbers; the generator moves on; the keep rate is 1 - p.
-M, K, R = 6144, 28672, 16
-x = torch.randn(M, K, device=GPU, dtype=BF16)
-w = (torch.randn(R, K, device=GPU) / K**0.5).to(BF16)
-g = torch.randn(M, R, device=GPU, dtype=BF16)
-state = torch.cuda.get_rng_state(GPU)
-xk, wk = x.clone().requires_grad_(), w.clone().requires_grad_()
-h = lora_kernel.DroppedMatmul.apply(xk, wk, 0.05)
-h.backward(g)
-advanced = not torch.equal(torch.cuda.get_rng_state(GPU), state)
-torch.cuda.set_rng_state(state, GPU)
-again = lora_kernel.DroppedMatmul.apply(x, w, 0.05)
-torch.cuda.set_rng_state(state, GPU)
-seed, offset = lora_kernel.draw_state(GPU, M * K // 8)
-mask = lora_kernel.keep_mask((M, K), GPU, 0.05, seed, offset)
-refs = {}
-for dtype in (BF16, torch.float64):
-    xr, wr = x.to(dtype).clone().requires_grad_(), w.to(dtype).clone().requires_grad_()
-    hr = torch.nn.functional.linear(xr * mask * lora_kernel.keep_scale(0.05), wr)
-    hr.backward(g.to(dtype))
-    refs[dtype] = (hr, xr.grad, wr.grad)
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 print(
-    json.dumps(
-        {
-            "check": "lora-dropout-kernel",
-            "keep_rate": mask.float().mean().item(),
-            "repeatable": torch.equal(again, h.detach()),
-            "rng_advanced": advanced,
-            **{
-                f"{name}_rel_err": rel(ours, ref)
-                for name, ours, ref in zip(
-                    ("out", "grad_x", "grad_a"), (h, xk.grad, wk.grad), refs[torch.float64], strict=True
-                )
-            },
-            **{
-                f"{name}_autograd_rel_err": rel(theirs, ref)
-                for name, theirs, ref in zip(
-                    ("out", "grad_x", "grad_a"), refs[BF16], refs[torch.float64], strict=True
-                )
-            },
-        }
-    ),
-    flush=True,
+    json.dumps({"check": "lora-dropout-kernel", **dropout_kernel_accuracy(6144, 28672, 16, GPU)}), flush=True
 )
 
 # The dropout kernel under activation checkpointing: each layer recomputed in backward draws the same keep bits
