@@ -4,6 +4,8 @@ loss and adapter gradients of one forward/backward under a given set of levers."
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -123,3 +125,56 @@ def dropout_kernel_accuracy(
             for n, a, b in zip(names, refs[dtype], refs[torch.float64], strict=True)
         },
     }
+
+
+def one_function_accuracy(layer, x: torch.Tensor, g: torch.Tensor, p: float) -> dict:
+    """A fused LoRA layer (`layer`: FusedLinear, one adapter, frozen base) with base and adapter in one Function
+    (fused_lora._LinearWithAdapter) and through the separate path (base layer, adapter, autograd's sum), the same
+    random state for both: relative L2 errors of output and gradients (x, A, B) against fp64 with the same
+    dropout mask (lora_kernel's when p > 0), and which Function each path ran."""
+    from unittest import mock
+
+    from shardtune import fused_lora
+    from shardtune.fused_lora import _RandomState
+
+    adapter = layer.active_adapters[0]
+    a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    layer.lora_dropout[adapter] = torch.nn.Dropout(p).train() if p else torch.nn.Identity()
+    rng = _RandomState(x.device)
+    dtype = x.dtype  # the compute dtype: autocast to it where the adapters' weights are in another
+    runs = {}
+    for name, separate in (("one_function", False), ("separate", True)):
+        xs = x.clone().requires_grad_()
+        a.grad = b.grad = None
+        patch = (
+            mock.patch.object(fused_lora, "_with_base", lambda *_: None)
+            if separate
+            else contextlib.nullcontext()
+        )
+        with patch, torch.autocast(x.device.type, dtype=dtype, enabled=dtype != a.dtype):
+            out = rng.replay(lambda: layer(xs))  # noqa: B023
+        out.backward(g)
+        runs[name] = (type(out.grad_fn).__name__, out, xs.grad, a.grad.clone(), b.grad.clone())
+    # the reference: the dense weight the base computes with, the mask the kernel drew, all in fp64
+    weight = (
+        layer.base_layer.dequantizer(x, training=True) if hasattr(layer.base_layer, "dequantizer") else None
+    )
+    w = (weight(dtype) if weight else layer.base_layer.weight).double()
+    if p:
+        from shardtune import lora_kernel
+
+        _, seed, offset = rng.replay(lambda: lora_kernel.reserve(x.reshape(-1, x.shape[-1]), p))
+        keep = lora_kernel.keep_mask((x.numel() // x.shape[-1], x.shape[-1]), x.device, p, seed, offset)
+        keep = keep.view(x.shape) * lora_kernel.keep_scale(p)
+    else:
+        keep = 1.0
+    xr, ar, br = (t.detach().to(dtype).double().requires_grad_() for t in (x, a, b))
+    ref = xr @ w.t() + layer.scaling[adapter] * ((xr * keep) @ ar.t()) @ br.t()
+    ref.backward(g.double())
+    refs = (ref, xr.grad, ar.grad, br.grad)
+    names = ("out", "grad_x", "grad_a", "grad_b")
+    result = {}
+    for name, (fn, *ours) in runs.items():
+        result[f"{name}_fn"] = fn
+        result.update({f"{name}_{n}_rel_err": _rel(o, r) for n, o, r in zip(names, ours, refs, strict=True)})
+    return result

@@ -68,19 +68,26 @@ def _count_checkpointed(every: int) -> tuple[int, tuple]:
     return wrapped, loss_and_grads(model, padded)
 
 
-@pytest.mark.parametrize("quantized", [True, False])
-def test_fused_lora_matches_peft_forward_and_gradients(quantized):
-    """lora.fused (one addmm) against PEFT's own forward: same adapters, same dropout draws, same numbers up to
-    the rounding of the sum, in fp32 and under bf16 autocast; the saved adapter is PEFT's."""
+@pytest.mark.parametrize(
+    "quantized, dropout, one_function", [(True, 0.1, False), (False, 0.1, False), (False, 0.0, True)]
+)
+def test_fused_lora_matches_peft_forward_and_gradients(quantized, dropout, one_function):
+    """lora.fused (one addmm; without dropout on an unquantized base, base and adapter in one Function) against
+    PEFT's own forward: same adapters, same dropout draws, same numbers up to the rounding of the sums, in fp32
+    and under bf16 autocast."""
     from peft.tuners.lora import Linear as PeftLinear
 
     from shardtune.fused_lora import FusedLinear
 
-    common = {"lora.dropout": 0.1, "quant.load_in_4bit": quantized}
+    common = {"lora.dropout": dropout, "quant.load_in_4bit": quantized}
     _, peft_model = build({**common, "lora.fused": False}, CPU)
     _, fused_model = build({**common, "lora.fused": True}, CPU)
     assert {type(m) for m in fused_model.modules() if isinstance(m, PeftLinear)} == {FusedLinear}
     assert {type(m) for m in peft_model.modules() if isinstance(m, PeftLinear)} == {PeftLinear}
+    ran = set()
+    for m in fused_model.modules():
+        if isinstance(m, FusedLinear):
+            m.register_forward_hook(lambda _m, _i, out: ran.add(type(out.grad_fn).__name__))
     peft_model.train(), fused_model.train()  # dropout on: both draw the same masks from the same seed
     padded, _ = batches(LENGTHS, 384, 2, CPU)
     cosine = lambda a, b: min(  # noqa: E731  (the worst over the adapters)
@@ -92,11 +99,40 @@ def test_fused_lora_matches_peft_forward_and_gradients(quantized):
         lp, gp = loss_and_grads(peft_model, padded, autocast_dtype=dtype)
         torch.manual_seed(5)
         lf, gf = loss_and_grads(fused_model, padded, autocast_dtype=dtype)
+        assert (
+            ran == {"_LinearWithAdapterBackward"} if one_function else "_LinearWithAdapterBackward" not in ran
+        )
+        ran.clear()
         assert lf == pytest.approx(lp, rel=rel), dtype
         assert gf.keys() == gp.keys() and len(gf) > 0
         assert cosine(gf, gp) > cos, dtype
-        torch.manual_seed(6)  # other dropout draws give other gradients (0.76 here): the masks above matched
-        assert cosine(loss_and_grads(fused_model, padded, autocast_dtype=dtype)[1], gf) < 0.95
+        if dropout:  # other dropout draws give other gradients (0.76 here): the masks above matched
+            torch.manual_seed(6)
+            assert cosine(loss_and_grads(fused_model, padded, autocast_dtype=dtype)[1], gf) < 0.95
+
+
+def test_base_and_adapter_in_one_function_are_as_exact_as_the_separate_path():
+    """One layer (the MLP's down projection, unquantized) with base and adapter in one Function against the
+    separate path (base, adapter, autograd's sum), both against fp64: output and every gradient, in fp32 and
+    in bf16, where summing the input gradients in the matmul rounds once instead of twice (the GPU test adds
+    NF4 and the dropout kernel)."""
+    from levers import one_function_accuracy
+
+    _, model = build({"quant.load_in_4bit": False}, CPU)
+    layer = model.base_model.model.model.layers[0].mlp.down_proj
+    torch.manual_seed(3)
+    x, g = torch.randn(2, 40, layer.in_features), torch.randn(2, 40, layer.out_features)
+    for dtype in (torch.float32, torch.bfloat16):
+        r = one_function_accuracy(layer, x.to(dtype), g.to(dtype), 0.0)
+        assert r["one_function_fn"] == "_LinearWithAdapterBackward" != r["separate_fn"], r
+        for name in ("out", "grad_x", "grad_a", "grad_b"):
+            ours, theirs = r[f"one_function_{name}_rel_err"], r[f"separate_{name}_rel_err"]
+            if dtype == torch.float32:
+                assert ours < 1e-6 and theirs < 1e-6, (name, r)
+            else:
+                assert ours <= max(1.05 * theirs, 1e-3) < 5e-3, (name, r)
+        if dtype == torch.bfloat16:
+            assert r["one_function_grad_x_rel_err"] < 0.9 * r["separate_grad_x_rel_err"], r
 
 
 @pytest.mark.parametrize("every", [None, 2])

@@ -160,6 +160,11 @@ def draw_state(device: torch.device, n: int) -> tuple[int, int]:
     return seed, offset
 
 
+def reserve(x2: torch.Tensor, p: float) -> tuple[float, int, int]:
+    """(p, seed, offset) of one dropout draw over a 2-D x2 (its keep bits' counters reserved: draw_state)."""
+    return (p, *draw_state(x2.device, x2.shape[0] * triton.cdiv(x2.shape[1], 8)))
+
+
 def keep_mask(
     x_shape: tuple[int, int],
     device: torch.device,
@@ -223,10 +228,9 @@ class DroppedMatmul(torch.autograd.Function):
     def forward(ctx, x, weight, p):
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
         weight = weight.contiguous()
-        seed, offset = draw_state(x.device, x2.shape[0] * triton.cdiv(x2.shape[1], 8))
-        ctx.draw = (p, seed, offset)
+        ctx.draw = reserve(x2, p)
         ctx.save_for_backward(x, weight)
-        return forward(x2, weight, p, seed, offset).view(*x.shape[:-1], weight.shape[0])
+        return forward(x2, weight, *ctx.draw).view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad):

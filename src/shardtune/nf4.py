@@ -11,6 +11,8 @@ formats other than double-quantized NF4, no Triton) runs bitsandbytes' forward.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import bitsandbytes as bnb
 import torch
 from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
@@ -26,20 +28,30 @@ class Linear4bit(bnb.nn.Linear4bit):
     """bnb.nn.Linear4bit whose dequantization runs in one kernel where nf4_kernel.py computes the same."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fix_4bit_weight_quant_state_from_module(self)  # FSDP's views of the weight lose its quant_state
-        state = self.weight.quant_state
-        training = torch.is_grad_enabled() and x.requires_grad
-        if (
-            not _supported(x, state)
-            or (self.bias is not None and self.bias.requires_grad)
-            or not (training or x.numel() // x.shape[-1] > FUSED_GEMM_MAX_TOKENS)
-        ):
+        dequantize = self.dequantizer(x, training=torch.is_grad_enabled() and x.requires_grad)
+        if dequantize is None:
             return super().forward(x)
         dtype = x.dtype
         if self.compute_dtype is not None:
             x = x.to(self.compute_dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return _DequantizedLinear.apply(x, self.weight, state, bias).to(dtype)
+        return _DequantizedLinear.apply(x, dequantize, bias).to(dtype)
+
+    def dequantizer(self, x: torch.Tensor, training: bool) -> Callable[[torch.dtype], torch.Tensor] | None:
+        """What dequantizes the weight for a matmul with x (`training`: one that backward needs again), in one
+        kernel; None where bitsandbytes' own forward runs. It keeps a reference to the packed weight, as
+        bitsandbytes does (not a tensor saved for backward): FSDP frees the gathered weight's storage after
+        forward and refills the same storage before backward."""
+        fix_4bit_weight_quant_state_from_module(self)  # FSDP's views of the weight lose its quant_state
+        state = self.weight.quant_state
+        if (
+            not _supported(x, state)
+            or (self.bias is not None and self.bias.requires_grad)
+            or not (training or x.numel() // x.shape[-1] > FUSED_GEMM_MAX_TOKENS)
+        ):
+            return None
+        packed = self.weight
+        return lambda dtype: _dequantize(packed, state, dtype)
 
 
 class _DequantizedLinear(torch.autograd.Function):
@@ -47,18 +59,16 @@ class _DequantizedLinear(torch.autograd.Function):
     backward (never kept), the frozen weight getting no gradient."""
 
     @staticmethod
-    def forward(ctx, x, packed, state, bias):
-        # a reference, as bitsandbytes keeps it (not saved for backward): FSDP frees the gathered weight's
-        # storage after forward and refills the same storage before backward
-        ctx.packed, ctx.state = packed, state
-        return torch.nn.functional.linear(x, _dequantize(packed, state, x.dtype), bias)
+    def forward(ctx, x, dequantize, bias):
+        ctx.dequantize = dequantize
+        return torch.nn.functional.linear(x, dequantize(x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad):
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.matmul(grad, _dequantize(ctx.packed, ctx.state, grad.dtype))
-        return grad_x, None, None, None
+            grad_x = torch.matmul(grad, ctx.dequantize(grad.dtype))
+        return grad_x, None, None
 
 
 def _dequantize(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor:

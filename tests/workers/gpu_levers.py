@@ -11,7 +11,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from levers import batches, build, dropout_kernel_accuracy, loss_and_grads, per_token_losses
+from levers import (
+    batches,
+    build,
+    dropout_kernel_accuracy,
+    loss_and_grads,
+    one_function_accuracy,
+    per_token_losses,
+)
 
 GPU = torch.device("cuda", 0)
 BASE = {
@@ -180,3 +187,30 @@ report(
     rerun_min_grad_cosine=grad_agreement(runs["a"][1], runs["rerun"][1]),
     other_draw_min_grad_cosine=grad_agreement(runs["a"][1], runs["other"][1]),
 )
+
+# Base and adapter in one Function (fused_lora._LinearWithAdapter) against the separate path through the model
+# (dropout 0.05): the same loss, gradients as close as a rerun's
+from unittest import mock  # noqa: E402
+
+torch.manual_seed(7)
+with mock.patch.object(fused_lora, "_with_base", lambda *_: None):
+    separate = loss_and_grads(models["plain"], padded, BF16)
+report(
+    "one-function-vs-separate-model",
+    runs["a"][0],
+    separate[0],
+    runs["a"][1],
+    separate[1],
+    rerun_min_grad_cosine=grad_agreement(runs["a"][1], runs["rerun"][1]),
+)
+
+# and in one NF4 layer (the MLP's down projection: the update added in the base matmul's epilogue, the input
+# gradients summed in the backward matmul's), with and without the dropout kernel, both against fp64
+down = next(
+    m for m in models["plain"].modules() if type(m).__name__ == "FusedLinear" and m.in_features == 14336
+)
+torch.manual_seed(12)
+x = torch.randn(2, 1600, 14336, device=GPU, dtype=BF16)
+g = torch.randn(2, 1600, 4096, device=GPU, dtype=BF16)
+for p in (0.0, 0.05):
+    print(json.dumps({"check": f"one-function-p{p}", **one_function_accuracy(down, x, g, p)}), flush=True)
