@@ -83,3 +83,14 @@ def tiny_run(tmp_path_factory):
         ["recipes/tiny.py", f"train.output_dir={out}", "train.run_name=tiny"], launcher="accelerate"
     )
     return out / "tiny", proc
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """test_resume.RUN trained once, uninterrupted, on 2 processes: what the resume tests and the ZeRO-3 test
+    compare against."""
+    from test_resume import train
+
+    out = tmp_path_factory.mktemp("reference")
+    train(out)
+    return out / "run"

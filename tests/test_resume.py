@@ -56,13 +56,6 @@ def train(out, *extra, nproc=2, fault=None, check=True):
     )
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("reference")
-    train(out)
-    return out / "run"
-
-
 @pytest.mark.parametrize(
     "fault",
     [

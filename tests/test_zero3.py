@@ -16,12 +16,10 @@ ZERO3 = "fsdp_configs/zero3_cpu_2proc.yaml"
 
 
 @pytest.mark.slow
-def test_zero3_trains_as_fsdp_does_and_resumes_exactly(tmp_path):
+def test_zero3_trains_as_fsdp_does_and_resumes_exactly(reference, tmp_path):
     """12 steps across two epochs with dropout, 2 accumulated micro-batches per process, every layer
     recomputed in backward, interrupted by a SIGTERM mid-accumulation and resumed; against the FSDP run of the
-    same recipe (without recomputation, which changes no arithmetic)."""
-    fsdp = tmp_path / "fsdp"
-    launch([*RUN, f"train.output_dir={fsdp}", "train.run_name=run"])
+    same recipe (`reference`, without recomputation, which changes no arithmetic)."""
     z3 = tmp_path / "zero3"
     args = [*RUN, f"train.output_dir={z3}", "train.run_name=run", "parallel.activation_checkpointing=true"]
     cut = launch(
@@ -36,15 +34,15 @@ def test_zero3_trains_as_fsdp_does_and_resumes_exactly(tmp_path):
     resumed = launch(args, launcher="accelerate", config=ZERO3)
     assert "resumed from" in resumed.stdout + resumed.stderr
 
-    a, b = losses(fsdp / "run"), losses(z3 / "run")
+    a, b = losses(reference), losses(z3 / "run")
     assert sorted(a) == sorted(b) == list(range(1, 13))
     worst = max(abs(a[s] - b[s]) / a[s] for s in a)
     assert worst < 1e-5, (worst, a, b)  # the same arithmetic; only the order of the gradient sums differs
-    sa, sb = read_summary(fsdp / "run"), read_summary(z3 / "run")
+    sa, sb = read_summary(reference), read_summary(z3 / "run")
     assert sa["first_eval_loss"] == sb["first_eval_loss"]  # before any update: the very same logits
     assert sb["final_eval_loss"] == pytest.approx(sa["final_eval_loss"], rel=1e-5)
     assert sb["rank0_holds"] == 0.5
-    wa, wb = adapter(fsdp / "run"), adapter(z3 / "run")
+    wa, wb = adapter(reference), adapter(z3 / "run")
     assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6) for k in wa)
 
 
