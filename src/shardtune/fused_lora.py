@@ -25,7 +25,8 @@ the matmul's epilogue instead of autograd summing the two in a separate pass (+2
 row and on the 70B widths at four, one H200, bench/results/2026-12-01-1xh200-one-function).
 
 The adapters, their names, initialization and saved files are PEFT's own, and off the GPU its dropout draws:
-only `forward` differs, and there only in rounding (the sum is rounded once instead of three times).
+only the arithmetic's rounding differs (the update's sum is rounded once instead of three times; in one
+Function, the input gradients' sum once instead of twice).
 Registered through PEFT's custom-module hook (`LoraConfig._register_custom_module`); what it does not cover
 (merged or disabled adapters, mixed-adapter batches, DoRA and other variants, a bias on B, an input whose
 dtype PEFT would cast outside autocast) runs PEFT's forward unchanged.
