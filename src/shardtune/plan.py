@@ -46,9 +46,9 @@ GPU_MEMORY = {
 # which half of it is lost to fixed per-step costs (kernel launches, FSDP hooks, the 4-bit dequantization of
 # every weight). 8192: fitted to one H200 with lora.fused, the one-kernel NF4 dequantization, the LoRA
 # dropout kernel and base + adapter in one Function (bench/results/2026-12-01-1xh200-one-function: 73.0% at
-# 12,288 tokens, 68.2% at 3,072), less the 2% FSDP cost across 2 GPUs; 4096: 2x H200 with PEFT's forward
-# (2026-11-23-2xh200-c: 0.55) times what lora.fused and the kernel gained on one H200 (x1.18, x1.015).
-MEASURED_MFU = ((8192, 0.733, 295), (4096, 0.67, 1500), (0, 0.20, 1500))
+# 12,288 tokens, 68.2% at 3,072), less the 2% FSDP cost across 2 GPUs; 4096: the same on one H200 at 12,288
+# tokens (64.3%, .../kernel1), less 2%, the half-point kept from the 2x H200 runs (2026-11-23-2xh200-c).
+MEASURED_MFU = ((8192, 0.733, 295), (4096, 0.707, 1500), (0, 0.20, 1500))
 OFFLOAD_SLOWDOWN = 1.34  # CPU offload, measured on the 80-layer 70B (bench/results/2026-11-23-2xh200)
 
 
