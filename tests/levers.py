@@ -105,7 +105,7 @@ def dropout_kernel_accuracy(
     h.backward(g)
     advanced = not torch.equal(rng._get(), rng.state)
     again = rng.replay(lambda: lora_kernel.DroppedMatmul.apply(x, w, p))
-    seed, offset = rng.replay(lambda: lora_kernel.draw_state(device, M * ((K + 7) // 8)))
+    _, seed, offset = rng.replay(lambda: lora_kernel.reserve(x, p))  # the draw DroppedMatmul made
     mask = lora_kernel.keep_mask((M, K), device, p, seed, offset)
     refs = {}
     for ref_dtype in (dtype, torch.float64):

@@ -82,14 +82,24 @@ def replay_dropout(module: nn.Module) -> None:
             m.replay_dropout = True
 
 
+def _drop_probability(dropout: nn.Module) -> float:
+    """The LoRA dropout's probability as it runs now (PEFT's module: nn.Dropout, or nn.Identity for none)."""
+    return dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+
+
+def _dropout_kernel_runs(x: torch.Tensor) -> bool:
+    """Whether lora_kernel.py draws the dropout for an input x (a GPU with Triton)."""
+    return x.device.type == "cuda" and triton_available()
+
+
 def _adapter_input(
     x: torch.Tensor, dropout: nn.Module, lora_a: nn.Linear, autocast: bool, replay: bool
 ) -> torch.Tensor:
     """lora_A(dropout(x)) as PEFT computes it (the same mask draws, the matmul in the same dtype); with
     `replay`, keeping for backward only x (shared by the adapters that read it), not a dropped copy and mask
     per adapter."""
-    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-    kernel = x.device.type == "cuda" and triton_available()
+    p = _drop_probability(dropout)
+    kernel = _dropout_kernel_runs(x)
     replay = replay and x.device.type in ("cuda", "cpu", "meta")
     if p == 0.0 or not torch.is_grad_enabled() or not (kernel or replay):
         return lora_a(dropout(x))
@@ -112,10 +122,9 @@ def _with_base(layer: FusedLinear, adapter: str, x: torch.Tensor, autocast: bool
     whose dense weight is at hand: shardtune's NF4 Linear4bit on a GPU, or an unquantized nn.Linear; the
     dropout drawn by lora_kernel or none), else None."""
     base, a, b = layer.base_layer, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-    dropout = layer.lora_dropout[adapter]
-    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    p = _drop_probability(layer.lora_dropout[adapter])
     dtype = torch.get_autocast_dtype(x.device.type) if autocast else a.dtype
-    if not torch.is_grad_enabled() or base.bias is not None or (p and not (x.is_cuda and triton_available())):
+    if not torch.is_grad_enabled() or base.bias is not None or (p and not _dropout_kernel_runs(x)):
         return None
     from shardtune import nf4
 
