@@ -97,6 +97,19 @@ def test_a_second_signal_during_the_save_changes_nothing(reference, tmp_path):
     assert losses(tmp_path / "run") == losses(reference)
 
 
+def test_no_shard_trains_and_resumes_as_full_shard(reference, tmp_path):
+    """parallel.sharding_strategy=NO_SHARD (the whole 4-bit base on each process: the fastest setting where it
+    fits, bench/speed.sh targets) trains the same steps as FULL_SHARD and resumes from its own checkpoints."""
+    no_shard = "parallel.sharding_strategy=NO_SHARD"
+    first = train(tmp_path, no_shard, fault="rank=1,step=6,micro=1,action=sigterm", check=False)
+    assert first.returncode != 0 and "FSDP NO_SHARD" in first.stderr
+    second = train(tmp_path, no_shard)
+    assert "resumed from" in second.stderr
+    assert losses(tmp_path / "run") == losses(reference)
+    a, b = adapter(tmp_path / "run"), adapter(reference)
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
 def test_resume_onto_one_process_and_back(tmp_path):
     """2 -> 1 and 1 -> 2 processes, same global batch: the same rows each step, the same losses (dropout off,
     because each process draws its own dropout masks)."""
