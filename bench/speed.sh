@@ -69,6 +69,14 @@ for group in "$@"; do
       bench llama3-8b "${O[@]}" --micro-batch 4
       bench llama3-70b "${O[@]}"
       bench llama3-70b "${O[@]}" lora.dropout=0 ;;
+    fsdp)  # FSDP's settings, each on and off against the defaults (first row; 70B widths, micro-batch 4): forward
+      # prefetch, backward prefetch none / after the gradient, and the 4-bit base whole on each GPU (no all-gathers)
+      F=(llama3-70b-proxy --gpus 2 --seq 3072 --warmup 2 --steps 3 --micro-batch 4 $NOAC model.fused_kernels=true)
+      bench "${F[@]}"
+      bench "${F[@]}" parallel.forward_prefetch=true
+      bench "${F[@]}" parallel.backward_prefetch=NO_PREFETCH
+      bench "${F[@]}" parallel.backward_prefetch=BACKWARD_POST
+      bench "${F[@]}" parallel.sharding_strategy=NO_SHARD ;;
     dropout)  # LoRA dropout 0.05 (the published recipe's, above) vs none
       bench llama3-70b-proxy --gpus 2 --seq 3072 --warmup 2 --steps 3 --micro-batch 4 $NOAC model.fused_kernels=true \
         lora.dropout=0 ;;
