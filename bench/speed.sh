@@ -91,6 +91,11 @@ for group in "$@"; do
          parallel.activation_checkpointing=auto)
       bench "${V[@]}"
       bench "${V[@]}" data.packing=true ;;
+    varlen1)  # the same on one GPU
+      V=(llama3-8b --gpus 1 --seq 3072 --micro-batch 8 --lengths instruct model.fused_kernels=true
+         parallel.activation_checkpointing=auto)
+      bench "${V[@]}"
+      bench "${V[@]}" data.packing=true ;;
   esac
 done
 echo; echo "=== $LOG"
