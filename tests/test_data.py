@@ -16,7 +16,14 @@ from shardtune.data.formats import (
     detect_format,
     encode,
 )
-from shardtune.data.loader import GlobalBatchSampler, build_data, collate, eval_batches
+from shardtune.data.loader import (
+    GlobalBatchSampler,
+    build_data,
+    collate,
+    eval_batches,
+    padding_advice,
+    padding_share,
+)
 from shardtune.data.tasks import generate_rows
 from shardtune.tokenizer import build_tiny_tokenizer, prepare_tokenizer
 
@@ -236,6 +243,34 @@ def test_sampler_is_deterministic_and_independent_of_process_count():
     assert len(set(epoch0)) == 96  # no row twice within an epoch
     with pytest.raises(ValueError, match="not a multiple"):
         GlobalBatchSampler(100, 8, 3, 2, 0, 0)
+
+
+def test_padding_share_and_the_advice_to_pack():
+    """The share of padded compute follows the run's own micro-batches; a run that pads a quarter or more is
+    told what packing saves."""
+    assert padding_share(np.array([1, 3]), 2, 2, seed=0) == pytest.approx(1 / 3)  # 2 x 3 computed, 4 real
+    assert padding_share(np.full(64, 50), 8, 4, seed=0) == 0.0
+    spread = np.array([10] * 7 + [1000])
+    assert padding_share(spread, 8, 8, seed=0) == pytest.approx(1 - 1070 / 8000)
+    # micro-batches of 1 row cannot pad; fewer rows than a global batch: nothing to say
+    assert padding_share(spread, 8, 1, seed=0) == 0.0 and padding_share(spread, 16, 8, seed=0) == 0.0
+    # the same share over the first epoch as the sampler's own micro-batches give
+    lengths = np.random.default_rng(0).lognormal(5, 1.2, 200).astype(int) + 1
+    batches = [mb for st in range(25) for mb in GlobalBatchSampler(200, 8, 4, 1, 0, 7).micro_batches(st)]
+    computed = sum(len(b) * lengths[b].max() for b in batches)
+    assert padding_share(lengths, 8, 4, seed=7) == pytest.approx(1 - lengths[:200].sum() / computed)
+
+    cfg = Config()
+    cfg.train.global_batch_size, cfg.train.micro_batch_size = 8, 4
+    advice = padding_advice(lengths, cfg)
+    assert (
+        advice.startswith("micro-batches of 4 rows padded to their longest row: ")
+        and "data.packing=true" in advice
+    )
+    cfg.data.packing = True
+    assert padding_advice(lengths, cfg) is None
+    cfg.data.packing, cfg.train.micro_batch_size = False, 1
+    assert padding_advice(lengths, cfg) is None
 
 
 def test_eval_batches_give_every_rank_the_same_count():

@@ -194,3 +194,25 @@ def test_missing_triton_is_a_warning_that_names_what_slows_and_the_fix(monkeypat
     )
     monkeypatch.setattr(modeling, "triton_available", lambda: True)
     assert doctor.triton_kernels().level == "ok"
+
+
+def test_padding_that_costs_a_quarter_of_the_compute_is_a_warning_with_the_fix(capsys, tmp_path):
+    """Rows of very different lengths in micro-batches of 4: doctor says what share of the compute padding
+    takes and that data.packing=true saves it (the run logs the same line)."""
+    rows = tmp_path / "rows.jsonl"
+    lengths = [3] * 30 + [300] * 2  # a long row in most micro-batches of 4
+    rows.write_text("".join(json.dumps({"prompt": "a b ", "completion": "c " * n}) + "\n" for n in lengths))
+    args = [
+        "doctor",
+        "recipes/tiny.py",
+        f"data.source={rows}",
+        "data.test_size=2",
+        f"train.output_dir={tmp_path}",
+    ]
+    cli([*args, "train.global_batch_size=8", "train.micro_batch_size=4"])
+    out = capsys.readouterr().out
+    warn = next(line for line in out.splitlines() if "padded to their longest row" in line)
+    assert warn.startswith("[ WARN ] data: micro-batches of 4 rows padded to their longest row: ")
+    assert "fix: data.packing=true" in out
+    cli([*args, "train.global_batch_size=8", "train.micro_batch_size=4", "data.packing=true"])
+    assert "padded to their longest row" not in capsys.readouterr().out

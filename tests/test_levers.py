@@ -281,6 +281,35 @@ def test_shardtune_bench_prints_one_json_line_per_run(tmp_path):
     assert varied["tokens_per_step"] < 256 * 4 * 2  # real tokens only
 
 
+def test_bench_rates_are_all_tokens_over_all_time(tmp_path):
+    """A padded variable-length run has short and long steps; its tokens/s and MFU are the measured steps' work
+    over their time, not the mean of per-step rates (which counts the 1 s step as much as the 3 s one)."""
+    from shardtune.bench import summarize
+    from shardtune.config import to_yaml
+
+    # (tokens, seconds) on 2 GPUs: a warm-up step, then 4,000 tokens in 1 s and 4,000 in 3 s
+    steps = [(100, 10.0), (4000, 1.0), (4000, 3.0)]
+    lines = [
+        {
+            "step": i + 1,
+            "loss": 1.0,
+            "step_time_s": t,
+            "tokens": n,
+            "tokens_per_s_per_device": n / t / 2,
+            "mfu": 1e-4 * n / t,
+            "hfu": 2e-4 * n / t,
+        }
+        for i, (n, t) in enumerate(steps)
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (tmp_path / "summary.json").write_text("{}")
+    (tmp_path / "config.yaml").write_text(to_yaml(Config()))
+    got = summarize(tmp_path, warmup=1)
+    assert got["tokens_per_s_per_gpu"] == 1000.0  # 8,000 tokens / 4 s / 2 GPUs (the mean of rates: 1,333.3)
+    assert got["mfu"] == 0.2 and got["hfu"] == 0.4
+    assert got["step_s"] == 2.0 and got["tokens_per_step"] == 4000 and got["step_s_each"] == [1.0, 3.0]
+
+
 def test_bench_refuses_a_typo_before_starting(tmp_path):
     import subprocess
 

@@ -135,7 +135,9 @@ def run(
 
 
 def summarize(run_dir: Path, warmup: int) -> dict:
-    """The measured steps of a finished run (those after `warmup`), averaged, and the settings used."""
+    """The measured steps of a finished run (those after `warmup`), averaged, and the settings used. Rates are
+    over the measured steps together (all their tokens over all their time): a plain mean of per-step rates
+    would count a short step as much as a long one, which overstated padded variable-length runs by 26-49%."""
     from shardtune.metrics import train_steps  # torch: not for every `shardtune` command's start
 
     metrics = train_steps(run_dir)
@@ -143,12 +145,17 @@ def summarize(run_dir: Path, warmup: int) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     mean = statistics.mean
+    seconds = sum(m["step_time_s"] for m in measured)
+
+    def overall(rate: str) -> float:  # a per-step rate (per second) weighted by its step's time
+        return sum(m[rate] * m["step_time_s"] for m in measured) / seconds
+
     return {
-        "tokens_per_s_per_gpu": round(mean(m["tokens_per_s_per_device"] for m in measured), 1),
+        "tokens_per_s_per_gpu": round(overall("tokens_per_s_per_device"), 1),
         "step_s": round(mean(m["step_time_s"] for m in measured), 4),
         "tokens_per_step": round(mean(m["tokens"] for m in measured)),
-        "mfu": round(mean(m["mfu"] for m in measured), 4),
-        "hfu": round(mean(m["hfu"] for m in measured), 4),
+        "mfu": round(overall("mfu"), 4),
+        "hfu": round(overall("hfu"), 4),
         "gpu_peak_gib_per_rank": summary.get("gpu_peak_gib_per_rank"),
         "host_peak_gib_per_rank": summary.get("host_peak_gib_per_rank"),
         "load_s": summary.get("load_s"),

@@ -199,7 +199,7 @@ def _fused_kernels(cfg: Config, conf, dev: torch.device) -> Finding:
 def data(cfg: Config) -> list[Finding]:
     """The tokenizer and the data, prepared as the run's first step prepares them (no model is loaded): a
     missing file, a bad row or a pad token the tokenizer lacks is found here, not after the queue wait."""
-    from shardtune.data.loader import build_data
+    from shardtune.data.loader import build_data, padding_advice
     from shardtune.run import tokenizer_for
 
     run_dir = Path(cfg.train.output_dir) / (cfg.train.run_name or "")
@@ -208,13 +208,15 @@ def data(cfg: Config) -> list[Finding]:
     except Exception as e:  # the run would stop with this same error
         return [Finding("error", f"data: {e}")]
     lengths = built.train.lengths()
-    return [
+    found = [
         Finding(
             "ok",
             f"data: {built.origin}, format {built.formatter.fmt}: {len(built.train)} train rows, "
             f"{len(built.eval)} eval rows, tokens per row mean {lengths.mean():.0f}, max {lengths.max()}",
         )
     ]
+    advice = padding_advice(lengths, cfg)
+    return found + ([Finding("warn", f"data: {advice}", "data.packing=true")] if advice else [])
 
 
 def disk(cfg: Config, checkpoint_bytes: float) -> list[Finding]:

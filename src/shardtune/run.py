@@ -27,7 +27,7 @@ from transformers import get_scheduler
 from shardtune import loading, modeling, parallel
 from shardtune.checkpoint import CheckpointManager, resume_point, write_atomic
 from shardtune.config import Config, ConfigError, apply_overrides, to_yaml
-from shardtune.data.loader import Data, GlobalBatchSampler, build_data
+from shardtune.data.loader import Data, GlobalBatchSampler, build_data, padding_advice
 from shardtune.distributed import DistInfo, all_reduce_max, barrier, gather_object
 from shardtune.export import export_adapter
 from shardtune.metrics import MetricsSink, device_peak_flops, gpu_peak_gib, host_peak_gib, host_rss_gib
@@ -123,6 +123,9 @@ def _data(cfg: Config, dist: DistInfo, run_dir: Path, tokenizer) -> Data:
             lengths.mean(),
             lengths.max(),
         )
+        advice = padding_advice(lengths, cfg)
+        if advice:
+            log.warning("data: %s", advice)
         if data.train.truncated or data.train.dropped:
             log.warning(
                 "data: %d rows truncated to data.max_len=%d; %d dropped (no response token left)",

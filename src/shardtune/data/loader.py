@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from shardtune.config import DataConfig
+from shardtune.config import Config, DataConfig
 from shardtune.data.formats import IGNORE_INDEX, DataError, Encoded, RowFormatter, detect_format, encode
 from shardtune.data.sources import Rows, load_source
 
@@ -151,6 +151,36 @@ class GlobalBatchSampler:
         rows = self._epoch_order(epoch)[start : start + self.global_batch]
         chunks = [rows[i : i + self.micro] for i in range(0, len(rows), self.micro)]
         return [c for j, c in enumerate(chunks) if j % self.world == self.rank]
+
+
+def padding_share(lengths: np.ndarray, global_batch: int, micro: int, seed: int) -> float:
+    """Share of the tokens computed over the first epoch that are padding, when each micro-batch of the run's
+    order is padded to its longest row (0 when the rows are fewer than one global batch)."""
+    if len(lengths) < global_batch or micro < 1 or global_batch % micro:
+        return 0.0
+    sampler = GlobalBatchSampler(len(lengths), global_batch, micro, 1, 0, seed)
+    real = computed = 0
+    for step in range(sampler.steps_per_epoch):
+        for rows in sampler.micro_batches(step):
+            batch = lengths[rows]
+            real += int(batch.sum())
+            computed += len(rows) * int(batch.max())
+    return 1 - real / computed
+
+
+def padding_advice(lengths: np.ndarray, cfg: Config) -> str | None:
+    """What padding costs this run, when it costs a quarter of the compute or more; None otherwise."""
+    micro = cfg.train.micro_batch_size
+    if cfg.data.packing or micro == 1:
+        return None
+    share = padding_share(lengths, cfg.train.global_batch_size, micro, cfg.train.seed)
+    if share < 0.25:
+        return None
+    return (
+        f"micro-batches of {micro} rows padded to their longest row: {share:.0%} of the tokens computed are "
+        "padding; data.packing=true lays the rows end to end instead (same rows per step, same per-token loss, "
+        "none of that compute)"
+    )
 
 
 def eval_batches(n_rows: int, batch: int, world: int, rank: int) -> list[list[int]]:
