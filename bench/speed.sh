@@ -91,9 +91,9 @@ for group in "$@"; do
          parallel.activation_checkpointing=auto)
       bench "${V[@]}"
       bench "${V[@]}" data.packing=true ;;
-    varlen1)  # the same on one GPU
-      V=(llama3-8b --gpus 1 --seq 3072 --micro-batch 8 --lengths instruct model.fused_kernels=true
-         parallel.activation_checkpointing=auto)
+    varlen1)  # the same on one GPU, over 20 measured steps (each padded step has a length of its own)
+      V=(llama3-8b --gpus 1 --seq 3072 --micro-batch 8 --lengths instruct --warmup 3 --steps 20
+         model.fused_kernels=true parallel.activation_checkpointing=auto)
       bench "${V[@]}"
       bench "${V[@]}" data.packing=true ;;
   esac
