@@ -10,14 +10,14 @@ import numpy as np
 import torch
 
 from shardtune.config import Config, apply_overrides
-from shardtune.data.loader import collate
+from shardtune.data.loader import collate, row_bounds
 from shardtune.loading import build_model
-from shardtune.modeling import model_config
+from shardtune.modeling import attention_implementation, model_config
 from shardtune.parallel import Sharder
-from shardtune.trainer import compute_context, token_loss_sum
+from shardtune.trainer import MODEL_INPUTS, compute_context, token_loss_sum
 
 
-def build(overrides: dict, device: torch.device):
+def build(overrides: dict, device: torch.device, attn: str = "sdpa"):
     """A random 4-bit + LoRA model as a training run builds it (one process: the plain module)."""
     cfg = apply_overrides(
         Config(),
@@ -26,7 +26,12 @@ def build(overrides: dict, device: torch.device):
     )
     torch.manual_seed(0)
     model, _ = build_model(
-        cfg, model_config(cfg), None, "sdpa", Sharder(cfg.parallel, cfg.param_dtype, device, 1), device
+        cfg,
+        model_config(cfg),
+        None,
+        attention_implementation(attn, device),
+        Sharder(cfg.parallel, cfg.param_dtype, device, 1),
+        device,
     )
     gen = torch.Generator().manual_seed(1)
     for name, p in model.named_parameters():  # as after some training: LoRA B starts at zero, a no-op
@@ -47,13 +52,15 @@ def rows(lengths: list[int], vocab: int, seed: int = 0) -> list[tuple[np.ndarray
 
 
 def to(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) for k, v in batch.items() if k != "lengths"}
+    """A collated batch on `device` as the trainer passes it: a packed one with its rows' boundaries."""
+    out = {k: v.to(device) for k, v in batch.items() if k != "lengths"}
+    return {**out, **(row_bounds(batch["lengths"], device) if "position_ids" in batch else {})}
 
 
 def per_token_losses(model, batch: dict, autocast_dtype=None) -> torch.Tensor:
     """Cross-entropy of every labelled position, in row order (padded and packed batches list the same
     positions in the same order)."""
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     with torch.no_grad(), compute_context(batch["input_ids"].device, autocast_dtype):
         logits = model(**inputs, use_cache=False).logits.float()
     labels = batch["labels"]

@@ -36,12 +36,32 @@ def test_packed_rows_cannot_attend_to_each_other():
     _, model = build({}, CPU)
     _, packed = batches(LENGTHS, 384, 2, CPU)
     before = per_token_losses(model, packed)
-    changed = {k: v.clone() for k, v in packed.items()}
+    changed = {k: v.clone() if torch.is_tensor(v) else v for k, v in packed.items()}
     changed["input_ids"][0, : LENGTHS[0]] = (changed["input_ids"][0, : LENGTHS[0]] + 7) % 384  # row 1 only
     after = per_token_losses(model, changed)
     first = LENGTHS[0] - LENGTHS[0] // 4  # labelled positions of row 1
     assert not torch.equal(before[:first], after[:first])  # row 1 did change...
     torch.testing.assert_close(after[first:], before[first:], rtol=0, atol=0)  # ...and no other row noticed
+
+
+def test_sdpa_varlen_is_sdpa_where_its_kernel_cannot_run():
+    """sdpa_varlen (varlen.py) sends packed rows, with their boundaries, to torch's varlen Flash kernel on a
+    GPU (tests/gpu: against padded SDPA); here on the CPU every batch goes to SDPA and the losses are SDPA's,
+    bit for bit. 'auto' keeps plain sdpa on the CPU."""
+    from shardtune import varlen
+    from shardtune.modeling import attention_implementation
+
+    assert attention_implementation("auto", CPU) == "sdpa"
+    _, model = build({}, CPU)
+    _, model_varlen = build({}, CPU, attn=varlen.NAME)
+    assert model_varlen.config._attn_implementation == varlen.NAME
+    padded, packed = batches(LENGTHS, 384, 2, CPU)
+    assert packed["cu_seq_lens_q"].tolist() == [0, *itertools.accumulate(LENGTHS)]
+    assert packed["max_length_q"] == max(LENGTHS)
+    for batch in (padded, packed):
+        torch.testing.assert_close(
+            per_token_losses(model_varlen, batch), per_token_losses(model, batch), rtol=0, atol=0
+        )
 
 
 def test_adapters_compute_in_bf16_under_autocast_and_keep_fp32_gradients():

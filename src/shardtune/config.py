@@ -47,8 +47,11 @@ class ModelConfig(Section):
     it. Default: for models under 2B parameters; larger ones are drawn directly on the devices."""
     tokenizer: str | None = None
     """Tokenizer hub id or directory. Default: the model's own; the tokenizer built in code for built-in shapes."""
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
-    """Attention kernel. 'auto' picks flash_attention_2 when flash_attn is importable on a GPU, else sdpa."""
+    attn_implementation: Literal[
+        "auto", "sdpa", "sdpa_varlen", "eager", "flash_attention_2", "flex_attention"
+    ] = "auto"
+    """Attention kernel. 'auto' picks flash_attention_2 when flash_attn is importable on a GPU, else on a GPU
+    sdpa_varlen (SDPA, but packed batches go to torch's own varlen Flash kernel, row by row), else sdpa."""
     fused_kernels: bool | Literal["auto"] = "auto"
     """Liger kernels: fused RMSNorm, SwiGLU, RoPE, and linear + cross-entropy that never materializes the logits
     (GPU, needs liger-kernel; Llama models). 'auto': on where they can run, off elsewhere (the log says which)."""

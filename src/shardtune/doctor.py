@@ -157,7 +157,8 @@ def model(cfg: Config, conf) -> list[Finding]:
         )
     dev = _run_device(cfg)
     attn = attention_implementation(cfg.model.attn_implementation, dev)
-    why = "" if attn != "sdpa" or dev.type == "cpu" else " (pip install flash-attn for flash_attention_2)"
+    on_gpu_without_flash = attn in ("sdpa", "sdpa_varlen") and dev.type != "cpu"
+    why = " (pip install flash-attn for flash_attention_2)" if on_gpu_without_flash else ""
     out.append(Finding("ok", f"attention: {attn}{why}"))
     out.append(_fused_kernels(cfg, conf, dev))
     if dev.type == "cuda":

@@ -82,12 +82,21 @@ def model_config(cfg: Config):
 
 
 def attention_implementation(requested: str, device: torch.device) -> str:
-    """'auto' -> flash_attention_2 where flash_attn is importable and we are on a GPU, else sdpa."""
-    if requested != "auto":
-        return requested
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+    """'auto' -> flash_attention_2 where flash_attn is importable and we are on a GPU; else, on a GPU whose
+    torch ships a varlen kernel, sdpa_varlen (SDPA, with packed batches through that kernel: varlen.py);
+    else sdpa."""
+    from shardtune import varlen
+
+    chosen = requested
+    if requested == "auto":
+        chosen = "sdpa"
+        if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+            chosen = "flash_attention_2"
+        elif device.type == "cuda" and varlen.available():
+            chosen = varlen.NAME
+    if chosen == varlen.NAME:
+        varlen.register()
+    return chosen
 
 
 @functools.cache

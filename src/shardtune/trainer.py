@@ -19,13 +19,13 @@ import torch.nn.functional as F
 
 from shardtune import faults, zero3
 from shardtune.data.formats import IGNORE_INDEX, adds_bos
-from shardtune.data.loader import Data, GlobalBatchSampler, collate, eval_batches
+from shardtune.data.loader import ROW_BOUNDS, Data, GlobalBatchSampler, collate, eval_batches, row_bounds
 from shardtune.distributed import DistInfo, all_reduce_max, all_reduce_sum
 from shardtune.metrics import alloc_retries, gpu_peak_gib, host_peak_gib, step_flops
 from shardtune.parallel import clip_grad_norm, gathered_root, is_engine, reduce_adapter_grads, unwrap
 from shardtune.profiling import MemoryTrace
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", *ROW_BOUNDS)
 
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor], fused: bool = False) -> torch.Tensor:
@@ -98,6 +98,8 @@ class Trainer:
         # counted on the host, so that counting tokens costs no device sync
         counts = {"lengths": batch.pop("lengths"), "labelled": int((batch["labels"] != IGNORE_INDEX).sum())}
         batch = {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()}
+        if self.packed:
+            batch.update(row_bounds(counts["lengths"], self.dist.device))
         return {**batch, **counts}
 
     def compute(self):

@@ -42,14 +42,19 @@ def test_sharded_logits_equal_one_gpu(shape, extra):
 
 
 def test_speed_levers_match_the_plain_path():
-    """Packing, Liger's fused kernels, bf16 adapter compute and the fused LoRA update against the plain path,
-    one GPU, bf16."""
+    """Packing (through SDPA's mask and through torch's varlen kernel), Liger's fused kernels, bf16 adapter
+    compute and the fused LoRA update against the plain path, one GPU, bf16."""
     results = {r["check"]: r for r in worker_lines([sys.executable, "tests/workers/gpu_levers.py"])}
     print(results, file=sys.stderr)
     # bf16 compute: kernels that sum in another order differ by bf16 rounding, not more
     for name in ("packed-vs-padded", "fused-vs-plain", "fused-packed-vs-plain-padded", "lora-fused-vs-peft"):
         assert results[name]["loss_rel_diff"] < 2e-3 and results[name]["min_grad_cosine"] > 0.99, name
     assert results["packed-vs-padded"]["per_token_max_abs_diff"] < 0.1
+    # packed rows through torch's varlen kernel (sdpa_varlen, the default on a GPU without flash-attn), which ran
+    varlen = results["varlen-packed-vs-padded"]
+    assert varlen["kernel_calls"] == 4 * 2, varlen
+    assert varlen["loss_rel_diff"] < 2e-3 and varlen["min_grad_cosine"] > 0.99, varlen
+    assert varlen["per_token_max_abs_diff"] < 0.1, varlen
     assert results["adapters-bf16-vs-fp32"]["loss_rel_diff"] < 1e-2
     assert results["adapters-bf16-vs-fp32"]["min_grad_cosine"] > 0.98
     # the dropout masks drawn again in backward are the ones drawn in forward: every number bit-identical

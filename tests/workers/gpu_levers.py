@@ -65,6 +65,26 @@ report(
 l32, g32 = loss_and_grads(model, padded, None)
 report("adapters-bf16-vs-fp32", l32, la, g32, ga)
 
+# sdpa_varlen (varlen.py): the packed rows through torch's varlen Flash kernel, row by row, against the padded
+# rows through SDPA above; the same weights (same seed)
+from shardtune import varlen  # noqa: E402
+
+_, model_varlen = build(BASE, GPU, attn=varlen.NAME)
+calls = varlen._kernel.cache_info().hits
+c = per_token_losses(model_varlen, packed, BF16)
+lv, gv = loss_and_grads(model_varlen, packed, BF16)
+report(
+    "varlen-packed-vs-padded",
+    la,
+    lv,
+    ga,
+    gv,
+    per_token_max_abs_diff=(a - c).abs().max().item(),
+    kernel_calls=varlen._kernel.cache_info().hits - calls,  # 4 layers x (2 forwards) when it ran
+)
+del model_varlen
+torch.cuda.empty_cache()
+
 # shardtune's Linear4bit (one-kernel dequantization, nf4.py) against bitsandbytes' own forward. One layer's
 # matmuls are deterministic: output and input gradient bit-identical. Through the whole model the backward is
 # not (attention's kernels sum in varying order), so there: the same loss, and gradients as close as two runs

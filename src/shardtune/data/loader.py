@@ -109,6 +109,19 @@ def collate(
     return {"input_ids": input_ids, "labels": labels, key: where, "lengths": torch.tensor(lengths)}
 
 
+# a packed batch's row boundaries, by the names transformers' attention reads them under (flash attention and
+# varlen.py's use them; SDPA and eager ignore them)
+ROW_BOUNDS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def row_bounds(lengths: torch.Tensor, device: torch.device) -> dict:
+    """The model keywords that give attention a packed batch's rows (`lengths`, from `collate`): cumulative
+    offsets (int32, on `device`) and the longest row (an int, so no kernel waits on the device for it)."""
+    offsets = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32)
+    longest = int(lengths.max())
+    return dict(zip(ROW_BOUNDS, (offsets, offsets, longest, longest), strict=True))
+
+
 class GlobalBatchSampler:
     """Which rows each process reads at each optimizer step.
 
