@@ -91,6 +91,12 @@ for group in "$@"; do
          parallel.activation_checkpointing=auto)
       bench "${V[@]}"
       bench "${V[@]}" data.packing=true ;;
+    tokens1)  # one GPU, instruction-length rows packed, 32 per step: micro-batches of 8 rows vs of a token budget
+      T=(llama3-8b --gpus 1 --seq 3072 --micro-batch 32 --lengths instruct --warmup 3 --steps 12
+         model.fused_kernels=true parallel.activation_checkpointing=auto data.packing=true)
+      bench "${T[@]}" train.micro_batch_size=8
+      bench "${T[@]}" train.micro_batch_tokens=8192
+      bench "${T[@]}" train.micro_batch_tokens=16384 ;;
     varlen1)  # the same on one GPU, over 20 measured steps (each padded step has a length of its own)
       V=(llama3-8b --gpus 1 --seq 3072 --micro-batch 8 --lengths instruct --warmup 3 --steps 20
          model.fused_kernels=true parallel.activation_checkpointing=auto)

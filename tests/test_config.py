@@ -89,6 +89,25 @@ def test_cross_checks():
         apply_overrides(Config(), {"train.micro_batch_size": "64"}, "x")
 
 
+def test_micro_batches_in_tokens_are_checked_against_packing_the_row_length_and_the_backend():
+    packed = {"data.packing": "true", "data.max_len": "1024"}
+    with pytest.raises(ConfigError, match=r"micro_batch_tokens=4096 needs data.packing=true"):
+        apply_overrides(Config(), {"train.micro_batch_tokens": "4096"}, "x")
+    with pytest.raises(ConfigError, match=r"less than data.max_len=1024.*micro_batch_tokens >= 1024"):
+        apply_overrides(Config(), {**packed, "train.micro_batch_tokens": "1000"}, "x")
+    with pytest.raises(
+        ConfigError, match=r"micro_batch_tokens does not work with parallel.backend=deepspeed"
+    ):
+        apply_overrides(
+            Config(), {**packed, "train.micro_batch_tokens": "4096", "parallel.backend": "deepspeed"}, "x"
+        )
+    # the row count is unused then: a micro_batch_size over the global batch is no error
+    cfg = apply_overrides(
+        Config(), {**packed, "train.micro_batch_tokens": "4096", "train.micro_batch_size": "64"}, "x"
+    )
+    assert cfg.train.micro_batch_tokens == 4096
+
+
 def test_help_lists_every_key_with_docs():
     text = format_help(Config())
     for key in ("model.name_or_path", "lora.r", "data.max_len", "parallel.mixed_precision", "eval.questions"):

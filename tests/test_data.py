@@ -23,6 +23,7 @@ from shardtune.data.loader import (
     eval_batches,
     padding_advice,
     padding_share,
+    token_micro_batches,
 )
 from shardtune.data.tasks import generate_rows
 from shardtune.tokenizer import build_tiny_tokenizer, prepare_tokenizer
@@ -243,6 +244,47 @@ def test_sampler_is_deterministic_and_independent_of_process_count():
     assert len(set(epoch0)) == 96  # no row twice within an epoch
     with pytest.raises(ValueError, match="not a multiple"):
         GlobalBatchSampler(100, 8, 3, 2, 0, 0)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("budget", [512, 1024, 4096])
+def test_token_micro_batches_fit_the_budget_and_balance_the_processes(world, budget):
+    """Micro-batches sized in tokens (train.micro_batch_tokens): every row of the step once, none over the
+    budget, as many micro-batches on every process, about as many tokens, and the fewest micro-batches the
+    tokens allow where the rows are many."""
+    rng = np.random.default_rng(world * budget)
+    lengths = np.minimum(rng.lognormal(5, 1, 500).astype(int) + 5, 512)  # data.max_len 512
+    rows = [int(i) for i in rng.permutation(500)[: 48 * world]]
+    dealt = token_micro_batches(rows, lengths, budget, world)
+    assert len(dealt) == world and len({len(mine) for mine in dealt}) == 1
+    assert sorted(i for mine in dealt for mb in mine for i in mb) == sorted(rows)
+    sizes = [int(lengths[mb].sum()) for mine in dealt for mb in mine]
+    assert all(0 < s <= budget for s in sizes)
+    loads = [int(sum(lengths[i] for mb in mine for i in mb)) for mine in dealt]
+    assert max(loads) <= 1.1 * np.mean(loads), loads
+    per_process = -(-int(lengths[rows].sum()) // (budget * world))
+    assert (
+        len(dealt[0]) <= per_process + 1
+    )  # first the fewest the tokens allow, one more where rows do not fit
+    assert token_micro_batches(rows, lengths, budget, world) == dealt  # the same on every process, every time
+
+
+def test_token_budget_sampler_reads_the_steps_rows_on_any_number_of_processes():
+    lengths = np.random.default_rng(0).integers(5, 300, 100)
+
+    def step_rows(world, step, **kw):
+        got = [GlobalBatchSampler(100, 8, 2, world, r, 3, **kw).micro_batches(step) for r in range(world)]
+        assert len({len(mine) for mine in got}) == 1  # as many micro-batches on every process
+        return sorted(i for mine in got for mb in mine for i in mb)
+
+    for step in (0, 5, 12, 13):
+        expected = step_rows(1, step)  # micro-batches of 2 rows
+        for world in (1, 2, 4):
+            assert step_rows(world, step, lengths=lengths, micro_tokens=400) == expected
+    tokens = GlobalBatchSampler(100, 8, 2, 2, 0, 3, lengths=lengths, micro_tokens=400)
+    assert tokens.grad_accum is None  # it varies by step
+    with pytest.raises(ValueError, match="not a multiple of the 3 processes"):
+        GlobalBatchSampler(100, 8, 2, 3, 0, 3, lengths=lengths, micro_tokens=400)
 
 
 def test_padding_share_and_the_advice_to_pack():

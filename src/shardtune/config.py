@@ -196,6 +196,11 @@ class TrainConfig(Section):
     """Rows per optimizer step across all processes (fixed when the number of processes changes)."""
     micro_batch_size: int = Field(16, gt=0)
     """Rows per forward pass per process. Gradient accumulation = global / (micro x processes)."""
+    micro_batch_tokens: int | None = Field(None, gt=0)
+    """With data.packing: size micro-batches in tokens instead of rows. Each step's rows (still
+    global_batch_size of them) are cut into micro-batches of at most this many tokens, every process getting as
+    many micro-batches and about as many tokens as the others; train.micro_batch_size is then unused. At least
+    data.max_len (rows stay whole). Memory follows the budget, not the luck of the draw."""
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Clip the global gradient norm to this value (None: no clipping)."""
     log_every: int = Field(10, gt=0)
@@ -327,7 +332,23 @@ class Config(Section):
             )
         if self.data.generated.min_len > self.data.generated.max_len:
             raise ValueError("data.generated.min_len must be <= data.generated.max_len")
-        if self.train.micro_batch_size > self.train.global_batch_size:
+        tokens = self.train.micro_batch_tokens
+        if tokens is not None and not self.data.packing:
+            raise ValueError(
+                f"train.micro_batch_tokens={tokens} needs data.packing=true (padded micro-batches are sized in "
+                "rows: train.micro_batch_size)"
+            )
+        if tokens is not None and tokens < self.data.max_len:
+            raise ValueError(
+                f"train.micro_batch_tokens={tokens} is less than data.max_len={self.data.max_len}: a row that long "
+                f"would not fit a micro-batch; set train.micro_batch_tokens >= {self.data.max_len}"
+            )
+        if tokens is not None and self.parallel.backend == "deepspeed":
+            raise ValueError(
+                "train.micro_batch_tokens does not work with parallel.backend=deepspeed (its engine counts a "
+                "fixed number of micro-batches per step); use train.micro_batch_size"
+            )
+        if tokens is None and self.train.micro_batch_size > self.train.global_batch_size:
             raise ValueError(
                 f"train.micro_batch_size={self.train.micro_batch_size} exceeds train.global_batch_size="
                 f"{self.train.global_batch_size}"

@@ -242,7 +242,7 @@ def estimate(cfg: Config, conf, gpus: int, nodes: int = 1, gpu_name: str = "h200
     s = Shape.of(conf)
     n = max(gpus, 1)
     mb, seq = cfg.train.micro_batch_size, cfg.data.max_len
-    tokens = mb * seq
+    tokens = cfg.train.micro_batch_tokens or mb * seq  # a token budget is what one forward holds at most
     compute = 2  # bf16 / fp16 bytes; fp32 runs cost twice (rare on GPUs)
     if cfg.param_dtype == "float32":
         compute = 4
@@ -455,7 +455,10 @@ def fit(cfg: Config, conf, gpus: int, gpu_mem: float, nodes: int, gpu_name: str)
     the allocator), fastest first; a micro-batch divides the rows each GPU handles per step."""
     per_gpu_rows = max(1, cfg.train.global_batch_size // max(gpus, 1))
     out = []
-    for mb in [m for m in (1, 2, 4, 8, 16, 32) if per_gpu_rows % m == 0]:
+    sizes = [m for m in (1, 2, 4, 8, 16, 32) if per_gpu_rows % m == 0]
+    if cfg.train.micro_batch_tokens:  # micro-batches sized in tokens: the budget given, not searched
+        sizes = [cfg.train.micro_batch_size]
+    for mb in sizes:
         for ac, every in CHECKPOINT_CHOICES:
             for offload in (False, True) if gpus > 1 else (False,):
                 trial = apply_overrides(

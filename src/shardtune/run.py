@@ -234,6 +234,16 @@ def _train(
 ) -> dict:
     tokenizer = tokenizer_for(cfg, run_dir)
     data = _data(cfg, dist, run_dir, tokenizer)  # bad data fails here, before any model is loaded
+    sampler = GlobalBatchSampler(  # and a batch size that does not divide, too
+        len(data.train),
+        cfg.train.global_batch_size,
+        cfg.train.micro_batch_size,
+        dist.world_size,
+        dist.rank,
+        cfg.train.seed,
+        lengths=data.train.lengths(),
+        micro_tokens=cfg.train.micro_batch_tokens,
+    )
     conf = modeling.model_config(cfg)  # read once: a hub model's config is a download
     cfg = _resolve_auto(cfg, conf, dist)
     m = _model(cfg, conf, dist, run_dir, tokenizer)
@@ -249,14 +259,6 @@ def _train(
         betas=cfg.optim.betas,
         eps=cfg.optim.eps,
         weight_decay=cfg.optim.weight_decay,
-    )
-    sampler = GlobalBatchSampler(
-        len(data.train),
-        cfg.train.global_batch_size,
-        cfg.train.micro_batch_size,
-        dist.world_size,
-        dist.rank,
-        cfg.train.seed,
     )
     total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * sampler.steps_per_epoch)
     scheduler = get_scheduler(
@@ -317,9 +319,13 @@ def _train(
     )
     trainer.tokens_seen = state.get("tokens_seen", 0)
     sink = MetricsSink(run_dir, total_steps, start_step, dist.is_main)
+    micro = (
+        f"micro-batches of at most {cfg.train.micro_batch_tokens:,} tokens, as many on every process"
+        if cfg.train.micro_batch_tokens
+        else f"{sampler.grad_accum} x {cfg.train.micro_batch_size} rows per process per step"
+    )
     sink.write(
-        f"training {total_steps} steps of {cfg.train.global_batch_size} rows "
-        f"({sampler.grad_accum} x {cfg.train.micro_batch_size} rows per process per step), "
+        f"training {total_steps} steps of {cfg.train.global_batch_size} rows ({micro}), "
         f"{sampler.steps_per_epoch} steps per epoch; MFU against {peak / 1e12:.2f} TFLOP/s ({peak_how})"
     )
 

@@ -127,14 +127,31 @@ class GlobalBatchSampler:
 
     Each epoch is a permutation of the training rows seeded by (seed, epoch). Optimizer step s reads the
     s-th slice of `global_batch` rows of it, cut into micro-batches of `micro` rows; micro-batch j goes to
-    process j % world. The rows of a step, and so the update, do not depend on the number of processes.
+    process j % world. With `micro_tokens` (packed rows, their `lengths` given) the step's rows are cut into
+    micro-batches of at most that many tokens instead (`token_micro_batches`). Either way the rows of a step,
+    and so the update, do not depend on the number of processes.
     """
 
-    def __init__(self, n_rows: int, global_batch: int, micro: int, world: int, rank: int, seed: int):
-        if global_batch % (micro * world):
+    def __init__(
+        self,
+        n_rows: int,
+        global_batch: int,
+        micro: int,
+        world: int,
+        rank: int,
+        seed: int,
+        lengths: np.ndarray | None = None,
+        micro_tokens: int | None = None,
+    ):
+        if micro_tokens is None and global_batch % (micro * world):
             raise ValueError(
                 f"train.global_batch_size={global_batch} is not a multiple of train.micro_batch_size={micro} x "
                 f"{world} processes; change one of them."
+            )
+        if micro_tokens is not None and global_batch % world:
+            raise ValueError(
+                f"train.global_batch_size={global_batch} is not a multiple of the {world} processes; change one "
+                "of them."
             )
         self.steps_per_epoch = n_rows // global_batch
         if self.steps_per_epoch == 0:
@@ -143,7 +160,9 @@ class GlobalBatchSampler:
             )
         self.n_rows, self.global_batch, self.micro = n_rows, global_batch, micro
         self.world, self.rank, self.seed = world, rank, seed
-        self.grad_accum = global_batch // (micro * world)
+        self.lengths, self.micro_tokens = lengths, micro_tokens
+        # micro-batches per process per step; with a token budget it varies from step to step
+        self.grad_accum = None if micro_tokens else global_batch // (micro * world)
         self._order: tuple[int, list[int]] | None = None
 
     def _epoch_order(self, epoch: int) -> list[int]:
@@ -162,8 +181,47 @@ class GlobalBatchSampler:
         """This process's micro-batches (row indices) for optimizer step `step` (0-based)."""
         epoch, start = self.position(step)
         rows = self._epoch_order(epoch)[start : start + self.global_batch]
+        if self.micro_tokens:
+            return token_micro_batches(rows, self.lengths, self.micro_tokens, self.world)[self.rank]
         chunks = [rows[i : i + self.micro] for i in range(0, len(rows), self.micro)]
         return [c for j, c in enumerate(chunks) if j % self.world == self.rank]
+
+
+def token_micro_batches(
+    rows: list[int], lengths: np.ndarray, budget: int, world: int
+) -> list[list[list[int]]]:
+    """A step's rows cut into micro-batches of at most `budget` tokens, dealt to `world` processes: every
+    process gets as many micro-batches as the others (FSDP runs collectives in each forward and backward) and
+    about as many tokens. Rows stay whole and no longer than the budget (the config keeps it at least
+    data.max_len); `len(rows)` is a multiple of `world`.
+
+    The fewest micro-batches per process the tokens allow, k; the rows, longest first, each into the emptiest
+    of the world x k micro-batches that has room (so they come out about equally full, not full and a remainder);
+    if a row finds no room, one more per process and again (at k = rows / world every row has one alone). Then
+    the micro-batches, fullest first, each to the process with the fewest tokens among those short of k. Ties
+    break on row index and rank, so every process computes the same split."""
+    sizes = {i: int(lengths[i]) for i in rows}
+    order = sorted(rows, key=lambda i: (-sizes[i], i))
+    k = max(1, -(-sum(sizes.values()) // (budget * world)))
+    while True:
+        bins: list[list[int]] = [[] for _ in range(world * k)]
+        loads = [0] * (world * k)
+        for i in order:
+            b = min(range(len(bins)), key=lambda b: (loads[b], b))
+            if loads[b] + sizes[i] > budget:
+                break
+            bins[b].append(i)
+            loads[b] += sizes[i]
+        else:
+            break
+        k += 1
+    dealt: list[list[list[int]]] = [[] for _ in range(world)]
+    tokens = [0] * world
+    for b in sorted(range(len(bins)), key=lambda b: (-loads[b], b)):
+        rank = min((r for r in range(world) if len(dealt[r]) < k), key=lambda r: (tokens[r], r))
+        dealt[rank].append(bins[b])
+        tokens[rank] += loads[b]
+    return dealt
 
 
 def padding_share(lengths: np.ndarray, global_batch: int, micro: int, seed: int) -> float:
