@@ -125,3 +125,22 @@ def test_no_shard_keeps_the_base_whole_and_gathers_nothing():
     )
     assert whole["2 decoder layers, gathered"] == whole["embeddings + head, gathered"] == 0
     assert full["2 decoder layers, gathered"] > 0 and full["embeddings + head, gathered"] > 0
+
+
+def test_a_token_budget_is_planned_as_that_many_tokens():
+    """train.micro_batch_tokens: the plan holds one packed sequence of the budget's tokens (not the whole rows of
+    data.max_len it would round down to), and fit keeps the budget instead of searching row counts."""
+    from shardtune import plan as planner
+
+    cfg = apply_overrides(Config(), {"data.max_len": "384", "data.packing": "true"}, "test")
+    conf = modeling.model_config(cfg)
+
+    def activations(**kw):
+        return planner.estimate(apply_overrides(cfg, kw, "test"), conf, 2).gpu["activations"]
+
+    rows = activations(**{"train.micro_batch_size": "2"})  # 768 tokens
+    budget = activations(**{"train.micro_batch_tokens": "1000"})  # not 2 rows of 384
+    assert budget == pytest.approx(rows * 1000 / 768, rel=0.05)
+    tokens = apply_overrides(cfg, {"train.micro_batch_tokens": "1000"}, "test")
+    fits = planner.fit(tokens, conf, 2, 80 * 2**30, 1, "h200")
+    assert fits and {e.settings["train.micro_batch_size"] for e in fits} == {cfg.train.micro_batch_size}

@@ -277,9 +277,13 @@ def estimate(cfg: Config, conf, gpus: int, nodes: int = 1, gpu_name: str = "h200
     adapter_dtype = cfg.param_dtype if cfg.lora.compute_dtype == "auto" else "float32"
     widths = (s.hidden, s.inter, s.heads, s.kv_heads, s.head_dim)
 
+    # a token budget's micro-batch is one packed sequence of that many tokens (rows of data.max_len would round
+    # it down to whole rows)
+    row = tokens if cfg.train.micro_batch_tokens else seq
+
     def per_layer(replay: bool) -> float:
         key = (*lora_key, replay)
-        return layer_activation_bytes(*widths, key, tokens, seq, cfg.param_dtype, adapter_dtype) - liger
+        return layer_activation_bytes(*widths, key, tokens, row, cfg.param_dtype, adapter_dtype) - liger
 
     replay = keeps_inputs_only(cfg)
     boundary = tokens * s.hidden * compute
