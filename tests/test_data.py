@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from shardtune.config import Config, DataConfig, GeneratedTaskConfig
+from shardtune.config import Config, ConfigError, DataConfig, GeneratedTaskConfig
 from shardtune.data.formats import (
     ALPACA_PROMPT,
     ALPACA_PROMPT_NO_INPUT,
@@ -242,7 +242,7 @@ def test_sampler_is_deterministic_and_independent_of_process_count():
         i for st in range(12) for mb in GlobalBatchSampler(100, 8, 8, 1, 0, 3).micro_batches(st) for i in mb
     ]
     assert len(set(epoch0)) == 96  # no row twice within an epoch
-    with pytest.raises(ValueError, match="not a multiple"):
+    with pytest.raises(ConfigError, match="not a multiple"):
         GlobalBatchSampler(100, 8, 3, 2, 0, 0)
 
 
@@ -283,7 +283,7 @@ def test_token_budget_sampler_reads_the_steps_rows_on_any_number_of_processes():
             assert step_rows(world, step, lengths=lengths, micro_tokens=400) == expected
     tokens = GlobalBatchSampler(100, 8, 2, 2, 0, 3, lengths=lengths, micro_tokens=400)
     assert tokens.grad_accum is None  # it varies by step
-    with pytest.raises(ValueError, match="not a multiple of the 3 processes"):
+    with pytest.raises(ConfigError, match="not a multiple of the 3 processes"):
         GlobalBatchSampler(100, 8, 2, 3, 0, 3, lengths=lengths, micro_tokens=400)
 
 

@@ -84,6 +84,25 @@ def test_recipe_command_line(tmp_path):
     assert "data.chat_template='human_assistant'" in helped.stdout and "LoRA rank." in helped.stdout
 
 
+def test_a_batch_size_that_does_not_divide_stops_the_run_before_the_model_loads(tmp_path):
+    """The processes can only be counted at launch: the run checks the batch sizes right after the data, before
+    any weight is read or drawn, and says what to change."""
+    batch = ["train.global_batch_size=30", "train.micro_batch_size=4"]
+    proc = subprocess.run(
+        [sys.executable, "recipes/tiny.py", *batch, f"train.output_dir={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert (
+        "error: train.global_batch_size=30 is not a multiple of train.micro_batch_size=4 x 1 processes"
+        in (proc.stderr)
+    )
+    assert "[shardtune] model:" not in proc.stderr and "Traceback" not in proc.stderr
+
+
 @pytest.mark.slow
 def test_product_descriptions_sweep(tmp_path):
     data = product_descriptions(tmp_path / "red_dot.csv")

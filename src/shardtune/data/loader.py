@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from shardtune.config import Config, DataConfig
+from shardtune.config import Config, ConfigError, DataConfig
 from shardtune.data.formats import IGNORE_INDEX, DataError, Encoded, RowFormatter, detect_format, encode
 from shardtune.data.sources import Rows, load_source
 
@@ -144,12 +144,12 @@ class GlobalBatchSampler:
         micro_tokens: int | None = None,
     ):
         if micro_tokens is None and global_batch % (micro * world):
-            raise ValueError(
+            raise ConfigError(
                 f"train.global_batch_size={global_batch} is not a multiple of train.micro_batch_size={micro} x "
                 f"{world} processes; change one of them."
             )
         if micro_tokens is not None and global_batch % world:
-            raise ValueError(
+            raise ConfigError(
                 f"train.global_batch_size={global_batch} is not a multiple of the {world} processes; change one "
                 "of them."
             )
