@@ -129,7 +129,7 @@ def test_no_shard_keeps_the_base_whole_and_gathers_nothing():
 
 def test_a_token_budget_is_planned_as_that_many_tokens():
     """train.micro_batch_tokens: the plan holds one packed sequence of the budget's tokens (not the whole rows of
-    data.max_len it would round down to), and fit keeps the budget instead of searching row counts."""
+    data.max_len it would round down to), and for packed rows fit searches token budgets, not row counts."""
     from shardtune import plan as planner
 
     cfg = apply_overrides(Config(), {"data.max_len": "384", "data.packing": "true"}, "test")
@@ -141,6 +141,12 @@ def test_a_token_budget_is_planned_as_that_many_tokens():
     rows = activations(**{"train.micro_batch_size": "2"})  # 768 tokens
     budget = activations(**{"train.micro_batch_tokens": "1000"})  # not 2 rows of 384
     assert budget == pytest.approx(rows * 1000 / 768, rel=0.05)
-    tokens = apply_overrides(cfg, {"train.micro_batch_tokens": "1000"}, "test")
-    fits = planner.fit(tokens, conf, 2, 80 * 2**30, 1, "h200")
-    assert fits and {e.settings["train.micro_batch_size"] for e in fits} == {cfg.train.micro_batch_size}
+    fits = planner.fit(cfg, conf, 2, 80 * 2**30, 1, "h200")  # 32 rows per step: 16 per GPU
+    budgets = {e.settings["train.micro_batch_tokens"] for e in fits}
+    assert budgets == {m * 384 for m in (1, 2, 4, 8, 16)}
+    assert (
+        fits[0].settings["train.micro_batch_tokens"] == 16 * 384
+    )  # nothing is tight: the fullest is fastest
+    assert "train.micro_batch_size" not in planner.override_line(fits[0])
+    padded = planner.fit(apply_overrides(cfg, {"data.packing": "false"}, "t"), conf, 2, 80 * 2**30, 1, "h200")
+    assert {e.settings["train.micro_batch_size"] for e in padded} == {1, 2, 4, 8, 16}

@@ -337,8 +337,9 @@ def estimate(cfg: Config, conf, gpus: int, nodes: int = 1, gpu_name: str = "h200
     peak = GPU_PEAKS[gpu_name.lower()]  # the CLI offers only these names
     step_s = flops_per_row * rows_per_step / (n * peak * mfu)
     steps = cfg.train.max_steps or 0
+    size = "train.micro_batch_tokens" if cfg.train.micro_batch_tokens else "train.micro_batch_size"
     settings = {
-        "train.micro_batch_size": mb,
+        size: cfg.train.micro_batch_tokens or mb,
         "parallel.activation_checkpointing": bool(every),
         "parallel.checkpoint_every": every or 1,
         "parallel.cpu_offload": offload,
@@ -456,30 +457,38 @@ def _target_key(targets):
 
 def fit(cfg: Config, conf, gpus: int, gpu_mem: float, nodes: int, gpu_name: str) -> list[Estimate]:
     """Every micro-batch x checkpointing x offload combination that fits `gpu_mem` bytes (with 5% kept for
-    the allocator), fastest first; a micro-batch divides the rows each GPU handles per step."""
+    the allocator), fastest first. Micro-batches are rows that divide the rows each GPU handles per step, or
+    for packed rows token budgets of 1 to 32 rows of data.max_len (train.micro_batch_tokens: as full, and as
+    predictable in memory, as the data allows; not under DeepSpeed, which refuses them)."""
     per_gpu_rows = max(1, cfg.train.global_batch_size // max(gpus, 1))
+    sizes = [{"train.micro_batch_size": m} for m in (1, 2, 4, 8, 16, 32) if per_gpu_rows % m == 0]
+    if cfg.data.packing and cfg.parallel.backend == "fsdp":
+        rows = [m for m in (1, 2, 4, 8, 16, 32) if m <= per_gpu_rows]
+        sizes = [{"train.micro_batch_tokens": m * cfg.data.max_len} for m in rows]
     out = []
-    sizes = [m for m in (1, 2, 4, 8, 16, 32) if per_gpu_rows % m == 0]
-    if cfg.train.micro_batch_tokens:  # micro-batches sized in tokens: the budget given, not searched
-        sizes = [cfg.train.micro_batch_size]
-    for mb in sizes:
+    for size in sizes:
         for ac, every in CHECKPOINT_CHOICES:
             for offload in (False, True) if gpus > 1 else (False,):
-                trial = apply_overrides(
-                    cfg,
-                    {
-                        "train.micro_batch_size": mb,
-                        "parallel.activation_checkpointing": ac,
-                        "parallel.checkpoint_every": every,
-                        "parallel.cpu_offload": offload,
-                    },
-                    "plan --fit",
+                choice = {
+                    "parallel.activation_checkpointing": ac,
+                    "parallel.checkpoint_every": every,
+                    "parallel.cpu_offload": offload,
+                }
+                est = estimate(
+                    apply_overrides(cfg, {**size, **choice}, "plan --fit"), conf, gpus, nodes, gpu_name
                 )
-                est = estimate(trial, conf, gpus, nodes, gpu_name)
                 if est.gpu_peak <= 0.95 * gpu_mem:
                     out.append(est)
-    # fastest predicted first; at equal speed the bigger micro-batch (it keeps the GPU busier, not modelled)
-    return sorted(out, key=lambda e: (e.step_s, -e.settings["train.micro_batch_size"]))
+
+    def tokens(
+        e: Estimate,
+    ) -> int:  # at equal speed the bigger micro-batch (it keeps the GPU busier, not modelled)
+        return (
+            e.settings.get("train.micro_batch_tokens")
+            or e.settings["train.micro_batch_size"] * cfg.data.max_len
+        )
+
+    return sorted(out, key=lambda e: (e.step_s, -tokens(e)))
 
 
 def parse_size(text: str) -> float:
