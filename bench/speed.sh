@@ -99,6 +99,11 @@ for group in "$@"; do
       bench "${T[@]}" train.micro_batch_size=8
       bench "${T[@]}" train.micro_batch_tokens=8192
       bench "${T[@]}" train.micro_batch_tokens=16384 ;;
+    tokens70)  # the same rows on the 70B widths x 20 layers: 8 rows vs a 12,288-token budget
+      T=(llama3-70b-proxy --gpus 1 --seq 3072 --micro-batch 32 --lengths instruct --warmup 3 --steps 8
+         model.fused_kernels=true parallel.activation_checkpointing=auto data.packing=true)
+      bench "${T[@]}" train.micro_batch_size=8
+      bench "${T[@]}" train.micro_batch_tokens=12288 ;;
     varlen1)  # the same on one GPU, over 20 measured steps (each padded step has a length of its own)
       V=(llama3-8b --gpus 1 --seq 3072 --micro-batch 8 --lengths instruct --warmup 3 --steps 20
          model.fused_kernels=true parallel.activation_checkpointing=auto)
