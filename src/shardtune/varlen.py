@@ -9,8 +9,8 @@ kernel does where flash-attn is installed.
 
 'sdpa_varlen' is SDPA with that one difference: a batch that comes with its rows' boundaries
 (`cu_seq_lens_q`, the keyword transformers' own padding-free collator passes; the trainer passes it for
-packed batches) goes to the varlen kernel; anything else (padded batches, fp32, the CPU) goes to
-transformers' SDPA unchanged, mask and all.
+packed batches) goes to the varlen kernel; anything else (padded batches, fp32, the CPU, a torch before 2.10)
+goes to transformers' SDPA unchanged, mask and all.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ def attention(
         or query.dtype not in (torch.bfloat16, torch.float16)
         or dropout
         or not getattr(module, "is_causal", True)
+        or not available()
     ):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
