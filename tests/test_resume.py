@@ -110,25 +110,18 @@ def test_no_shard_trains_and_resumes_as_full_shard(reference, tmp_path):
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
 
 
-def test_micro_batches_in_tokens_train_the_same_rows_and_resume_exactly(tmp_path):
+def test_micro_batches_in_tokens_resume_exactly(tmp_path):
     """train.micro_batch_tokens: each step's 32 packed rows cut into micro-batches of at most 128 tokens (2-3
-    rows of ~45) instead of 8 rows, as many on each process: the same rows, so the losses of 8-row
-    micro-batches (dropout off: masks follow the micro-batches); interrupted mid-step and resumed, bit for bit
-    the uninterrupted run's."""
-    packed = ["data.packing=true", "data.max_len=64", "lora.dropout=0.0", "train.max_steps=8"]
-    tokens = [*packed, "train.micro_batch_tokens=128"]
-    rows, whole, cut = tmp_path / "rows", tmp_path / "whole", tmp_path / "cut"
-    train(rows, *packed)
+    rows of ~45), as many on each process (the same rows per step as row micro-batches: test_data);
+    interrupted between two micro-batches and resumed, bit for bit the uninterrupted run."""
+    tokens = ["data.packing=true", "data.max_len=64", "train.max_steps=8", "train.micro_batch_tokens=128"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
     proc = train(whole, *tokens)
     assert "micro-batches of at most 128 tokens, as many on every process" in proc.stdout + proc.stderr
-    expected = losses(rows / "run")
-    got = losses(whole / "run")
-    assert got.keys() == expected.keys()
-    assert all(got[s] == pytest.approx(expected[s], rel=1e-5) for s in expected), (got, expected)
     first = train(cut, *tokens, fault="rank=1,step=5,micro=1,action=sigterm", check=False)
     assert first.returncode != 0
     train(cut, *tokens)
-    assert losses(cut / "run") == got
+    assert losses(cut / "run") == losses(whole / "run") and len(losses(whole / "run")) == 8
     a, b = adapter(cut / "run"), adapter(whole / "run")
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
 
