@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, launch, read_summary
+from conftest import ROOT, launch, read_summary, run_env
 from samples import alpaca_cleaned, no_robots, product_descriptions
 from shardtune.launcher import launch_info
 from shardtune.recipe import resolve_config
@@ -91,6 +91,7 @@ def test_a_batch_size_that_does_not_divide_stops_the_run_before_the_model_loads(
     proc = subprocess.run(
         [sys.executable, "recipes/tiny.py", *batch, f"train.output_dir={tmp_path}"],
         cwd=ROOT,
+        env=run_env(),  # no process-group variables left by an earlier in-process test
         capture_output=True,
         text=True,
         timeout=300,
