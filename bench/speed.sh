@@ -7,6 +7,9 @@ set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 LOG=$OUT/speed.jsonl
 NOAC=parallel.activation_checkpointing=false
+# the 80-layer target row's settings (3 warm-up steps: on a fresh machine Triton compiles its kernels into the
+# first steps; a fresh 8B run's third step was still at half speed: bench/results/2026-12-01-1xh200-varlen/fixed)
+L70=(llama3-70b --gpus 2 --seq 3072 --warmup 3 --steps 3 model.fused_kernels=true "$NOAC")
 
 bench() {  # shape, then bench options and overrides
   echo "$(date +%T) bench $*" >&2
@@ -41,14 +44,14 @@ for group in "$@"; do
         parallel.activation_checkpointing=auto ;;
     targets)  # the three target rows, fastest settings (lora.fused is the default), most wanted first: the 80-layer
       # 70B with its 4-bit base whole on each GPU (35 GiB fits an H200 beside one row: no all-gathers), then sharded.
-      # 3 warm-up steps: on a fresh machine Triton compiles its kernels into the first steps (a fresh 8B run's
-      # third step was still at half speed: bench/results/2026-12-01-1xh200-varlen/fixed)
-      L=(llama3-70b --gpus 2 --seq 3072 --warmup 3 --steps 3 model.fused_kernels=true $NOAC)
-      bench "${L[@]}" parallel.sharding_strategy=NO_SHARD
+      bench "${L70[@]}" parallel.sharding_strategy=NO_SHARD
       bench llama3-70b-proxy --gpus 2 --seq 3072 --warmup 3 --steps 3 --micro-batch 4 $NOAC model.fused_kernels=true
       bench llama3-8b --gpus 2 --seq 3072 --warmup 3 --micro-batch 4 $NOAC model.fused_kernels=true
-      bench "${L[@]}"
-      bench "${L[@]}" parallel.sharding_strategy=NO_SHARD lora.dropout=0 ;;  # the same without LoRA dropout
+      bench "${L70[@]}"
+      bench "${L70[@]}" parallel.sharding_strategy=NO_SHARD lora.dropout=0 ;;  # the same without LoRA dropout
+    target70)  # the 80-layer target row alone (the one not met yet), NO_SHARD then FULL_SHARD: ~3 minutes
+      bench "${L70[@]}" parallel.sharding_strategy=NO_SHARD
+      bench "${L70[@]}" ;;
     one)  # one GPU (when no 2-GPU machine is lent): proxy and 8B at micro-batch 4 without and with selective
       # recomputation, the 80-layer 70B at 1 (selective) and at 2 (what auto picks)
       O=(--gpus 1 --seq 3072 --warmup 2 --steps 3 model.fused_kernels=true)

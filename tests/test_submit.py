@@ -2,12 +2,16 @@
 against a real cluster in tests/slurm)."""
 
 import json
+import shlex
+import signal
+import subprocess
+import sys
 
 import pytest
 
 from shardtune.cli import main as cli
 from shardtune.config import ConfigError
-from shardtune.submit import Resources, Submission, submit, time_minutes
+from shardtune.submit import TASK_PYTHON, Resources, Submission, submit, time_minutes
 
 
 @pytest.mark.parametrize(
@@ -34,3 +38,29 @@ def test_unknown_job_names_the_known_ones(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no job 7" in err and "known jobs: 41" in err
     assert json.loads((tmp_path / "submitit/41.json").read_text())["job_id"] == "41"
+
+
+# A task that is still starting (importing) when Slurm's signal comes, then installs its handler.
+STARTING_TASK = """
+import signal, sys, time
+print("started", flush=True)
+time.sleep(3)
+from shardtune.stopping import StopRequest
+with StopRequest((signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)) as stop:
+    print(stop.received)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR2, signal.SIGUSR1])
+def test_a_signal_while_the_task_starts_waits_for_its_handler(signum):
+    """Slurm may send the time-limit signal before a task's Python has a handler: started as submitit's srun
+    starts it, the task survives and receives it; a plain Python dies of it (the default action)."""
+    for argv, survives in ((shlex.split(TASK_PYTHON), True), ([sys.executable], False)):
+        proc = subprocess.Popen([*argv, "-u", "-c", STARTING_TASK], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline() == "started\n"
+        proc.send_signal(signum)
+        out, _ = proc.communicate(timeout=60)
+        if survives:
+            assert proc.returncode == 0 and out.split() == [str(int(signum))], (proc.returncode, out)
+        else:
+            assert proc.returncode == -signum

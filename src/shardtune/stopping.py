@@ -24,9 +24,22 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # and treat it as their own shutdown). Checked by rank 0 at every step boundary; removed once acted on.
 STOP_FILE = "STOP"
 
+# A Python command line that starts the rest of its arguments as a Python with SIGUSR1/SIGUSR2 blocked. Slurm
+# may send a time-limit signal up to a minute before it is due, and a preemption's at any time, so it can
+# reach a task while Python is still importing, before any handler exists; their default action kills the
+# task (and its peers wait for it until the process group's timeout). Blocked, the signal stays pending
+# until StopRequest takes it. This first Python runs without site (-S): a few milliseconds, not seconds.
+BLOCKED_START = (
+    "import os, signal, sys; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGUSR2}); "
+    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+)
+
 
 class StopRequest:
-    """Records the first stop signal this process receives while installed (a context manager)."""
+    """Records the first stop signal this process receives while installed (a context manager).
+
+    Entering also unblocks its signals: a process started with them blocked (`shardtune submit`'s tasks, see
+    BLOCKED_START) receives here the one that arrived while it was starting, instead of dying of it."""
 
     def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS):
         self.signals = signals
@@ -45,6 +58,7 @@ class StopRequest:
     def __enter__(self) -> StopRequest:
         for s in self.signals:
             self._previous[s] = signal.signal(s, self._handle)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signals)  # a pending one is handled right here
         return self
 
     def __exit__(self, *exc) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -38,10 +39,12 @@ from typing import Any
 import submitit
 
 from shardtune.config import Config, ConfigError, apply_overrides
-from shardtune.stopping import EXIT_REQUEUE, STOP_SIGNALS, StopRequest
+from shardtune.stopping import BLOCKED_START, EXIT_REQUEUE, STOP_SIGNALS, StopRequest
 from shardtune.sweep import expand, slug
 
 RECORDS = "submitit"  # under the runs directory
+# how srun starts each task's Python: with the stop signals blocked (BLOCKED_START says why)
+TASK_PYTHON = f"{shlex.quote(sys.executable)} -S -c {shlex.quote(BLOCKED_START)}"
 
 
 @dataclass
@@ -82,11 +85,11 @@ def time_minutes(text: str) -> int:
     return max(1, -(-seconds // 60))
 
 
-class TrainJob(submitit.helpers.Checkpointable):
+class TrainJob:
     """One training run as a submitit job: every Slurm task runs this, as one rank of the process group.
 
-    Checkpointable, so that a signal arriving before training has started (when submitit's own handler is
-    still in place) requeues the job too; once training runs, shardtune's handler saves first."""
+    The task started with the stop signals blocked (BLOCKED_START), so one that Slurm sent while it was
+    starting waits for StopRequest here instead of killing it; submitit's own USR2 handler never runs."""
 
     def __init__(self, cfg: Config, run_name: str, name: str):
         self.cfg, self.run_name, self.name = cfg, run_name, name
@@ -104,16 +107,17 @@ class TrainJob(submitit.helpers.Checkpointable):
         cfg = apply_overrides(
             self.cfg, {"train.run_name": run_name, "train.resume": "auto"}, "shardtune submit"
         )
+        late = (signal.SIGUSR1, signal.SIGUSR2)
         with StopRequest((*STOP_SIGNALS, signal.SIGUSR2)) as stop:
             [summary] = run(cfg, self.name, None, stop)
-        # A time-limit signal after the last step is moot; ignored, it cannot kill the process while Python
-        # shuts down (which restores the default action, death, for every handler it installed).
-        for late in (signal.SIGUSR1, signal.SIGUSR2):
-            signal.signal(late, signal.SIG_IGN)
+            # A time-limit signal after the last step is moot: blocked again, it stays pending until the
+            # process exits, instead of reaching the handler this block restores (or, while Python shuts
+            # down, the default action: death, reported as a failed job).
+            signal.pthread_sigmask(signal.SIG_BLOCK, late)
         if summary["status"] == "interrupted":
             # USR2/USR1: the time limit or a preemption announced by Slurm. A bare SIGTERM is `scancel`
             # (saved, not requeued) or a preemption without the user signal, which Slurm requeues itself.
-            if env.global_rank == 0 and stop.received in (signal.SIGUSR2, signal.SIGUSR1):
+            if env.global_rank == 0 and stop.received in late:
                 requeue(os.environ["SLURM_JOB_ID"])
             # not a result: submitit writes none for an exit, and the requeued job writes the real one
             sys.exit(EXIT_REQUEUE)
@@ -191,7 +195,7 @@ def submit(
         points = [(f"{base}-{{job_id}}", {}, cfg)]
 
     folder = runs_dir / RECORDS / "%j"
-    executor = submitit.SlurmExecutor(folder=folder)
+    executor = submitit.SlurmExecutor(folder=folder, python=TASK_PYTHON)
     params = dict(
         job_name=job_name or f"shardtune-{name}",
         nodes=res.nodes,
