@@ -2,6 +2,7 @@
 
     SHARDTUNE_FAULT="rank=0,step=7,micro=1,action=sigterm"   before micro-batch 1 of (0-based) step 7
     SHARDTUNE_FAULT="rank=1,step=10,point=save,action=kill"   mid-checkpoint: files written, manifest not yet
+    SHARDTUNE_FAULT="rank=1,step=0,point=start,action=kill"   before the process group forms (rank from RANK)
 
 actions: sigterm, sigusr1 (delivered to this process, like a scheduler would), kill (SIGKILL: no handler, no
 cleanup), sleep:S (a slow save or a slow rank). Unset in normal runs; reading the variable is all it costs.
@@ -24,7 +25,7 @@ def _spec() -> dict[str, str] | None:
 
 
 def inject(point: str, rank: int, step: int, micro: int = 0) -> None:
-    """Act if SHARDTUNE_FAULT names this point ('micro' or 'save'), rank, step (and micro-batch)."""
+    """Act if SHARDTUNE_FAULT names this point ('micro', 'save' or 'start'), rank, step (and micro-batch)."""
     spec = _spec()
     if spec is None or spec.get("point", "micro") != point:
         return

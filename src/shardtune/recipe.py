@@ -25,6 +25,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from shardtune import faults
 from shardtune.config import Config, ConfigError, apply_overrides, format_help, parse_overrides, to_yaml
 from shardtune.data.formats import DataError
 from shardtune.launcher import accelerate_env_overrides, accelerate_yaml_overrides
@@ -183,6 +184,7 @@ def run(cfg: Config, name: str, grid: dict | None = None, stop: StopRequest | No
     from shardtune.run import train
     from shardtune.sweep import run_grid
 
+    faults.inject("start", int(os.environ.get("RANK", "0")), 0)
     dist = init_distributed(
         cfg.parallel.device, cfg.parallel.timeout_minutes, cfg.parallel.gpu_memory_limit_gib
     )

@@ -16,7 +16,9 @@ with `SlurmctldParameters=preempt_send_user_signal`, on preemption). Every task 
 SIGUSR1; the tasks agree on a step, save a checkpoint, and task 0 requeues the job (`scontrol requeue`); the
 next start resumes from that checkpoint (train.resume=auto). SIGTERM alone (`scancel`, `shardtune cancel`)
 saves and ends the job without requeueing it. Every start advances at least one step, so a
-job whose lead time is too short still finishes, only slower.
+job whose lead time is too short still finishes, only slower. Each task's Python starts with the signals
+blocked (stopping.BLOCKED_START): one that comes while it imports waits for the handler instead of killing it.
+srun runs with --kill-on-bad-exit: a task that dies ends the job instead of stalling its peers.
 
 Files: runs/submitit/<job id>.json records each submission (recipe, overrides, run directories);
 runs/submitit/<job id>/ holds submitit's pickles and the per-task logs.
@@ -119,8 +121,10 @@ class TrainJob:
             # (saved, not requeued) or a preemption without the user signal, which Slurm requeues itself.
             if env.global_rank == 0 and stop.received in late:
                 requeue(os.environ["SLURM_JOB_ID"])
-            # not a result: submitit writes none for an exit, and the requeued job writes the real one
-            sys.exit(EXIT_REQUEUE)
+            # Not a result: submitit writes none for an exit, and the requeued job writes the real one. Only
+            # rank 0's code says "checkpointed"; the others leave with 0, since srun ends the whole step at
+            # the first non-zero exit (--kill-on-bad-exit), which must not come before rank 0 has requeued.
+            sys.exit(EXIT_REQUEUE if env.global_rank == 0 else 0)
         return summary
 
 
@@ -204,6 +208,9 @@ def submit(
         signal_delay_s=res.signal_lead_s,
         # one process per task (submitit's default srun); --requeue lets Slurm requeue it on preemption
         additional_parameters={"requeue": True, **res.extra},
+        # a task that dies (an OOM kill while loading, a crash) ends the step at once, instead of leaving its
+        # peers waiting in a collective until the process group's timeout (parallel.timeout_minutes)
+        srun_args=["--kill-on-bad-exit=1"],
     )
     if res.gpus_per_node:
         params["gpus_per_node"] = res.gpus_per_node
@@ -269,22 +276,29 @@ def _json(path: Path) -> dict:
 
 def _error(status: dict, job: submitit.SlurmJob) -> str | None:
     """Why a job failed, in the words closest to the cause: the run's own record of the error, else the
-    exception submitit caught, else the end of the job's stderr (a crash, an OOM kill, a bad node)."""
+    exception submitit caught in the lowest task that has one (srun kills the others when one fails, so
+    rank 0 may have none), else srun's report from its first failed task on (a crash, an OOM kill)."""
     if status.get("status") == "failed" and status.get("error"):
         return status["error"]
     if job.state in ("PENDING", "RUNNING", "REQUEUED", "COMPLETED", "UNKNOWN", "CONFIGURING", "COMPLETING"):
         return None
-    if job.paths.result_pickle.exists():
+    pickles = {}
+    for path in job.paths.folder.glob(f"{job.job_id}_*_result.pkl"):
+        if m := re.fullmatch(rf"{re.escape(job.job_id)}_(\d+)_result\.pkl", path.name):
+            pickles[int(m[1])] = path
+    for _, path in sorted(pickles.items()):
         try:
-            outcome, result = submitit.core.utils.pickle_load(job.paths.result_pickle)
+            outcome, result = submitit.core.utils.pickle_load(path)
         except Exception:  # a half-written pickle: fall back to the log
-            outcome, result = None, None
+            continue
         if outcome == "error":
             lines = [ln for ln in str(result).strip().splitlines() if ln.strip()]
-            return lines[-1] if lines else None
-    stderr = job.stderr() or ""
+            if lines:
+                return lines[-1]
+    stderr = job.stderr() or ""  # task 0's, where srun also writes
     lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
-    return " | ".join(lines[-3:]) if lines else f"Slurm state {job.state}, no log"
+    first = next((i for i, ln in enumerate(lines) if ln.startswith("srun: error:")), max(0, len(lines) - 3))
+    return " | ".join(lines[first : first + 3]) if lines else f"Slurm state {job.state}, no log"
 
 
 def status_rows(record: Submission) -> list[dict]:

@@ -1,7 +1,8 @@
 """slurm/train.sh against a real SLURM cluster on this machine (slurmctld + slurmd + slurmdbd from Debian,
 started by slurm/cluster.sh): a job that completes, a job cut by its time limit, a job preempted by a
-higher-priority partition, and the multi-node launch logic (2 srun tasks as 2 nodes). The cut jobs must end
-with the same adapter, bit for bit, as the uninterrupted one. Needs root (the cluster's daemons)."""
+higher-priority partition, and the multi-node launch logic (2 srun tasks as 2 nodes); then the same through
+`shardtune submit` (submitit): a time limit, a sweep, errors, cancel, a task that dies while starting. The cut
+jobs must end with the same adapter, bit for bit, as the uninterrupted one. Needs root (the cluster's daemons)."""
 
 import json
 import os
@@ -172,8 +173,11 @@ def test_two_launchers_rendezvous_as_two_nodes(cluster, tmp_path):
 CPU_JOB = ["--gpus-per-node=0", "--tasks-per-node=2", "--cpus-per-task=1", "--mem=6G"]
 
 
-def shardtune(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD", "MASTER"))}
+def shardtune(args: list[str], check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The CLI as a user runs it; `env` adds variables (sbatch passes the environment on to the job)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD", "MASTER"))} | (
+        env or {}
+    )
     env.update(OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [str(Path(sys.executable).parent / "shardtune"), *args],
@@ -187,9 +191,11 @@ def shardtune(args: list[str], check: bool = True) -> subprocess.CompletedProces
     return proc
 
 
-def submit(runs: Path, args: list[str], options: list[str]) -> tuple[str, list[Path]]:
+def submit(
+    runs: Path, args: list[str], options: list[str], env: dict | None = None
+) -> tuple[str, list[Path]]:
     """`shardtune submit`; the job id and the run directories it announces."""
-    out = shardtune(["submit", *args, *CPU_JOB, *options, f"--runs-dir={runs}"]).stdout
+    out = shardtune(["submit", *args, *CPU_JOB, *options, f"--runs-dir={runs}"], env=env).stdout
     job = out.split("submitted job ")[1].split(":")[0]
     return job, [Path(line.split(": ", 1)[1]) for line in out.splitlines() if line.startswith(f"  {job}")]
 
@@ -258,3 +264,13 @@ def test_submitit_errors_reach_status_and_cancel_works(cluster, tmp_path):
     assert "REQUEUED" not in states(long)  # its SIGTERM saved the run; only USR1/USR2 requeue
     listing = shardtune(["status", f"--runs-dir={tmp_path}"]).stdout  # no job id: the newest submissions
     assert f"job {job}:" in listing and f"job {long}:" in listing
+
+
+def test_submitit_a_task_dead_while_starting_ends_the_job(cluster, tmp_path):
+    """Test 7: a task killed before the process group forms (as by an OOM kill while loading) ends the job in
+    seconds; its peer does not wait for it in the rendezvous until the process group's 30-minute timeout."""
+    kill = {"SHARDTUNE_FAULT": "point=start,rank=1,step=0,action=kill"}
+    job, _ = submit(tmp_path, ["recipes/tiny.py"], ["--time=10"], env=kill)
+    wait(job, timeout=180)
+    report = shardtune(["status", job, f"--runs-dir={tmp_path}"]).stdout
+    assert states(job) == ["FAILED"] and "task 1: Killed" in report, report
