@@ -108,7 +108,11 @@ else
 fi
 
 if [ "$GOT" = TERM ]; then log "SIGTERM before training started: not starting"; exit 0; fi
-srun --ntasks="$LAUNCHERS" --kill-on-bad-exit=0 bash -c "$LAUNCH" launcher "$RECIPE" "${ARGS[@]}" \
+# --kill-on-bad-exit: a launcher that fails (its processes crashed, or one was killed: out of memory while
+# loading) ends the others at once; otherwise their processes wait for the lost ones in a collective until the
+# process group's timeout. A stopped run's processes other than rank 0 exit 0, so that this cannot cut rank 0
+# before it has written status.json.
+srun --ntasks="$LAUNCHERS" --kill-on-bad-exit=1 bash -c "$LAUNCH" launcher "$RECIPE" "${ARGS[@]}" \
   > >(tee -a "$RUN_DIR/slurm/restart-$RESTART.log") 2>&1 &
 SRUN_PID=$!
 # `wait` returns early when a trapped signal arrives; keep waiting until the launchers are done

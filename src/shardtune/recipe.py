@@ -8,7 +8,8 @@ the configuration and stop), --doctor (check the machine and setup first, see do
 ...] (run a grid of configurations one after another).
 
 Exit codes: 0 done; 2 a configuration or data error (nothing trained); 75 stopped by SIGTERM/SIGUSR1 after
-saving a checkpoint (run the same command again to continue; see stopping.py).
+saving a checkpoint (run the same command again to continue; see stopping.py; the main process's code, the
+others exit 0).
 
 Settings are layered, later wins: the recipe, then the accelerate config (`parallel.launch_config`, or the
 environment `accelerate launch` sets), then the command line. Mistakes in any of them are reported before
@@ -162,7 +163,10 @@ def main(
                 print(f"error: {e}", file=sys.stderr)
             sys.exit(EXIT_USAGE)
     if any(r.get("status") == "interrupted" for r in results):
-        sys.exit(EXIT_REQUEUE)  # checkpointed: the same command continues the run
+        # Checkpointed: the same command continues the run. Only the main process says so with its code; the
+        # others leave with 0: under slurm/train.sh srun ends every node's launcher at the first non-zero
+        # exit (--kill-on-bad-exit), which must not cut rank 0 before it has recorded the stop.
+        sys.exit(EXIT_REQUEUE if _is_main_process() else 0)
 
 
 def _doctor(cfg: Config) -> None:

@@ -37,8 +37,11 @@ def cluster():
     subprocess.run([str(ROOT / "slurm/cluster.sh"), "down"], check=False, capture_output=True)
 
 
-def sbatch(runs: Path, options: list[str], *, nproc: int = 2, args=RUN) -> str:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD", "MASTER"))}
+def sbatch(runs: Path, options: list[str], *, nproc: int = 2, args=RUN, env: dict | None = None) -> str:
+    """`sbatch slurm/train.sh`; `env` adds variables (sbatch passes the environment on to the job)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD", "MASTER"))} | (
+        env or {}
+    )
     env.update(
         NPROC_PER_NODE=str(nproc),
         RUNS_DIR=str(runs),
@@ -166,6 +169,22 @@ def test_two_launchers_rendezvous_as_two_nodes(cluster, tmp_path):
     assert "2 launcher(s) x 1 process(es)" in log
     summary = json.loads((tmp_path / f"shardtune-{job}" / "summary.json").read_text())
     assert summary["world_size"] == 2 and 0.45 < summary["rank0_holds"] < 0.55
+
+
+def test_a_node_that_fails_while_starting_ends_the_job(cluster, tmp_path):
+    """The second "node"'s process is killed before the process group forms (as by an out-of-memory kill while
+    loading): its launcher fails and srun ends the first one's at once, instead of rank 0 waiting for rank 1
+    until the process group's 30-minute timeout."""
+    job = sbatch(
+        tmp_path,
+        ["--ntasks=2", "--ntasks-per-node=2", "--cpus-per-task=1"],
+        nproc=1,
+        args=[*RUN[:1], "train.max_steps=6", "eval.samples=0", "eval.every=0"],
+        env={"SHARDTUNE_FAULT": "point=start,rank=1,step=0,action=kill"},
+    )
+    wait(job, timeout=180)
+    log = (tmp_path / f"shardtune-{job}.out").read_text()
+    assert states(job) == ["FAILED"] and "not requeued" in log, log[-3000:]
 
 
 # --- shardtune submit (submitit): one Slurm task per process, requeued by the job itself -------------------
