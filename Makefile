@@ -28,7 +28,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest -q -m "not slurm" --durations=15 tests
 
-# the real-Slurm tests: start a local cluster (needs root and apt), about 8 minutes
+# the real-Slurm tests: start a local cluster (needs root and apt), about 12 minutes
 test-slurm: $(STAMP)
 	$(BIN)/pytest -q -m slurm tests
 

@@ -1,8 +1,9 @@
 """slurm/train.sh against a real SLURM cluster on this machine (slurmctld + slurmd + slurmdbd from Debian,
 started by slurm/cluster.sh): a job that completes, a job cut by its time limit, a job preempted by a
 higher-priority partition, and the multi-node launch logic (2 srun tasks as 2 nodes); then the same through
-`shardtune submit` (submitit): a time limit, a sweep, errors, cancel, a task that dies while starting. The cut
-jobs must end with the same adapter, bit for bit, as the uninterrupted one. Needs root (the cluster's daemons)."""
+`shardtune submit` (submitit): a time limit, a preemption, a sweep, errors, cancel, a task that dies while
+starting. The cut jobs must end with the same adapter, bit for bit, as the uninterrupted one. Needs root (the
+cluster's daemons)."""
 
 import json
 import os
@@ -124,21 +125,22 @@ def test_time_limit_checkpoints_requeues_and_finishes_identically(reference, tmp
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
 
 
-def test_preemption_checkpoints_requeues_and_finishes_identically(reference, tmp_path):
-    job = sbatch(tmp_path, ["--cpus-per-task=4"])  # the whole node (4 CPUs advertised)
-    metrics = tmp_path / f"shardtune-{job}" / "metrics.jsonl"
-    for _ in range(300):  # let it train a little first
-        if metrics.is_file() and '"step": 2' in metrics.read_text():
+def preempt_after_step(run: Path, step: int, runs: Path) -> str:
+    """Once the run has logged `step`, a job on the higher-priority `urgent` partition that needs the whole
+    node (4 CPUs advertised): Slurm preempts the run's job (GraceTime 20 s, then requeue). Its job id."""
+    metrics = run / "metrics.jsonl"
+    for _ in range(300):
+        if metrics.is_file() and f'"step": {step}' in metrics.read_text():
             break
         time.sleep(0.5)
-    urgent = subprocess.run(
+    return subprocess.run(
         [
             "sbatch",
             "--parsable",
             "--partition=urgent",
             "--cpus-per-task=4",
             "--mem=1G",
-            f"--output={tmp_path}/urgent-%j.out",
+            f"--output={runs}/urgent-%j.out",
             "--wrap",
             "sleep 5",
         ],
@@ -146,6 +148,11 @@ def test_preemption_checkpoints_requeues_and_finishes_identically(reference, tmp
         capture_output=True,
         text=True,
     ).stdout.strip()
+
+
+def test_preemption_checkpoints_requeues_and_finishes_identically(reference, tmp_path):
+    job = sbatch(tmp_path, ["--cpus-per-task=4"])  # the whole node (4 CPUs advertised)
+    urgent = preempt_after_step(tmp_path / f"shardtune-{job}", 2, tmp_path)
     wait(job)
     wait(urgent)
     log = (tmp_path / f"shardtune-{job}.out").read_text()
@@ -227,6 +234,22 @@ def test_submitit_time_limit_requeues_and_finishes_identically(reference, tmp_pa
     report = shardtune(["status", job, f"--runs-dir={tmp_path}"]).stdout
     assert "REQUEUED" in states(job) and states(job)[-1] == "COMPLETED", report
     assert re.search(rf"^{job}\s+COMPLETED\s+complete\s+70\s", report, re.M), report
+    log = shardtune(["logs", job, f"--runs-dir={tmp_path}", "--lines=0"]).stdout
+    assert "got SIGUSR2: stopping after this step" in log and "resumed from" in log, log[-3000:]
+    a, b = adapter(run), adapter(reference)
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def test_submitit_preemption_requeues_and_finishes_identically(reference, tmp_path):
+    """A submitit job preempted by the `urgent` partition gets its USR2 (preempt_send_user_signal), saves, is
+    requeued and ends with the adapter of the uninterrupted sbatch run, bit for bit."""
+    job, [run] = submit(tmp_path, RUN, ["--time=10"])
+    urgent = preempt_after_step(run, 2, tmp_path)
+    wait(job)
+    wait(urgent)
+    report = shardtune(["status", job, f"--runs-dir={tmp_path}"]).stdout
+    assert "REQUEUED" in states(job) and states(job)[-1] == "COMPLETED", report
+    assert states(urgent) == ["COMPLETED"]
     log = shardtune(["logs", job, f"--runs-dir={tmp_path}", "--lines=0"]).stdout
     assert "got SIGUSR2: stopping after this step" in log and "resumed from" in log, log[-3000:]
     a, b = adapter(run), adapter(reference)
