@@ -38,11 +38,16 @@ def cluster():
     subprocess.run([str(ROOT / "slurm/cluster.sh"), "down"], check=False, capture_output=True)
 
 
+def job_env(extra: dict | None) -> dict[str, str]:
+    """This environment without Slurm's or a process group's variables, plus `extra` (sbatch passes the
+    environment on to the job)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD", "MASTER"))}
+    return env | (extra or {})
+
+
 def sbatch(runs: Path, options: list[str], *, nproc: int = 2, args=RUN, env: dict | None = None) -> str:
-    """`sbatch slurm/train.sh`; `env` adds variables (sbatch passes the environment on to the job)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD", "MASTER"))} | (
-        env or {}
-    )
+    """`sbatch slurm/train.sh`; `env` adds variables."""
+    env = job_env(env)
     env.update(
         NPROC_PER_NODE=str(nproc),
         RUNS_DIR=str(runs),
@@ -200,10 +205,8 @@ CPU_JOB = ["--gpus-per-node=0", "--tasks-per-node=2", "--cpus-per-task=1", "--me
 
 
 def shardtune(args: list[str], check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    """The CLI as a user runs it; `env` adds variables (sbatch passes the environment on to the job)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD", "MASTER"))} | (
-        env or {}
-    )
+    """The CLI as a user runs it; `env` adds variables."""
+    env = job_env(env)
     env.update(OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [str(Path(sys.executable).parent / "shardtune"), *args],
