@@ -64,3 +64,31 @@ def test_a_signal_while_the_task_starts_waits_for_its_handler(signum):
             assert proc.returncode == 0 and out.split() == [str(int(signum))], (proc.returncode, out)
         else:
             assert proc.returncode == -signum
+
+
+# A task whose run has finished, as TrainJob leaves it, with a thread that the run started (gloo starts some)
+# still alive while Python shuts down; the signal comes then.
+FINISHED_TASK = """
+import signal, threading, time
+from shardtune.stopping import StopRequest
+from shardtune.submit import SLURM_SIGNALS, TASK_SIGNALS
+with StopRequest(TASK_SIGNALS, ignore_after=SLURM_SIGNALS) as stop:
+    threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+print("finished", flush=True)
+time.sleep(3)
+print(stop.received)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR2, signal.SIGUSR1])
+def test_a_signal_after_the_run_does_not_fail_the_finished_task(signum):
+    """Slurm's time-limit signal can come after the last step (up to a minute early): a task started as srun
+    starts it survives it, even with a thread the run started still running, and exits 0 (a death by the
+    signal would make srun report the completed job as FAILED)."""
+    proc = subprocess.Popen(
+        [*shlex.split(TASK_PYTHON), "-u", "-c", FINISHED_TASK], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline() == "finished\n"
+    proc.send_signal(signum)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and out.split() == ["None"], (proc.returncode, out)

@@ -39,10 +39,20 @@ class StopRequest:
     """Records the first stop signal this process receives while installed (a context manager).
 
     Entering also unblocks its signals: a process started with them blocked (`shardtune submit`'s tasks, see
-    BLOCKED_START) receives here the one that arrived while it was starting, instead of dying of it."""
+    BLOCKED_START) receives here the one that arrived while it was starting, instead of dying of it.
 
-    def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS):
-        self.signals = signals
+    Leaving restores the handlers it replaced, except for the signals in `ignore_after`, which are ignored from
+    then on: for a task whose run is over, a late time-limit signal is moot, and neither the restored handler
+    nor, while Python shuts down (it resets its handlers to the default), the default action may act on it.
+    Ignored, not blocked: a mask is per thread, and threads started during the run (gloo's, a data loader's)
+    inherited the unblocked one, so the kernel would deliver the signal to one of them."""
+
+    def __init__(
+        self,
+        signals: tuple[signal.Signals, ...] = STOP_SIGNALS,
+        ignore_after: tuple[signal.Signals, ...] = (),
+    ):
+        self.signals, self.ignore_after = signals, ignore_after
         self.received: int | None = None
         self._previous: dict[int, object] = {}
 
@@ -63,5 +73,5 @@ class StopRequest:
 
     def __exit__(self, *exc) -> None:
         for s, handler in self._previous.items():
-            signal.signal(s, handler)
+            signal.signal(s, signal.SIG_IGN if s in self.ignore_after else handler)
         self._previous.clear()

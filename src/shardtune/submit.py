@@ -45,6 +45,11 @@ from shardtune.stopping import BLOCKED_START, EXIT_REQUEUE, STOP_SIGNALS, StopRe
 from shardtune.sweep import expand, slug
 
 RECORDS = "submitit"  # under the runs directory
+# what a task stops on: SIGTERM (scancel), and the time-limit or preemption signal Slurm sends ahead
+# (submitit asks for USR2; a user's own --signal may say USR1)
+SLURM_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+TASK_SIGNALS = (*STOP_SIGNALS, signal.SIGUSR2)
+
 # how srun starts each task's Python: with the stop signals blocked (BLOCKED_START says why)
 TASK_PYTHON = f"{shlex.quote(sys.executable)} -S -c {shlex.quote(BLOCKED_START)}"
 
@@ -109,17 +114,14 @@ class TrainJob:
         cfg = apply_overrides(
             self.cfg, {"train.run_name": run_name, "train.resume": "auto"}, "shardtune submit"
         )
-        late = (signal.SIGUSR1, signal.SIGUSR2)
-        with StopRequest((*STOP_SIGNALS, signal.SIGUSR2)) as stop:
+        # after the run, a time-limit signal is moot: ignored, it cannot kill a task that has finished (which
+        # srun would report as a failed job) nor reach submitit's own handler
+        with StopRequest(TASK_SIGNALS, ignore_after=SLURM_SIGNALS) as stop:
             [summary] = run(cfg, self.name, None, stop)
-            # A time-limit signal after the last step is moot: blocked again, it stays pending until the
-            # process exits, instead of reaching the handler this block restores (or, while Python shuts
-            # down, the default action: death, reported as a failed job).
-            signal.pthread_sigmask(signal.SIG_BLOCK, late)
         if summary["status"] == "interrupted":
             # USR2/USR1: the time limit or a preemption announced by Slurm. A bare SIGTERM is `scancel`
             # (saved, not requeued) or a preemption without the user signal, which Slurm requeues itself.
-            if env.global_rank == 0 and stop.received in late:
+            if env.global_rank == 0 and stop.received in SLURM_SIGNALS:
                 requeue(os.environ["SLURM_JOB_ID"])
             # Not a result: submitit writes none for an exit, and the requeued job writes the real one. Only
             # rank 0's code says "checkpointed"; the others leave with 0, since srun ends the whole step at
