@@ -97,6 +97,20 @@ def test_a_second_signal_during_the_save_changes_nothing(reference, tmp_path):
     assert losses(tmp_path / "run") == losses(reference)
 
 
+def test_a_time_limit_signal_after_the_run_is_moot(tmp_path):
+    """A SIGUSR1 that reaches a process after its run has finished neither kills it (which a scheduler would
+    report as a failed job) nor changes the finished run."""
+    proc = launch(
+        ["tests/workers/late_signal.py", *RUN, "train.max_steps=1", f"train.output_dir={tmp_path}"],
+        nproc=1,
+        launcher="python",
+        check=False,
+    )
+    assert proc.returncode == 0 and "survived the late SIGUSR1" in proc.stdout, (proc.returncode, proc.stderr)
+    [run] = tmp_path.iterdir()
+    assert json.loads((run / "status.json").read_text())["status"] == "complete"
+
+
 def test_no_shard_trains_and_resumes_as_full_shard(reference, tmp_path):
     """parallel.sharding_strategy=NO_SHARD (the whole 4-bit base on each process: the fastest setting where it
     fits, bench/speed.sh targets) trains the same steps as FULL_SHARD and resumes from its own checkpoints."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -154,8 +155,10 @@ def main(
             print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     # Record SIGTERM/SIGUSR1 from here on: a scheduler's signal during the imports and the model load must
-    # not kill the process (the default action); the loop acts on it at its first step boundary.
-    with StopRequest() as stop:
+    # not kill the process (the default action); the loop acts on it at its first step boundary. A USR1 after
+    # the run (`srun --signal=USR1@N` can come up to a minute early) is moot: ignored, it cannot fail a run
+    # that has finished.
+    with StopRequest(ignore_after=(signal.SIGUSR1,)) as stop:
         try:
             results = run(cfg, name, grid, stop)
         except (ConfigError, DataError) as e:
