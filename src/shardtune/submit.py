@@ -45,9 +45,9 @@ from shardtune.stopping import BLOCKED_START, EXIT_REQUEUE, STOP_SIGNALS, StopRe
 from shardtune.sweep import expand, slug
 
 RECORDS = "submitit"  # under the runs directory
-# what a task stops on: SIGTERM (scancel), and the time-limit or preemption signal Slurm sends ahead
-# (submitit asks for USR2; a user's own --signal may say USR1)
+# Slurm's warning ahead of a time limit or a preemption (submitit asks for USR2; a user's --signal may say USR1)
 SLURM_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+# what a task stops on: those, and SIGTERM (scancel)
 TASK_SIGNALS = (*STOP_SIGNALS, signal.SIGUSR2)
 
 # how srun starts each task's Python: with the stop signals blocked (BLOCKED_START says why)
