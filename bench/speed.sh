@@ -52,6 +52,16 @@ for group in "$@"; do
     target70)  # the 80-layer target row alone (the one not met yet), NO_SHARD then FULL_SHARD: ~3 minutes
       bench "${L70[@]}" parallel.sharding_strategy=NO_SHARD
       bench "${L70[@]}" ;;
+    noshard1)  # one GPU, the 80-layer target row: the plain module, then FSDP forced on with NO_SHARD (all of a
+      # 2-GPU NO_SHARD rank's work but the adapters' all-reduce; bench/fsdp_one_gpu.py), then the same for the proxy
+      for shape in "llama3-70b" "llama3-70b-proxy --micro-batch 4"; do
+        echo "$(date +%T) fsdp_one_gpu $shape" >&2
+        # shellcheck disable=SC2086
+        python3 bench/fsdp_one_gpu.py $shape --seq 3072 --warmup 3 --steps 3 --workdir /tmp/bench model.fused_kernels=true \
+          $NOAC parallel.sharding_strategy=NO_SHARD >> "$LOG" 2>> "$OUT/speed.err" || echo "FAILED: fsdp_one_gpu $shape" >&2
+        mkdir -p "$OUT/logs/${shape%% *}" && mv /tmp/bench/{plain,forced}/*.log "$OUT/logs/${shape%% *}/" 2>/dev/null
+        rm -rf /tmp/bench/{plain,forced}
+      done ;;
     one)  # one GPU (when no 2-GPU machine is lent): proxy and 8B at micro-batch 4 without and with selective
       # recomputation, the 80-layer 70B at 1 (selective) and at 2 (what auto picks)
       O=(--gpus 1 --seq 3072 --warmup 2 --steps 3 model.fused_kernels=true)
@@ -125,5 +135,7 @@ for line in open(sys.argv[1]):
         continue
     peak = max(x for x in r["gpu_peak_gib_per_rank"] if x is not None)
     print(f"{r['shape']:<17}{r['gpus']:>4}{r['micro_batch']:>4} {r['lengths']:<9}{r['tokens_per_s_per_gpu']:>10,.0f}"
-          f"{r['mfu']:>7.1%}{r['hfu']:>7.1%}{peak:>9.1f}{r.get('alloc_retries') or 0:>8}  {' '.join(r['overrides'])}")
+          f"{r['mfu']:>7.1%}{r['hfu']:>7.1%}{peak:>9.1f}{r.get('alloc_retries') or 0:>8}  {' '.join(r['overrides'])}"
+          + (f"  [FSDP forced: {r['fsdp_units']} units {r['fsdp_strategy']}]" if r.get("fsdp_forced") else "")
+          + f"  loss {r['loss_first_last'][0]:.6f}")
 PY

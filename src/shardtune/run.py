@@ -10,6 +10,7 @@ launchers and schedulers that cannot see the processes' exit codes.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -70,6 +71,8 @@ def train(cfg: Config, dist: DistInfo, name: str, stop: StopRequest | None = Non
                 run_dir, "failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-4000:]
             )
         raise
+    finally:
+        gc.unfreeze()  # what was frozen (imports, then the run's objects in _train) is collectable again
 
 
 def _resolve_auto(cfg: Config, conf, dist: DistInfo) -> Config:
@@ -356,6 +359,13 @@ def _train(
     # ---- the loop. At every step boundary the ranks agree, in one all-reduce, on whether any of them was
     # signalled and whether a timed save is due, so that all of them save (and stop) after the same step.
     last_saved = start_step if resume_from else -1
+    # What is alive now lives for the whole run (the model's modules, parameters and quantization states, the
+    # data): frozen out of the garbage collector's sight, so that its full collections walk only what the loop
+    # allocates (~3 ms). Walking all 700k objects took 0.5 s, one step in 12-35 (80-layer 70B on one H200: a
+    # 2.06 s step among 1.63 s ones); with several GPUs every rank waits for the one collecting. train()
+    # unfreezes it.
+    gc.collect()
+    gc.freeze()
     last_save_time, train_start = time.monotonic(), time.perf_counter()
     done = start_step
     profiler = StepProfiler(dist.rank)

@@ -58,6 +58,7 @@ def main(shape: str, overrides: list[str]) -> None:
                 {
                     "shape": shape,
                     "backend": cfg.parallel.backend,
+                    "strategy": cfg.parallel.sharding_strategy,
                     "layers": conf.num_hidden_layers,
                     "world": info.world_size,
                     "attn": attn,
