@@ -53,13 +53,16 @@ for group in "$@"; do
       bench "${L70[@]}" parallel.sharding_strategy=NO_SHARD
       bench "${L70[@]}" ;;
     noshard1)  # one GPU, the 80-layer target row: the plain module, then FSDP forced on with NO_SHARD (all of a
-      # 2-GPU NO_SHARD rank's work but the adapters' all-reduce; bench/fsdp_one_gpu.py), then the same for the proxy
-      for shape in "llama3-70b" "llama3-70b-proxy --micro-batch 4"; do
+      # 2-GPU NO_SHARD rank's work but the adapters' all-reduce; bench/fsdp_one_gpu.py), over 38 steps (3 were too
+      # few: one slower step moved the mean by 4%), then the same for the proxy; ~7 minutes
+      for shape in "llama3-70b --warmup 2 --steps 38" "llama3-70b-proxy --micro-batch 4 --warmup 3 --steps 3"; do
         echo "$(date +%T) fsdp_one_gpu $shape" >&2
         # shellcheck disable=SC2086
-        python3 bench/fsdp_one_gpu.py $shape --seq 3072 --warmup 3 --steps 3 --workdir /tmp/bench model.fused_kernels=true \
+        python3 bench/fsdp_one_gpu.py $shape --seq 3072 --workdir /tmp/bench model.fused_kernels=true \
           $NOAC parallel.sharding_strategy=NO_SHARD >> "$LOG" 2>> "$OUT/speed.err" || echo "FAILED: fsdp_one_gpu $shape" >&2
-        mkdir -p "$OUT/logs/${shape%% *}" && mv /tmp/bench/{plain,forced}/*.log "$OUT/logs/${shape%% *}/" 2>/dev/null
+        for run in plain forced; do  # the two logs have the same name
+          mkdir -p "$OUT/logs/${shape%% *}/$run" && mv /tmp/bench/$run/*.log "$OUT/logs/${shape%% *}/$run/" 2>/dev/null
+        done
         rm -rf /tmp/bench/{plain,forced}
       done ;;
     one)  # one GPU (when no 2-GPU machine is lent): proxy and 8B at micro-batch 4 without and with selective
