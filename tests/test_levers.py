@@ -346,14 +346,18 @@ def test_bench_refuses_a_typo_before_starting(tmp_path):
 
 
 def test_the_training_loop_runs_with_the_long_lived_objects_frozen(tmp_path):
-    """Before its loop the run freezes what lives as long as it does (the libraries, the model, the data) out
-    of the garbage collector's sight, so that a full collection during a step walks only what the loop made (on
-    one H200 such a collection took 0.5 s over them; bench/results/2026-12-02-1xh200-gc); once the run has
-    returned they are unfrozen (a sweep's next run, or a caller's own objects, are collected as before)."""
-    run = ["recipes/tiny.py", "train.max_steps=3", "eval.samples=0", f"train.output_dir={tmp_path}"]
-    proc = launch(["tests/workers/gc_frozen.py", *run], nproc=1, launcher="python")
+    """Before its loop a run freezes what lives as long as it does (the libraries, the model, the data) out of
+    the garbage collector's sight, so that a full collection during a step walks only what the loop made (on
+    one H200 such a collection took 0.5 s over them; bench/results/2026-12-02-1xh200-gc). Once a run has
+    returned they are unfrozen and its model freed before a sweep's next run builds its own (its modules are
+    held in reference cycles, which only a collection frees), and nothing is left frozen for the caller."""
+    run = ["recipes/tiny.py", "train.max_steps=2", "eval.samples=0", f"train.output_dir={tmp_path}"]
+    # three runs: without a collection after each, the second's parameters outlived the third's build
+    sweep = ["--sweep", "lora.r=4,8,16"]
+    proc = launch(["tests/workers/gc_frozen.py", *run, *sweep], nproc=1, launcher="python")
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(seen["steps"]) == 3
+    assert len(seen["steps"]) == 6 and len(seen["builds"]) == 3
     for step in seen["steps"]:
         assert step["frozen"] > 200_000 and step["tracked"] < 10_000, step  # unfrozen: ~94k tracked (tiny)
+    assert [b["previous_params_alive"] for b in seen["builds"]] == [0, 0, 0], seen["builds"]
     assert seen["after"]["frozen"] == 0 and seen["after"]["tracked"] > 200_000, seen

@@ -190,28 +190,33 @@ def run(cfg: Config, name: str, grid: dict | None = None, stop: StopRequest | No
     ConfigError / DataError for input only the run itself can check (data files, resume compatibility)."""
     # torch, transformers, peft and bitsandbytes (~550k objects, all alive as long as the process) imported with
     # the garbage collector paused, then frozen out of its sight: its full passes over them while they were
-    # being imported took 1.5-2 s of every process's start (2-core CPU, 11-13 s of imports)
+    # being imported took 1.5-2 s of every process's start (2-core CPU, 11-13 s of imports). The imports' own
+    # garbage (~5k small objects) is frozen with them; collecting it first would cost one such pass.
+    enabled = gc.isenabled()
     gc.disable()
     try:
         from shardtune.distributed import init_distributed, teardown
         from shardtune.run import train
         from shardtune.sweep import run_grid
     finally:
-        gc.enable()
+        if enabled:
+            gc.enable()
     gc.freeze()
-
-    faults.inject("start", int(os.environ.get("RANK", "0")), 0)
-    dist = init_distributed(
-        cfg.parallel.device, cfg.parallel.timeout_minutes, cfg.parallel.gpu_memory_limit_gib
-    )
-    setup_logging(dist.rank)
     try:
-        results = run_grid(cfg, grid, dist, name, stop) if grid else [train(cfg, dist, name, stop)]
-    except BaseException:
-        teardown(failed=True)
-        raise
-    teardown()
-    return results
+        faults.inject("start", int(os.environ.get("RANK", "0")), 0)
+        dist = init_distributed(
+            cfg.parallel.device, cfg.parallel.timeout_minutes, cfg.parallel.gpu_memory_limit_gib
+        )
+        setup_logging(dist.rank)
+        try:
+            results = run_grid(cfg, grid, dist, name, stop) if grid else [train(cfg, dist, name, stop)]
+        except BaseException:
+            teardown(failed=True)
+            raise
+        teardown()
+        return results
+    finally:
+        gc.unfreeze()  # train() does too; this is for a failure before it (a caller in this process goes on)
 
 
 def load_recipe(path: str | Path):

@@ -48,7 +48,9 @@ def write_status(run_dir: Path, status: str, **fields) -> None:
 
 def train(cfg: Config, dist: DistInfo, name: str, stop: StopRequest | None = None) -> dict:
     """Run training as configured; returns the run's summary ("status" interrupted or complete). `stop` is
-    the entry point's signal record (installed before the slow imports); one is installed here otherwise."""
+    the entry point's signal record (installed before the slow imports); one is installed here otherwise.
+    The loop runs with the objects alive before it frozen out of the garbage collector's sight (see _train);
+    on the way out everything frozen in this process is unfrozen, a caller's own `gc.freeze()` included."""
     run_dir = Path(cfg.train.output_dir) / (cfg.train.run_name or name)
     ckpts = CheckpointManager(
         run_dir / "checkpoints", cfg.train.keep_last, dist, cfg.train.save_timeout_minutes

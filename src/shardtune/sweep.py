@@ -8,6 +8,7 @@ Each combination is its own run directory under <run>/sweep/, so it resumes and 
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import re
@@ -45,6 +46,7 @@ def run_grid(cfg: Config, grid: dict[str, list], dist: DistInfo, name: str, stop
     for assignment, sub in expand(cfg, grid):
         sub = apply_overrides(sub, {"train.run_name": f"{base_name}/sweep/{slug(assignment)}"}, "sweep")
         summary = train(sub, dist, name, stop)
+        gc.collect()  # this run's model is held in reference cycles: freed now, before the next one is built
         results.append({**{k: sub_value(v) for k, v in assignment.items()}, **summary})
         if summary["status"] == "interrupted":  # the same command resumes this run, then the rest of the grid
             return results

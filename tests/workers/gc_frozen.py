@@ -1,18 +1,21 @@
-"""Run a recipe in-process and record, at every training step, what the garbage collector sees: the objects
-frozen out of its sight (the libraries, the model, the data) and those it still tracks (its full collections
-walk these); then the same once the run has returned. Prints one JSON line.
-usage: python tests/workers/gc_frozen.py recipes/X.py [key=value ...]"""
+"""Run a recipe in-process (a sweep of it, with --sweep) and record what the garbage collector sees at every
+training step: the objects frozen out of its sight (the libraries, the model, the data) and those it still
+tracks (its full collections walk these); the same once the runs have returned; and, as each run builds its
+model, how many parameters of the run before are still alive. Prints one JSON line.
+usage: python tests/workers/gc_frozen.py recipes/X.py [key=value ...] [--sweep key=v1,v2]"""
 
 import gc
 import json
 import sys
+import weakref
 
+from shardtune import loading
 from shardtune.cli import load_recipe_config
 from shardtune.recipe import main
 from shardtune.trainer import Trainer
 
-steps = []
-train_step = Trainer.train_step
+steps, builds, previous = [], [], []
+train_step, build_model = Trainer.train_step, loading.build_model
 
 
 def seen() -> dict:
@@ -24,8 +27,15 @@ def recorded(self, step):
     return train_step(self, step)
 
 
-Trainer.train_step = recorded
+def built(*args, **kwargs):
+    builds.append({"previous_params_alive": sum(ref() is not None for ref in previous)})
+    model, report = build_model(*args, **kwargs)
+    previous[:] = [weakref.ref(p) for p in model.parameters()]
+    return model, report
+
+
+Trainer.train_step, loading.build_model = recorded, built
 recipe, overrides = sys.argv[1], sys.argv[2:]
 sys.argv = [recipe, *overrides]
 main(lambda: load_recipe_config(recipe))
-print(json.dumps({"steps": steps, "after": seen()}))
+print(json.dumps({"steps": steps, "builds": builds, "after": seen()}))
