@@ -1,7 +1,7 @@
 """`shardtune plan`'s predicted peak GPU memory and speed against `shardtune bench` lines (BENCHMARKS.md's table):
     python bench/plan_vs_measured.py bench/results/2026-11-23-2xh200-c/speed.jsonl
 The plan is asked about exactly what each bench run trained: the benchmark recipe, the shape, sequence,
-micro-batch, GPUs, the run's overrides and the settings it resolved ('auto' checkpointing and fused kernels).
+micro-batch, GPUs, the run's overrides and the settings it resolved ('auto' checkpointing, sharding and fused kernels).
 """
 
 import json
@@ -20,7 +20,7 @@ def predict(r: dict):
         f"train.global_batch_size={mb * gpus}",
         f"train.micro_batch_size={mb}",
     ]
-    # the fused kernels and checkpointing as the run resolved them ('auto' planned here would depend on this
+    # the fused kernels, checkpointing and sharding as the run resolved them ('auto' planned here would depend on this
     # machine's Liger and on the plan's version)
     ran = r["settings"]
     resolved = [
@@ -28,6 +28,8 @@ def predict(r: dict):
         f"parallel.activation_checkpointing={str(ran['activation_checkpointing']).lower()}",
         f"parallel.checkpoint_every={ran['checkpoint_every']}",
     ]
+    if ran.get("sharding_strategy"):  # recorded since 'auto' could choose it
+        resolved.append(f"parallel.sharding_strategy={ran['sharding_strategy']}")
     # runs from before lora.fused existed (no record of it) ran PEFT's LoRA forward
     if "fused" not in ran["lora"]:
         overrides.append("lora.fused=false")
@@ -40,7 +42,7 @@ def predict(r: dict):
         if cfg.parallel.gpu_memory_limit_gib
         else plan.GPU_MEMORY["h200"]
     )
-    cfg, _ = plan.resolve_checkpointing(cfg, conf, gpus, memory)
+    cfg, _ = plan.resolve_auto(cfg, conf, gpus, memory)
     return plan.estimate(cfg, conf, gpus)
 
 

@@ -175,18 +175,24 @@ def test_precedence_recipe_then_launcher_then_command_line(tmp_path):
     assert cfg.parallel.cpu_offload and cfg.parallel.mixed_precision == "bf16"
 
 
-def test_checkpointing_auto_comes_through_accelerate_and_its_yaml():
-    """`fsdp_activation_checkpointing: auto` (the bundled GPU configs) reaches the run as 'auto', from the
-    environment `accelerate launch` exports and from the YAML read under torchrun; true/false stay booleans."""
-    env = {"ACCELERATE_USE_FSDP": "true", "FSDP_ACTIVATION_CHECKPOINTING": "auto"}
-    assert resolve_config(Config(), [], env).parallel.activation_checkpointing == "auto"
+def test_auto_settings_come_through_accelerate_and_its_yaml():
+    """`fsdp_activation_checkpointing: auto` and `fsdp_sharding_strategy: auto` (the bundled GPU configs) reach
+    the run as 'auto', from the environment `accelerate launch` exports and from the YAML read under torchrun;
+    true/false stay booleans, FSDP's strategies stay themselves."""
+    env = {
+        "ACCELERATE_USE_FSDP": "true",
+        "FSDP_ACTIVATION_CHECKPOINTING": "auto",
+        "FSDP_SHARDING_STRATEGY": "AUTO",
+    }
+    cfg = resolve_config(Config(), [], env)
+    assert cfg.parallel.activation_checkpointing == "auto" and cfg.parallel.sharding_strategy == "auto"
     env["FSDP_ACTIVATION_CHECKPOINTING"] = "Selective"  # shardtune's other own value
     assert resolve_config(Config(), [], env).parallel.activation_checkpointing == "selective"
     for name in ("2xh100", "8xh100", "multinode"):
         cfg = resolve_config(Config(), [f"parallel.launch_config=fsdp_configs/{name}.yaml"], {})
-        assert cfg.parallel.activation_checkpointing == "auto", name
+        assert cfg.parallel.activation_checkpointing == cfg.parallel.sharding_strategy == "auto", name
     cfg = resolve_config(Config(), ["parallel.launch_config=fsdp_configs/4xa10g.yaml"], {})
-    assert cfg.parallel.activation_checkpointing is True
+    assert cfg.parallel.activation_checkpointing is True and cfg.parallel.sharding_strategy == "FULL_SHARD"
 
 
 def test_yaml_with_use_cpu_is_refused(tmp_path):

@@ -244,9 +244,9 @@ def test_auto_checkpointing_picks_the_least_recomputation_that_fits():
     assert all(a > b for a, b in itertools.pairwise(ordered))  # more recomputation, less memory
     for target in plan.CHECKPOINT_CHOICES:
         mem = peaks[target] / plan.AUTO_MARGIN * 1.001  # just enough for this choice
-        choice, _ = plan.choose_checkpointing(cfg, conf, 2, mem)
+        choice, _ = plan.choose_auto(cfg, conf, 2, mem)
         assert (choice["parallel.activation_checkpointing"], choice["parallel.checkpoint_every"]) == target
-    choice, _ = plan.choose_checkpointing(cfg, conf, 2, None)  # no GPU: nothing to save
+    choice, _ = plan.choose_auto(cfg, conf, 2, None)  # no GPU: nothing to save
     assert choice["parallel.activation_checkpointing"] is False
 
 

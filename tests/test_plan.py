@@ -127,6 +127,90 @@ def test_no_shard_keeps_the_base_whole_and_gathers_nothing():
     assert full["2 decoder layers, gathered"] > 0 and full["embeddings + head, gathered"] > 0
 
 
+def test_sharding_auto_keeps_the_base_whole_where_that_costs_no_recomputation():
+    """parallel.sharding_strategy=auto beside activation_checkpointing=auto (2xh100.yaml, 8xh100.yaml): the least
+    recomputation that fits, and at that the base whole on every GPU (NO_SHARD) if it fits, else sharded.
+    Sharded wherever keeping it whole cannot help: on a CPU, one GPU, with CPU offload, under DeepSpeed."""
+    from shardtune import plan as planner
+
+    cfg = apply_overrides(
+        Config(),
+        {
+            "model.name_or_path": "llama3-70b",  # the 80-layer target row of bench/speed.sh
+            "parallel.mixed_precision": "bf16",
+            "model.fused_kernels": True,
+            "data.max_len": 3072,
+            "train.micro_batch_size": 1,
+            "train.global_batch_size": 2,
+            "eval.batch_size": 1,
+            "lora.dropout": 0.05,
+            "parallel.activation_checkpointing": "auto",
+            "parallel.sharding_strategy": "auto",
+        },
+        "test",
+    )
+    conf = modeling.model_config(cfg)
+    choices = [tuple(c.values()) for c in planner.auto_choices(cfg, 2)]
+    assert choices[:3] == [(False, 1, "NO_SHARD"), (False, 1, "FULL_SHARD"), (True, 4, "NO_SHARD")]
+    assert choices[-1] == (True, 1, "FULL_SHARD") and len(choices) == 10
+
+    def chosen(gpu_mem, gpus=2, **overrides):
+        changed = apply_overrides(cfg, overrides, "test") if overrides else cfg
+        resolved, _ = planner.resolve_auto(changed, modeling.model_config(changed), gpus, gpu_mem)
+        p = resolved.parallel
+        return p.activation_checkpointing, p.checkpoint_every, p.sharding_strategy
+
+    h200, h100 = planner.GPU_MEMORY["h200"], planner.GPU_MEMORY["h100"]
+    assert chosen(h200) == (False, 1, "NO_SHARD")  # 35 GiB of base beside one row's activations: whole
+    # 100 GiB: the base whole fits only with every 4th layer recomputed; sharded, it fits with none: sharded
+    assert chosen(100 * 2**30) == (False, 1, "FULL_SHARD")
+    assert chosen(h100) == (True, 3, "FULL_SHARD")
+    small = {"model.name_or_path": "llama3-8b"}
+    assert chosen(planner.GPU_MEMORY["a10g"], **small) == (False, 1, "NO_SHARD")  # 8B's base: 5.5 GiB
+    assert chosen(1 * 2**30) == (True, 1, "FULL_SHARD")  # nothing fits: the least memory
+    assert chosen(None) == (False, 1, "FULL_SHARD")  # a CPU run: the processes share the host's memory
+    assert chosen(h200, gpus=1) == (False, 1, "FULL_SHARD")
+    assert chosen(h200, **{"parallel.cpu_offload": True})[2] == "FULL_SHARD"
+    assert chosen(h200, **{"parallel.backend": "deepspeed", "model.fused_kernels": False})[2] == "FULL_SHARD"
+    # only what is 'auto' is decided
+    assert chosen(h100, **{"parallel.activation_checkpointing": False}) == (False, 1, "FULL_SHARD")
+    assert chosen(h200, **{"parallel.sharding_strategy": "FULL_SHARD"}) == (False, 1, "FULL_SHARD")
+    fixed = apply_overrides(
+        cfg, {"parallel.activation_checkpointing": False, "parallel.sharding_strategy": "NO_SHARD"}, "t"
+    )
+    assert planner.resolve_auto(fixed, conf, 2, h200)[0] is fixed
+    with pytest.raises(ValueError, match=r"sharding_strategy='auto' is unresolved"):
+        parallel.Sharder(cfg.parallel, cfg.param_dtype, torch.device("cpu"), 2)
+
+
+def test_plan_fit_offers_the_base_whole(tmp_path):
+    """`shardtune plan --fit` weighs keeping the base whole on every GPU (no all-gathers) beside sharding and
+    offloading it, and `shardtune plan` says what 'auto' chose."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shardtune.cli",
+            "plan",
+            "recipes/llama3_8b.py",
+            "--gpus",
+            "2",
+            "--gpu-mem",
+            "80GiB",
+            "--fit",
+            "parallel.sharding_strategy=auto",
+            "parallel.cpu_offload=false",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "auto: sharding NO_SHARD (the whole 4-bit base on every GPU)" in out.stdout
+    assert out.stdout.strip().endswith("parallel.sharding_strategy=NO_SHARD"), out.stdout[-400:]
+
+
 def test_a_token_budget_is_planned_as_that_many_tokens():
     """train.micro_batch_tokens: the plan holds one packed sequence of the budget's tokens (not the whole rows of
     data.max_len it would round down to), and for packed rows fit searches token budgets, not row counts."""

@@ -112,13 +112,17 @@ def test_a_time_limit_signal_after_the_run_is_moot(tmp_path):
 
 
 def test_no_shard_trains_and_resumes_as_full_shard(reference, tmp_path):
-    """parallel.sharding_strategy=NO_SHARD (the whole 4-bit base on each process: the fastest setting where it
-    fits, bench/speed.sh targets) trains the same steps as FULL_SHARD and resumes from its own checkpoints."""
+    """parallel.sharding_strategy=NO_SHARD (the whole 4-bit base on each process: what 'auto' picks on GPUs where
+    it fits) trains the same steps as FULL_SHARD and resumes from its own checkpoints, and a run that resumes
+    them under 'auto' (FULL_SHARD on a CPU) continues it exactly: a checkpoint does not depend on the strategy."""
     no_shard = "parallel.sharding_strategy=NO_SHARD"
-    first = train(tmp_path, no_shard, fault="rank=1,step=6,micro=1,action=sigterm", check=False)
+    first = train(tmp_path, no_shard, fault="rank=1,step=5,micro=1,action=sigterm", check=False)
     assert first.returncode != 0 and "FSDP NO_SHARD" in first.stderr
-    second = train(tmp_path, no_shard)
-    assert "resumed from" in second.stderr
+    second = train(tmp_path, no_shard, fault="rank=0,step=10,micro=0,action=sigterm", check=False)
+    assert second.returncode != 0 and "resumed from" in second.stderr and "FSDP NO_SHARD" in second.stderr
+    third = train(tmp_path, "parallel.sharding_strategy=auto")
+    assert "auto: sharding FULL_SHARD (CPU)" in third.stderr and "resumed from" in third.stderr
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["sharding_strategy"] == "FULL_SHARD"
     assert losses(tmp_path / "run") == losses(reference)
     a, b = adapter(tmp_path / "run"), adapter(reference)
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)

@@ -167,6 +167,7 @@ def summarize(run_dir: Path, warmup: int) -> dict:
             "attention": summary.get("attention"),
             "activation_checkpointing": summary.get("activation_checkpointing"),
             "checkpoint_every": summary.get("checkpoint_every"),
+            "sharding_strategy": summary.get("sharding_strategy"),  # as resolved ('auto' -> a choice)
             "cpu_offload": cfg["parallel"]["cpu_offload"],
             "packing": cfg["data"]["packing"],
             "fused_kernels": summary.get("fused_kernels"),

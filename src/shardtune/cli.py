@@ -142,10 +142,10 @@ def _plan(args, rest: list[str]) -> int:
         f"{args.recipe} on {args.gpus} GPU(s), {args.nodes} node(s): seq {cfg.data.max_len}, "
         f"global batch {cfg.train.global_batch_size}, LoRA r={cfg.lora.r}"
     )
-    if cfg.parallel.activation_checkpointing == "auto":
-        memory = gpu_mem or plan.GPU_MEMORY[args.gpu.lower()]
-        cfg, _ = plan.resolve_checkpointing(cfg, conf, args.gpus, memory)
-        print(f"activation checkpointing (auto): {plan.describe_checkpointing(cfg)}")
+    resolved, _ = plan.resolve_auto(cfg, conf, args.gpus, gpu_mem or plan.GPU_MEMORY[args.gpu.lower()])
+    if resolved is not cfg:
+        print(f"auto: {plan.describe_auto(cfg, resolved)}")
+        cfg = resolved
     est = plan.estimate(cfg, conf, args.gpus, args.nodes, args.gpu)
     print(plan.format_plan(est, args.gpus, gpu_mem, host_ram))
     if not args.fit:

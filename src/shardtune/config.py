@@ -228,8 +228,13 @@ class ParallelConfig(Section):
     """What shards the frozen 4-bit base: torch FSDP1, or DeepSpeed ZeRO-3 (accelerate: distributed_type
     DEEPSPEED, zero_stage 3; needs `pip install deepspeed`), which then also partitions the adapters, their
     gradients and AdamW state."""
-    sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"] = "FULL_SHARD"
-    """FSDP sharding strategy (accelerate: fsdp_sharding_strategy)."""
+    sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD", "auto"] = (
+        "FULL_SHARD"
+    )
+    """FSDP sharding strategy (accelerate: fsdp_sharding_strategy). 'auto' (shardtune's own value) keeps the
+    whole 4-bit base on every GPU (NO_SHARD: FSDP gathers nothing, only the adapters' gradients cross GPUs)
+    where `shardtune plan` says it fits with no more recomputation than sharding it would need, else
+    FULL_SHARD; FULL_SHARD on a CPU, with CPU offload and under DeepSpeed."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """Compute and FSDP parameter dtype (accelerate: mixed_precision). 'no' is float32. The 4-bit storage
     dtype follows it; LoRA weights and optimizer state stay float32."""

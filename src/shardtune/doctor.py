@@ -267,10 +267,10 @@ def run_checks(
     cfg: Config, conf, gpus: int, lead_s: float | None = None, with_data: bool = True
 ) -> list[Finding]:
     """Every check; `with_data` False at the start of a run (`--doctor`), which prepares the data next anyway."""
-    from shardtune.plan import device_memory, estimate, resolve_checkpointing
+    from shardtune.plan import device_memory, estimate, resolve_auto
 
-    # checkpointing 'auto' decided as the run will decide it on this machine's device
-    cfg, _ = resolve_checkpointing(cfg, conf, max(gpus, 1), device_memory(cfg, _run_device(cfg)))
+    # checkpointing and sharding 'auto' decided as the run will decide them on this machine's device
+    cfg, _ = resolve_auto(cfg, conf, max(gpus, 1), device_memory(cfg, _run_device(cfg)))
     est = estimate(cfg, conf, max(gpus, 1))
     run_dir = Path(cfg.train.output_dir) / (cfg.train.run_name or "")
     measured = logged_save_seconds(run_dir) if cfg.train.run_name else None

@@ -40,7 +40,9 @@ def _from_fsdp_settings(settings: dict[str, str], mixed_precision: str | None, o
     out: dict[str, Any] = {}
     if "sharding_strategy" in settings:
         value = str(settings["sharding_strategy"]).upper()
-        out["parallel.sharding_strategy"] = _STRATEGIES.get(value, value)
+        # 'auto' is shardtune's own value (accelerate passes it through untouched): the base whole on every GPU
+        # where it fits, else sharded
+        out["parallel.sharding_strategy"] = "auto" if value == "AUTO" else _STRATEGIES.get(value, value)
     policy = str(settings.get("auto_wrap_policy", "TRANSFORMER_BASED_WRAP")).upper()
     if policy not in ("TRANSFORMER_BASED_WRAP", "NONE", ""):
         raise ConfigError(

@@ -59,6 +59,8 @@ class Sharder:
 
     def __init__(self, pcfg: ParallelConfig, param_dtype: str, device: torch.device, world_size: int):
         self.pcfg, self.device, self.enabled = pcfg, device, world_size > 1
+        if pcfg.sharding_strategy == "auto":
+            raise ValueError("parallel.sharding_strategy='auto' is unresolved (plan.resolve_auto)")
         self.layer_cls: type | None = None
         offload = offload_on(pcfg, device)
         self.kwargs = dict(
@@ -172,7 +174,7 @@ def lean_offload(model: FSDP) -> None:
 
 def checkpointed_every(pcfg: ParallelConfig) -> int:
     """Every how many decoder layers one is recomputed in backward (0: none). 'auto' must have been
-    resolved before (plan.resolve_checkpointing, from the GPU's memory)."""
+    resolved before (plan.resolve_auto, from the GPU's memory)."""
     return pcfg.checkpoint_every if _resolved(pcfg) is True else 0
 
 
@@ -184,9 +186,7 @@ def recomputes_selectively(pcfg: ParallelConfig) -> bool:
 
 def _resolved(pcfg: ParallelConfig) -> bool | str:
     if pcfg.activation_checkpointing == "auto":
-        raise ValueError(
-            "parallel.activation_checkpointing='auto' is unresolved (plan.resolve_checkpointing)"
-        )
+        raise ValueError("parallel.activation_checkpointing='auto' is unresolved (plan.resolve_auto)")
     return pcfg.activation_checkpointing
 
 

@@ -50,13 +50,20 @@ GPU_MEMORY = {
 # tokens (64.3%, .../kernel1), less 2%, the half-point kept from the 2x H200 runs (2026-11-23-2xh200-c).
 MEASURED_MFU = ((8192, 0.733, 295), (4096, 0.707, 1500), (0, 0.20, 1500))
 OFFLOAD_SLOWDOWN = 1.34  # CPU offload, measured on the 80-layer 70B (bench/results/2026-11-23-2xh200)
+# The base whole on every GPU (NO_SHARD) instead of sharded: MEASURED_MFU has FULL_SHARD's 2% in it; NO_SHARD's
+# wrapping costs 0.3% (one H200, bench/results/2026-12-02-1xh200-gc) and the adapters' gradient all-reduce
+# ~0.2% (0.8 GB at the 300 GB/s measured between two H200s, per 1.6 s step). Projected, not yet measured on 2.
+WHOLE_BASE_SPEEDUP = 1.015
 
 
-def expected_mfu(hidden: int, tokens: int, recomputed: float, offload: bool) -> float:
+def expected_mfu(
+    hidden: int, tokens: int, recomputed: float, offload: bool, whole_base: bool = False
+) -> float:
     """MFU to expect: the width's measured best, less for small micro-batches, less again for the forward
-    recomputed in backward (4N + 2N·share FLOPs done for 4N counted), and for CPU offload."""
+    recomputed in backward (4N + 2N·share FLOPs done for 4N counted), and for CPU offload; a little more with
+    the base whole on every GPU (no all-gathers)."""
     best, half = next((b, h) for width, b, h in MEASURED_MFU if hidden >= width)
-    mfu = best * tokens / (tokens + half)
+    mfu = best * tokens / (tokens + half) * (WHOLE_BASE_SPEEDUP if whole_base else 1.0)
     return mfu * 4 / (4 + 2 * recomputed) / (OFFLOAD_SLOWDOWN if offload else 1.0)
 
 
@@ -333,7 +340,7 @@ def estimate(cfg: Config, conf, gpus: int, nodes: int = 1, gpu_name: str = "h200
     n_matmul = matmul_parameters(conf)
     flops_per_row = step_flops(n_matmul, s.layers, s.hidden, seq, seq * seq, False)[0]
     rows_per_step = cfg.train.global_batch_size
-    mfu = expected_mfu(s.hidden, tokens, recomputed, offload)
+    mfu = expected_mfu(s.hidden, tokens, recomputed, offload, whole_base=shards == 1 and n > 1)
     peak = GPU_PEAKS[gpu_name.lower()]  # the CLI offers only these names
     step_s = flops_per_row * rows_per_step / (n * peak * mfu)
     steps = cfg.train.max_steps or 0
@@ -344,6 +351,8 @@ def estimate(cfg: Config, conf, gpus: int, nodes: int = 1, gpu_name: str = "h200
         "parallel.checkpoint_every": every or 1,
         "parallel.cpu_offload": offload,
     }
+    if n > 1 and cfg.parallel.backend == "fsdp":
+        settings["parallel.sharding_strategy"] = cfg.parallel.sharding_strategy
     return Estimate(
         settings=settings,
         gpu=gpu,
@@ -380,20 +389,51 @@ def keeps_inputs_only(cfg: Config) -> bool:
 # Checkpointing choices, least recomputation first: none, then every k-th layer, then all. ('selective' is
 # 'none' on a GPU: the dropout kernel already keeps no dropout masks.)
 CHECKPOINT_CHOICES = ((False, 1), (True, 4), (True, 3), (True, 2), (True, 1))
+# Sharding choices, least sharding first: the whole 4-bit base on every GPU (FSDP gathers nothing; only the
+# adapters' gradients cross GPUs), then sharded over all of them.
+SHARDING_CHOICES = ("NO_SHARD", "FULL_SHARD")
 
 
 AUTO_MARGIN = 0.85  # of the GPU's memory: fragmentation, and the plan's worst underestimate measured (-11%)
 
 
-def choose_checkpointing(cfg: Config, conf, gpus: int, gpu_mem: float | None) -> tuple[dict, Estimate | None]:
-    """parallel.activation_checkpointing=auto: the least recomputation whose planned peak fits `gpu_mem` (none
-    when there is no GPU limit); all layers when nothing fits (the plan may be pessimistic)."""
+def auto_choices(cfg: Config, gpus: int) -> list[dict]:
+    """The settings `cfg` leaves to 'auto' (parallel.activation_checkpointing, parallel.sharding_strategy), each
+    combination as overrides, the fastest first: less recomputation first (a recomputed share s of the layers
+    costs 4/(4 + 2s) of the step: every 4th layer 11%, all 33%), and at equal recomputation the base whole on
+    every GPU (FSDP NO_SHARD: 0.3% for its wrapping on one H200 against FULL_SHARD's ~2% across 2). The base
+    is always sharded where keeping it whole cannot help: one process, CPU offload (it would put a whole copy
+    per process in host memory), DeepSpeed (which partitions it itself)."""
+    p = cfg.parallel
+    checkpointing = [{}]
+    if p.activation_checkpointing == "auto":
+        checkpointing = [
+            {"parallel.activation_checkpointing": ac, "parallel.checkpoint_every": every}
+            for ac, every in CHECKPOINT_CHOICES
+        ]
+    sharding = [{}]
+    if p.sharding_strategy == "auto":
+        whole_may_help = gpus > 1 and p.backend == "fsdp" and not p.cpu_offload
+        sharding = [
+            {"parallel.sharding_strategy": s}
+            for s in (SHARDING_CHOICES if whole_may_help else ("FULL_SHARD",))
+        ]
+    return [{**c, **s} for c in checkpointing for s in sharding]
+
+
+def choose_auto(cfg: Config, conf, gpus: int, gpu_mem: float | None) -> tuple[dict, Estimate | None]:
+    """What `cfg` leaves to 'auto', decided: the first of auto_choices whose planned peak fits `gpu_mem`, or the
+    last (everything recomputed, the base sharded) when none does (the plan may be pessimistic). Without a GPU
+    limit (a CPU run): no recomputation and the base sharded, as on GPUs (the processes share the host's
+    memory, which sharding spares)."""
+    choices = auto_choices(cfg, gpus)
     if gpu_mem is None:
-        return {"parallel.activation_checkpointing": False, "parallel.checkpoint_every": 1}, None
+        cpu = {"parallel.activation_checkpointing": False, "parallel.sharding_strategy": "FULL_SHARD"}
+        choice = next(c for c in choices if all(c.get(k, v) == v for k, v in cpu.items()))
+        return choice, None
     est = None
-    for ac, every in CHECKPOINT_CHOICES:
-        choice = {"parallel.activation_checkpointing": ac, "parallel.checkpoint_every": every}
-        est = estimate(apply_overrides(cfg, choice, "checkpointing=auto"), conf, gpus)
+    for choice in choices:
+        est = estimate(apply_overrides(cfg, choice, "auto"), conf, gpus)
         if est.gpu_peak <= AUTO_MARGIN * gpu_mem:
             return choice, est
     return choice, est
@@ -409,15 +449,26 @@ def device_memory(cfg: Config, device: torch.device) -> float | None:
     return min(total, limit * GIB) if limit else total
 
 
-def resolve_checkpointing(
-    cfg: Config, conf, gpus: int, gpu_mem: float | None
-) -> tuple[Config, Estimate | None]:
-    """`cfg` with parallel.activation_checkpointing=auto replaced by choose_checkpointing's choice (as it is
-    when not auto), and the estimate of that choice (None when nothing was chosen or there is no GPU limit)."""
-    if cfg.parallel.activation_checkpointing != "auto":
+def resolve_auto(cfg: Config, conf, gpus: int, gpu_mem: float | None) -> tuple[Config, Estimate | None]:
+    """`cfg` with parallel.activation_checkpointing and parallel.sharding_strategy 'auto' replaced by
+    choose_auto's choice (as it is when neither is auto), and the estimate of that choice (None when nothing
+    was chosen or there is no GPU limit)."""
+    if not auto_choices(cfg, gpus)[0]:
         return cfg, None
-    choice, est = choose_checkpointing(cfg, conf, gpus, gpu_mem)
-    return apply_overrides(cfg, choice, "parallel.activation_checkpointing=auto"), est
+    choice, est = choose_auto(cfg, conf, gpus, gpu_mem)
+    return apply_overrides(cfg, choice, "auto"), est
+
+
+def describe_auto(before: Config, after: Config) -> str:
+    """What 'auto' decided (`before` unresolved, `after` resolved), in words."""
+    parts = []
+    if before.parallel.activation_checkpointing == "auto":
+        parts.append(f"activation checkpointing {describe_checkpointing(after)}")
+    if before.parallel.sharding_strategy == "auto":
+        strategy = after.parallel.sharding_strategy
+        whole = " (the whole 4-bit base on every GPU)" if strategy == "NO_SHARD" else ""
+        parts.append(f"sharding {strategy}{whole}")
+    return ", ".join(parts)
 
 
 def describe_checkpointing(cfg: Config) -> str:
@@ -456,23 +507,30 @@ def _target_key(targets):
 
 
 def fit(cfg: Config, conf, gpus: int, gpu_mem: float, nodes: int, gpu_name: str) -> list[Estimate]:
-    """Every micro-batch x checkpointing x offload combination that fits `gpu_mem` bytes (with 5% kept for
-    the allocator), fastest first. Micro-batches are rows that divide the rows each GPU handles per step, or
-    for packed rows token budgets of 1 to 32 rows of data.max_len (train.micro_batch_tokens: as full, and as
-    predictable in memory, as the data allows; not under DeepSpeed, which refuses them)."""
+    """Every micro-batch x checkpointing x placement of the base (whole on every GPU, sharded, sharded and
+    offloaded) combination that fits `gpu_mem` bytes (with 5% kept for the allocator), fastest first.
+    Micro-batches are rows that divide the rows each GPU handles per step, or for packed rows token budgets of
+    1 to 32 rows of data.max_len (train.micro_batch_tokens: as full, and as predictable in memory, as the data
+    allows; not under DeepSpeed, which refuses them)."""
     per_gpu_rows = max(1, cfg.train.global_batch_size // max(gpus, 1))
     sizes = [{"train.micro_batch_size": m} for m in (1, 2, 4, 8, 16, 32) if per_gpu_rows % m == 0]
     if cfg.data.packing and cfg.parallel.backend == "fsdp":
         rows = [m for m in (1, 2, 4, 8, 16, 32) if m <= per_gpu_rows]
         sizes = [{"train.micro_batch_tokens": m * cfg.data.max_len} for m in rows]
+    # where the frozen base lives: whole on every GPU or sharded (several GPUs under FSDP; DeepSpeed partitions
+    # it whatever FSDP's strategy), or sharded and offloaded (a whole copy per process offloaded would only cost
+    # host memory)
+    sharding = SHARDING_CHOICES if gpus > 1 and cfg.parallel.backend == "fsdp" else ("FULL_SHARD",)
+    placements = [(False, s) for s in sharding] + ([(True, "FULL_SHARD")] if gpus > 1 else [])
     out = []
     for size in sizes:
         for ac, every in CHECKPOINT_CHOICES:
-            for offload in (False, True) if gpus > 1 else (False,):
+            for offload, strategy in placements:
                 choice = {
                     "parallel.activation_checkpointing": ac,
                     "parallel.checkpoint_every": every,
                     "parallel.cpu_offload": offload,
+                    "parallel.sharding_strategy": strategy,
                 }
                 est = estimate(
                     apply_overrides(cfg, {**size, **choice}, "plan --fit"), conf, gpus, nodes, gpu_name

@@ -78,24 +78,23 @@ def train(cfg: Config, dist: DistInfo, name: str, stop: StopRequest | None = Non
 
 
 def _resolve_auto(cfg: Config, conf, dist: DistInfo) -> Config:
-    """The settings left to the run, decided here: model.fused_kernels=auto (where Liger can run) and
-    parallel.activation_checkpointing=auto (the least recomputation that `shardtune plan` says fits this GPU;
-    none on the CPU, where memory is the host's)."""
+    """The settings left to the run, decided here: model.fused_kernels=auto (where Liger can run), and
+    parallel.activation_checkpointing / parallel.sharding_strategy=auto (the least recomputation, then the least
+    sharding, that `shardtune plan` says fits this GPU; none and FULL_SHARD on the CPU, where memory is the
+    host's)."""
     fused = modeling.fused_kernels(cfg, conf, dist.device.type)  # `true` where it cannot run: refused here
     cfg = apply_overrides(cfg, {"model.fused_kernels": fused}, "model.fused_kernels")
-    if cfg.parallel.activation_checkpointing != "auto":
-        return cfg
     from shardtune import plan
 
     gpu_mem = plan.device_memory(cfg, dist.device)
-    cfg, est = plan.resolve_checkpointing(cfg, conf, dist.world_size, gpu_mem)
-    if dist.is_main:
+    resolved, est = plan.resolve_auto(cfg, conf, dist.world_size, gpu_mem)
+    if dist.is_main and resolved is not cfg:
         log.info(
-            "activation checkpointing (auto): %s%s",
-            plan.describe_checkpointing(cfg),
+            "auto: %s%s",
+            plan.describe_auto(cfg, resolved),
             f", planned peak {est.gpu_peak / 2**30:.1f} of {gpu_mem / 2**30:.0f} GiB" if est else " (CPU)",
         )
-    return cfg
+    return resolved
 
 
 def tokenizer_for(cfg: Config, run_dir: Path):
@@ -436,6 +435,7 @@ def _train(
         "device_name": torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda" else "cpu",
         "attention": m.attention,
         "activation_checkpointing": cfg.parallel.activation_checkpointing,  # as resolved (auto -> a choice)
+        "sharding_strategy": cfg.parallel.sharding_strategy,  # as resolved
         "checkpoint_every": cfg.parallel.checkpoint_every,
         "fused_kernels": cfg.model.fused_kernels,  # as resolved
         "rank0_holds": m.rank0_holds,  # fraction of the flat parameters on rank 0
