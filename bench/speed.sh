@@ -49,8 +49,9 @@ for group in "$@"; do
       bench llama3-8b --gpus 2 --seq 3072 --warmup 3 --micro-batch 4 $NOAC model.fused_kernels=true
       bench "${L70[@]}"
       bench "${L70[@]}" parallel.sharding_strategy=NO_SHARD lora.dropout=0 ;;  # the same without LoRA dropout
-    target70)  # the 80-layer target row alone (the one not met yet), NO_SHARD then FULL_SHARD: ~3 minutes
-      bench "${L70[@]}" parallel.sharding_strategy=NO_SHARD
+    target70)  # the 80-layer target row alone (the one not met yet): sharding as 2xh100.yaml's auto picks it
+      # (NO_SHARD is planned: the "auto=" column of the table says), then FULL_SHARD; ~3 minutes
+      bench "${L70[@]}" parallel.sharding_strategy=auto
       bench "${L70[@]}" ;;
     noshard1)  # one GPU, the 80-layer target row: the plain module, then FSDP forced on with NO_SHARD (all of a
       # 2-GPU NO_SHARD rank's work but the adapters' all-reduce; bench/fsdp_one_gpu.py), over 38 steps (3 were too
@@ -140,5 +141,6 @@ for line in open(sys.argv[1]):
     print(f"{r['shape']:<17}{r['gpus']:>4}{r['micro_batch']:>4} {r['lengths']:<9}{r['tokens_per_s_per_gpu']:>10,.0f}"
           f"{r['mfu']:>7.1%}{r['hfu']:>7.1%}{peak:>9.1f}{r.get('alloc_retries') or 0:>8}  {' '.join(r['overrides'])}"
           + (f"  [FSDP forced: {r['fsdp_units']} units {r['fsdp_strategy']}]" if r.get("fsdp_forced") else "")
+          + (f"  auto={r['settings']['sharding_strategy']}" if "parallel.sharding_strategy=auto" in r["overrides"] else "")
           + f"  loss {r['loss_first_last'][0]:.6f}")
 PY

@@ -62,6 +62,40 @@ def launch(
     return proc
 
 
+def launch_machines(args: list[str], machines: int = 2, nproc: int = 2, timeout: int = 900) -> None:
+    """Run a script as `machines` machines of `nproc` CPU processes each: one torchrun agent per machine, as
+    slurm/train.sh starts them (LOCAL_WORLD_SIZE is `nproc`, WORLD_SIZE machines x nproc)."""
+    port = str(_port())
+    agents = [
+        subprocess.Popen(
+            [
+                str(BIN / "torchrun"),
+                "--nnodes",
+                str(machines),
+                "--node_rank",
+                str(i),
+                "--nproc_per_node",
+                str(nproc),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                port,
+                *args,
+            ],
+            cwd=ROOT,
+            env=run_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(machines)
+    ]
+    outputs = [agent.communicate(timeout=timeout)[0] for agent in agents]
+    for i, agent in enumerate(agents):
+        if agent.returncode != 0:
+            raise AssertionError(f"machine {i} failed ({agent.returncode}):\n{outputs[i][-8000:]}")
+
+
 def _port() -> int:
     import socket
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import launch
+from conftest import launch, launch_machines
 
 
 def results(workdir):
@@ -25,6 +25,21 @@ def test_sharded_logits_equal_unsharded_and_weights_are_sharded(tmp_path):
         assert r["adapters_whole"] and r["grads_reduced"]
     assert ranks[0]["adapter_sum"] == ranks[1]["adapter_sum"]
     assert ranks[0]["losses"][0] == ranks[0]["losses"][1] == ranks[1]["losses"][0]
+
+
+@pytest.mark.slow
+def test_hybrid_shard_shards_within_a_machine_and_replicates_across(tmp_path):
+    """parallel.sharding_strategy=HYBRID_SHARD (for several machines: all-gathers stay inside one) on 2 machines x
+    2 processes: each process holds half of the base (its machine's share), not a quarter; the logits equal
+    the unsharded model's; the adapters' gradients are summed over all 4 processes."""
+    launch_machines(["tests/workers/fsdp_exact.py", str(tmp_path), "parallel.sharding_strategy=HYBRID_SHARD"])
+    ranks = results(tmp_path)
+    assert [r["world"] for r in ranks] == [4, 4, 4, 4]
+    for r in ranks:
+        assert r["identical"], f"rank {r['rank']}: logits differ by {r['max_abs_diff']}"
+        assert r["total"] > 0 and 0.45 < r["local"] / r["total"] < 0.55
+        assert r["adapters_whole"] and r["grads_reduced"]
+    assert len({r["adapter_sum"] for r in ranks}) == 1
 
 
 @pytest.mark.slow

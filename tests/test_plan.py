@@ -154,9 +154,9 @@ def test_sharding_auto_keeps_the_base_whole_where_that_costs_no_recomputation():
     assert choices[:3] == [(False, 1, "NO_SHARD"), (False, 1, "FULL_SHARD"), (True, 4, "NO_SHARD")]
     assert choices[-1] == (True, 1, "FULL_SHARD") and len(choices) == 10
 
-    def chosen(gpu_mem, gpus=2, **overrides):
+    def chosen(gpu_mem, gpus=2, nodes=1, **overrides):
         changed = apply_overrides(cfg, overrides, "test") if overrides else cfg
-        resolved, _ = planner.resolve_auto(changed, modeling.model_config(changed), gpus, gpu_mem)
+        resolved, _ = planner.resolve_auto(changed, modeling.model_config(changed), gpus, gpu_mem, nodes)
         p = resolved.parallel
         return p.activation_checkpointing, p.checkpoint_every, p.sharding_strategy
 
@@ -168,6 +168,15 @@ def test_sharding_auto_keeps_the_base_whole_where_that_costs_no_recomputation():
     small = {"model.name_or_path": "llama3-8b"}
     assert chosen(planner.GPU_MEMORY["a10g"], **small) == (False, 1, "NO_SHARD")  # 8B's base: 5.5 GiB
     assert chosen(1 * 2**30) == (True, 1, "FULL_SHARD")  # nothing fits: the least memory
+    # several machines: sharded within each machine, at any recomputation, before across machines
+    machines = [tuple(c.values()) for c in planner.auto_choices(cfg, 16, nodes=2)]
+    assert machines[:3] == [(False, 1, "NO_SHARD"), (False, 1, "HYBRID_SHARD"), (True, 4, "NO_SHARD")]
+    assert [c[2] for c in machines[10:]] == ["FULL_SHARD"] * 5 and len(machines) == 15
+    # 2 x 8 H100s: the base sharded over each machine's 8 (4.5 GiB per GPU) and every 4th layer recomputed,
+    # rather than all-gathers across machines
+    assert chosen(h100, gpus=16, nodes=2) == (True, 4, "HYBRID_SHARD")
+    assert chosen(h200, gpus=16, nodes=2) == (False, 1, "NO_SHARD")
+    assert chosen(1 * 2**30, gpus=16, nodes=2) == (True, 1, "FULL_SHARD")
     assert chosen(None) == (False, 1, "FULL_SHARD")  # a CPU run: the processes share the host's memory
     assert chosen(h200, gpus=1) == (False, 1, "FULL_SHARD")
     assert chosen(h200, **{"parallel.cpu_offload": True})[2] == "FULL_SHARD"

@@ -142,7 +142,8 @@ def _plan(args, rest: list[str]) -> int:
         f"{args.recipe} on {args.gpus} GPU(s), {args.nodes} node(s): seq {cfg.data.max_len}, "
         f"global batch {cfg.train.global_batch_size}, LoRA r={cfg.lora.r}"
     )
-    resolved, _ = plan.resolve_auto(cfg, conf, args.gpus, gpu_mem or plan.GPU_MEMORY[args.gpu.lower()])
+    memory = gpu_mem or plan.GPU_MEMORY[args.gpu.lower()]
+    resolved, _ = plan.resolve_auto(cfg, conf, args.gpus, memory, args.nodes)
     if resolved is not cfg:
         print(f"auto: {plan.describe_auto(cfg, resolved)}")
         cfg = resolved

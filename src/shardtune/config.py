@@ -231,10 +231,11 @@ class ParallelConfig(Section):
     sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD", "auto"] = (
         "FULL_SHARD"
     )
-    """FSDP sharding strategy (accelerate: fsdp_sharding_strategy). 'auto' (shardtune's own value) keeps the
-    whole 4-bit base on every GPU (NO_SHARD: FSDP gathers nothing, only the adapters' gradients cross GPUs)
-    where `shardtune plan` says it fits with no more recomputation than sharding it would need, else
-    FULL_SHARD; FULL_SHARD on a CPU, with CPU offload and under DeepSpeed."""
+    """FSDP sharding strategy (accelerate: fsdp_sharding_strategy); HYBRID_SHARD shards within each machine
+    and replicates across machines. 'auto' (shardtune's own value) keeps the whole 4-bit base on every GPU
+    (NO_SHARD: FSDP gathers nothing, only the adapters' gradients cross GPUs) where `shardtune plan` says it
+    fits with no more recomputation than sharding it would need, else shards it (HYBRID_SHARD on several
+    machines, FULL_SHARD on one); FULL_SHARD on a CPU, with CPU offload and under DeepSpeed."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """Compute and FSDP parameter dtype (accelerate: mixed_precision). 'no' is float32. The 4-bit storage
     dtype follows it; LoRA weights and optimizer state stay float32."""

@@ -57,12 +57,22 @@ class Sharder:
     """Wraps decoder layers in FSDP one at a time as they are built, then the root (embeddings, final norm,
     head), then applies activation checkpointing. One process gets the plain module back."""
 
-    def __init__(self, pcfg: ParallelConfig, param_dtype: str, device: torch.device, world_size: int):
+    def __init__(
+        self,
+        pcfg: ParallelConfig,
+        param_dtype: str,
+        device: torch.device,
+        world_size: int,
+        local_world_size: int | None = None,
+    ):
         self.pcfg, self.device, self.enabled = pcfg, device, world_size > 1
         if pcfg.sharding_strategy == "auto":
             raise ValueError("parallel.sharding_strategy='auto' is unresolved (plan.resolve_auto)")
         self.layer_cls: type | None = None
         offload = offload_on(pcfg, device)
+        mesh = None
+        if pcfg.sharding_strategy == "HYBRID_SHARD" and self.enabled:
+            mesh = hybrid_mesh(device, world_size, local_world_size or world_size)
         self.kwargs = dict(
             sharding_strategy=ShardingStrategy[pcfg.sharding_strategy],
             mixed_precision=MixedPrecision(
@@ -81,6 +91,7 @@ class Sharder:
             use_orig_params=True,  # bitsandbytes finds its 4-bit weights (and their quant_state) by name
             device_id=device,
             sync_module_states=False,  # every rank built the same weights (same bytes, same seed)
+            device_mesh=mesh,
         )
 
     def layer(self, layer: torch.nn.Module) -> torch.nn.Module:
@@ -98,6 +109,22 @@ class Sharder:
                 lean_offload(model)
         apply_checkpointing(model, self.pcfg, self.layer_cls)
         return model
+
+
+def hybrid_mesh(device: torch.device, world_size: int, per_machine: int):
+    """HYBRID_SHARD's groups: the base sharded over the processes of one machine, replicated across machines
+    (so all-gathers stay inside a machine; only the adapters' gradients cross). FSDP1 finds no groups of its
+    own when it wraps layer by layer ("requires explicit specification of process group or device_mesh")."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if world_size % per_machine:
+        raise ValueError(
+            f"parallel.sharding_strategy=HYBRID_SHARD needs the same number of processes on every machine "
+            f"({world_size} processes, {per_machine} on this one)"
+        )
+    return init_device_mesh(
+        device.type, (world_size // per_machine, per_machine), mesh_dim_names=("replicate", "shard")
+    )
 
 
 def apply_checkpointing(model: torch.nn.Module, pcfg: ParallelConfig, layer_cls: type | None) -> None:

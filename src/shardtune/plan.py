@@ -389,21 +389,18 @@ def keeps_inputs_only(cfg: Config) -> bool:
 # Checkpointing choices, least recomputation first: none, then every k-th layer, then all. ('selective' is
 # 'none' on a GPU: the dropout kernel already keeps no dropout masks.)
 CHECKPOINT_CHOICES = ((False, 1), (True, 4), (True, 3), (True, 2), (True, 1))
-# Sharding choices, least sharding first: the whole 4-bit base on every GPU (FSDP gathers nothing; only the
-# adapters' gradients cross GPUs), then sharded over all of them.
-SHARDING_CHOICES = ("NO_SHARD", "FULL_SHARD")
-
-
 AUTO_MARGIN = 0.85  # of the GPU's memory: fragmentation, and the plan's worst underestimate measured (-11%)
 
 
-def auto_choices(cfg: Config, gpus: int) -> list[dict]:
+def auto_choices(cfg: Config, gpus: int, nodes: int = 1) -> list[dict]:
     """The settings `cfg` leaves to 'auto' (parallel.activation_checkpointing, parallel.sharding_strategy), each
     combination as overrides, the fastest first: less recomputation first (a recomputed share s of the layers
-    costs 4/(4 + 2s) of the step: every 4th layer 11%, all 33%), and at equal recomputation the base whole on
-    every GPU (FSDP NO_SHARD: 0.3% for its wrapping on one H200 against FULL_SHARD's ~2% across 2). The base
-    is always sharded where keeping it whole cannot help: one process, CPU offload (it would put a whole copy
-    per process in host memory), DeepSpeed (which partitions it itself)."""
+    costs 4/(4 + 2s) of the step: every 4th layer 11%, all 33%), and at equal recomputation the least sharding:
+    the base whole on every GPU (NO_SHARD: 0.3% for its wrapping on one H200), then sharded (FULL_SHARD: ~2%
+    across 2 H200s). On several machines the base is sharded within each (HYBRID_SHARD), with any recomputation,
+    before it is sharded across them (FULL_SHARD: every layer's all-gather would cross the network). It is
+    sharded wherever keeping it whole cannot help: one process, CPU offload (a whole copy per process in host
+    memory), DeepSpeed (which partitions it itself)."""
     p = cfg.parallel
     checkpointing = [{}]
     if p.activation_checkpointing == "auto":
@@ -411,29 +408,37 @@ def auto_choices(cfg: Config, gpus: int) -> list[dict]:
             {"parallel.activation_checkpointing": ac, "parallel.checkpoint_every": every}
             for ac, every in CHECKPOINT_CHOICES
         ]
-    sharding = [{}]
-    if p.sharding_strategy == "auto":
-        whole_may_help = gpus > 1 and p.backend == "fsdp" and not p.cpu_offload
-        sharding = [
-            {"parallel.sharding_strategy": s}
-            for s in (SHARDING_CHOICES if whole_may_help else ("FULL_SHARD",))
-        ]
-    return [{**c, **s} for c in checkpointing for s in sharding]
+    if p.sharding_strategy != "auto":
+        tiers = [[None]]
+    elif gpus == 1 or p.backend != "fsdp" or p.cpu_offload:
+        tiers = [["FULL_SHARD"]]
+    elif nodes > 1:
+        tiers = [["NO_SHARD", "HYBRID_SHARD"], ["FULL_SHARD"]]
+    else:
+        tiers = [["NO_SHARD", "FULL_SHARD"]]
+    return [
+        {**c, **({"parallel.sharding_strategy": s} if s else {})}
+        for tier in tiers
+        for c in checkpointing
+        for s in tier
+    ]
 
 
-def choose_auto(cfg: Config, conf, gpus: int, gpu_mem: float | None) -> tuple[dict, Estimate | None]:
+def choose_auto(
+    cfg: Config, conf, gpus: int, gpu_mem: float | None, nodes: int = 1
+) -> tuple[dict, Estimate | None]:
     """What `cfg` leaves to 'auto', decided: the first of auto_choices whose planned peak fits `gpu_mem`, or the
     last (everything recomputed, the base sharded) when none does (the plan may be pessimistic). Without a GPU
     limit (a CPU run): no recomputation and the base sharded, as on GPUs (the processes share the host's
     memory, which sharding spares)."""
-    choices = auto_choices(cfg, gpus)
+    choices = auto_choices(cfg, gpus, nodes)
     if gpu_mem is None:
         cpu = {"parallel.activation_checkpointing": False, "parallel.sharding_strategy": "FULL_SHARD"}
         choice = next(c for c in choices if all(c.get(k, v) == v for k, v in cpu.items()))
         return choice, None
     est = None
     for choice in choices:
-        est = estimate(apply_overrides(cfg, choice, "auto"), conf, gpus)
+        est = estimate(apply_overrides(cfg, choice, "auto"), conf, gpus, nodes)
         if est.gpu_peak <= AUTO_MARGIN * gpu_mem:
             return choice, est
     return choice, est
@@ -449,13 +454,15 @@ def device_memory(cfg: Config, device: torch.device) -> float | None:
     return min(total, limit * GIB) if limit else total
 
 
-def resolve_auto(cfg: Config, conf, gpus: int, gpu_mem: float | None) -> tuple[Config, Estimate | None]:
+def resolve_auto(
+    cfg: Config, conf, gpus: int, gpu_mem: float | None, nodes: int = 1
+) -> tuple[Config, Estimate | None]:
     """`cfg` with parallel.activation_checkpointing and parallel.sharding_strategy 'auto' replaced by
     choose_auto's choice (as it is when neither is auto), and the estimate of that choice (None when nothing
-    was chosen or there is no GPU limit)."""
-    if not auto_choices(cfg, gpus)[0]:
+    was chosen or there is no GPU limit). `gpus` in all, on `nodes` machines."""
+    if not auto_choices(cfg, gpus, nodes)[0]:
         return cfg, None
-    choice, est = choose_auto(cfg, conf, gpus, gpu_mem)
+    choice, est = choose_auto(cfg, conf, gpus, gpu_mem, nodes)
     return apply_overrides(cfg, choice, "auto"), est
 
 
@@ -466,8 +473,8 @@ def describe_auto(before: Config, after: Config) -> str:
         parts.append(f"activation checkpointing {describe_checkpointing(after)}")
     if before.parallel.sharding_strategy == "auto":
         strategy = after.parallel.sharding_strategy
-        whole = " (the whole 4-bit base on every GPU)" if strategy == "NO_SHARD" else ""
-        parts.append(f"sharding {strategy}{whole}")
+        where = {"NO_SHARD": " (the whole 4-bit base on every GPU)", "HYBRID_SHARD": " (within each machine)"}
+        parts.append(f"sharding {strategy}{where.get(strategy, '')}")
     return ", ".join(parts)
 
 
@@ -519,8 +526,10 @@ def fit(cfg: Config, conf, gpus: int, gpu_mem: float, nodes: int, gpu_name: str)
         sizes = [{"train.micro_batch_tokens": m * cfg.data.max_len} for m in rows]
     # where the frozen base lives: whole on every GPU or sharded (several GPUs under FSDP; DeepSpeed partitions
     # it whatever FSDP's strategy), or sharded and offloaded (a whole copy per process offloaded would only cost
-    # host memory)
-    sharding = SHARDING_CHOICES if gpus > 1 and cfg.parallel.backend == "fsdp" else ("FULL_SHARD",)
+    # host memory); at equal planned speed (the network is not modelled) the first of these wins
+    sharding = ("FULL_SHARD",)
+    if gpus > 1 and cfg.parallel.backend == "fsdp":
+        sharding = ("NO_SHARD", "HYBRID_SHARD", "FULL_SHARD") if nodes > 1 else ("NO_SHARD", "FULL_SHARD")
     placements = [(False, s) for s in sharding] + ([(True, "FULL_SHARD")] if gpus > 1 else [])
     out = []
     for size in sizes:

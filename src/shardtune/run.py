@@ -87,7 +87,8 @@ def _resolve_auto(cfg: Config, conf, dist: DistInfo) -> Config:
     from shardtune import plan
 
     gpu_mem = plan.device_memory(cfg, dist.device)
-    resolved, est = plan.resolve_auto(cfg, conf, dist.world_size, gpu_mem)
+    nodes = dist.world_size // dist.local_world_size
+    resolved, est = plan.resolve_auto(cfg, conf, dist.world_size, gpu_mem, nodes)
     if dist.is_main and resolved is not cfg:
         log.info(
             "auto: %s%s",
@@ -168,7 +169,9 @@ def sharder_for(cfg: Config, dist: DistInfo):
             cfg.parallel, dist.device, cfg.train.micro_batch_size, dist.world_size, cfg.train.max_grad_norm
         )
         return zero3.ZeroSharder(cfg.parallel, config, dist.device, dist.world_size)
-    return parallel.Sharder(cfg.parallel, cfg.param_dtype, dist.device, dist.world_size)
+    return parallel.Sharder(
+        cfg.parallel, cfg.param_dtype, dist.device, dist.world_size, dist.local_world_size
+    )
 
 
 def _model(cfg: Config, conf, dist: DistInfo, run_dir: Path, tokenizer) -> Model:

@@ -48,7 +48,9 @@ def main(workdir: str, overrides: list[str]) -> None:
         modeling.write_random_base(cfg, build_tiny_tokenizer(), base)
     barrier()
     reference = reference_model(cfg, base, info.device)
-    sharder = parallel.Sharder(cfg.parallel, cfg.param_dtype, info.device, info.world_size)
+    sharder = parallel.Sharder(
+        cfg.parallel, cfg.param_dtype, info.device, info.world_size, info.local_world_size
+    )
     sharded, _ = loading.build_model(cfg, modeling.model_config(cfg), str(base), "sdpa", sharder, info.device)
 
     # LoRA B starts at zero; give both models the same nonzero adapters so that they take part.
