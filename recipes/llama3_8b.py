@@ -3,8 +3,9 @@
 Completion-only loss after "### Response:\\n", a reserved special token as pad, EOS appended, 1% held out,
 eval and checkpoints every 100 steps, TensorBoard logs, and answers to a few questions after training.
 Rows are packed without padding (alpaca answers run from a few tokens to a thousand) and Liger's fused kernels
-run where installed; with fsdp_configs/2xh100.yaml activation checkpointing is `auto`: only as many layers are
-recomputed as the GPU's memory needs (BENCHMARKS.md).
+run where installed; with fsdp_configs/2xh100.yaml activation checkpointing and sharding are `auto`: only as many
+layers are recomputed as the GPU's memory needs, and the 4-bit base is kept whole on every GPU where it fits
+(BENCHMARKS.md).
 
     accelerate launch --config_file fsdp_configs/2xh100.yaml recipes/llama3_8b.py
     accelerate launch --config_file fsdp_configs/2xh100.yaml recipes/llama3_8b.py data.source=my_rows.jsonl

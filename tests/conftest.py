@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -62,38 +63,45 @@ def launch(
     return proc
 
 
-def launch_machines(args: list[str], machines: int = 2, nproc: int = 2, timeout: int = 900) -> None:
+def launch_machines(
+    args: list[str], tmp_path: Path, machines: int = 2, nproc: int = 2, timeout: int = 900
+) -> None:
     """Run a script as `machines` machines of `nproc` CPU processes each: one torchrun agent per machine, as
-    slurm/train.sh starts them (LOCAL_WORLD_SIZE is `nproc`, WORLD_SIZE machines x nproc)."""
+    slurm/train.sh starts them (LOCAL_WORLD_SIZE is `nproc`, WORLD_SIZE machines x nproc). Each agent's output
+    goes to a file in `tmp_path` (a pipe left unread while waiting for another agent could fill and stall it);
+    agents still running when one fails or the time is up are stopped."""
     port = str(_port())
-    agents = [
-        subprocess.Popen(
-            [
-                str(BIN / "torchrun"),
-                "--nnodes",
-                str(machines),
-                "--node_rank",
-                str(i),
-                "--nproc_per_node",
-                str(nproc),
-                "--master_addr",
-                "127.0.0.1",
-                "--master_port",
-                port,
-                *args,
-            ],
-            cwd=ROOT,
-            env=run_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(machines)
-    ]
-    outputs = [agent.communicate(timeout=timeout)[0] for agent in agents]
+    agents, logs = [], []
+    try:
+        for i in range(machines):
+            logs.append(open(tmp_path / f"machine{i}.log", "w"))  # noqa: SIM115 (closed below)
+            rdzv = ["--master_addr", "127.0.0.1", "--master_port", port]
+            cmd = [str(BIN / "torchrun"), "--nnodes", str(machines), "--node_rank", str(i), *rdzv]
+            cmd += ["--nproc_per_node", str(nproc), *args]
+            agents.append(
+                subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=logs[-1], stderr=subprocess.STDOUT)
+            )
+        deadline = time.monotonic() + timeout
+        while any(agent.poll() is None for agent in agents) and time.monotonic() < deadline:
+            if any(agent.returncode for agent in agents):  # one failed: the others would wait for it
+                break
+            time.sleep(0.5)
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                # SIGTERM: torchrun stops its workers (in sessions of their own, a SIGKILL would orphan them)
+                agent.terminate()
+                try:
+                    agent.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    agent.kill()
+                    agent.wait()
+        for log in logs:
+            log.close()
     for i, agent in enumerate(agents):
-        if agent.returncode != 0:
-            raise AssertionError(f"machine {i} failed ({agent.returncode}):\n{outputs[i][-8000:]}")
+        if agent.returncode:
+            text = (tmp_path / f"machine{i}.log").read_text()
+            raise AssertionError(f"machine {i} failed ({agent.returncode}):\n{text[-8000:]}")
 
 
 def _port() -> int:

@@ -22,6 +22,7 @@ def test_sharded_logits_equal_unsharded_and_weights_are_sharded(tmp_path):
         # each rank holds about half of every flat parameter (4-bit base, norms, embeddings) and the
         # adapters whole, their gradients summed over the ranks
         assert r["total"] > 0 and 0.45 < r["local"] / r["total"] < 0.55
+        assert r["shard_group"] == [0, 1] and r["replica_group"] is None
         assert r["adapters_whole"] and r["grads_reduced"]
     assert ranks[0]["adapter_sum"] == ranks[1]["adapter_sum"]
     assert ranks[0]["losses"][0] == ranks[0]["losses"][1] == ranks[1]["losses"][0]
@@ -30,16 +31,23 @@ def test_sharded_logits_equal_unsharded_and_weights_are_sharded(tmp_path):
 @pytest.mark.slow
 def test_hybrid_shard_shards_within_a_machine_and_replicates_across(tmp_path):
     """parallel.sharding_strategy=HYBRID_SHARD (for several machines: all-gathers stay inside one) on 2 machines x
-    2 processes: each process holds half of the base (its machine's share), not a quarter; the logits equal
-    the unsharded model's; the adapters' gradients are summed over all 4 processes."""
-    launch_machines(["tests/workers/fsdp_exact.py", str(tmp_path), "parallel.sharding_strategy=HYBRID_SHARD"])
-    ranks = results(tmp_path)
+    2 processes: each process holds half of the base, shared with the other process of its machine (not a
+    quarter, not with the other machine) and replicated on its counterpart there; the logits equal the
+    unsharded model's; the adapters' gradients are summed over all 4 processes."""
+    work = tmp_path / "work"
+    work.mkdir()
+    launch_machines(
+        ["tests/workers/fsdp_exact.py", str(work), "parallel.sharding_strategy=HYBRID_SHARD"], tmp_path
+    )
+    ranks = results(work)
     assert [r["world"] for r in ranks] == [4, 4, 4, 4]
     for r in ranks:
         assert r["identical"], f"rank {r['rank']}: logits differ by {r['max_abs_diff']}"
         assert r["total"] > 0 and 0.45 < r["local"] / r["total"] < 0.55
+        machine = r["rank"] // 2
+        assert r["shard_group"] == [2 * machine, 2 * machine + 1], r
+        assert r["replica_group"] == [r["rank"] % 2, r["rank"] % 2 + 2], r
         assert r["adapters_whole"] and r["grads_reduced"]
-    assert len({r["adapter_sum"] for r in ranks}) == 1
 
 
 @pytest.mark.slow

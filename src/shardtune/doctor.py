@@ -264,14 +264,15 @@ def logged_save_seconds(run_dir: Path) -> float | None:
 
 
 def run_checks(
-    cfg: Config, conf, gpus: int, lead_s: float | None = None, with_data: bool = True
+    cfg: Config, conf, gpus: int, lead_s: float | None = None, with_data: bool = True, nodes: int = 1
 ) -> list[Finding]:
-    """Every check; `with_data` False at the start of a run (`--doctor`), which prepares the data next anyway."""
+    """Every check (`gpus` in all, on `nodes` machines); `with_data` False at the start of a run (`--doctor`),
+    which prepares the data next anyway."""
     from shardtune.plan import device_memory, estimate, resolve_auto
 
     # checkpointing and sharding 'auto' decided as the run will decide them on this machine's device
-    cfg, _ = resolve_auto(cfg, conf, max(gpus, 1), device_memory(cfg, _run_device(cfg)))
-    est = estimate(cfg, conf, max(gpus, 1))
+    cfg, _ = resolve_auto(cfg, conf, max(gpus, 1), device_memory(cfg, _run_device(cfg)), nodes)
+    est = estimate(cfg, conf, max(gpus, 1), nodes)
     run_dir = Path(cfg.train.output_dir) / (cfg.train.run_name or "")
     measured = logged_save_seconds(run_dir) if cfg.train.run_name else None
     # without a measurement: the checkpoint written at 200 MB/s, plus 10 s of coordination

@@ -24,8 +24,10 @@ math is the same; the helpers below (clip, gather for generation) hide the diffe
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import logging
+import os
 
 import torch
 import torch.distributed as dist
@@ -70,9 +72,10 @@ class Sharder:
             raise ValueError("parallel.sharding_strategy='auto' is unresolved (plan.resolve_auto)")
         self.layer_cls: type | None = None
         offload = offload_on(pcfg, device)
-        mesh = None
+        groups = None
         if pcfg.sharding_strategy == "HYBRID_SHARD" and self.enabled:
-            mesh = hybrid_mesh(device, world_size, local_world_size or world_size)
+            per_machine = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+            groups = hybrid_groups(world_size, per_machine, pcfg.timeout_minutes)
         self.kwargs = dict(
             sharding_strategy=ShardingStrategy[pcfg.sharding_strategy],
             mixed_precision=MixedPrecision(
@@ -91,7 +94,7 @@ class Sharder:
             use_orig_params=True,  # bitsandbytes finds its 4-bit weights (and their quant_state) by name
             device_id=device,
             sync_module_states=False,  # every rank built the same weights (same bytes, same seed)
-            device_mesh=mesh,
+            process_group=groups,  # None: the default group
         )
 
     def layer(self, layer: torch.nn.Module) -> torch.nn.Module:
@@ -111,20 +114,24 @@ class Sharder:
         return model
 
 
-def hybrid_mesh(device: torch.device, world_size: int, per_machine: int):
-    """HYBRID_SHARD's groups: the base sharded over the processes of one machine, replicated across machines
-    (so all-gathers stay inside a machine; only the adapters' gradients cross). FSDP1 finds no groups of its
-    own when it wraps layer by layer ("requires explicit specification of process group or device_mesh")."""
-    from torch.distributed.device_mesh import init_device_mesh
-
+def hybrid_groups(world_size: int, per_machine: int, timeout_minutes: float):
+    """HYBRID_SHARD's process groups, (this machine's processes, this process's counterparts on the others): the
+    base sharded over one machine's processes and replicated across machines, so all-gathers stay inside a
+    machine (only the adapters' gradients cross). FSDP1 finds no groups of its own when it wraps layer by layer
+    ("requires explicit specification of process group or device_mesh"); made here, with the run's collective
+    timeout (a device mesh would give them torch's default)."""
     if world_size % per_machine:
         raise ValueError(
             f"parallel.sharding_strategy=HYBRID_SHARD needs the same number of processes on every machine "
             f"({world_size} processes, {per_machine} on this one)"
         )
-    return init_device_mesh(
-        device.type, (world_size // per_machine, per_machine), mesh_dim_names=("replicate", "shard")
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    machines = [list(range(m, m + per_machine)) for m in range(0, world_size, per_machine)]
+    intra, _ = dist.new_subgroups_by_enumeration(machines, timeout=timeout)
+    inter, _ = dist.new_subgroups_by_enumeration(
+        [list(r) for r in zip(*machines, strict=True)], timeout=timeout
     )
+    return intra, inter
 
 
 def apply_checkpointing(model: torch.nn.Module, pcfg: ParallelConfig, layer_cls: type | None) -> None:

@@ -179,7 +179,8 @@ def _doctor(cfg: Config) -> None:
 
     conf, _ = plan.architecture(cfg)
     world = int(os.environ.get("WORLD_SIZE", 1))
-    text, ok = doctor.report(doctor.run_checks(cfg, conf, world, with_data=False))
+    nodes = world // int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    text, ok = doctor.report(doctor.run_checks(cfg, conf, world, with_data=False, nodes=nodes))
     print(text, file=sys.stderr, flush=True)
     if not ok:
         raise ConfigError("shardtune doctor found errors (above); fix them or run without --doctor")

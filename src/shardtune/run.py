@@ -86,8 +86,20 @@ def _resolve_auto(cfg: Config, conf, dist: DistInfo) -> Config:
     cfg = apply_overrides(cfg, {"model.fused_kernels": fused}, "model.fused_kernels")
     from shardtune import plan
 
-    gpu_mem = plan.device_memory(cfg, dist.device)
-    nodes = dist.world_size // dist.local_world_size
+    # NOTE: every rank decides alone, so each decides from the same facts: the least GPU memory of any process,
+    # the machines counted from every machine's process count (ranks that chose different sharding would wait
+    # in each other's collectives until the timeout)
+    facts = gather_object((dist.local_world_size, plan.device_memory(cfg, dist.device)))
+    per_machine = sorted({n for n, _ in facts})
+    memories = [m for _, m in facts if m is not None]
+    gpu_mem = min(memories) if memories else None
+    if len(per_machine) > 1 and cfg.parallel.sharding_strategy == "HYBRID_SHARD":
+        raise ConfigError(
+            f"parallel.sharding_strategy=HYBRID_SHARD needs the same number of processes on every machine; this "
+            f"run's machines have {per_machine} (LOCAL_WORLD_SIZE). Start as many on each, or use FULL_SHARD."
+        )
+    # machines of unequal sizes are planned as one (auto then never picks HYBRID_SHARD)
+    nodes = dist.world_size // per_machine[0] if len(per_machine) == 1 else 1
     resolved, est = plan.resolve_auto(cfg, conf, dist.world_size, gpu_mem, nodes)
     if dist.is_main and resolved is not cfg:
         log.info(

@@ -77,6 +77,12 @@ def main(workdir: str, overrides: list[str]) -> None:
         expected = reference(input_ids=batch, attention_mask=mask).logits
         logits = sharded(input_ids=batch, attention_mask=mask).logits
     report = parallel.sharding_report(sharded)
+    # the ranks this one shards the base with, and (HYBRID_SHARD) those it holds the same shard as
+    groups = {"shard_group": None, "replica_group": None}
+    if isinstance(sharded, FSDP):
+        groups["shard_group"] = dist.get_process_group_ranks(sharded.process_group)
+        if getattr(sharded, "_inter_node_pg", None) is not None:
+            groups["replica_group"] = dist.get_process_group_ranks(sharded._inter_node_pg)
     # one training step: every rank computes the same batch here, so once the adapters' gradients are
     # summed over the ranks each must be exactly `world` times the unsharded model's
     loss = sharded(input_ids=batch, attention_mask=mask, labels=batch).loss
@@ -100,6 +106,7 @@ def main(workdir: str, overrides: list[str]) -> None:
                 "identical": bool(torch.equal(logits, expected)),
                 "max_abs_diff": float((logits - expected).abs().max()),
                 "local": report["local"],
+                **groups,
                 "total": report["total"],
                 "adapters_whole": all(
                     p.shape == reference.get_parameter(n).shape for n, p in adapters.items()
