@@ -410,18 +410,28 @@ def auto_choices(cfg: Config, gpus: int, nodes: int = 1) -> list[dict]:
         ]
     if p.sharding_strategy != "auto":
         tiers = [[None]]
-    elif gpus == 1 or p.backend != "fsdp" or p.cpu_offload:
+    elif p.cpu_offload:
         tiers = [["FULL_SHARD"]]
-    elif nodes > 1:
-        tiers = [["NO_SHARD", "HYBRID_SHARD"], ["FULL_SHARD"]]
     else:
-        tiers = [["NO_SHARD", "FULL_SHARD"]]
+        tiers = sharding_tiers(gpus, nodes, p.backend)
     return [
         {**c, **({"parallel.sharding_strategy": s} if s else {})}
         for tier in tiers
         for c in checkpointing
         for s in tier
     ]
+
+
+def sharding_tiers(gpus: int, nodes: int, backend: str) -> list[list[str]]:
+    """Where the frozen base can live, least sharding first: whole on every GPU, then sharded within a machine
+    (several machines), then over all GPUs; grouped in tiers that auto_choices tries one after the other at every
+    recomputation (FULL_SHARD across machines only when nothing fits a machine). One process has nothing to
+    shard, and DeepSpeed partitions the base whatever FSDP's strategy says."""
+    if gpus == 1 or backend != "fsdp":
+        return [["FULL_SHARD"]]
+    if nodes > 1:
+        return [["NO_SHARD", "HYBRID_SHARD"], ["FULL_SHARD"]]
+    return [["NO_SHARD", "FULL_SHARD"]]
 
 
 def choose_auto(
@@ -524,12 +534,9 @@ def fit(cfg: Config, conf, gpus: int, gpu_mem: float, nodes: int, gpu_name: str)
     if cfg.data.packing and cfg.parallel.backend == "fsdp":
         rows = [m for m in (1, 2, 4, 8, 16, 32) if m <= per_gpu_rows]
         sizes = [{"train.micro_batch_tokens": m * cfg.data.max_len} for m in rows]
-    # where the frozen base lives: whole on every GPU or sharded (several GPUs under FSDP; DeepSpeed partitions
-    # it whatever FSDP's strategy), or sharded and offloaded (a whole copy per process offloaded would only cost
-    # host memory); at equal planned speed (the network is not modelled) the first of these wins
-    sharding = ("FULL_SHARD",)
-    if gpus > 1 and cfg.parallel.backend == "fsdp":
-        sharding = ("NO_SHARD", "HYBRID_SHARD", "FULL_SHARD") if nodes > 1 else ("NO_SHARD", "FULL_SHARD")
+    # where the frozen base lives (sharding_tiers), or sharded and offloaded (a whole copy per process offloaded
+    # would only cost host memory); at equal planned speed (the network is not modelled) the first of these wins
+    sharding = [s for tier in sharding_tiers(gpus, nodes, cfg.parallel.backend) for s in tier]
     placements = [(False, s) for s in sharding] + ([(True, "FULL_SHARD")] if gpus > 1 else [])
     out = []
     for size in sizes:
