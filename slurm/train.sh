@@ -82,6 +82,8 @@ ARGS=("$@" "train.output_dir=$RUNS_DIR" "train.run_name=$RUN_NAME" "train.resume
 
 mkdir -p "$RUN_DIR/slurm"
 rm -f "$RUN_DIR/STOP"  # left by an earlier start that ended before acting on it
+# an earlier start's status must not stand for this one's (a start that fails before writing its own is "unknown")
+rm -f "$RUN_DIR/status.json"
 READY=1
 [ -z "$GOT" ] || touch "$RUN_DIR/STOP"  # a signal that came during the set-up
 # what ran: the configuration (validated before anything starts), the code version, this script

@@ -12,8 +12,14 @@ import torch
 from safetensors.torch import load_file
 
 from shardtune import loading, modeling, parallel
-from shardtune.checkpoint import CheckpointManager, rng_state, set_rng_state, verify_checkpoint
-from shardtune.config import Config
+from shardtune.checkpoint import (
+    CheckpointManager,
+    resume_point,
+    rng_state,
+    set_rng_state,
+    verify_checkpoint,
+)
+from shardtune.config import Config, ConfigError, to_yaml
 from shardtune.distributed import init_distributed, teardown
 from shardtune.export import export_adapter
 from shardtune.tokenizer import build_tiny_tokenizer
@@ -91,6 +97,62 @@ def test_keep_last(setup):
     for step in (10, 20, 30):
         mgr.save(step, model, opt, {"scheduler": {}}, files)
     assert [p.name for p in mgr.checkpoints()] == ["step-00000020", "step-00000030"]
+
+
+def corrupt(path):
+    shard = next(path.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+
+def test_checkpoints_off_the_runs_path_are_set_aside_never_kept_in_place_of_good_ones(setup, caplog):
+    """The run resumes an older checkpoint than the newest (the newest is corrupted, or train.resume names an
+    older one): the newer ones move to checkpoints/abandoned/, so a save keeps keep_last good ones counting
+    from itself (before, a save kept the newer broken one and deleted itself and the good one), the next
+    resume=auto cannot jump back to them, and nothing is deleted."""
+    root, info, model, opt, files = setup
+    files = {**files, "config.yaml": to_yaml(Config()).encode()}
+    d = root / "aside"
+    two = CheckpointManager(d, keep_last=2, dist=info)
+    for step in (1, 2, 3):
+        two.save(step, model, opt, {"scheduler": {}}, files)
+    corrupt(d / "step-00000003")
+    one = CheckpointManager(d, keep_last=1, dist=info)
+    with caplog.at_level(logging.WARNING):
+        assert resume_point("auto", one, to_yaml(Config())) == d / "step-00000002"
+    assert "step-00000003 set aside" in caplog.text
+    assert [p.name for p in one.checkpoints()] == ["step-00000002"]
+    one.save(3, model, opt, {"scheduler": {}}, files)  # the run redoes step 3
+    assert [p.name for p in one.checkpoints()] == ["step-00000003"] and one.latest() == d / "step-00000003"
+    assert verify_checkpoint(d / "abandoned" / "step-00000003") is not None  # the broken one, kept aside
+    # resuming an older one by name: the newer ones go aside too
+    two.save(4, model, opt, {"scheduler": {}}, files)
+    two.save(5, model, opt, {"scheduler": {}}, files)
+    assert resume_point(str(d / "step-00000004"), two, to_yaml(Config())) == d / "step-00000004"
+    assert two.latest() == d / "step-00000004"
+    assert sorted(p.name for p in (d / "abandoned").iterdir()) == ["step-00000003", "step-00000005"]
+    # a copy with another name is not a checkpoint; none intact: refused, not started over from step 0
+    (d / "step-00000004").rename(d / "step-00000004.bak")
+    two.save(6, model, opt, {"scheduler": {}}, files)
+    corrupt(d / "step-00000006")
+    assert [p.name for p in two.checkpoints()] == ["step-00000006"]
+    with pytest.raises(ConfigError, match=r"(?s)none is intact.*step-00000006: .*checksum"):
+        resume_point("auto", two, to_yaml(Config()))
+    assert (d / "step-00000006").is_dir() and (d / "step-00000004.bak").is_dir()
+
+
+def test_an_optimizer_that_has_not_stepped_is_saved_and_restored_as_it_is(setup):
+    """fp16's loss scaler skips the steps whose gradients overflow; a save before the first step that was
+    taken must not give AdamW a state (a step count) it never had, nor a resume."""
+    root, info, model, _, files = setup
+    fresh = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    mgr = CheckpointManager(root / "unstepped", keep_last=2, dist=info)
+    path = mgr.save(2, model, fresh, {"scheduler": {}}, files)
+    assert not fresh.state and json.loads((path / "train_state.json").read_text())["optimizer_state"] is False
+    again = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    mgr.load(path, model, again)
+    assert not again.state
 
 
 def test_restore_is_exact(setup):

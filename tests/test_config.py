@@ -1,10 +1,21 @@
 """Config: typed sections, overrides, errors that name the key and the closest valid one, precedence."""
 
+import importlib.util
+
 import pytest
 
+from conftest import ROOT
 from shardtune.config import Config, ConfigError, apply_overrides, format_help, parse_overrides
-from shardtune.launcher import accelerate_env_overrides, accelerate_yaml_overrides
-from shardtune.recipe import _parse_args, resolve_config, split_sweep_values
+from shardtune.launcher import accelerate_env_overrides, accelerate_yaml_overrides, launching_config_file
+from shardtune.recipe import (
+    _parse_args,
+    check_backend,
+    check_sweep,
+    load_recipe,
+    main,
+    resolve_config,
+    split_sweep_values,
+)
 
 
 def test_overrides_are_typed():
@@ -217,11 +228,12 @@ def test_command_line_flags_and_sweep_values():
             "lora.target_modules=[q_proj,v_proj],all-linear",
             "--validate",
             "--sweep",
-            "optim.lr=1e-3",
+            "optim.lr=1e-3",  # one value: no sweep, an override beside a bare --sweep
+            "--print-config",
             "data.max_len=64",
         ]
     )
-    assert flags == {"--sweep", "--validate"} and overrides == [
+    assert flags == {"--sweep", "--validate", "--print-config"} and overrides == [
         "lora.r=8",
         "optim.lr=1e-3",
         "data.max_len=64",
@@ -230,3 +242,259 @@ def test_command_line_flags_and_sweep_values():
     assert split_sweep_values("1e-4,2e-4") == ["1e-4", "2e-4"]
     with pytest.raises(ConfigError, match="unknown flag"):
         _parse_args(["--frobnicate"])
+
+
+# ------------------------------------------------------------------ accelerate configs, read as accelerate does
+YAML_HEAD = (
+    "compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nnum_processes: 2\nmixed_precision: bf16\n"
+)
+
+
+def write_yaml(tmp_path, fsdp: dict, name="acc.yaml"):
+    path = tmp_path / name
+    path.write_text(YAML_HEAD + "fsdp_config:\n" + "".join(f"  fsdp_{k}: {v}\n" for k, v in fsdp.items()))
+    return path
+
+
+def launched_env(**fsdp: str) -> dict[str, str]:
+    """What `accelerate launch` (1.x) exports for an FSDP config: its defaults for every key the file leaves
+    out (accelerate/utils/launch.py), the file's values for the others."""
+    env = {
+        "ACCELERATE_USE_FSDP": "true",
+        "ACCELERATE_MIXED_PRECISION": "bf16",
+        "FSDP_VERSION": "1",
+        "FSDP_SHARDING_STRATEGY": "FULL_SHARD",
+        "FSDP_RESHARD_AFTER_FORWARD": "true",
+        "FSDP_OFFLOAD_PARAMS": "false",
+        "FSDP_MIN_NUM_PARAMS": "100000000",
+        "FSDP_FORWARD_PREFETCH": "false",
+        "FSDP_USE_ORIG_PARAMS": "true",
+        "FSDP_CPU_RAM_EFFICIENT_LOADING": "true",
+        "FSDP_SYNC_MODULE_STATES": "true",
+        "FSDP_ACTIVATION_CHECKPOINTING": "false",
+        "FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD": "false",
+    }
+    env.update({f"FSDP_{k.upper()}": v for k, v in fsdp.items()})
+    return env
+
+
+@pytest.mark.parametrize(
+    "value, strategy",
+    [
+        ("NO_SHARD", "NO_SHARD"),
+        ("HYBRID_SHARD", "HYBRID_SHARD"),
+        ("FULL_SHARD", "FULL_SHARD"),
+        ("3", "NO_SHARD"),
+    ],
+)
+def test_reshard_after_forward_is_the_fsdp1_sharding_strategy(tmp_path, value, strategy):
+    """`accelerate config` writes FSDP1's strategy as fsdp_reshard_after_forward; both launchers read it."""
+    path = write_yaml(tmp_path, {"version": 1, "reshard_after_forward": value})
+    assert accelerate_yaml_overrides(path)[0]["parallel.sharding_strategy"] == strategy
+    # accelerate exports it lower-cased; its old key keeps accelerate's default FULL_SHARD, which says nothing here
+    env = launched_env(reshard_after_forward=value.lower())
+    assert accelerate_env_overrides(env, path)[0]["parallel.sharding_strategy"] == strategy
+
+
+@pytest.mark.parametrize(
+    "fsdp, message",
+    [
+        (
+            {"sharding_strategy": "FULL_SHARD", "reshard_after_forward": "NO_SHARD"},
+            r"fsdp_sharding_strategy='FULL_SHARD' and fsdp_reshard_after_forward='NO_SHARD' disagree.*Keep one",
+        ),
+        (
+            {"reshard_after_forward": "true"},
+            r"fsdp_reshard_after_forward=True is FSDP2's form.*FULL_SHARD",
+        ),
+        (
+            {"reshard_after_forward": "HYBRID_SHARD_ZERO2"},
+            r"HYBRID_SHARD_ZERO2 is not supported.*HYBRID_SHARD\.",
+        ),
+        (
+            {"reshard_after_forward": "HALF_SHARD"},
+            r"'HALF_SHARD' is not a sharding strategy; set fsdp_reshard",
+        ),
+    ],
+)
+def test_sharding_keys_that_disagree_or_mean_nothing_are_refused_naming_the_file(tmp_path, fsdp, message):
+    path = write_yaml(tmp_path, {"version": 1, **fsdp})
+    with pytest.raises(ConfigError, match=message) as e:
+        accelerate_yaml_overrides(path)
+    assert str(path) in str(e.value)
+
+
+def test_shard_grad_op_from_a_yaml_is_refused_with_the_reason_and_the_file(tmp_path):
+    path = write_yaml(tmp_path, {"version": 1, "reshard_after_forward": "SHARD_GRAD_OP"})
+    with pytest.raises(ConfigError) as e:
+        resolve_config(Config(), [f"parallel.launch_config={path}"], env={})
+    msg = str(e.value)
+    assert "SHARD_GRAD_OP does not work with 4-bit" in msg and f"from accelerate config {path}" in msg
+
+
+def test_both_launchers_keep_the_recipes_settings_where_the_yaml_is_silent(tmp_path):
+    """A YAML without fsdp_offload_params / fsdp_activation_checkpointing: recipes/llama3_70b.py keeps its own
+    cpu_offload and activation checkpointing under `accelerate launch` (which exports false for both) as under
+    torchrun with parallel.launch_config; settings the file gives apply under both."""
+    recipe = load_recipe(ROOT / "recipes/llama3_70b.py").config()
+    silent = write_yaml(tmp_path, {"version": 1, "transformer_layer_cls_to_wrap": "LlamaDecoderLayer"})
+    torchrun = resolve_config(recipe, [f"parallel.launch_config={silent}"], env={}).parallel
+    accelerate = resolve_config(
+        recipe, [], env=launched_env()
+    ).parallel  # no file found: defaults say nothing
+    values, _ = accelerate_env_overrides(launched_env(), silent)
+    with_file = apply_overrides(recipe, values, "test").parallel
+    for p in (torchrun, accelerate, with_file):
+        assert (
+            p.cpu_offload is True
+            and p.activation_checkpointing is True
+            and p.sharding_strategy == "FULL_SHARD"
+        )
+    # said in the file, the same false applies under both
+    said = write_yaml(
+        tmp_path, {"version": 1, "offload_params": "false", "activation_checkpointing": "false"}
+    )
+    torchrun = resolve_config(recipe, [f"parallel.launch_config={said}"], env={}).parallel
+    values, origin = accelerate_env_overrides(launched_env(), said)
+    assert str(said) in origin
+    accelerate = apply_overrides(recipe, values, origin).parallel
+    for p in (torchrun, accelerate):
+        assert p.cpu_offload is False and p.activation_checkpointing is False
+    # a flag of `accelerate launch` (a value other than its default) applies though the file is silent
+    flagged, _ = accelerate_env_overrides(launched_env(sharding_strategy="NO_SHARD"), silent)
+    assert flagged["parallel.sharding_strategy"] == "NO_SHARD"
+
+
+def test_the_launching_config_file_is_found_in_the_accelerate_process(tmp_path):
+    """accelerate does not export its config file's path: it is read from the launching process."""
+    import subprocess
+    import sys
+
+    code = "from shardtune.launcher import launching_config_file as f; print(f())"
+    # a stand-in for `accelerate launch --config_file X`: a process whose command line says so, and its child
+    parent = "import subprocess, sys; subprocess.run([sys.executable, '-c', sys.argv[1]], check=True)"
+    out = subprocess.run(
+        [sys.executable, "-c", parent, code, "accelerate", "launch", "--config_file", "x.yaml", "recipe.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.stdout.strip() == str(tmp_path / "x.yaml"), out.stderr
+    assert launching_config_file() is None  # pytest was not started by accelerate
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("offload_params", "ture"), ("forward_prefetch", "maybe"), ("activation_checkpointing", "every2")],
+)
+def test_a_setting_that_is_not_a_boolean_is_refused_naming_key_file_and_values(tmp_path, key, value):
+    path = write_yaml(tmp_path, {"version": 1, key: value})
+    for read in (
+        lambda: accelerate_yaml_overrides(path),
+        lambda: accelerate_env_overrides(launched_env(**{key: value}), path),
+    ):
+        with pytest.raises(ConfigError) as e:
+            read()
+        msg = str(e.value)
+        assert f"fsdp_{key}={value!r}" in msg and str(path) in msg and "true" in msg and "false" in msg, msg
+
+
+# --------------------------------------------------------------- inputs checked before anything is loaded
+def test_a_model_path_that_does_not_exist_is_refused(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        resolve_config(Config(), ["model.name_or_path=/no/such/dir", "model.init=pretrained"], env={})
+    assert "model.name_or_path=/no/such/dir: no such directory" in str(e.value)
+    with pytest.raises(ConfigError, match=r"model.tokenizer=\./gone: no such directory"):
+        resolve_config(Config(), ["model.tokenizer=./gone"], env={})
+    # a hub id is left to the hub
+    cfg = resolve_config(Config(), ["model.name_or_path=org/model", "model.init=pretrained"], env={})
+    assert cfg.model.name_or_path == "org/model"
+
+
+def test_a_model_directory_without_safetensors_is_refused_with_the_conversion(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(ConfigError) as e:
+        resolve_config(Config(), [f"model.name_or_path={tmp_path}", "model.init=pretrained"], env={})
+    msg = str(e.value)
+    assert (
+        f"model.name_or_path={tmp_path}: no safetensors weights" in msg and "found pytorch_model.bin" in msg
+    )
+    assert ".save_pretrained(" in msg and f"model.name_or_path={tmp_path}-safetensors" in msg
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(ConfigError, match=r"no config\.json"):
+        resolve_config(Config(), [f"model.name_or_path={tmp_path}", "model.init=pretrained"], env={})
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (
+            "[q_proj,vproj]",
+            r"no linear layer of this llama model is called 'vproj' \(did you mean v_proj\?\)",
+        ),
+        ("q_proj,v_proj", r"'q_proj,v_proj' is one string.*lora.target_modules=\[q_proj,v_proj\]"),
+        ("[]", r"lora.target_modules is empty"),
+    ],
+)
+def test_target_modules_the_model_does_not_have_are_refused(value, expected):
+    with pytest.raises(ConfigError, match=expected) as e:
+        resolve_config(Config(), [f"lora.target_modules={value}"], env={})
+    assert "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj" in str(e.value)
+    # a swept value is checked too
+    with pytest.raises(ConfigError, match="vproj"):
+        from shardtune.sweep import expand
+
+        expand(Config(), {"lora.target_modules": [["q_proj", "v_proj"], ["vproj"]]})
+
+
+def test_a_shape_field_the_architecture_lacks_is_refused():
+    with pytest.raises(ConfigError) as e:
+        resolve_config(Config(), ["model.shape.num_hiden_layers=2"], env={})
+    msg = str(e.value)
+    assert "model.shape.num_hiden_layers: not a field" in msg and "model.shape.num_hidden_layers?" in msg
+    cfg = resolve_config(Config(), ["model.shape.num_hidden_layers=2", "model.shape.rope_theta=1e6"], env={})
+    assert cfg.model.shape["num_hidden_layers"] == 2
+
+
+def test_resume_takes_auto_never_or_a_checkpoint(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        resolve_config(Config(), ["train.resume=nevr"], env={})
+    msg = str(e.value)
+    assert "train.resume=nevr" in msg and "Did you mean train.resume=never?" in msg and "auto" in msg
+    assert resolve_config(Config(), [f"train.resume={tmp_path}"], env={}).train.resume == str(tmp_path)
+
+
+def test_a_missing_deepspeed_stops_the_run_before_the_data(monkeypatch, capsys):
+    import shardtune.recipe as recipe
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "deepspeed" else real(n, *a))
+    cfg = apply_overrides(Config(), {"parallel.backend": "deepspeed"}, "test")
+    with pytest.raises(
+        ConfigError, match=r"parallel.backend=deepspeed .* pip install 'shardtune\[deepspeed\]'"
+    ):
+        check_backend([cfg])
+    monkeypatch.setattr(recipe, "run", lambda *a, **k: pytest.fail("the run started"))
+    with pytest.raises(SystemExit) as e:
+        main(Config(), argv=["parallel.backend=deepspeed"])
+    assert e.value.code == 2 and "needs DeepSpeed" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ sweeps
+def test_sweep_values_a_run_would_drop_are_refused(capsys):
+    assert _parse_args(["--sweep", "lora.r=32"]) == ({"--sweep"}, ["lora.r=32"], {})
+    with pytest.raises(SystemExit) as e:  # a bare --sweep on a recipe without a grid of its own
+        main(Config(), argv=["--sweep", "lora.r=32"])
+    assert e.value.code == 2 and "has no sweep grid of its own" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"--sweep lora.r is given twice"):
+        _parse_args(["--sweep", "lora.r=8,16", "--sweep", "lora.r=4,32"])
+    _, overrides, grid = _parse_args(["--sweep", "lora.r=8,16", "lora.r=4"])
+    with pytest.raises(
+        ConfigError, match=r"lora.r=4 on the command line is also swept by --sweep \(lora.r: 8, 16\)"
+    ):
+        check_sweep(overrides, grid, recipe_grid=False)
+    with pytest.raises(ConfigError, match=r"lora.r=32 .* also swept by the recipe's --sweep grid"):
+        check_sweep(["lora.r=32"], {"lora.r": [8, 16]}, recipe_grid=True)
+    check_sweep(["optim.lr=1e-3"], {"lora.r": [8, 16]}, recipe_grid=True)  # a key the grid leaves alone

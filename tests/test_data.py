@@ -213,7 +213,9 @@ def test_keep_if_empty_and_sources(tok, tmp_path):
     pd.DataFrame(rows).to_parquet(f)
     data = build(tok, f, keep_if_empty=["input"])
     assert len(data.train) + len(data.eval) == 3
-    with pytest.raises(DataError, match="keep_if_empty names column 'context'"):
+    with pytest.raises(
+        DataError, match=r"keep_if_empty names column 'context'.*set data\.keep_if_empty=\[\]"
+    ):
         build(tok, f, keep_if_empty=["context"])
     # a local dataset folder with train/test files: splits by name, like a hub dataset
     folder = tmp_path / "chat"
@@ -223,6 +225,123 @@ def test_keep_if_empty_and_sources(tok, tmp_path):
     write_jsonl(folder / "test.jsonl", [conv] * 2)
     data = build_data(DataConfig(source=str(folder), eval_split="test"), tok, seed=0)
     assert (len(data.train), len(data.eval), data.formatter.fmt) == (5, 2, "chat")
+
+
+def test_eval_split_never_evaluates_on_the_training_rows(tok, tmp_path, caplog):
+    """A single file (or the generated task) has no named splits: data.eval_split (as recipes/llama3_70b.py
+    sets it) or data.eval_source naming the training file itself holds out data.test_size rows instead of
+    evaluating on the rows the run trains on, and the log says so."""
+    rows = [{"instruction": f"Sort the letters: {c} a", "output": f"a {c}"} for c in "bcdefghijk"]
+    f = write_jsonl(tmp_path / "rows.jsonl", rows)
+    for kw in ({"eval_split": "test"}, {"eval_source": str(tmp_path / "." / "rows.jsonl")}):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="shardtune"):
+            data = build_data(DataConfig(source=str(f), test_size=2, **kw), tok, seed=0)
+        assert (len(data.train), len(data.eval)) == (8, 2)
+        # 8 + 2 distinct rows out of 10: the eval rows are not trained on
+        assert len({r["instruction"] for r in data.eval_rows}) == 2
+        assert "would evaluate on the training rows" in caplog.text and "data.test_size=2" in caplog.text
+    generated = build_data(
+        DataConfig(eval_split="test", generated=GeneratedTaskConfig(rows=100)), tok, seed=0
+    )
+    assert (len(generated.train), len(generated.eval)) == (95, 5)
+
+
+def test_null_column_read_by_a_field_template(tok, tmp_path):
+    """A null column a data.fields template reads is refused (it would train on the text 'None'), naming the
+    row, the column, the field and the fix; in the optional input it is left out, as a null input column is."""
+    f = write_jsonl(
+        tmp_path / "rows.jsonl",
+        [{"product": "Lamp", "description": "Bright."}] * 2 + [{"product": "Desk", "description": None}],
+    )
+    with pytest.raises(DataError) as e:
+        build(
+            tok, f, format="alpaca", fields={"instruction": "Describe {product}", "output": "{description}"}
+        )
+    msg = str(e.value)
+    assert "rows.jsonl row 3: column 'description' is empty (null)" in msg
+    assert "data.fields.output='{description}'" in msg and "remove the row" in msg
+    f = write_jsonl(tmp_path / "ctx.jsonl", [{"instruction": "Sort", "ctx": None, "output": "a b"}] * 2)
+    formatter = RowFormatter("alpaca", tok, "ctx.jsonl", fields={"input": "Context: {ctx}"})
+    assert formatter.prompt({"instruction": "Sort", "ctx": None}, 0) == ALPACA_PROMPT_NO_INPUT.format(
+        instruction="Sort"
+    )
+
+
+def test_empty_responses_are_refused_with_the_row(tok, tmp_path):
+    """An empty or whitespace-only response would train EOS alone: refused like a null one, in every format."""
+    ok = {"instruction": "Sort c a", "output": "a c"}
+    cases = [
+        (
+            "alpaca.jsonl",
+            [ok, {"instruction": "Sort b a", "output": ""}],
+            {},
+            r"row 2: column 'output' is empty;",
+        ),
+        (
+            "pc.jsonl",
+            [{"prompt": "Q", "completion": "  \n"}, {"prompt": "Q", "completion": "A"}],
+            {},
+            r"row 1: column 'completion' is empty \(whitespace only\);",
+        ),
+        (
+            "fields.jsonl",
+            [{"q": "Sort", "a": "a b"}, {"q": "Sort", "a": " "}],
+            {"format": "alpaca", "fields": {"instruction": "{q}", "output": "{a}"}},
+            r"row 2: data\.fields\.output='\{a\}' renders empty \(whitespace only\);",
+        ),
+        (
+            "chat.jsonl",
+            [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}] * 2,
+            {},
+            r"row \d: column 'messages', message 1: the assistant's content is empty;",
+        ),
+    ]
+    for name, rows, kw, match in cases:
+        with pytest.raises(DataError, match=match) as e:
+            build(tok, write_jsonl(tmp_path / name, rows), **kw)
+        assert name in str(e.value) and "Fill it in, or remove the row" in str(e.value)
+
+
+def test_csv_parse_error_names_the_line(tok, tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("instruction,output\na,b\nc,d,e,f\n")
+    with pytest.raises(
+        DataError, match=r"bad\.csv: could not read as \.csv \(.*Expected 2 fields in line 3, saw 4"
+    ):
+        build(tok, bad)
+
+
+def test_bad_field_templates_and_keys_are_refused_before_reading(tok, tmp_path):
+    """data.fields: a malformed template, an empty {}, a misspelled field or one the format does not read is
+    refused with the field named (the first three before the data is read: the file here does not exist)."""
+    missing = tmp_path / "never_read.jsonl"
+    for fields, match in [
+        (
+            {"output": "{description"},
+            r"data\.fields\.output='\{description' is not a valid template \(expected '\}'",
+        ),
+        ({"output": "{}"}, r"data\.fields\.output='\{\}' has an empty \{\}; write a column as \{column\}"),
+        (
+            {"outptu": "{x}"},
+            r"data\.fields\.outptu: .*did you mean data\.fields\.output\? the fields are instruction",
+        ),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            build(tok, missing, fields=fields)
+    f = write_jsonl(tmp_path / "rows.jsonl", [{"instruction": "a", "output": "b"}] * 2)
+    with pytest.raises(
+        DataError, match=r"data\.fields\.completion is not read by format 'alpaca' \(it reads"
+    ):
+        build(tok, f, fields={"completion": "{output}"})
+
+
+def test_test_size_above_one_must_be_a_whole_count(tok, tmp_path):
+    f = write_jsonl(tmp_path / "rows.jsonl", [{"instruction": "a", "output": "b"}] * 4)
+    with pytest.raises(ConfigError, match=r"data\.test_size=1\.5: .* must be whole; use a fraction below 1"):
+        build_data(DataConfig(source=str(f), test_size=1.5), tok, seed=0)
+    data = build_data(DataConfig(source=str(f), test_size=2.0), tok, seed=0)
+    assert (len(data.train), len(data.eval)) == (2, 2)
 
 
 # ------------------------------------------------------------------------------------ batches

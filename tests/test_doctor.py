@@ -216,3 +216,18 @@ def test_padding_that_costs_a_quarter_of_the_compute_is_a_warning_with_the_fix(c
     assert "fix: data.packing=true" in out
     cli([*args, "train.global_batch_size=8", "train.micro_batch_size=4", "data.packing=true"])
     assert "padded to their longest row" not in capsys.readouterr().out
+
+
+def test_a_missing_deepspeed_is_an_error_with_the_fix(monkeypatch):
+    import importlib.util
+
+    from shardtune import doctor
+    from shardtune.config import Config, apply_overrides
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "deepspeed" else real(n, *a))
+    cfg = apply_overrides(Config(), {"parallel.backend": "deepspeed"}, "test")
+    [finding] = doctor.backend(cfg)
+    assert finding.level == "error" and "parallel.backend=deepspeed" in finding.what
+    assert "pip install 'shardtune[deepspeed]'" in finding.fix
+    assert doctor.backend(Config()) == []

@@ -243,3 +243,57 @@ def test_a_token_budget_is_planned_as_that_many_tokens():
     assert "train.micro_batch_size" not in planner.override_line(fits[0])
     padded = planner.fit(apply_overrides(cfg, {"data.packing": "false"}, "t"), conf, 2, 80 * 2**30, 1, "h200")
     assert {e.settings["train.micro_batch_size"] for e in padded} == {1, 2, 4, 8, 16}
+
+
+def test_fit_suggests_only_micro_batches_the_sampler_accepts(capsys):
+    """Every process gets the same rows per step (data/loader.py): on 3 GPUs a global batch of 32 cannot run with
+    any micro-batch, and for 36 only the divisors of 12 rows per GPU are offered."""
+    from shardtune import plan as planner
+    from shardtune.cli import main as cli
+    from shardtune.config import ConfigError
+    from shardtune.data.loader import GlobalBatchSampler
+
+    cfg = Config()
+    conf = modeling.model_config(cfg)
+    with pytest.raises(ConfigError, match=r"global_batch_size=32 is not a multiple of the 3 GPUs.*=30 or 33"):
+        planner.fit(cfg, conf, 3, 80 * 2**30, 1, "h200")
+    assert cli(["plan", "recipes/tiny.py", "--gpus", "3", "--gpu-mem", "80GiB", "--fit"]) == 2
+    assert "train.global_batch_size=30 or 33" in capsys.readouterr().err
+    cfg36 = apply_overrides(cfg, {"train.global_batch_size": "36"}, "test")
+    fits = planner.fit(cfg36, conf, 3, 80 * 2**30, 1, "h200")
+    sizes = {e.settings["train.micro_batch_size"] for e in fits}
+    assert sizes == {1, 2, 4}
+    for micro in sizes:  # what the run itself does with it
+        GlobalBatchSampler(360, 36, micro, 3, 0, 0)
+    # without --fit, the recipe's own micro-batch must divide too
+    assert cli(["plan", "recipes/tiny.py", "--gpus", "4"]) == 2
+    assert "train.micro_batch_size=16 x 4 GPUs" in capsys.readouterr().err
+
+
+def test_plan_doctor_and_bench_usage_name_their_own_options(capsys):
+    from shardtune.cli import main as cli
+
+    for command in ("plan", "doctor", "bench"):
+        with pytest.raises(SystemExit):
+            cli([command, "--help"])
+        assert "[key=value ...]" in capsys.readouterr().out, command
+    for bad in (["--gpus", "0"], ["--gpu-memory"]):
+        with pytest.raises(SystemExit) as e:
+            cli(["plan", "recipes/tiny.py", *bad])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "usage: shardtune plan" in err and "--print-config" not in err, err
+    assert "--gpus: 0 is not a count" in cli_error(["plan", "recipes/tiny.py", "--gpus", "0"], capsys)
+    assert "--gpu-memory (did you mean --gpu-mem?)" in cli_error(
+        ["plan", "recipes/tiny.py", "--gpu-memory"], capsys
+    )
+    # overrides may come before or after the options
+    assert cli(["plan", "recipes/tiny.py", "lora.r=8", "--gpus", "2", "data.max_len=64"]) == 0
+    assert "seq 64, global batch 32, LoRA r=8" in capsys.readouterr().out
+
+
+def cli_error(argv: list[str], capsys) -> str:
+    from shardtune.cli import main as cli
+
+    with pytest.raises(SystemExit):
+        cli(argv)
+    return capsys.readouterr().err

@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from conftest import ROOT, launch, read_summary, run_env
+from conftest import BIN, ROOT, launch, read_summary, run_env
 from samples import alpaca_cleaned, no_robots, product_descriptions
 from shardtune.launcher import launch_info
 from shardtune.recipe import resolve_config
@@ -118,6 +119,8 @@ def test_product_descriptions_sweep(tmp_path):
     )
     rows = json.loads((tmp_path / "product_descriptions" / "sweep" / "summary.json").read_text())
     assert len(rows) == 4
+    status = json.loads((tmp_path / "product_descriptions" / "status.json").read_text())
+    assert status["status"] == "complete" and status["runs"] == 4  # what slurm/train.sh reads
     params = {(r["lora.r"], str(r["lora.target_modules"])): r["trainable_params"] for r in rows}
     attention_only = "['q_proj', 'v_proj']"
     assert params[(8, attention_only)] < params[(16, attention_only)] < params[(16, "all-linear")]
@@ -220,3 +223,31 @@ def test_shardtune_validate_command(capsys):
     assert main(["validate", "recipes/llama3_8b.py", "lora.rk=8"]) == 2
     assert "Did you mean 'lora.r'" in capsys.readouterr().err
     assert main(["validate", "recipes/missing.py"]) == 2
+
+
+def test_accelerate_launch_and_torchrun_resolve_a_silent_yaml_alike(tmp_path):
+    """`accelerate launch` exports offload and activation checkpointing as false when its YAML leaves them out;
+    llama3_70b.py then keeps its own (true, true) as it does under torchrun with parallel.launch_config, and the
+    YAML's fsdp_reshard_after_forward (what `accelerate config` writes) sets the strategy under both."""
+    yaml_file = tmp_path / "silent.yaml"
+    yaml_file.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nnum_machines: 1\nnum_processes: 1\n"
+        "mixed_precision: bf16\nuse_cpu: false\nfsdp_config:\n  fsdp_version: 1\n"
+        "  fsdp_reshard_after_forward: NO_SHARD\n  fsdp_transformer_layer_cls_to_wrap: LlamaDecoderLayer\n"
+    )
+    recipe = ["recipes/llama3_70b.py", "--print-config"]
+    shown = {}
+    for name, cmd in (
+        ("accelerate", [str(BIN / "accelerate"), "launch", "--config_file", str(yaml_file), *recipe]),
+        ("torchrun", [sys.executable, *recipe, f"parallel.launch_config={yaml_file}"]),
+    ):
+        proc = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        shown[name] = yaml.safe_load(proc.stdout)["parallel"]
+    assert shown["torchrun"].pop("launch_config") == str(yaml_file)
+    assert shown["accelerate"].pop("launch_config") is None
+    assert shown["accelerate"] == shown["torchrun"]
+    assert (
+        shown["accelerate"]["cpu_offload"] is True and shown["accelerate"]["activation_checkpointing"] is True
+    )
+    assert shown["accelerate"]["sharding_strategy"] == "NO_SHARD"

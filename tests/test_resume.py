@@ -11,6 +11,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import launch
+from shardtune.checkpoint import verify_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -25,20 +26,28 @@ RUN = [
     "train.micro_batch_size=8",
     "train.save_every=4",
     "train.log_every=1",
-    "eval.every=0",
+    "eval.every=3",
     "eval.samples=0",
     "lora.dropout=0.1",
 ]
 
 
+def records(run_dir, key: str) -> dict[int, float]:
+    """metrics.jsonl's `key` by step; each step's once (a resumed run's file holds no record past its checkpoint
+    from the start before it)."""
+    pairs = [
+        (rec["step"], rec[key]) for rec in map(json.loads, (run_dir / "metrics.jsonl").open()) if key in rec
+    ]
+    assert len({step for step, _ in pairs}) == len(pairs), pairs
+    return dict(pairs)
+
+
 def losses(run_dir) -> dict[int, float]:
-    """The last logged loss of every step (a redone step's second record wins)."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]
-    return out
+    return records(run_dir, "loss")
+
+
+def evals(run_dir) -> dict[int, float]:
+    return records(run_dir, "eval_loss")
 
 
 def adapter(run_dir):
@@ -80,6 +89,8 @@ def test_interrupted_run_resumes_bit_identically(reference, tmp_path, fault):
     second = train(tmp_path)
     assert "resumed from" in second.stderr
     assert losses(tmp_path / "run") == losses(reference)  # every step, bit for bit
+    # and every eval (0, 3, 6, 9, 12): one due at the step a signal stopped after is left to the next start
+    assert evals(tmp_path / "run") == evals(reference) and len(evals(reference)) == 5
     a, b = adapter(tmp_path / "run"), adapter(reference)
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
 
@@ -177,7 +188,8 @@ def test_slow_save_does_not_trip_the_collective_timeout(tmp_path):
 
 
 def test_timed_saves_and_allowed_changes(reference, tmp_path):
-    """save_every_minutes saves on time; a resume may change the learning rate and the step count."""
+    """save_every_minutes saves on time; a resume may change the learning rate and the step count, and trains
+    with the new rate (loading the checkpoint restored the old one)."""
     shutil.copytree(reference, tmp_path / "run")
     proc = train(
         tmp_path,
@@ -186,9 +198,26 @@ def test_timed_saves_and_allowed_changes(reference, tmp_path):
         "train.save_every=0",
         "train.save_every_minutes=0.0001",
     )
-    assert "resumed from" in proc.stderr
+    assert "resumed from" in proc.stderr and "optim.lr=0.001 (the checkpoint's: 0.003)" in proc.stderr
     steps = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
     assert steps == [13, 14]  # one save per step once resumed (keep_last=2)
+    lr = records(tmp_path / "run", "lr")
+    # still warming up (20 steps): the rate is the base times step / 20, now from the new base
+    assert lr[12] == pytest.approx(3e-3 * 11 / 20) and lr[13] == pytest.approx(1e-3 * 12 / 20)
+    assert lr[14] == pytest.approx(1e-3 * 13 / 20)
+
+
+def test_resuming_past_the_last_step_is_refused_and_changes_nothing(reference, tmp_path):
+    """train.max_steps below the checkpoint's step: refused before the model is built (it would have saved
+    step 12's weights as step 8, over the real step 8), the checkpoints untouched, the status says why."""
+    shutil.copytree(reference, tmp_path / "run")
+    before = {p.name: verify_checkpoint(p) for p in (tmp_path / "run" / "checkpoints").glob("step-*")}
+    proc = train(tmp_path, "train.max_steps=8", nproc=1, check=False)
+    assert proc.returncode == 2 and "is at step 12, past this run's last step 8" in proc.stderr
+    after = {p.name: verify_checkpoint(p) for p in (tmp_path / "run" / "checkpoints").glob("step-*")}
+    assert after == before == {"step-00000008": None, "step-00000012": None}
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["status"] == "failed" and "past this run's last step" in status["error"]
 
 
 def test_fp16_loss_scaler_state_is_restored(tmp_path):
@@ -207,3 +236,48 @@ def test_fp16_loss_scaler_state_is_restored(tmp_path):
     train(tmp_path, *fp16)
     final = json.loads((tmp_path / "run" / "checkpoints" / "step-00000006" / "train_state.json").read_text())
     assert final["grad_scaler"]["_growth_tracker"] == 6 and final["grad_scaler"]["scale"] == 65536.0
+
+
+def test_resume_refuses_training_data_that_changed(tmp_path):
+    """The data file is edited between a stop and the resume: its settings are the same, its rows are not, so
+    the saved data position would point into other rows. Refused before the model is built."""
+    rows = tmp_path / "rows.jsonl"
+    words = ["".join(chr(97 + (i * 7 + j) % 26) for j in range(3 + i % 5)) for i in range(40)]
+    rows.write_text(
+        "".join(json.dumps({"instruction": f"reverse {w}", "output": w[::-1]}) + "\n" for w in words)
+    )
+    args = [
+        "recipes/tiny.py",
+        f"data.source={rows}",
+        f"train.output_dir={tmp_path}",
+        "train.run_name=run",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=8",
+        "train.save_every=1",
+        "eval.every=0",
+        "eval.samples=0",
+    ]
+    launch([*args, "train.max_steps=2"], nproc=1, launcher="python")
+    rows.write_text(rows.read_text().replace(f'"{words[7][::-1]}"', '"edited"'))
+    proc = launch([*args, "train.max_steps=4"], nproc=1, launcher="python", check=False)
+    assert proc.returncode == 2 and "is not what it was trained on" in proc.stderr, proc.stderr[-2000:]
+    assert "[shardtune] model:" not in proc.stderr
+
+
+def test_a_sweep_stops_and_reports_where_a_launcher_looks(tmp_path):
+    """A sweep is one run to its launcher (slurm/train.sh touches <run>/STOP and reads <run>/status.json): the
+    STOP file stops whichever of its runs is training, the status says interrupted, and the same command
+    resumes that run, then trains the rest."""
+    sweep = tmp_path / "grid"
+    sweep.mkdir()
+    (sweep / "STOP").touch()  # asked before the first step: acted on after it
+    args = [*RUN, "train.max_steps=2", f"train.output_dir={tmp_path}", "train.run_name=grid"]
+    args += ["--sweep", "lora.r=4,8"]
+    first = launch(args, nproc=1, launcher="python", check=False)
+    status = json.loads((sweep / "status.json").read_text())
+    assert first.returncode == 75 and status["status"] == "interrupted" and status["step"] == 1, first.stderr
+    assert status["sweep_run"] == "lora.r=4" and not (sweep / "STOP").exists()
+    launch(args, nproc=1, launcher="python")
+    status = json.loads((sweep / "status.json").read_text())
+    assert status["status"] == "complete" and status["runs"] == 2
+    assert [len(losses(sweep / "sweep" / p)) for p in ("lora.r=4", "lora.r=8")] == [2, 2]

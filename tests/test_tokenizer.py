@@ -1,5 +1,8 @@
 """The tokenizer built in code: deterministic, one token per task letter, any text round-trips."""
 
+import pytest
+
+from shardtune.config import ConfigError
 from shardtune.tokenizer import CHAT_TEMPLATES, build_tiny_tokenizer, prepare_tokenizer
 
 
@@ -22,9 +25,24 @@ def test_pad_and_chat_template_settings():
     assert tok.pad_token == "</s>" and tok.chat_template == CHAT_TEMPLATES["llama3"]
     custom = prepare_tokenizer(build_tiny_tokenizer(), None, "{{ messages[0]['content'] }}")
     assert custom.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False) == "x"
-    try:
-        prepare_tokenizer(build_tiny_tokenizer(), "<|reserved_special_token_0|>", None)
-    except ValueError as e:
-        assert "data.pad_token" in str(e) and "not in the tokenizer's vocabulary" in str(e)
-    else:
-        raise AssertionError("an unknown pad token must be refused")
+
+
+def test_a_pad_token_the_tokenizer_lacks_is_refused_with_the_fix():
+    """A recipe's pad token (llama3_8b.py's reserved token) that the tokenizer lacks, as the built-in one does
+    under model.init=random model.name_or_path=llama3-8b: the message names data.pad_token and what to set."""
+    for pad in ("<|reserved_special_token_0|>", "<bogus>"):
+        with pytest.raises(ConfigError) as e:
+            prepare_tokenizer(build_tiny_tokenizer(), pad, None)
+        msg = str(e.value)
+        assert f"data.pad_token={pad!r} is not in the tokenizer's vocabulary" in msg
+        assert "set data.pad_token=null" in msg and "<pad>" in msg
+    assert prepare_tokenizer(build_tiny_tokenizer(), None, None).pad_token == "<pad>"  # what null gives
+
+
+def test_a_chat_template_that_is_neither_a_name_nor_jinja_is_refused():
+    """'llama-3' would otherwise be rendered as the literal text of every conversation."""
+    with pytest.raises(ConfigError) as e:
+        prepare_tokenizer(build_tiny_tokenizer(), None, "llama-3")
+    msg = str(e.value)
+    assert "data.chat_template='llama-3' is neither a built-in template nor a Jinja template" in msg
+    assert "did you mean 'llama3'?" in msg and "human_assistant, llama3" in msg

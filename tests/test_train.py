@@ -121,9 +121,25 @@ def test_resume_refuses_a_changed_config_and_keeps_the_checkpoints(tiny_run, tmp
         check=False,
     )
     assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr
+    # no checkpoint left (the first start died before its first save): a start with other settings makes its
+    # own random base instead of reusing the one drawn for the old shape
+    shutil.rmtree(tmp_path / "tiny" / "checkpoints")
+    shape = "model.shape.num_hidden_layers=2"
+    proc = launch(
+        [
+            "recipes/tiny.py",
+            f"train.output_dir={tmp_path}",
+            "train.run_name=tiny",
+            shape,
+            "train.max_steps=1",
+        ],
+        launcher="python",
+    )
+    assert "base/: made by an earlier start with other settings" in proc.stderr
+    assert json.loads((tmp_path / "tiny" / "base" / "config.json").read_text())["num_hidden_layers"] == 2
 
 
-def test_shardtune_export_rebuilds_the_same_adapter(tiny_run, tmp_path):
+def test_shardtune_export_rebuilds_the_same_adapter(tiny_run, tmp_path, capsys):
     run, _ = tiny_run
     from shardtune.cli import main
 
@@ -132,6 +148,20 @@ def test_shardtune_export_rebuilds_the_same_adapter(tiny_run, tmp_path):
     b = load_file(tmp_path / "again" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
     assert main(["export", str(tmp_path), str(tmp_path / "x")]) == 2  # no checkpoint there: a clear error
+    assert main(["export", str(run), str(tmp_path / "again")]) == 0  # an earlier export is replaced
+    # an output that is not an earlier adapter, or that holds what it is made from, is refused untouched
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    capsys.readouterr()
+    assert main(["export", str(run), str(mine)]) == 2
+    assert (
+        "is not an earlier adapter" in capsys.readouterr().err and (mine / "notes.txt").read_text() == "keep"
+    )
+    for out in (run, run.parent, run / "checkpoints"):
+        assert main(["export", str(run), str(out)]) == 2
+        assert "which it is made from" in capsys.readouterr().err
+    assert (run / "checkpoints").is_dir() and (run / "config.yaml").is_file()
 
 
 def test_merge_writes_a_model_equal_to_base_plus_adapter(tiny_run, tmp_path):
@@ -147,3 +177,5 @@ def test_merge_writes_a_model_equal_to_base_plus_adapter(tiny_run, tmp_path):
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         assert result["merged_dtype"] == f"torch.{dtype}"
         assert result["rel_l2"] < tolerance < result["adapter_effect"]  # close, and the adapter matters
+    assert main(["merge", str(run), str(run / "base")]) == 2  # over the base it reads: refused
+    assert (run / "base" / "config.json").is_file()

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -67,6 +68,9 @@ def sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+CHECKPOINT_NAME = re.compile(r"step-(\d+)")  # step-00000100; a copy named step-00000100.bak is not one
 
 
 def step_of(path: Path) -> int:
@@ -121,8 +125,10 @@ def _trainable_state(model, optimizer, fresh: bool = False):
         from shardtune import zero3
 
         return zero3.trainable_state(model, optimizer, fresh=fresh)
-    if not optimizer.state:  # a fresh optimizer (a resume): give DCP state tensors to load into
+    if fresh and not optimizer.state:  # a fresh optimizer (a resume): give DCP state tensors to load into
         _init_optim_state(optimizer)
+    # (not when saving: an optimizer that has not stepped yet, as fp16's loss scaler skips the steps whose
+    # gradients overflow, is saved without state; initializing it would count a step AdamW never took)
     names = {p: fqn(n) for n, p in model.named_parameters() if p.requires_grad}
     msd = {names[p]: p.detach() for p in names}
     osd = {
@@ -158,6 +164,12 @@ class CheckpointManager:
             self.dir.mkdir(parents=True, exist_ok=True)
             for stale in self.dir.glob(".tmp-step-*"):  # a save that was killed before its rename
                 shutil.rmtree(stale, ignore_errors=True)
+            for old in self.dir.glob(".old-step-*"):  # a replacement killed between its two renames
+                back = self.dir / old.name.removeprefix(".old-")
+                if back.exists():
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.rename(old, back)
             tmp.mkdir()
         barrier(self.group)
         msd, osd = _trainable_state(model, optimizer)
@@ -174,6 +186,7 @@ class CheckpointManager:
                 "step": step,
                 "world_size": self.dist.world_size,
                 "format": FORMAT_VERSION,
+                "optimizer_state": bool(osd["state"]),
             }
             write_atomic(tmp / "train_state.json", json.dumps(state, indent=1).encode())
             for name, data in files.items():
@@ -195,11 +208,13 @@ class CheckpointManager:
             }
             write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
             _fsync_dir(tmp)
-            if final.exists():  # re-saving the same step (e.g. after a resume): replace it atomically enough
-                shutil.rmtree(final)
+            old = self.dir / f".old-{final.name}"
+            if final.exists():  # re-saving a step: the old one is set aside until the new one is in place
+                os.rename(final, old)
             os.rename(tmp, final)
             _fsync_dir(self.dir)
-            self._purge()
+            shutil.rmtree(old, ignore_errors=True)
+            self._purge(step)
         barrier(self.group)
         size = sum(p.stat().st_size for p in final.iterdir()) / 2**20 if self.dist.is_main else 0.0
         peak = gpu_peak_gib(self.dist.device)
@@ -213,10 +228,15 @@ class CheckpointManager:
         )
         return final
 
-    def _purge(self) -> None:
-        valid = [p for p in self.checkpoints() if (p / MANIFEST).is_file()]
-        for old in valid[: -self.keep_last]:  # never the newest: keep_last >= 1
-            shutil.rmtree(old, ignore_errors=True)
+    def _purge(self, step: int) -> None:
+        """Keep the checkpoint just written (`step`) and the keep_last - 1 newest intact ones before it; delete
+        the older ones. Newer ones are not this run's path (resume_point sets them aside) and stay."""
+        older = [p for p in self.checkpoints() if step_of(p) < step]
+        intact = [p for p in older if verify_checkpoint(p, checksums=False) is None]
+        kept = set(intact[len(intact) - (self.keep_last - 1) :]) if self.keep_last > 1 else set()
+        for old in older:
+            if old not in kept:
+                shutil.rmtree(old, ignore_errors=True)
 
     # -------------------------------------------------------------------------------------- find
     def checkpoints(self) -> list[Path]:
@@ -233,16 +253,21 @@ class CheckpointManager:
     def load(self, path: Path, model, optimizer) -> dict:
         """Restore weights, optimizer and this rank's RNGs from `path`; returns the train state."""
         t0 = time.perf_counter()
+        train_state = json.loads((path / "train_state.json").read_text())
         msd, osd = _trainable_state(model, optimizer, fresh=True)
+        stepped = train_state.get("optimizer_state", True)
+        if not stepped:  # saved before the optimizer's first step: it starts without state, as it was
+            osd = {"param_groups": osd["param_groups"]}
         state = {"model": msd, "optim": osd}
         dcp.load(state, checkpoint_id=str(path), process_group=self.group)  # tensors: in place
+        if not stepped:
+            optimizer.state.clear()
         if is_engine(model):
             from shardtune import zero3
 
             zero3.load_trainable_state(model, state["model"], state["optim"])
         for group, loaded in zip(optimizer.param_groups, state["optim"]["param_groups"], strict=True):
             group.update({k: v for k, v in loaded.items() if k != "params"})  # lr etc.: plain values
-        train_state = json.loads((path / "train_state.json").read_text())
         rank_file = path / f"rank{self.dist.rank:05d}"
         if Path(str(rank_file) + ".rng.json").is_file():
             set_rng_state(
@@ -265,7 +290,8 @@ def list_checkpoints(directory: Path) -> list[Path]:
     """The step-* directories in `directory`, oldest first."""
     if not directory.is_dir():
         return []
-    return sorted((p for p in directory.glob("step-*") if p.is_dir()), key=step_of)
+    found = (p for p in directory.glob("step-*") if p.is_dir() and CHECKPOINT_NAME.fullmatch(p.name))
+    return sorted(found, key=step_of)
 
 
 def newest_intact(directory: Path, checksums: bool = True) -> Path | None:
@@ -276,6 +302,11 @@ def newest_intact(directory: Path, checksums: bool = True) -> Path | None:
             return path
         log.warning("skipping checkpoint %s: %s", path, problem)
     return None
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a (verified) checkpoint was saved at, from its manifest (its directory may have been renamed)."""
+    return json.loads((path / MANIFEST).read_text())["step"]
 
 
 def verify_checkpoint(path: Path, checksums: bool = True) -> str | None:
@@ -353,6 +384,13 @@ def resume_point(mode: str, manager: CheckpointManager, config_yaml: str) -> Pat
         return None
     if mode == "auto":
         path = manager.latest()
+        if path is None and manager.checkpoints():
+            problems = [f"{p.name}: {verify_checkpoint(p)}" for p in manager.checkpoints()]
+            raise ConfigError(
+                f"train.resume=auto: {manager.dir} holds checkpoints but none is intact, so the run would start "
+                f"over from step 0:\n  " + "\n  ".join(problems) + "\nMove them out of the way to start over "
+                "(or choose another train.run_name); nothing was deleted."
+            )
     else:
         path = Path(mode)
         problem = verify_checkpoint(path) if path.is_dir() else "no such directory"
@@ -369,4 +407,28 @@ def resume_point(mode: str, manager: CheckpointManager, config_yaml: str) -> Pat
                 + "\n  ".join(diffs)
                 + "\nRestore them, or start a new run (train.run_name=...)."
             )
+        set_aside_after(manager, checkpoint_step(path))
     return path
+
+
+def set_aside_after(manager: CheckpointManager, step: int) -> None:
+    """Move the run's checkpoints newer than `step` (the one it resumes from) into checkpoints/abandoned/: they
+    are not on the path the run now takes (it resumes an older one by request, or they failed to verify), so
+    the next `train.resume=auto` must not pick them, nor the export at the end, and a save must not count them
+    among the ones it keeps. Kept, not deleted. Rank 0 moves them; the run's start waits for all ranks."""
+    newer = [p for p in manager.checkpoints() if step_of(p) > step]
+    if not manager.dist.is_main or not newer:
+        return
+    aside = manager.dir / "abandoned"
+    aside.mkdir(exist_ok=True)
+    for p in newer:
+        target = aside / p.name
+        if target.exists():
+            target = aside / f"{p.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.rename(p, target)
+    log.warning(
+        "resuming from step %d: %s set aside in %s (not on this run's path; delete them when no longer needed)",
+        step,
+        ", ".join(p.name for p in newer),
+        aside,
+    )

@@ -51,12 +51,16 @@ def main(argv: list[str] | None = None) -> int:
         "--max-shard-gib", type=float, default=2.0, help="largest safetensors shard (bounds host RAM)"
     )
     _submit_parsers(sub)
-    _plan_parser(sub)
-    _doctor_parser(sub)
-    _bench_parser(sub)
+    commands = {"plan": _plan_parser(sub), "doctor": _doctor_parser(sub), "bench": _bench_parser(sub)}
+    commands["submit"] = sub.choices["submit"]
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command not in ("submit", "plan", "doctor", "bench"):
+    if rest and args.command not in commands:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command in commands:
+        # key=value overrides may follow the options too (argparse leaves those in `rest`); anything else there is
+        # a mistyped option of this command, which its own usage explains (not the training flags')
+        _check_options(commands[args.command], rest, {"--sweep"} if args.command == "submit" else set())
+        rest = getattr(args, "overrides", []) + rest
     try:
         if args.command in ("submit", "status", "logs", "cancel"):
             return _slurm_command(args, rest)
@@ -87,16 +91,45 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _plan_parser(sub) -> None:
+def _check_options(parser: argparse.ArgumentParser, rest: list[str], allowed: set[str]) -> None:
+    """Refuse an option `parser` does not know, with its usage and the closest option it has."""
+    import difflib
+
+    known = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+    for arg in rest:
+        if arg.startswith("-") and arg.split("=")[0] not in allowed:
+            close = difflib.get_close_matches(arg.split("=")[0], known, n=1)
+            parser.error(f"unrecognized argument {arg}" + (f" (did you mean {close[0]}?)" if close else ""))
+
+
+def _positive(text: str) -> int:
+    """A count of GPUs, nodes or processes: at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a count; give 1 or more")
+    return value
+
+
+def _overrides_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="overrides, as on a training command line"
+    )
+
+
+def _plan_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "plan",
         help="predict GPU memory, host memory, checkpoint size and speed of a run, before running it",
         description="Overrides (key=value) follow the recipe as on a training command line.",
     )
     p.add_argument("recipe")
-    p.add_argument("--gpus", type=int, default=1, help="GPUs in total")
+    _overrides_argument(p)
+    p.add_argument("--gpus", type=_positive, default=1, help="GPUs in total")
     p.add_argument("--gpu-mem", help="memory per GPU, e.g. 24GiB (A10G), 80GiB (H100)")
-    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--nodes", type=_positive, default=1)
     p.add_argument("--host-ram", help="host memory per node, e.g. 128GiB")
     p.add_argument(
         "--gpu", default="h200", help="GPU model for the speed estimate: h200 h100 a100 a10g l40s l4"
@@ -106,6 +139,7 @@ def _plan_parser(sub) -> None:
         action="store_true",
         help="search micro-batch, checkpointing and offload for the fastest that fits",
     )
+    return p
 
 
 def _overrides(command: str, rest: list[str]) -> list[str]:
@@ -134,6 +168,9 @@ def _plan(args, rest: list[str]) -> int:
     if args.gpu.lower() not in plan.GPU_PEAKS:
         raise ConfigError(f"--gpu {args.gpu}: no peak rate known; use one of {', '.join(plan.GPU_PEAKS)}")
     cfg, conf, note = _recipe_config("plan", args.recipe, rest)
+    problem = plan.batch_problem(cfg, args.gpus, micro_batch=not args.fit)
+    if problem:  # a plan of a run that would not start
+        raise ConfigError(problem)
     gpu_mem = plan.parse_size(args.gpu_mem) if args.gpu_mem else None
     host_ram = plan.parse_size(args.host_ram) if args.host_ram else None
     if note:
@@ -177,7 +214,8 @@ def _bench_parser(sub) -> None:
         "command line, e.g. parallel.activation_checkpointing=false data.packing=true.",
     )
     p.add_argument("shape", choices=sorted(SHAPES))
-    p.add_argument("--gpus", type=int, default=1, help="processes (GPUs) on this machine")
+    _overrides_argument(p)
+    p.add_argument("--gpus", type=_positive, default=1, help="processes (GPUs) on this machine")
     p.add_argument(
         "--seq", type=int, default=3072, help="tokens per row (the longest row with --lengths instruct)"
     )
@@ -188,6 +226,7 @@ def _bench_parser(sub) -> None:
     p.add_argument("--out", help="also append the JSON line to this file")
     p.add_argument("--timeout", type=float, default=1800, help="seconds before the run is stopped")
     p.add_argument("--workdir", help="where rows, logs and the run go (default: a new temporary directory)")
+    return p
 
 
 def _bench(args, rest: list[str]) -> int:
@@ -218,19 +257,24 @@ def _bench(args, rest: list[str]) -> int:
     return 1 if "error" in record else 0
 
 
-def _doctor_parser(sub) -> None:
+def _doctor_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "doctor",
         help="check this machine and a recipe before running it: versions, CUDA, 4-bit, dtypes, disk",
+        description="Overrides (key=value) follow the recipe as on a training command line.",
     )
     p.add_argument("recipe")
-    p.add_argument("--gpus", type=int, help="GPUs the run will use (default: this machine's, at least 1)")
+    _overrides_argument(p)
+    p.add_argument(
+        "--gpus", type=_positive, help="GPUs the run will use (default: this machine's, at least 1)"
+    )
     p.add_argument("--signal-lead", type=float, help="seconds of SLURM's --signal lead, to check it suffices")
     p.add_argument(
         "--smoke",
         action="store_true",
         help="also run the recipe for real: load, 2 steps, save, resume, 1 step (minutes)",
     )
+    return p
 
 
 def _doctor(args, rest: list[str]) -> int:
@@ -306,12 +350,16 @@ def _slurm_command(args, rest: list[str]) -> int:
         flags, overrides, grid = _parse_args(rest)
         if flags - {"--sweep"}:
             raise ConfigError(f"shardtune submit takes no {' '.join(sorted(flags - {'--sweep'}))}")
-        if "--sweep" in flags and not grid:
+        recipe_grid = "--sweep" in flags and not grid
+        if recipe_grid:
             from shardtune.recipe import load_recipe
 
             grid = getattr(load_recipe(args.recipe), "SWEEP", None)
             if not grid:
                 raise ConfigError(f"--sweep: {args.recipe} has no SWEEP grid; give one: --sweep key=v1,v2")
+        from shardtune.recipe import check_sweep
+
+        check_sweep(overrides, grid, recipe_grid)
         extra = {k: (v if sep else True) for k, sep, v in (o.partition("=") for o in args.sbatch)}
         named = {f.name for f in dataclasses.fields(slurm.Resources)} - {"signal_lead_s", "extra"}
         res = slurm.Resources(

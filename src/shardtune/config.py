@@ -11,6 +11,8 @@ names the key, where the value came from and the closest valid key, before anyth
 from __future__ import annotations
 
 import difflib
+import functools
+import json
 import types
 import typing
 from pathlib import Path
@@ -361,6 +363,13 @@ class Config(Section):
             )
         if self.model.shape and self.model.init != "random":
             raise ValueError("model.shape changes the architecture and needs model.init=random")
+        model_type = known_model_type(self.model.name_or_path)
+        problem = target_modules_problem(self.lora.target_modules, model_type)
+        if problem:
+            raise ValueError(problem)
+        problem = shape_keys_problem(self.model.shape, model_type)
+        if problem:
+            raise ValueError(problem)
         if self.model.init == "pretrained" and self.model.name_or_path in BUILTIN_SHAPE_NAMES:
             raise ValueError(
                 f"model.name_or_path={self.model.name_or_path!r} is a built-in shape without weights; "
@@ -386,6 +395,157 @@ class Config(Section):
 
 PARAM_DTYPES = {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}
 BUILTIN_SHAPE_NAMES = ("tiny", "llama3-8b", "llama3-70b")
+# The linear layers of a Llama decoder layer, by the names lora.target_modules gives PEFT, and the model types
+# whose decoder layers have exactly these
+LLAMA_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LLAMA_STYLE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+# ------------------------------------------------------------------------------------ the model's names
+def known_model_type(name_or_path: str) -> str | None:
+    """The model type, where it is known without a download: the built-in shapes are Llama; a local directory
+    says in its config.json; a hub id with 'llama' in its name is taken for one. None otherwise (the run checks
+    again once it has read the model's config: modeling.model_config)."""
+    if name_or_path in BUILTIN_SHAPE_NAMES:
+        return "llama"
+    config = Path(name_or_path).expanduser() / "config.json"
+    if config.is_file():
+        try:
+            return json.loads(config.read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            return None
+    return "llama" if "llama" in name_or_path.lower() else None
+
+
+def target_modules_problem(targets: str | list[str], model_type: str | None) -> str | None:
+    """Why lora.target_modules would not adapt what it names (None when it would)."""
+    valid = f"{', '.join(LLAMA_LINEAR_NAMES)}, or lora.target_modules=all-linear"
+    if isinstance(targets, str):
+        if targets == "all-linear":
+            return None
+        # NOTE: PEFT reads a string as one regular expression over whole module paths ('q_proj,v_proj' or 'q_proj'
+        # match nothing); shardtune's plan counts adapters by name, so names are given as a list
+        names = [t.strip() for t in targets.split(",") if t.strip()]
+        return (
+            f"lora.target_modules={targets!r} is one string (PEFT would read it as a regular expression of whole "
+            f"module paths); give a list of names: lora.target_modules=[{','.join(names)}]. Valid names: {valid}"
+        )
+    if not targets:
+        return f"lora.target_modules is empty: nothing would be trained; give names from {valid}"
+    if model_type not in LLAMA_STYLE_TYPES:
+        return None
+    unknown = [t for t in targets if t not in LLAMA_LINEAR_NAMES]
+    if not unknown:
+        return None
+    close = [c for t in unknown for c in difflib.get_close_matches(t, LLAMA_LINEAR_NAMES, n=1)]
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return (
+        f"lora.target_modules: no linear layer of this {model_type} model is called "
+        f"{' or '.join(repr(t) for t in unknown)}{hint}, so nothing would be adapted there. Valid names: {valid}"
+    )
+
+
+@functools.cache
+def _config_fields(model_type: str) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """(every field the model type's transformers config takes, its own fields beyond every config's), or None
+    for a model type transformers does not know."""
+    import inspect
+
+    from transformers import CONFIG_MAPPING, PretrainedConfig
+
+    if model_type not in CONFIG_MAPPING:
+        return None
+    cls = CONFIG_MAPPING[model_type]
+    common = set(inspect.signature(PretrainedConfig.__init__).parameters)
+    own = [p for p in inspect.signature(cls.__init__).parameters if p not in common | {"self", "kwargs"}]
+    # rope_theta and rope_scaling: older names transformers folds into rope_parameters
+    every = {
+        *common,
+        *own,
+        *cls().to_dict(),
+        *getattr(cls, "attribute_map", {}),
+        "rope_theta",
+        "rope_scaling",
+    }
+    return tuple(sorted(every)), tuple(own)
+
+
+def shape_keys_problem(shape: dict[str, Any], model_type: str | None) -> str | None:
+    """Why model.shape names a field the architecture's config does not have (None when it does not)."""
+    fields = _config_fields(model_type) if shape and model_type else None
+    if fields is None:
+        return None
+    every, own = fields
+    unknown = [k for k in shape if k not in every]
+    if not unknown:
+        return None
+    close = [c for k in unknown for c in difflib.get_close_matches(k, every, n=1)]
+    hint = f" Did you mean {', '.join(f'model.shape.{c}' for c in close)}?" if close else ""
+    return (
+        f"model.shape.{unknown[0]}"
+        + "".join(f", model.shape.{k}" for k in unknown[1:])
+        + f": not a field of the {model_type} model's config, so it would change nothing.{hint} Its fields: "
+        + ", ".join(own)
+    )
+
+
+# --------------------------------------------------------------------------- inputs on this machine
+def _looks_like_path(value: str) -> bool:
+    """A hub id is 'name' or 'org/name'; anything else with a slash, or starting like a path, is a path."""
+    return value.startswith(("/", "./", "../", "~")) or value.count("/") > 1 or "\\" in value
+
+
+def convert_to_safetensors_hint(directory: str | Path) -> str:
+    return (
+        f"convert it once with transformers (which reads .bin files with weights_only=True): python -c "
+        f"\"from transformers import AutoModelForCausalLM as M; M.from_pretrained('{directory}', dtype='auto')"
+        f".save_pretrained('{directory}-safetensors')\", then set model.name_or_path={directory}-safetensors"
+    )
+
+
+def check_inputs(cfg: Config) -> None:
+    """What the configuration names on this machine, checked before anything is loaded: a local model directory
+    (and its safetensors weights, for model.init=pretrained), a local tokenizer, train.resume's checkpoint.
+    Separate from Config's own checks, which also run on a saved run's configuration (shardtune merge, export),
+    where these paths may since have moved."""
+    m = cfg.model
+    if m.name_or_path not in BUILTIN_SHAPE_NAMES:
+        path = Path(m.name_or_path).expanduser()
+        if _looks_like_path(m.name_or_path) and not path.is_dir():
+            raise ConfigError(
+                f"model.name_or_path={m.name_or_path}: no such directory. Give an existing checkpoint directory, "
+                f"a hub id (org/name), or a built-in shape ({', '.join(BUILTIN_SHAPE_NAMES)}) with model.init=random."
+            )
+        if path.is_dir():
+            have = sorted(p.name for p in path.iterdir())
+            if "config.json" not in have:
+                raise ConfigError(
+                    f"model.name_or_path={m.name_or_path}: no config.json in this directory, so it is not a "
+                    f"Hugging Face model directory (it has: {', '.join(have[:8]) or 'nothing'}). Point "
+                    f"model.name_or_path at the directory that holds config.json."
+                )
+            if m.init == "pretrained" and not any(name in have for name in SAFETENSORS_FILES):
+                found = [n for n in have if n.endswith((".bin", ".pt", ".pth", ".ckpt"))] or have
+                raise ConfigError(
+                    f"model.name_or_path={m.name_or_path}: no safetensors weights ({' or '.join(SAFETENSORS_FILES)}); "
+                    f"found {', '.join(found[:5]) or 'nothing'}. shardtune loads safetensors only (it never unpickles "
+                    f"weight files): " + convert_to_safetensors_hint(m.name_or_path)
+                )
+    if m.tokenizer and _looks_like_path(m.tokenizer) and not Path(m.tokenizer).expanduser().is_dir():
+        raise ConfigError(
+            f"model.tokenizer={m.tokenizer}: no such directory. Give an existing tokenizer directory or a hub id "
+            f"(org/name), or leave model.tokenizer unset for the model's own."
+        )
+    resume = cfg.train.resume
+    if resume not in ("auto", "never") and not Path(resume).is_dir():
+        close = difflib.get_close_matches(resume, ["auto", "never"], n=1)
+        hint = f" Did you mean train.resume={close[0]}?" if close else ""
+        raise ConfigError(
+            f"train.resume={resume}: not auto, never, or an existing checkpoint directory (no directory "
+            f"{resume}).{hint} Values: auto (continue from the run's newest intact checkpoint), never (refuse a run "
+            f"directory that has checkpoints), or the path of a checkpoint (runs/<run>/checkpoints/step-N)."
+        )
 
 
 # ----------------------------------------------------------------------------------------------- key paths
@@ -509,8 +669,11 @@ def _explain(error: ValidationError, data: dict[str, Any], sources: dict[str, st
     for err in error.errors():
         loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int))
         msg = err["msg"].removeprefix("Value error, ")
-        if not loc:  # a cross-field check; its message names the fields already
-            lines.append(msg)
+        if not loc:  # a cross-field check; its message names the fields already, not where they came from
+            given = [
+                f"{k} from {src}" for k, src in sources.items() if k in msg and src != "the command line"
+            ]
+            lines.append(msg + (f" ({'; '.join(given)})" if given else ""))
             continue
         key = next((p for p in paths if loc == p or loc.startswith(p + ".")), loc)
         given = data

@@ -74,6 +74,21 @@ def versions() -> list[Finding]:
     return out
 
 
+def backend(cfg: Config) -> list[Finding]:
+    """The library that shards the base: DeepSpeed must be importable for parallel.backend=deepspeed."""
+    if cfg.parallel.backend != "deepspeed":
+        return []
+    if importlib.util.find_spec("deepspeed") is None:
+        return [
+            Finding(
+                "error",
+                "parallel.backend=deepspeed but DeepSpeed is not installed in this Python",
+                "pip install 'shardtune[deepspeed]' (or pip install deepspeed), or use an FSDP config from fsdp_configs/",
+            )
+        ]
+    return [Finding("ok", f"DeepSpeed {importlib.metadata.version('deepspeed')} (ZeRO-3 backend)")]
+
+
 def _run_device(cfg: Config) -> torch.device:
     """The device the run will train on (parallel.device, 'auto' meaning CUDA when there is one)."""
     return torch.device("cuda" if torch.cuda.is_available() and cfg.parallel.device != "cpu" else "cpu")
@@ -281,6 +296,7 @@ def run_checks(
         lead_s = float(os.environ["SHARDTUNE_SIGNAL_LEAD"])
     return [
         *versions(),
+        *backend(cfg),
         *device(cfg),
         *model(cfg, conf),
         *(data(cfg) if with_data else []),

@@ -56,12 +56,35 @@ def checkpoint_model_config(ckpt: Path):
     return AutoConfig.for_model(conf.pop("model_type"), **conf)
 
 
+def check_output(out: Path, what: str, marker: str, *sources: Path) -> Path:
+    """`out`, refused if writing it would destroy anything but an earlier output of the same command: it is
+    replaced whole once the new one is complete, so it must not be (or hold) a source read from, and if it
+    exists it must be such an output (it holds `marker`) or empty. Checked before any work."""
+    out = Path(out)
+    resolved = out.resolve()
+    for source in sources:
+        source = Path(source).resolve()
+        if resolved == source or resolved in source.parents:
+            raise ValueError(
+                f"{out}: the {what} would replace {source}, which it is made from; give a new directory"
+            )
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; give a directory for the {what}")
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
+        raise ValueError(
+            f"{out} exists and is not an earlier {what} (it has no {marker}), and writing the {what} there "
+            f"would delete what it holds; give a new directory, or empty it first"
+        )
+    return out
+
+
 def export_adapter(run_or_checkpoint: Path, out_dir: Path) -> Path:
     """Write a PEFT adapter directory (adapter_config.json + adapter_model.safetensors + tokenizer)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     ckpt = find_checkpoint(run_or_checkpoint)
+    out_dir = check_output(out_dir, "adapter", "adapter_config.json", run_or_checkpoint, ckpt)
     model_conf = checkpoint_model_config(ckpt)
     peft_conf = LoraConfig.from_pretrained(str(ckpt))
     model_conf._name_or_path = peft_conf.base_model_name_or_path  # PEFT records the base's name from here
@@ -78,7 +101,6 @@ def export_adapter(run_or_checkpoint: Path, out_dir: Path) -> Path:
             f"{ckpt}: adapter weights do not match the LoRA config (missing {missing[:3]}, "
             f"unexpected {extra[:3]})"
         )
-    out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     skeleton.save_pretrained(str(tmp), state_dict=tensors, safe_serialization=True)

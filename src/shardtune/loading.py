@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from shardtune.config import Config
+from shardtune.config import Config, convert_to_safetensors_hint
 from shardtune.modeling import DTYPES
 from shardtune.parallel import Sharder
 
@@ -58,8 +58,8 @@ class CheckpointWeights:
             )
             raise ValueError(
                 f"{self.dir}: no safetensors weights (model.safetensors or model.safetensors.index.json); found "
-                f"{', '.join(found[:5]) or 'nothing'}. shardtune never unpickles weight files: convert them to "
-                f"safetensors first."
+                f"{', '.join(found[:5]) or 'nothing'}. shardtune never unpickles weight files: "
+                + convert_to_safetensors_hint(self.dir)
             )
         self.bytes = sum(p.stat().st_size for p in set(self.files.values()))
 

@@ -21,7 +21,7 @@ import yaml
 from safetensors.torch import save_file
 
 from shardtune.config import Config
-from shardtune.export import adapter_tensors, checkpoint_model_config, find_checkpoint
+from shardtune.export import adapter_tensors, check_output, checkpoint_model_config, find_checkpoint
 from shardtune.loading import CheckpointWeights, decoder_layers, skeleton
 from shardtune.modeling import DTYPES
 
@@ -103,6 +103,7 @@ def merge_adapter(
             f"base model {base!r} is not a local checkpoint directory; pass the base with --base "
             f"(a run with a random base drawn on the devices has none to merge into)"
         )
+    out = check_output(out, "merged model", "model.safetensors.index.json", run_or_checkpoint, ckpt, base)
     weights = CheckpointWeights(Path(base))
     scaling = peft_conf.lora_alpha / (math.sqrt(peft_conf.r) if peft_conf.use_rslora else peft_conf.r)
     lora = {}
@@ -113,7 +114,6 @@ def merge_adapter(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     compute = DTYPES[cfg.param_dtype]
 
-    out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import resource
 import sys
 import time
@@ -128,7 +127,11 @@ class MetricsSink:
         from torch.utils.tensorboard import SummaryWriter
         from tqdm.auto import tqdm
 
-        self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        # A resumed run's records go on from its checkpoint's: what an earlier start logged past it (steps this
+        # one redoes, after a crash; all of it when no checkpoint was left) is dropped from metrics.jsonl and
+        # hidden in TensorBoard (purge_step)
+        kept = self._records_up_to(run_dir / "metrics.jsonl", start_step)
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else 0)
         self.jsonl = (run_dir / "metrics.jsonl").open("a")
         # A bar redraws in place on a terminal; in a log file (CI, SLURM) the log lines carry progress and ETA.
         self.bar = (
@@ -144,13 +147,35 @@ class MetricsSink:
             else None
         )
         # A resumed run keeps drawing its whole curve.
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-            rec = json.loads(line)
-            if rec.get("step", math.inf) <= start_step:
-                if "loss" in rec:
-                    self.train_points.append((rec["step"], rec["loss"]))
-                if "eval_loss" in rec:
-                    self.eval_points.append((rec["step"], rec["eval_loss"]))
+        for rec in kept:
+            if "loss" in rec:
+                self.train_points.append((rec["step"], rec["loss"]))
+            if "eval_loss" in rec:
+                self.eval_points.append((rec["step"], rec["eval_loss"]))
+
+    @staticmethod
+    def _records_up_to(path: Path, step: int) -> list[dict]:
+        """The records of metrics.jsonl up to checkpoint `step` (none for a fresh start), the file rewritten
+        without the rest: records past it, and a line cut short by a crash mid-write."""
+        if not path.is_file():
+            return []
+        lines = path.read_text().splitlines()
+        kept = []
+        for line in lines if step else []:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("step", -1) <= step:
+                kept.append(rec)
+        if len(kept) < len(lines):
+            from shardtune.checkpoint import write_atomic  # (checkpoint.py imports this module)
+
+            write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+            log.info(
+                "metrics.jsonl: %d record(s) past step %d or cut short dropped", len(lines) - len(kept), step
+            )
+        return kept
 
     def write(self, text: str) -> None:
         if self.enabled:

@@ -523,13 +523,39 @@ def _target_key(targets):
     return "all-linear" if targets == "all-linear" else tuple(sorted(targets))
 
 
+def batch_problem(cfg: Config, gpus: int, micro_batch: bool = True) -> str | None:
+    """Why the run would refuse this global batch on `gpus` processes (None when it would not): every process
+    gets the same rows per step, cut into micro-batches of the same size (data/loader.py, GlobalBatchSampler).
+    `micro_batch` False leaves train.micro_batch_size out (--fit chooses it)."""
+    g = cfg.train.global_batch_size
+    if g % gpus:
+        lower, higher = (g // gpus) * gpus, (g // gpus + 1) * gpus
+        multiples = f"{lower} or {higher}" if lower else f"{higher}"
+        return (
+            f"train.global_batch_size={g} is not a multiple of the {gpus} GPUs: the run gives every process the "
+            f"same number of rows per step and would refuse it. Set train.global_batch_size={multiples}, or plan "
+            f"for a number of GPUs that divides {g}"
+        )
+    m = cfg.train.micro_batch_size
+    if micro_batch and cfg.train.micro_batch_tokens is None and g % (m * gpus):
+        return (
+            f"train.global_batch_size={g} is not a multiple of train.micro_batch_size={m} x {gpus} GPUs: the run "
+            f"would refuse it. Set train.micro_batch_size to a divisor of {g // gpus} (the rows per GPU per step), "
+            f"or let --fit choose one"
+        )
+    return None
+
+
 def fit(cfg: Config, conf, gpus: int, gpu_mem: float, nodes: int, gpu_name: str) -> list[Estimate]:
     """Every micro-batch x checkpointing x placement of the base (whole on every GPU, sharded, sharded and
     offloaded) combination that fits `gpu_mem` bytes (with 5% kept for the allocator), fastest first.
     Micro-batches are rows that divide the rows each GPU handles per step, or for packed rows token budgets of
     1 to 32 rows of data.max_len (train.micro_batch_tokens: as full, and as predictable in memory, as the data
-    allows; not under DeepSpeed, which refuses them)."""
-    per_gpu_rows = max(1, cfg.train.global_batch_size // max(gpus, 1))
+    allows; not under DeepSpeed, which refuses them). Only settings the run accepts are tried (batch_problem)."""
+    problem = batch_problem(cfg, gpus, micro_batch=False)
+    if problem:  # no micro-batch can help: the global batch itself does not divide
+        raise ConfigError(problem)
+    per_gpu_rows = cfg.train.global_batch_size // gpus
     sizes = [{"train.micro_batch_size": m} for m in (1, 2, 4, 8, 16, 32) if per_gpu_rows % m == 0]
     if cfg.data.packing and cfg.parallel.backend == "fsdp":
         rows = [m for m in (1, 2, 4, 8, 16, 32) if m <= per_gpu_rows]

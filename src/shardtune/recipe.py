@@ -29,7 +29,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from shardtune import faults
-from shardtune.config import Config, ConfigError, apply_overrides, format_help, parse_overrides, to_yaml
+from shardtune.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    check_inputs,
+    format_help,
+    parse_overrides,
+    to_yaml,
+)
 from shardtune.data.formats import DataError
 from shardtune.launcher import accelerate_env_overrides, accelerate_yaml_overrides
 from shardtune.stopping import EXIT_REQUEUE, StopRequest
@@ -59,7 +67,38 @@ def resolve_config(base: Config, overrides: list[str], env: dict[str, str] | Non
     values, origin = accelerate_env_overrides(env)
     if values:
         cfg = apply_overrides(cfg, values, origin)
-    return apply_overrides(cfg, cli, "the command line")
+    cfg = apply_overrides(cfg, cli, "the command line")
+    check_inputs(cfg)
+    return cfg
+
+
+def check_sweep(overrides: list[str], grid: dict[str, list] | None, recipe_grid: bool) -> None:
+    """Refuse a command line whose values a sweep would silently replace: an override of a key the grid sweeps
+    (every run would take the grid's values instead)."""
+    if not grid:
+        return
+    whose = "the recipe's --sweep grid" if recipe_grid else "--sweep"
+    for key, value in parse_overrides(overrides).items():
+        if key in grid:
+            values = ", ".join(str(v) for v in grid[key])
+            raise ConfigError(
+                f"{key}={value} on the command line is also swept by {whose} ({key}: {values}); every run would "
+                f"take the sweep's values instead. Drop {key}={value}, or sweep the values you want: "
+                f"--sweep {key}=v1,v2"
+            )
+
+
+def check_backend(configs: list[Config]) -> None:
+    """Refuse, before the data and the model are prepared, a backend this machine cannot run."""
+    if (
+        any(c.parallel.backend == "deepspeed" for c in configs)
+        and importlib.util.find_spec("deepspeed") is None
+    ):
+        raise ConfigError(
+            "parallel.backend=deepspeed (an accelerate DEEPSPEED config sets it) needs DeepSpeed, which is not "
+            "installed in this Python: pip install 'shardtune[deepspeed]' (or pip install deepspeed), or use an FSDP "
+            "config from fsdp_configs/."
+        )
 
 
 def split_sweep_values(text: str) -> list[str]:
@@ -79,7 +118,8 @@ def _parse_args(argv: list[str]) -> tuple[set[str], list[str], dict[str, list[st
     """(flags, key=value overrides, sweep grid).
 
     Each `--sweep` takes the next argument when it is `key=v1,v2,...` (two or more values); a bare
-    `--sweep` runs the recipe's own grid. Everything else that is not a flag is an override.
+    `--sweep` (the last argument, or followed by a flag) runs the recipe's own grid. Everything else that is not a
+    flag is an override.
     """
     flags, overrides, sweep = set(), [], {}
     i = 0
@@ -89,7 +129,14 @@ def _parse_args(argv: list[str]) -> tuple[set[str], list[str], dict[str, list[st
             flags.add(arg)
             nxt = argv[i + 1] if i + 1 < len(argv) else ""
             key, sep, values = nxt.partition("=")
+            # one value after --sweep is no sweep: a bare --sweep (the recipe's grid) and an override, which
+            # main() refuses where the grid would replace it, or where the recipe has no grid
             if arg == "--sweep" and sep and len(split_sweep_values(values)) > 1:
+                if key in sweep:
+                    raise ConfigError(
+                        f"--sweep {key} is given twice ({','.join(sweep[key])} and {values}); give all its values "
+                        f"in one --sweep {key}=v1,v2,..."
+                    )
                 sweep[key] = split_sweep_values(values)
                 i += 1
         elif arg.startswith("--"):
@@ -137,10 +184,16 @@ def main(
             return
         cfg = resolve_config(base, overrides)
         grid = cli_sweep or (sweep if "--sweep" in flags else None)
+        if "--sweep" in flags and not grid:
+            raise ConfigError(
+                f"--sweep: {sys.argv[0]} has no sweep grid of its own; give one: --sweep key=v1,v2"
+            )
+        check_sweep(overrides, grid, recipe_grid=not cli_sweep)
+        points = [cfg]
         if grid:
             from shardtune.sweep import expand
 
-            expand(cfg, grid)  # validates every combination now
+            points = [point for _, point in expand(cfg, grid)]  # validates every combination now
         if "--print-config" in flags:
             if _is_main_process():
                 print(to_yaml(cfg), end="")
@@ -149,6 +202,7 @@ def main(
             if _is_main_process():
                 print(f"{name}: configuration is valid")
             return
+        check_backend(points)
         if "--doctor" in flags and _is_main_process():
             _doctor(cfg)
     except ConfigError as e:

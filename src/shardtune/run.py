@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 import traceback
@@ -23,10 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from transformers import get_scheduler
 
 from shardtune import loading, modeling, parallel
-from shardtune.checkpoint import CheckpointManager, resume_point, write_atomic
+from shardtune.checkpoint import (
+    CheckpointManager,
+    checkpoint_step,
+    exactness_differences,
+    resume_point,
+    write_atomic,
+)
 from shardtune.config import Config, ConfigError, apply_overrides, to_yaml
 from shardtune.data.loader import Data, GlobalBatchSampler, build_data, padding_advice
 from shardtune.distributed import DistInfo, all_reduce_max, barrier, gather_object
@@ -46,9 +54,13 @@ def write_status(run_dir: Path, status: str, **fields) -> None:
     write_atomic(run_dir / "status.json", json.dumps(record, indent=1).encode())
 
 
-def train(cfg: Config, dist: DistInfo, name: str, stop: StopRequest | None = None) -> dict:
+def train(
+    cfg: Config, dist: DistInfo, name: str, stop: StopRequest | None = None, stop_file: Path | None = None
+) -> dict:
     """Run training as configured; returns the run's summary ("status" interrupted or complete). `stop` is
     the entry point's signal record (installed before the slow imports); one is installed here otherwise.
+    `stop_file`: the file whose appearance stops the run (slurm/train.sh writes it), when it is not the run
+    directory's own STOP (a sweep's runs share the sweep's, which the sweep removes).
     The loop runs with the objects alive before it frozen out of the garbage collector's sight (see _train);
     on the way out everything frozen in this process is unfrozen, a caller's own `gc.freeze()` included."""
     run_dir = Path(cfg.train.output_dir) / (cfg.train.run_name or name)
@@ -56,19 +68,22 @@ def train(cfg: Config, dist: DistInfo, name: str, stop: StopRequest | None = Non
         run_dir / "checkpoints", cfg.train.keep_last, dist, cfg.train.save_timeout_minutes
     )
     cfg_yaml = to_yaml(cfg)
-    resume_from = resume_point(cfg.train.resume, ckpts, cfg_yaml)
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg_yaml)
-        write_status(run_dir, "running", world_size=dist.world_size, resumed_from=str(resume_from or ""))
-    barrier()
     try:
-        if stop is not None:
-            return _train(cfg, dist, run_dir, ckpts, resume_from, cfg_yaml, stop)
-        with StopRequest() as own:
-            return _train(cfg, dist, run_dir, ckpts, resume_from, cfg_yaml, own)
-    except BaseException as e:
+        resume_from = resume_point(cfg.train.resume, ckpts, cfg_yaml)
         if dist.is_main:
+            if resume_from is None:
+                _drop_stale_leftovers(run_dir, cfg_yaml)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(cfg_yaml)
+            write_status(run_dir, "running", world_size=dist.world_size, resumed_from=str(resume_from or ""))
+        barrier()
+        if stop is not None:
+            return _train(cfg, dist, run_dir, ckpts, resume_from, cfg_yaml, stop, stop_file)
+        with StopRequest() as own:
+            return _train(cfg, dist, run_dir, ckpts, resume_from, cfg_yaml, own, stop_file)
+    except BaseException as e:
+        # (a refused resume too: the status an earlier start left must not stand for this one)
+        if dist.is_main and run_dir.is_dir():
             write_status(
                 run_dir, "failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-4000:]
             )
@@ -108,6 +123,71 @@ def _resolve_auto(cfg: Config, conf, dist: DistInfo) -> Config:
             f", planned peak {est.gpu_peak / 2**30:.1f} of {gpu_mem / 2**30:.0f} GiB" if est else " (CPU)",
         )
     return resolved
+
+
+def _drop_stale_leftovers(run_dir: Path, cfg_yaml: str) -> None:
+    """A fresh start in a run directory that an earlier start left without a checkpoint (it failed or was
+    killed before its first save): the tokenizer and random base that start wrote are reused as the run's own
+    (tokenizer_for, _model) only if they were made with the same model, data and LoRA settings; else they go,
+    and this start makes its own. Nothing else in the directory is touched."""
+    before = run_dir / "config.yaml"
+    if not before.is_file():
+        return
+    diffs = exactness_differences(yaml.safe_load(before.read_text()), yaml.safe_load(cfg_yaml))
+    stale = [d for d in (run_dir / "tokenizer", run_dir / "base") if d.is_dir()]
+    if diffs and stale:
+        for d in stale:
+            shutil.rmtree(d)
+        log.info(
+            "%s: made by an earlier start with other settings (%s) and no checkpoint; made again",
+            ", ".join(d.name + "/" for d in stale),
+            "; ".join(diffs[:3]),
+        )
+
+
+def _fingerprint(data: Data) -> str:
+    """A hash of the training rows as tokenized (ids, trained tokens, row bounds): equal exactly when the run
+    would read the same tokens in the same order at every step."""
+    h = hashlib.sha256()
+    for array in (data.train.ids, data.train.trained, data.train.offsets):
+        h.update(array.tobytes())
+    return h.hexdigest()[:16]
+
+
+def _check_same_data(checkpoint: Path, fingerprint: str, origin: str) -> None:
+    """Refuse to resume onto training data that changed since the checkpoint (an edited file, a dataset that
+    moved on): the data position would point into other rows, and the run would go on silently on a
+    different order. The settings that shape the data are checked with the rest (checkpoint.EXACTNESS_KEYS)."""
+    saved = json.loads((checkpoint / "train_state.json").read_text()).get("data_fingerprint")
+    if saved is not None and saved != fingerprint:
+        raise ConfigError(
+            f"cannot resume {checkpoint}: the training data from {origin} is not what it was trained on (its "
+            f"rows or their tokens changed since). Restore the data, or start a new run (train.run_name=...)."
+        )
+
+
+def _optimizer_settings(cfg: Config, optimizer, scheduler) -> list[str]:
+    """A resumed run trains on with this run's optimizer settings, which may differ from the checkpoint's (a
+    new learning rate is allowed: they are not among checkpoint.EXACTNESS_KEYS). Loading the optimizer and the
+    schedule put the checkpoint's back (its param groups, the scheduler's base rates); this run's are set
+    again here, and the rate of the step the schedule is at recomputed from the new base. Unchanged settings
+    leave everything as loaded (bit-exact resume). Returns the changes, for the log."""
+    o, changed = cfg.optim, []
+    for key, now in (("betas", tuple(o.betas)), ("eps", o.eps), ("weight_decay", o.weight_decay)):
+        before = optimizer.param_groups[0][key]
+        if (tuple(before) if key == "betas" else before) != now:
+            changed.append(f"optim.{key}={now} (the checkpoint's: {before})")
+            for group in optimizer.param_groups:
+                group[key] = now
+    if any(base != o.lr for base in scheduler.base_lrs):
+        changed.append(f"optim.lr={o.lr} (the checkpoint's: {scheduler.base_lrs[0]})")
+        scheduler.base_lrs = [o.lr] * len(optimizer.param_groups)
+        # LambdaLR (every schedule transformers builds): the rate is the base times the schedule's factor
+        rates = [o.lr * factor(scheduler.last_epoch) for factor in scheduler.lr_lambdas]
+        for group, rate in zip(optimizer.param_groups, rates, strict=True):
+            group["initial_lr"], group["lr"] = o.lr, rate
+        scheduler._last_lr = rates
+    return changed
 
 
 def tokenizer_for(cfg: Config, run_dir: Path):
@@ -250,7 +330,10 @@ def _train(
     resume_from: Path | None,
     cfg_yaml: str,
     stop: StopRequest,
+    stop_file: Path | None,
 ) -> dict:
+    own_stop_file = stop_file is None
+    stop_file = stop_file or run_dir / STOP_FILE
     tokenizer = tokenizer_for(cfg, run_dir)
     data = _data(cfg, dist, run_dir, tokenizer)  # bad data fails here, before any model is loaded
     sampler = GlobalBatchSampler(  # and a batch size that does not divide, too
@@ -263,6 +346,16 @@ def _train(
         lengths=data.train.lengths(),
         micro_tokens=cfg.train.micro_batch_tokens,
     )
+    total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * sampler.steps_per_epoch)
+    fingerprint = _fingerprint(data)
+    if resume_from is not None:
+        _check_same_data(resume_from, fingerprint, data.origin)
+    if resume_from is not None and (saved := checkpoint_step(resume_from)) > total_steps:
+        raise ConfigError(  # training on would save this run's last step over weights from later ones
+            f"train.resume: {resume_from} is at step {saved}, past this run's last step {total_steps} "
+            f"(train.max_steps={cfg.train.max_steps}, train.epochs={cfg.train.epochs}). Raise train.max_steps to "
+            f"train on; for an earlier step's adapter: shardtune export <run>/checkpoints/step-<N> OUT_DIR"
+        )
     conf = modeling.model_config(cfg)  # read once: a hub model's config is a download
     cfg = _resolve_auto(cfg, conf, dist)
     m = _model(cfg, conf, dist, run_dir, tokenizer)
@@ -279,7 +372,6 @@ def _train(
         eps=cfg.optim.eps,
         weight_decay=cfg.optim.weight_decay,
     )
-    total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * sampler.steps_per_epoch)
     scheduler = get_scheduler(
         "constant_with_warmup" if cfg.optim.scheduler == "constant" else cfg.optim.scheduler,
         optimizer,
@@ -304,12 +396,14 @@ def _train(
         if scaler is not None:
             scaler.load_state_dict(state["grad_scaler"])
         start_step = state["step"]
+        changed = _optimizer_settings(cfg, optimizer, scheduler)
         if dist.is_main:
             log.info(
-                "resumed from %s (step %d, saved by %d processes)",
+                "resumed from %s (step %d, saved by %d processes)%s",
                 resume_from,
                 start_step,
                 state["world_size"],
+                f"; from here on {', '.join(changed)}" if changed else "",
             )
 
     peak, peak_how = device_peak_flops(dist.device, modeling.DTYPES[cfg.param_dtype])
@@ -355,14 +449,18 @@ def _train(
     if start_step == 0:
         first_eval = trainer.evaluate(cfg.eval.batch_size, cfg.eval.max_rows)
         sink.eval(0, first_eval)
+    elif state.get("eval_pending"):  # due at the step the last start stopped after, left to this one
+        sink.eval(start_step, trainer.evaluate(cfg.eval.batch_size, cfg.eval.max_rows))
 
-    def save(step: int) -> Path:
+    def save(step: int, eval_pending: bool = False) -> Path:
         train_state = {
+            "eval_pending": eval_pending,
             "scheduler": scheduler.state_dict(),
             "tokens_seen": trainer.tokens_seen,
             "epoch_position": list(sampler.position(step)),
             "first_eval": first_eval,
             "config_hash": hashlib.sha256(cfg_yaml.encode()).hexdigest()[:16],
+            "data_fingerprint": fingerprint,
             "grad_scaler": scaler.state_dict() if scaler is not None else None,
         }
         files = {
@@ -374,7 +472,7 @@ def _train(
 
     # ---- the loop. At every step boundary the ranks agree, in one all-reduce, on whether any of them was
     # signalled and whether a timed save is due, so that all of them save (and stop) after the same step.
-    last_saved = start_step if resume_from else -1
+    last_saved, final_ckpt = (start_step if resume_from else -1), resume_from
     # What is alive now lives for the whole run (the model's modules, parameters and quantization states, the
     # data): frozen out of the garbage collector's sight, so that its full collections walk only what the loop
     # allocates (~3 ms). Walking all 700k objects took 0.5 s, one step in 12-35 (80-layer 70B on one H200: a
@@ -391,18 +489,22 @@ def _train(
         done = step + 1
         profiler.after(done)
         sink.train_step(done, metrics, log_line=done % cfg.train.log_every == 0 or done == total_steps)
-        if cfg.eval.every and done % cfg.eval.every == 0 and done != total_steps:
-            sink.eval(done, trainer.evaluate(cfg.eval.batch_size, cfg.eval.max_rows))
         minutes = cfg.train.save_every_minutes
         timed = minutes is not None and time.monotonic() - last_save_time >= 60 * minutes
-        asked = stop.received is not None or (dist.is_main and (run_dir / STOP_FILE).exists())
+        asked = stop.received is not None or (dist.is_main and stop_file.exists())
         signalled, timed = all_reduce_max([float(asked), float(timed)], dist.device)
+        stopping = bool(signalled) and done < total_steps
+        eval_due = bool(cfg.eval.every) and done % cfg.eval.every == 0 and done != total_steps
+        if (
+            eval_due and not stopping
+        ):  # stopping: the save first (a signal's grace is short); the next start evals
+            sink.eval(done, trainer.evaluate(cfg.eval.batch_size, cfg.eval.max_rows))
         if signalled or timed or (cfg.train.save_every and done % cfg.train.save_every == 0):
-            path = save(done)
-            last_saved, last_save_time = done, time.monotonic()
-            if signalled and done < total_steps:
+            path = save(done, eval_pending=eval_due and stopping)
+            last_saved, last_save_time, final_ckpt = done, time.monotonic(), path
+            if stopping:
                 if dist.is_main:
-                    (run_dir / STOP_FILE).unlink(missing_ok=True)  # acted on: the next start trains on
+                    stop_file.unlink(missing_ok=True)  # acted on: the next start trains on
                     write_status(
                         run_dir,
                         "interrupted",
@@ -425,8 +527,7 @@ def _train(
     final_eval = trainer.evaluate(cfg.eval.batch_size, cfg.eval.max_rows)
     sink.eval(total_steps, final_eval)
     if last_saved != total_steps:
-        save(total_steps)
-    final_ckpt = ckpts.latest(verify=False)
+        final_ckpt = save(total_steps)
     adapter_dir = run_dir / "adapter"
     if dist.is_main:
         export_adapter(final_ckpt, adapter_dir)
@@ -465,7 +566,8 @@ def _train(
         plot = sink.plot()
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         _print_summary(sink, summary, run_dir, plot, samples, cfg.eval.show)
-        (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop asked after the last step is moot
+        if own_stop_file:  # a stop asked after the last step is moot (a sweep's next run acts on its own)
+            stop_file.unlink(missing_ok=True)
         write_status(
             run_dir, "complete", step=total_steps, checkpoint=str(final_ckpt), adapter=str(adapter_dir)
         )

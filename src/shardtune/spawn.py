@@ -1,6 +1,6 @@
 """A training run started as a child of a tool (`shardtune bench`, `shardtune doctor --smoke`): torchrun in
 its own session, its output in a log file, stopped with every process it started if it outlives a timeout
-(killing torchrun alone would leave its workers holding the GPUs)."""
+or the tool is interrupted (killing torchrun alone would leave its workers holding the GPUs)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,10 @@ def torchrun(args: list[str], procs: int, log_path: Path, timeout_s: float) -> i
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             return f"timed out after {timeout_s:.0f}s"
+        except BaseException:  # Ctrl-C or a signal to the tool: its own session would outlive it
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
 
 
 def failure(log: str) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 
 from shardtune.config import Config, apply_overrides
 from shardtune.distributed import DistInfo
+from shardtune.stopping import STOP_FILE
 
 
 def slug(assignment: dict[str, Any]) -> str:
@@ -39,22 +40,46 @@ def expand(cfg: Config, grid: dict[str, list]) -> list[tuple[dict[str, Any], Con
 
 
 def run_grid(cfg: Config, grid: dict[str, list], dist: DistInfo, name: str, stop=None) -> list[dict]:
-    from shardtune.run import train
+    """Train every combination in turn. The sweep's directory is what a launcher sees as the run: its STOP
+    file stops whichever run is training, and its status.json says where the sweep is (slurm/train.sh reads
+    both there, and requeues an interrupted sweep: the same command resumes that run, then the rest)."""
+    from shardtune.run import train, write_status
 
     base_name = cfg.train.run_name or name
+    base = Path(cfg.train.output_dir) / base_name
     results = []
-    for assignment, sub in expand(cfg, grid):
-        sub = apply_overrides(sub, {"train.run_name": f"{base_name}/sweep/{slug(assignment)}"}, "sweep")
-        summary = train(sub, dist, name, stop)
-        gc.collect()  # this run's model is held in reference cycles: freed now, before the next one is built
-        results.append({**{k: sub_value(v) for k, v in assignment.items()}, **summary})
-        if summary["status"] == "interrupted":  # the same command resumes this run, then the rest of the grid
-            return results
+    try:
+        for assignment, sub in expand(cfg, grid):
+            point = slug(assignment)
+            sub = apply_overrides(sub, {"train.run_name": f"{base_name}/sweep/{point}"}, "sweep")
+            if dist.is_main:
+                base.mkdir(parents=True, exist_ok=True)
+                write_status(base, "running", sweep_run=point, done=len(results))
+            summary = train(sub, dist, name, stop, stop_file=base / STOP_FILE)
+            gc.collect()  # this run's model is held in reference cycles: freed now, before the next one is built
+            results.append({**{k: sub_value(v) for k, v in assignment.items()}, **summary})
+            if summary["status"] == "interrupted":
+                if dist.is_main:
+                    write_status(
+                        base,
+                        "interrupted",
+                        sweep_run=point,
+                        step=summary["step"],
+                        checkpoint=summary["checkpoint"],
+                        next="run the same command again: it resumes this run, then trains the rest",
+                    )
+                return results
+    except BaseException as e:
+        if dist.is_main and base.is_dir():
+            write_status(base, "failed", error=f"{type(e).__name__}: {e}", done=len(results))
+        raise
     if dist.is_main:
         table = format_table(grid, results)
-        out = Path(cfg.train.output_dir) / base_name / "sweep"
+        out = base / "sweep"
         (out / "summary.md").write_text(table + "\n")
         (out / "summary.json").write_text(json.dumps(results, indent=1))
+        (base / STOP_FILE).unlink(missing_ok=True)  # a stop asked after the last run is moot
+        write_status(base, "complete", runs=len(results), summary=str(out / "summary.json"))
         print(f"\nsweep over {', '.join(grid)} ({len(results)} runs):\n{table}\nwritten to {out}/summary.md")
     return results
 

@@ -8,7 +8,11 @@ the tokenizer it was trained with.
 
 from __future__ import annotations
 
+import difflib
+
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from shardtune.config import ConfigError
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 
@@ -94,12 +98,40 @@ def prepare_tokenizer(
     if tok.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token; shardtune appends EOS to every response")
     if pad_token is not None:
-        if pad_token not in tok.get_vocab():
-            raise ValueError(f"data.pad_token={pad_token!r} is not in the tokenizer's vocabulary")
+        check_pad_token(tok, pad_token)
         tok.pad_token = pad_token
     elif tok.pad_token is None:
         vocab = tok.get_vocab()
         tok.pad_token = next((t for t in _RESERVED_PADS if t in vocab), tok.eos_token)
     if chat_template is not None:
-        tok.chat_template = CHAT_TEMPLATES.get(chat_template, chat_template)
+        tok.chat_template = resolve_chat_template(chat_template)
     return tok
+
+
+def check_pad_token(tok: PreTrainedTokenizerBase, pad_token: str) -> None:
+    """data.pad_token must be one token of this tokenizer (a recipe's choice may not exist in another one,
+    e.g. the built-in tokenizer that a random-init run of a recipe's shape uses)."""
+    if pad_token in tok.get_vocab():
+        return
+    name = getattr(tok, "name_or_path", "") or "the built-in tokenizer"
+    raise ConfigError(
+        f"data.pad_token={pad_token!r} is not in the tokenizer's vocabulary ({name}); set data.pad_token=null "
+        f"to use the tokenizer's own pad token (else a reserved token, else EOS), or one of its special tokens: "
+        f"{', '.join(tok.all_special_tokens)}."
+    )
+
+
+def resolve_chat_template(chat_template: str) -> str:
+    """data.chat_template: a built-in name, or a Jinja template. A string that is neither (a misspelled name)
+    would render every conversation as itself, with nothing left to train on."""
+    if chat_template in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[chat_template]
+    if "{{" in chat_template or "{%" in chat_template:
+        return chat_template
+    close = difflib.get_close_matches(chat_template, CHAT_TEMPLATES, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ConfigError(
+        f"data.chat_template={chat_template!r} is neither a built-in template nor a Jinja template (no '{{{{' or "
+        f"'{{%'); {hint}the built-in ones are {', '.join(CHAT_TEMPLATES)}; data.chat_template=null uses the "
+        f"tokenizer's own."
+    )

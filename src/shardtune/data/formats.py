@@ -12,11 +12,14 @@ character span overlaps a trained segment; every other token gets -100. EOS is a
 
 from __future__ import annotations
 
+import difflib
 import string
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from shardtune.config import ConfigError
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -35,6 +38,13 @@ FORMAT_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "prompt_completion": (("prompt", "completion"), ()),
     "text": (("text",), ()),
 }
+# responses: a row must give one, neither null nor empty (an empty one would train EOS alone). Not `text`:
+# plain-text corpora (wikitext) are full of empty lines, and refusing them would refuse the corpus.
+RESPONSE_FIELDS = ("output", "completion")
+# fields data.fields can build from templates (chat rows are read from their messages column as they are)
+TEMPLATE_FIELDS = tuple(
+    dict.fromkeys(f for fmt, (req, opt) in FORMAT_FIELDS.items() if fmt != "chat" for f in req + opt)
+)
 IGNORE_INDEX = -100
 
 
@@ -60,6 +70,27 @@ def _template_columns(template: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(template) if name]
 
 
+def check_field_templates(fields: dict[str, str]) -> None:
+    """Every data.fields key is a field some format reads, and every template parses (before data is read)."""
+    for name, template in fields.items():
+        if name not in TEMPLATE_FIELDS:
+            close = difflib.get_close_matches(name, TEMPLATE_FIELDS, n=1)
+            hint = f"did you mean data.fields.{close[0]}? " if close else ""
+            raise ConfigError(
+                f"data.fields.{name}: {name!r} is not a field that data.fields builds; {hint}the fields are "
+                f"{', '.join(TEMPLATE_FIELDS)} (chat rows are read from their messages column as they are)."
+            )
+        fix = "write a column as {column} and a literal brace as {{ or }}"
+        try:
+            names = [n for _, n, _, _ in string.Formatter().parse(template) if n is not None]
+        except ValueError as e:
+            raise ConfigError(
+                f"data.fields.{name}={template!r} is not a valid template ({e}); {fix}."
+            ) from None
+        if "" in names:  # '{}' fills by position, and a row's columns have names only
+            raise ConfigError(f"data.fields.{name}={template!r} has an empty {{}}; {fix}.")
+
+
 @dataclass
 class RowFormatter:
     """Renders rows of one source in one format (see DataConfig for the settings)."""
@@ -70,6 +101,22 @@ class RowFormatter:
     fields: dict[str, str] = field(default_factory=dict)
     response_suffix: str = ""
     completion_only: bool = True
+
+    def check_fields(self) -> None:
+        """Every data.fields template is one this format reads (a template for another format's field would
+        be silently ignored)."""
+        required, optional = FORMAT_FIELDS[self.fmt]
+        for name in self.fields:
+            if name not in required + optional or self.fmt == "chat":
+                reads = (
+                    "none: chat rows are read from their messages column as they are"
+                    if self.fmt == "chat"
+                    else ", ".join(required + optional)
+                )
+                raise DataError(
+                    f"{self.origin}: data.fields.{name} is not read by format {self.fmt!r} (it reads {reads}); "
+                    f"remove it, or set data.format to the format it is for."
+                )
 
     def check_columns(self, columns: list[str]) -> None:
         """Every column the format (and its field templates) reads must exist."""
@@ -100,13 +147,42 @@ class RowFormatter:
 
     # --------------------------------------------------------------------------------------- fields
     def _field(self, row: dict, name: str, idx: int, optional: bool = False) -> str:
-        if name in self.fields:
-            try:
-                return self.fields[name].format(**row)
-            except KeyError as e:
+        text = (
+            self._template(row, name, idx, optional)
+            if name in self.fields
+            else self._column(row, name, idx, optional)
+        )
+        if name in RESPONSE_FIELDS and not text.strip():
+            source = (
+                f"data.fields.{name}={self.fields[name]!r} renders"
+                if name in self.fields
+                else f"column {name!r} is"
+            )
+            raise DataError(
+                f"{self.origin} row {idx + 1}: {source} empty{' (whitespace only)' if text else ''}; expected the "
+                f"text to train on. Fill it in, or remove the row."
+            )
+        return text
+
+    def _template(self, row: dict, name: str, idx: int, optional: bool) -> str:
+        """data.fields.<name> filled from the row; a null column is an error (it would render as 'None'),
+        except in an optional field, which is then left out, as a null optional column is."""
+        template = self.fields[name]
+        for column in _template_columns(template):
+            if column not in row:
                 raise DataError(
-                    f"{self.origin} row {idx + 1}: missing column {e.args[0]!r} (data.fields.{name})"
-                ) from None
+                    f"{self.origin} row {idx + 1}: missing column {column!r} (data.fields.{name})"
+                )
+            if row[column] is None:
+                if optional:
+                    return ""
+                raise DataError(
+                    f"{self.origin} row {idx + 1}: column {column!r} is empty (null), and "
+                    f"data.fields.{name}={template!r} reads it; expected text. Fill it in or remove the row."
+                )
+        return template.format(**row)
+
+    def _column(self, row: dict, name: str, idx: int, optional: bool) -> str:
         value = row.get(name)
         if value is None:
             if optional:
@@ -134,6 +210,13 @@ class RowFormatter:
                 )
         if not any(m["role"] == "assistant" for m in messages):
             raise DataError(f"{where} has no assistant message, so there is nothing to train on.")
+        for i, m in enumerate(messages):
+            if m["role"] == "assistant" and not m["content"].strip():
+                raise DataError(
+                    f"{where}, message {i}: the assistant's content is empty"
+                    f"{' (whitespace only)' if m['content'] else ''}; expected the text to train on. Fill it "
+                    f"in, or remove the row."
+                )
         return [{"role": m["role"], "content": m["content"]} for m in messages]
 
     def _chat(self, messages: list[dict], add_generation_prompt: bool = False) -> str:

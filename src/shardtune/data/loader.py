@@ -7,6 +7,7 @@ seeded permutation per epoch and a step always consumes one global batch of it.
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 
@@ -14,8 +15,18 @@ import numpy as np
 import torch
 
 from shardtune.config import Config, ConfigError, DataConfig
-from shardtune.data.formats import IGNORE_INDEX, DataError, Encoded, RowFormatter, detect_format, encode
-from shardtune.data.sources import Rows, load_source
+from shardtune.data.formats import (
+    IGNORE_INDEX,
+    DataError,
+    Encoded,
+    RowFormatter,
+    check_field_templates,
+    detect_format,
+    encode,
+)
+from shardtune.data.sources import Rows, has_named_splits, load_source, same_source
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -27,6 +38,15 @@ class Data:
     formatter: RowFormatter
     eval_rows: list[dict]
     origin: str
+
+
+def check_test_size(test_size: float) -> None:
+    """data.test_size is a fraction below 1 or a whole count of rows; 1.5 rows is neither."""
+    if test_size >= 1 and test_size != int(test_size):
+        raise ConfigError(
+            f"data.test_size={test_size}: a value of 1 or more is a count of held-out rows and must be whole; "
+            f"use a fraction below 1 (e.g. 0.05) or a count (e.g. {int(test_size)})."
+        )
 
 
 def _split(rows: Rows, test_size: float, seed: int) -> tuple[Rows, Rows]:
@@ -46,20 +66,53 @@ def _split(rows: Rows, test_size: float, seed: int) -> tuple[Rows, Rows]:
     return pick(lambda i: i not in held), pick(lambda i: i in held)
 
 
+def _eval_is_training_data(cfg: DataConfig) -> bool:
+    """Whether data.eval_source / data.eval_split would read the very rows the run trains on: a local file or
+    the generated task has no named splits (eval_split cannot select other rows), or they name the training
+    source and split themselves."""
+    if cfg.eval_source is not None and not same_source(cfg.eval_source, cfg.source):
+        return False
+    return not has_named_splits(cfg.source) or (cfg.eval_split or cfg.split) == cfg.split
+
+
+def _train_and_eval(source: Rows, cfg: DataConfig, seed: int) -> tuple[Rows, Rows]:
+    """The training rows and the eval rows: another source or split where one is named, else data.test_size
+    rows held out of the source. Eval loss is never computed on rows the run trains on."""
+    if not (cfg.eval_source or cfg.eval_split):
+        return _split(source, cfg.test_size, seed)
+    if not _eval_is_training_data(cfg):
+        return source, load_source(cfg.eval_source or cfg.source, cfg.eval_split or cfg.split, cfg, seed)
+    asked = ", ".join(
+        f"data.{k}={v!r}" for k, v in (("eval_source", cfg.eval_source), ("eval_split", cfg.eval_split)) if v
+    )
+    why = (
+        "it has no named splits"
+        if not has_named_splits(cfg.source)
+        else f"the training split is {cfg.split!r}"
+    )
+    log.info(
+        "data: %s would evaluate on the training rows of %s (%s); holding out data.test_size=%s of them "
+        "instead (data.eval_source=FILE evaluates on other rows)",
+        asked,
+        source.origin,
+        why,
+        cfg.test_size,
+    )
+    return _split(source, cfg.test_size, seed)
+
+
 def build_data(cfg: DataConfig, tokenizer, seed: int) -> Data:
     """Load, check, format and tokenize the training and eval rows. Fails fast with DataError."""
+    # settings first: a bad one fails before a large dataset is read
+    check_test_size(cfg.test_size)
+    check_field_templates(cfg.fields)
     source = load_source(cfg.source, cfg.split, cfg, seed)
-    if cfg.eval_source or cfg.eval_split:
-        train, held = (
-            source,
-            load_source(cfg.eval_source or cfg.source, cfg.eval_split or cfg.split, cfg, seed),
-        )
-    else:
-        train, held = _split(source, cfg.test_size, seed)
+    train, held = _train_and_eval(source, cfg, seed)
     fmt = cfg.format if cfg.format != "auto" else detect_format(source.columns, cfg.fields, source.origin)
     formatter = RowFormatter(
         fmt, tokenizer, source.origin, dict(cfg.fields), cfg.response_suffix, cfg.completion_only
     )
+    formatter.check_fields()
     formatter.check_columns(source.columns)
     enc_train = encode(formatter, train.rows, cfg.max_len, cfg.append_eos, numbers=train.numbers)
     formatter_eval = (

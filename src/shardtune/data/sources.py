@@ -46,6 +46,14 @@ def _has_no_rows(path: Path) -> bool:
     return len(lines) <= (1 if path.suffix == ".csv" else 0)  # a CSV header alone has no rows
 
 
+def _root_cause(e: BaseException) -> str:
+    """The message of the exception that started it all: `datasets` wraps the reader's error (pandas' names
+    the CSV line) in one that says only "An error occurred while generating the dataset"."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return str(e).strip() or type(e).__name__
+
+
 def _load_local(path: Path):
     import datasets
 
@@ -56,7 +64,7 @@ def _load_local(path: Path):
         if path.suffix != ".parquet" and _has_no_rows(path):
             raise DataError(f"{path} is empty: no rows to train on.") from None
         detail = _jsonl_bad_line(path) if builder == "json" else None
-        raise DataError(f"{path}: could not read as {path.suffix} ({detail or e}).") from None
+        raise DataError(f"{path}: could not read as {path.suffix} ({detail or _root_cause(e)}).") from None
 
 
 def _load_hub(name: str, subset: str | None, split: str):
@@ -69,6 +77,17 @@ def _load_hub(name: str, subset: str | None, split: str):
             f"could not load dataset {name!r} (split {split!r}) from the Hugging Face Hub: {e}. "
             f"Without hub access, point data.source at a local .jsonl/.json/.parquet/.csv file."
         ) from None
+
+
+def has_named_splits(source: str) -> bool:
+    """Whether `split` selects rows of this source: a hub dataset or a dataset folder has named splits; a
+    single local file and the generated task are all one split, whatever split is asked for."""
+    return source != "generated" and Path(source).suffix not in LOCAL_DATA_SUFFIXES
+
+
+def same_source(a: str, b: str) -> bool:
+    """Whether two data.source values name the same data (paths compared resolved)."""
+    return a == b or (a != "generated" and b != "generated" and Path(a).resolve() == Path(b).resolve())
 
 
 def load_source(source: str, split: str, cfg: DataConfig, seed: int) -> Rows:
@@ -93,14 +112,18 @@ def load_source(source: str, split: str, cfg: DataConfig, seed: int) -> Rows:
         if column not in columns:
             raise DataError(
                 f"{origin}: data.keep_if_empty names column {column!r}, which is not there "
-                f"(columns: {', '.join(columns)})."
+                f"(columns: {', '.join(columns)}); set data.keep_if_empty=[] to keep every row, or name "
+                f"columns of this data."
             )
     if cfg.keep_if_empty:
         kept = [
             i for i, r in enumerate(rows) if all(not str(r.get(c) or "").strip() for c in cfg.keep_if_empty)
         ]
         if not kept:
-            raise DataError(f"{origin}: no row has empty {cfg.keep_if_empty} (data.keep_if_empty).")
+            raise DataError(
+                f"{origin}: no row has empty {cfg.keep_if_empty}, so data.keep_if_empty keeps none; set "
+                f"data.keep_if_empty=[] to keep every row."
+            )
         rows, numbers = [rows[i] for i in kept], [numbers[i] for i in kept]
     if cfg.max_rows is not None:
         rows, numbers = rows[: cfg.max_rows], numbers[: cfg.max_rows]
