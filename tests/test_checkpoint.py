@@ -16,6 +16,7 @@ from shardtune.checkpoint import (
     CheckpointManager,
     resume_point,
     rng_state,
+    set_aside_after,
     set_rng_state,
     verify_checkpoint,
 )
@@ -121,6 +122,7 @@ def test_checkpoints_off_the_runs_path_are_set_aside_never_kept_in_place_of_good
     one = CheckpointManager(d, keep_last=1, dist=info)
     with caplog.at_level(logging.WARNING):
         assert resume_point("auto", one, to_yaml(Config())) == d / "step-00000002"
+        set_aside_after(one, 2)  # (the run does this once nothing refuses the resume)
     assert "step-00000003 set aside" in caplog.text
     assert [p.name for p in one.checkpoints()] == ["step-00000002"]
     one.save(3, model, opt, {"scheduler": {}}, files)  # the run redoes step 3
@@ -130,6 +132,7 @@ def test_checkpoints_off_the_runs_path_are_set_aside_never_kept_in_place_of_good
     two.save(4, model, opt, {"scheduler": {}}, files)
     two.save(5, model, opt, {"scheduler": {}}, files)
     assert resume_point(str(d / "step-00000004"), two, to_yaml(Config())) == d / "step-00000004"
+    set_aside_after(two, 4)
     assert two.latest() == d / "step-00000004"
     assert sorted(p.name for p in (d / "abandoned").iterdir()) == ["step-00000003", "step-00000005"]
     # a copy with another name is not a checkpoint; none intact: refused, not started over from step 0
@@ -137,6 +140,8 @@ def test_checkpoints_off_the_runs_path_are_set_aside_never_kept_in_place_of_good
     two.save(6, model, opt, {"scheduler": {}}, files)
     corrupt(d / "step-00000006")
     assert [p.name for p in two.checkpoints()] == ["step-00000006"]
+    # (a replacement killed between its two renames left it as .old-step-N: back under its name at the start)
+    (d / "step-00000006").rename(d / ".old-step-00000006")
     with pytest.raises(ConfigError, match=r"(?s)none is intact.*step-00000006: .*checksum"):
         resume_point("auto", two, to_yaml(Config()))
     assert (d / "step-00000006").is_dir() and (d / "step-00000004.bak").is_dir()

@@ -443,10 +443,16 @@ def test_target_modules_the_model_does_not_have_are_refused(value, expected):
         resolve_config(Config(), [f"lora.target_modules={value}"], env={})
     assert "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj" in str(e.value)
     # a swept value is checked too
-    with pytest.raises(ConfigError, match="vproj"):
+    with pytest.raises(ConfigError, match=r"sweep lora.target_modules=vproj: .*vproj"):
         from shardtune.sweep import expand
 
         expand(Config(), {"lora.target_modules": [["q_proj", "v_proj"], ["vproj"]]})
+
+
+def test_target_modules_peft_accepts_are_accepted():
+    """What PEFT matches: a regular expression over whole module paths, names by the end of their path, the head."""
+    for value in (r".*\.(q_proj|v_proj)", "[self_attn.q_proj,lm_head]", "all-linear"):
+        resolve_config(Config(), [f"lora.target_modules={value}"], env={})
 
 
 def test_a_shape_field_the_architecture_lacks_is_refused():

@@ -268,39 +268,68 @@ def test_null_column_read_by_a_field_template(tok, tmp_path):
     )
 
 
-def test_empty_responses_are_refused_with_the_row(tok, tmp_path):
-    """An empty or whitespace-only response would train EOS alone: refused like a null one, in every format."""
+def test_rows_with_an_empty_response_are_left_out_and_counted(tok, tmp_path):
+    """An empty or whitespace-only response would train EOS alone: the row is left out and counted, the first
+    named (hub datasets carry a few such rows and cannot be edited in place), in every format; a conversation
+    keeps an empty assistant turn beside a filled one; with nothing left, the run stops and says why."""
     ok = {"instruction": "Sort c a", "output": "a c"}
+    user = {"role": "user", "content": "hi"}
     cases = [
         (
             "alpaca.jsonl",
-            [ok, {"instruction": "Sort b a", "output": ""}],
+            [ok, {"instruction": "Sort b a", "output": ""}, ok, ok],
             {},
-            r"row 2: column 'output' is empty;",
+            "row 2: column 'output' is empty",
         ),
         (
             "pc.jsonl",
-            [{"prompt": "Q", "completion": "  \n"}, {"prompt": "Q", "completion": "A"}],
+            [{"prompt": "Q", "completion": "  \n"}] + [{"prompt": "Q", "completion": "A"}] * 3,
             {},
-            r"row 1: column 'completion' is empty \(whitespace only\);",
+            "row 1: column 'completion' is empty (whitespace only)",
         ),
         (
             "fields.jsonl",
-            [{"q": "Sort", "a": "a b"}, {"q": "Sort", "a": " "}],
+            [
+                {"q": "Sort", "a": "a b"},
+                {"q": "Sort", "a": " "},
+                {"q": "Sort", "a": "a b"},
+                {"q": "S", "a": "c"},
+            ],
             {"format": "alpaca", "fields": {"instruction": "{q}", "output": "{a}"}},
-            r"row 2: data\.fields\.output='\{a\}' renders empty \(whitespace only\);",
+            "row 2: data.fields.output='{a}' renders empty (whitespace only)",
         ),
         (
             "chat.jsonl",
-            [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}] * 2,
+            [{"messages": [user, {"role": "assistant", "content": ""}]}]
+            + [
+                {
+                    "messages": [
+                        user,
+                        {"role": "assistant", "content": ""},
+                        user,
+                        {"role": "assistant", "content": "ok"},
+                    ]
+                }
+            ]
+            * 3,
             {},
-            r"row \d: column 'messages', message 1: the assistant's content is empty;",
+            "row 1: column 'messages': every assistant message is empty",
         ),
     ]
-    for name, rows, kw, match in cases:
-        with pytest.raises(DataError, match=match) as e:
-            build(tok, write_jsonl(tmp_path / name, rows), **kw)
-        assert name in str(e.value) and "Fill it in, or remove the row" in str(e.value)
+    for name, rows, kw, example in cases:
+        data = build(tok, write_jsonl(tmp_path / name, rows), **kw)
+        assert len(data.train.empty) + len(data.eval.empty) == 1, name
+        assert (
+            len(data.train) + len(data.eval) == 3 and name in example_of(data) and example in example_of(data)
+        )
+    with pytest.raises(
+        DataError, match=r"no training row has a response token left .*have an empty response"
+    ):
+        build(tok, write_jsonl(tmp_path / "all.jsonl", [{"instruction": "a", "output": " "}] * 3))
+
+
+def example_of(data) -> str:
+    return data.train.empty_example or data.eval.empty_example
 
 
 def test_csv_parse_error_names_the_line(tok, tmp_path):

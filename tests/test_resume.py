@@ -281,3 +281,6 @@ def test_a_sweep_stops_and_reports_where_a_launcher_looks(tmp_path):
     status = json.loads((sweep / "status.json").read_text())
     assert status["status"] == "complete" and status["runs"] == 2
     assert [len(losses(sweep / "sweep" / p)) for p in ("lora.r=4", "lora.r=8")] == [2, 2]
+    again = launch(args, nproc=1, launcher="python")  # a finished sweep's runs are not started again
+    assert "resumed from" not in again.stderr and "sweep over lora.r (2 runs)" in again.stdout
+    assert [len(evals(sweep / "sweep" / p)) for p in ("lora.r=4", "lora.r=8")] == [2, 2]  # first and final

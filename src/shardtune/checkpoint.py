@@ -164,12 +164,7 @@ class CheckpointManager:
             self.dir.mkdir(parents=True, exist_ok=True)
             for stale in self.dir.glob(".tmp-step-*"):  # a save that was killed before its rename
                 shutil.rmtree(stale, ignore_errors=True)
-            for old in self.dir.glob(".old-step-*"):  # a replacement killed between its two renames
-                back = self.dir / old.name.removeprefix(".old-")
-                if back.exists():
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    os.rename(old, back)
+            self.recover()
             tmp.mkdir()
         barrier(self.group)
         msd, osd = _trainable_state(model, optimizer)
@@ -227,6 +222,16 @@ class CheckpointManager:
             f" (peak GPU mem so far {peak:.2f} GiB)" if peak else "",
         )
         return final
+
+    def recover(self) -> None:
+        """Finish a replacement of a checkpoint that was killed between its two renames (rank 0): the old one
+        goes back under its name where the new one is not in place, else it goes."""
+        for old in self.dir.glob(".old-step-*"):
+            back = self.dir / old.name.removeprefix(".old-")
+            if back.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(old, back)
 
     def _purge(self, step: int) -> None:
         """Keep the checkpoint just written (`step`) and the keep_last - 1 newest intact ones before it; delete
@@ -375,6 +380,8 @@ def exactness_differences(saved: dict, current: dict) -> list[str]:
 def resume_point(mode: str, manager: CheckpointManager, config_yaml: str) -> Path | None:
     """The checkpoint to start from (train.resume: auto, never or a path), after checking that resuming
     from it continues the run exactly; None to start fresh."""
+    if manager.dist.is_main and manager.dir.is_dir():
+        manager.recover()
     if mode == "never":
         if manager.checkpoints():
             raise ConfigError(
@@ -407,7 +414,6 @@ def resume_point(mode: str, manager: CheckpointManager, config_yaml: str) -> Pat
                 + "\n  ".join(diffs)
                 + "\nRestore them, or start a new run (train.run_name=...)."
             )
-        set_aside_after(manager, checkpoint_step(path))
     return path
 
 
@@ -415,7 +421,8 @@ def set_aside_after(manager: CheckpointManager, step: int) -> None:
     """Move the run's checkpoints newer than `step` (the one it resumes from) into checkpoints/abandoned/: they
     are not on the path the run now takes (it resumes an older one by request, or they failed to verify), so
     the next `train.resume=auto` must not pick them, nor the export at the end, and a save must not count them
-    among the ones it keeps. Kept, not deleted. Rank 0 moves them; the run's start waits for all ranks."""
+    among the ones it keeps. Kept, not deleted. Rank 0 moves them (only rank 0 lists the directory after the
+    resume point is chosen), once nothing can refuse the resume any more."""
     newer = [p for p in manager.checkpoints() if step_of(p) > step]
     if not manager.dist.is_main or not newer:
         return

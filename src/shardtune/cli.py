@@ -158,7 +158,9 @@ def _recipe_config(command: str, recipe: str, rest: list[str]):
     from shardtune import plan
     from shardtune.recipe import load_recipe, resolve_config
 
-    cfg = resolve_config(load_recipe(recipe).config(), _overrides(command, rest), env={})
+    # plan runs anywhere (a laptop planning a cluster's run): local paths are checked where the run starts
+    overrides = _overrides(command, rest)
+    cfg = resolve_config(load_recipe(recipe).config(), overrides, env={}, check_paths=command != "plan")
     return (cfg, *plan.architecture(cfg))
 
 

@@ -363,11 +363,9 @@ class Config(Section):
             )
         if self.model.shape and self.model.init != "random":
             raise ValueError("model.shape changes the architecture and needs model.init=random")
-        model_type = known_model_type(self.model.name_or_path)
-        problem = target_modules_problem(self.lora.target_modules, model_type)
-        if problem:
-            raise ValueError(problem)
-        problem = shape_keys_problem(self.model.shape, model_type)
+        # (the names against the model's own layers: check_inputs and modeling.model_config, not here, where a
+        # saved run's configuration is validated again by shardtune merge)
+        problem = target_modules_problem(self.lora.target_modules, None)
         if problem:
             raise ValueError(problem)
         if self.model.init == "pretrained" and self.model.name_or_path in BUILTIN_SHAPE_NAMES:
@@ -405,8 +403,8 @@ SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
 # ------------------------------------------------------------------------------------ the model's names
 def known_model_type(name_or_path: str) -> str | None:
     """The model type, where it is known without a download: the built-in shapes are Llama; a local directory
-    says in its config.json; a hub id with 'llama' in its name is taken for one. None otherwise (the run checks
-    again once it has read the model's config: modeling.model_config)."""
+    says in its config.json. None otherwise (the run checks once it has read the model's config:
+    modeling.model_config)."""
     if name_or_path in BUILTIN_SHAPE_NAMES:
         return "llama"
     config = Path(name_or_path).expanduser() / "config.json"
@@ -415,35 +413,43 @@ def known_model_type(name_or_path: str) -> str | None:
             return json.loads(config.read_text()).get("model_type")
         except (OSError, ValueError, AttributeError):
             return None
-    return "llama" if "llama" in name_or_path.lower() else None
+    return None
 
 
 def target_modules_problem(targets: str | list[str], model_type: str | None) -> str | None:
-    """Why lora.target_modules would not adapt what it names (None when it would)."""
+    """Why lora.target_modules would not adapt what it names (None when it would). Without a model type, only
+    what fails for any model; with a Llama-style one, names its decoder layers lack too."""
     valid = f"{', '.join(LLAMA_LINEAR_NAMES)}, or lora.target_modules=all-linear"
     if isinstance(targets, str):
-        if targets == "all-linear":
-            return None
-        # NOTE: PEFT reads a string as one regular expression over whole module paths ('q_proj,v_proj' or 'q_proj'
-        # match nothing); shardtune's plan counts adapters by name, so names are given as a list
         names = [t.strip() for t in targets.split(",") if t.strip()]
+        if targets == "all-linear" or not all(n.isidentifier() for n in names):
+            return None  # PEFT's own value, or a regular expression, which PEFT matches against whole paths
+        # NOTE: PEFT reads a string as one regular expression over whole module paths: 'q_proj,v_proj' or 'q_proj'
+        # match nothing
         return (
             f"lora.target_modules={targets!r} is one string (PEFT would read it as a regular expression of whole "
-            f"module paths); give a list of names: lora.target_modules=[{','.join(names)}]. Valid names: {valid}"
+            f"module paths, which it matches nowhere); give a list of names: lora.target_modules=[{','.join(names)}]"
+            f". Valid names: {valid}"
         )
     if not targets:
         return f"lora.target_modules is empty: nothing would be trained; give names from {valid}"
     if model_type not in LLAMA_STYLE_TYPES:
         return None
-    unknown = [t for t in targets if t not in LLAMA_LINEAR_NAMES]
+    # PEFT matches a name against the end of a module's path: 'self_attn.q_proj' is q_proj; lm_head is the head
+    unknown, close = _unknown([t.rsplit(".", 1)[-1] for t in targets], (*LLAMA_LINEAR_NAMES, "lm_head"))
     if not unknown:
         return None
-    close = [c for t in unknown for c in difflib.get_close_matches(t, LLAMA_LINEAR_NAMES, n=1)]
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
     return (
         f"lora.target_modules: no linear layer of this {model_type} model is called "
         f"{' or '.join(repr(t) for t in unknown)}{hint}, so nothing would be adapted there. Valid names: {valid}"
     )
+
+
+def _unknown(names, valid) -> tuple[list[str], list[str]]:
+    """The names not among `valid`, and the closest valid name to each (where one is close)."""
+    unknown = [n for n in names if n not in valid]
+    return unknown, [c for n in unknown for c in difflib.get_close_matches(n, valid, n=1)]
 
 
 @functools.cache
@@ -477,10 +483,9 @@ def shape_keys_problem(shape: dict[str, Any], model_type: str | None) -> str | N
     if fields is None:
         return None
     every, own = fields
-    unknown = [k for k in shape if k not in every]
+    unknown, close = _unknown(shape, every)
     if not unknown:
         return None
-    close = [c for k in unknown for c in difflib.get_close_matches(k, every, n=1)]
     hint = f" Did you mean {', '.join(f'model.shape.{c}' for c in close)}?" if close else ""
     return (
         f"model.shape.{unknown[0]}"
@@ -504,11 +509,25 @@ def convert_to_safetensors_hint(directory: str | Path) -> str:
     )
 
 
+def check_names(cfg: Config) -> None:
+    """lora.target_modules and model.shape against the architecture, where its type is known without a
+    download (a built-in shape, a local directory; modeling.model_config checks the rest once it has the
+    model's config). Not among Config's own checks, which also run on a saved run's configuration (shardtune
+    merge), where a run trained before these checks existed must still load."""
+    model_type = known_model_type(cfg.model.name_or_path)
+    problem = target_modules_problem(cfg.lora.target_modules, model_type) or shape_keys_problem(
+        cfg.model.shape, model_type
+    )
+    if problem:
+        raise ConfigError(problem)
+
+
 def check_inputs(cfg: Config) -> None:
     """What the configuration names on this machine, checked before anything is loaded: a local model directory
     (and its safetensors weights, for model.init=pretrained), a local tokenizer, train.resume's checkpoint.
     Separate from Config's own checks, which also run on a saved run's configuration (shardtune merge, export),
     where these paths may since have moved."""
+    check_names(cfg)
     m = cfg.model
     if m.name_or_path not in BUILTIN_SHAPE_NAMES:
         path = Path(m.name_or_path).expanduser()

@@ -76,20 +76,23 @@ DTYPES = {
 
 def model_config(cfg: Config):
     """The architecture (a transformers config) the run trains, without loading any weights. Settings that
-    name what this architecture lacks (model.shape fields, lora.target_modules) are a ConfigError here: Config
-    checks them only where the model type is known without reading the model's config."""
+    name what this architecture lacks (model.shape fields, lora.target_modules) are a ConfigError here, for
+    every command that reads the architecture (the run, plan, doctor)."""
     m = cfg.model
-    if m.name_or_path in BUILTIN_SHAPES:
-        return LlamaConfig(**{**BUILTIN_SHAPES[m.name_or_path], **m.shape})
-    conf = AutoConfig.from_pretrained(
-        m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code
-    )
-    model_type = getattr(conf, "model_type", None)
+    builtin = m.name_or_path in BUILTIN_SHAPES
+    model_type = "llama" if builtin else None
+    if not builtin:
+        conf = AutoConfig.from_pretrained(
+            m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code
+        )
+        model_type = getattr(conf, "model_type", None)
     problem = shape_keys_problem(m.shape, model_type) or target_modules_problem(
         cfg.lora.target_modules, model_type
     )
     if problem:
         raise ConfigError(f"{m.name_or_path}: {problem}")
+    if builtin:
+        return LlamaConfig(**{**BUILTIN_SHAPES[m.name_or_path], **m.shape})
     for key, value in m.shape.items():
         setattr(conf, key, value)
     return conf

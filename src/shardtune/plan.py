@@ -512,6 +512,8 @@ def architecture(cfg: Config):
             return model_config(cfg), f"{name}: planned with the built-in {shape} shape (same architecture)"
     try:
         return model_config(cfg), None
+    except ConfigError:  # what the settings ask of this architecture: its own message
+        raise
     except Exception as e:  # offline, gated, or a typo: the shape is all a plan needs
         raise ConfigError(
             f"model.name_or_path={name}: cannot read its config ({type(e).__name__}); give a local "

@@ -34,6 +34,7 @@ from shardtune.config import (
     ConfigError,
     apply_overrides,
     check_inputs,
+    check_names,
     format_help,
     parse_overrides,
     to_yaml,
@@ -56,7 +57,9 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def resolve_config(base: Config, overrides: list[str], env: dict[str, str] | None = None) -> Config:
+def resolve_config(
+    base: Config, overrides: list[str], env: dict[str, str] | None = None, check_paths: bool = True
+) -> Config:
     """The recipe's config with the launcher's settings and the command-line overrides applied."""
     cli = parse_overrides(overrides)
     cfg = base
@@ -68,7 +71,8 @@ def resolve_config(base: Config, overrides: list[str], env: dict[str, str] | Non
     if values:
         cfg = apply_overrides(cfg, values, origin)
     cfg = apply_overrides(cfg, cli, "the command line")
-    check_inputs(cfg)
+    # local paths: not where they may exist only on the machines that train (plan, submit)
+    (check_inputs if check_paths else check_names)(cfg)
     return cfg
 
 

@@ -33,6 +33,7 @@ from shardtune.checkpoint import (
     checkpoint_step,
     exactness_differences,
     resume_point,
+    set_aside_after,
     write_atomic,
 )
 from shardtune.config import Config, ConfigError, apply_overrides, to_yaml
@@ -133,7 +134,10 @@ def _drop_stale_leftovers(run_dir: Path, cfg_yaml: str) -> None:
     before = run_dir / "config.yaml"
     if not before.is_file():
         return
-    diffs = exactness_differences(yaml.safe_load(before.read_text()), yaml.safe_load(cfg_yaml))
+    try:
+        diffs = exactness_differences(yaml.safe_load(before.read_text()), yaml.safe_load(cfg_yaml))
+    except (KeyError, TypeError, yaml.YAMLError):  # written by another version of shardtune: not comparable
+        diffs = ["config.yaml of another form"]
     stale = [d for d in (run_dir / "tokenizer", run_dir / "base") if d.is_dir()]
     if diffs and stale:
         for d in stale:
@@ -159,7 +163,11 @@ def _check_same_data(checkpoint: Path, fingerprint: str, origin: str) -> None:
     moved on): the data position would point into other rows, and the run would go on silently on a
     different order. The settings that shape the data are checked with the rest (checkpoint.EXACTNESS_KEYS)."""
     saved = json.loads((checkpoint / "train_state.json").read_text()).get("data_fingerprint")
-    if saved is not None and saved != fingerprint:
+    if saved is None:
+        log.warning(
+            "%s holds no hash of its training data (saved before they were kept): not checked", checkpoint
+        )
+    elif saved != fingerprint:
         raise ConfigError(
             f"cannot resume {checkpoint}: the training data from {origin} is not what it was trained on (its "
             f"rows or their tokens changed since). Restore the data, or start a new run (train.run_name=...)."
@@ -170,8 +178,8 @@ def _optimizer_settings(cfg: Config, optimizer, scheduler) -> list[str]:
     """A resumed run trains on with this run's optimizer settings, which may differ from the checkpoint's (a
     new learning rate is allowed: they are not among checkpoint.EXACTNESS_KEYS). Loading the optimizer and the
     schedule put the checkpoint's back (its param groups, the scheduler's base rates); this run's are set
-    again here, and the rate of the step the schedule is at recomputed from the new base. Unchanged settings
-    leave everything as loaded (bit-exact resume). Returns the changes, for the log."""
+    again here, and the rate of the step the schedule is at recomputed from this run's base and schedule.
+    Unchanged settings leave everything as loaded (bit-exact resume). Returns the changes, for the log."""
     o, changed = cfg.optim, []
     for key, now in (("betas", tuple(o.betas)), ("eps", o.eps), ("weight_decay", o.weight_decay)):
         before = optimizer.param_groups[0][key]
@@ -182,10 +190,21 @@ def _optimizer_settings(cfg: Config, optimizer, scheduler) -> list[str]:
     if any(base != o.lr for base in scheduler.base_lrs):
         changed.append(f"optim.lr={o.lr} (the checkpoint's: {scheduler.base_lrs[0]})")
         scheduler.base_lrs = [o.lr] * len(optimizer.param_groups)
-        # LambdaLR (every schedule transformers builds): the rate is the base times the schedule's factor
-        rates = [o.lr * factor(scheduler.last_epoch) for factor in scheduler.lr_lambdas]
+        for group in optimizer.param_groups:
+            group["initial_lr"] = o.lr
+    # The next step's rate, from this run's base and schedule (a new max_steps or warmup changes the factor):
+    # LambdaLR's (every schedule transformers builds) own formula, so unchanged settings give the loaded float
+    rates = [
+        base * factor(scheduler.last_epoch)
+        for factor, base in zip(scheduler.lr_lambdas, scheduler.base_lrs, strict=True)
+    ]
+    if rates != [group["lr"] for group in optimizer.param_groups]:
+        changed.append(
+            f"the rate at step {scheduler.last_epoch + 1} {rates[0]:.3g} (the checkpoint's schedule: "
+            f"{optimizer.param_groups[0]['lr']:.3g})"
+        )
         for group, rate in zip(optimizer.param_groups, rates, strict=True):
-            group["initial_lr"], group["lr"] = o.lr, rate
+            group["lr"] = rate
         scheduler._last_lr = rates
     return changed
 
@@ -229,6 +248,14 @@ def _data(cfg: Config, dist: DistInfo, run_dir: Path, tokenizer) -> Data:
                 data.train.truncated,
                 cfg.data.max_len,
                 data.train.dropped,
+            )
+        empty = len(data.train.empty) + len(data.eval.empty)
+        if empty:
+            log.warning(
+                "data: %d training and %d eval rows left out: their response is empty (the first: %s)",
+                len(data.train.empty),
+                len(data.eval.empty),
+                data.train.empty_example or data.eval.empty_example,
             )
     return data
 
@@ -356,6 +383,8 @@ def _train(
             f"(train.max_steps={cfg.train.max_steps}, train.epochs={cfg.train.epochs}). Raise train.max_steps to "
             f"train on; for an earlier step's adapter: shardtune export <run>/checkpoints/step-<N> OUT_DIR"
         )
+    if resume_from is not None:  # nothing refuses this resume any more
+        set_aside_after(ckpts, checkpoint_step(resume_from))
     conf = modeling.model_config(cfg)  # read once: a hub model's config is a download
     cfg = _resolve_auto(cfg, conf, dist)
     m = _model(cfg, conf, dist, run_dir, tokenizer)
@@ -473,6 +502,10 @@ def _train(
     # ---- the loop. At every step boundary the ranks agree, in one all-reduce, on whether any of them was
     # signalled and whether a timed save is due, so that all of them save (and stop) after the same step.
     last_saved, final_ckpt = (start_step if resume_from else -1), resume_from
+
+    def asked() -> float:  # this rank was signalled, or (rank 0) the STOP file is there
+        return float(stop.received is not None or (dist.is_main and stop_file.exists()))
+
     # What is alive now lives for the whole run (the model's modules, parameters and quantization states, the
     # data): frozen out of the garbage collector's sight, so that its full collections walk only what the loop
     # allocates (~3 ms). Walking all 700k objects took 0.5 s, one step in 12-35 (80-layer 70B on one H200: a
@@ -491,16 +524,18 @@ def _train(
         sink.train_step(done, metrics, log_line=done % cfg.train.log_every == 0 or done == total_steps)
         minutes = cfg.train.save_every_minutes
         timed = minutes is not None and time.monotonic() - last_save_time >= 60 * minutes
-        asked = stop.received is not None or (dist.is_main and stop_file.exists())
-        signalled, timed = all_reduce_max([float(asked), float(timed)], dist.device)
-        stopping = bool(signalled) and done < total_steps
+        signalled, timed = (bool(v) for v in all_reduce_max([asked(), float(timed)], dist.device))
         eval_due = bool(cfg.eval.every) and done % cfg.eval.every == 0 and done != total_steps
-        if (
-            eval_due and not stopping
-        ):  # stopping: the save first (a signal's grace is short); the next start evals
+        eval_pending = (
+            eval_due and signalled and done < total_steps
+        )  # the save first: a signal's grace is short
+        if eval_due and not eval_pending:
             sink.eval(done, trainer.evaluate(cfg.eval.batch_size, cfg.eval.max_rows))
+            # a signal that came during the eval: saved now, not a step later
+            signalled = bool(all_reduce_max([asked()], dist.device)[0])
+        stopping = signalled and done < total_steps
         if signalled or timed or (cfg.train.save_every and done % cfg.train.save_every == 0):
-            path = save(done, eval_pending=eval_due and stopping)
+            path = save(done, eval_pending=eval_pending)
             last_saved, last_save_time, final_ckpt = done, time.monotonic(), path
             if stopping:
                 if dist.is_main:

@@ -184,7 +184,8 @@ def submit(
     """Validate every configuration here, then submit one job (or one array task per grid point)."""
     from shardtune.recipe import load_recipe, resolve_config
 
-    cfg = resolve_config(load_recipe(recipe).config(), overrides, env={})
+    # (paths are checked by the job itself: a login node may not see the compute nodes' storage)
+    cfg = resolve_config(load_recipe(recipe).config(), overrides, env={}, check_paths=False)
     runs_dir = runs_dir.resolve()
     cfg = apply_overrides(cfg, {"train.output_dir": str(runs_dir)}, "shardtune submit")
     name = Path(recipe).stem

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from shardtune.config import Config, apply_overrides
+from shardtune.config import Config, ConfigError, apply_overrides, check_names
 from shardtune.distributed import DistInfo
 from shardtune.stopping import STOP_FILE
 
@@ -35,7 +35,12 @@ def expand(cfg: Config, grid: dict[str, list]) -> list[tuple[dict[str, Any], Con
     out = []
     for values in itertools.product(*(grid[k] for k in keys)):
         assignment = dict(zip(keys, values, strict=True))
-        out.append((assignment, apply_overrides(cfg, assignment, f"sweep {slug(assignment)}")))
+        point = apply_overrides(cfg, assignment, f"sweep {slug(assignment)}")
+        try:
+            check_names(point)  # a swept lora.target_modules, model.shape
+        except ConfigError as e:
+            raise ConfigError(f"sweep {slug(assignment)}: {e}") from None
+        out.append((assignment, point))
     return out
 
 
@@ -52,6 +57,10 @@ def run_grid(cfg: Config, grid: dict[str, list], dist: DistInfo, name: str, stop
         for assignment, sub in expand(cfg, grid):
             point = slug(assignment)
             sub = apply_overrides(sub, {"train.run_name": f"{base_name}/sweep/{point}"}, "sweep")
+            done = _finished(base / "sweep" / point)
+            if done is not None:  # an earlier start of the sweep trained it (then stopped in a later run)
+                results.append({**{k: sub_value(v) for k, v in assignment.items()}, **done})
+                continue
             if dist.is_main:
                 base.mkdir(parents=True, exist_ok=True)
                 write_status(base, "running", sweep_run=point, done=len(results))
@@ -82,6 +91,16 @@ def run_grid(cfg: Config, grid: dict[str, list], dist: DistInfo, name: str, stop
         write_status(base, "complete", runs=len(results), summary=str(out / "summary.json"))
         print(f"\nsweep over {', '.join(grid)} ({len(results)} runs):\n{table}\nwritten to {out}/summary.md")
     return results
+
+
+def _finished(run_dir: Path) -> dict | None:
+    """The summary of a sweep's run that completed, or None (every rank reads the same files)."""
+    try:
+        if json.loads((run_dir / "status.json").read_text())["status"] == "complete":
+            return json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError, KeyError):
+        pass
+    return None
 
 
 def sub_value(v):

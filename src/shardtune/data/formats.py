@@ -52,6 +52,11 @@ class DataError(ValueError):
     """Bad input data, with the file (or dataset), the row and the column."""
 
 
+class EmptyResponse(DataError):
+    """A row whose response is empty text: nothing to learn but EOS. Left out of training and counted (encode),
+    not an error: hub datasets carry a few such rows and cannot be edited in place."""
+
+
 def detect_format(columns: list[str], fields: dict[str, str], origin: str) -> str:
     """The first format whose required fields are all columns or templates in data.fields."""
     available = set(columns) | set(fields)
@@ -158,9 +163,8 @@ class RowFormatter:
                 if name in self.fields
                 else f"column {name!r} is"
             )
-            raise DataError(
-                f"{self.origin} row {idx + 1}: {source} empty{' (whitespace only)' if text else ''}; expected the "
-                f"text to train on. Fill it in, or remove the row."
+            raise EmptyResponse(
+                f"{self.origin} row {idx + 1}: {source} empty{' (whitespace only)' if text else ''}"
             )
         return text
 
@@ -210,13 +214,9 @@ class RowFormatter:
                 )
         if not any(m["role"] == "assistant" for m in messages):
             raise DataError(f"{where} has no assistant message, so there is nothing to train on.")
-        for i, m in enumerate(messages):
-            if m["role"] == "assistant" and not m["content"].strip():
-                raise DataError(
-                    f"{where}, message {i}: the assistant's content is empty"
-                    f"{' (whitespace only)' if m['content'] else ''}; expected the text to train on. Fill it "
-                    f"in, or remove the row."
-                )
+        # (one empty assistant turn among others, e.g. a tool call's, still trains its end of turn)
+        if not any(m["content"].strip() for m in messages if m["role"] == "assistant"):
+            raise EmptyResponse(f"{where}: every assistant message is empty")
         return [{"role": m["role"], "content": m["content"]} for m in messages]
 
     def _chat(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
@@ -305,6 +305,8 @@ class Encoded:
     offsets: np.ndarray
     truncated: int = 0
     dropped: int = 0
+    empty: list[int] = field(default_factory=list)  # rows left out: their response is empty text
+    empty_example: str = ""  # what the first of them was
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -334,7 +336,8 @@ def encode(
     """Tokenize rows (in batches, by the fast tokenizer) into ids and label masks; truncate to max_len.
 
     `numbers` are the rows' 1-based positions in their source, for error messages. Rows left without a
-    single trained token after truncation are dropped (and counted).
+    single trained token after truncation are dropped (and counted), as are rows whose response is empty
+    (their positions in `rows` kept in `empty`).
     """
     numbers = numbers or list(range(1, len(rows) + 1))
     tok = formatter.tokenizer
@@ -343,10 +346,17 @@ def encode(
     ids_all: list[np.ndarray] = []
     trained_all: list[np.ndarray] = []
     truncated = dropped = 0
+    empty: list[int] = []
+    empty_example = ""
     for start in range(0, len(rows), batch):
         texts, spans = [], []
         for j, row in enumerate(rows[start : start + batch]):
-            segs = formatter.segments(row, numbers[start + j] - 1)
+            try:
+                segs = formatter.segments(row, numbers[start + j] - 1)
+            except EmptyResponse as e:
+                empty.append(start + j)
+                empty_example = empty_example or str(e)
+                continue
             text, pos, row_spans = "", 0, []
             for piece, trained in segs:
                 if trained:
@@ -355,6 +365,8 @@ def encode(
                 pos += len(piece)
             texts.append(text)
             spans.append(row_spans)
+        if not texts:  # every row of this batch left out (the tokenizer takes no empty batch)
+            continue
         enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
         for text, ids, offs, row_spans in zip(
             texts, enc["input_ids"], enc["offset_mapping"], spans, strict=True
@@ -386,4 +398,6 @@ def encode(
         offsets=offsets,
         truncated=truncated,
         dropped=dropped,
+        empty=empty,
+        empty_example=empty_example,
     )

@@ -125,11 +125,14 @@ def build_data(cfg: DataConfig, tokenizer, seed: int) -> Data:
     formatter_eval.check_columns(held.columns)
     enc_eval = encode(formatter_eval, held.rows, cfg.max_len, cfg.append_eos, numbers=held.numbers)
     if len(enc_train) == 0:
+        empty = f" ({len(enc_train.empty)} have an empty response, e.g. {enc_train.empty_example})"
         raise DataError(
             f"{source.origin}: no training row has a response token left after truncation to "
-            f"data.max_len={cfg.max_len}."
+            f"data.max_len={cfg.max_len}{empty if enc_train.empty else ''}."
         )
-    return Data(enc_train, enc_eval, formatter_eval, held.rows, source.origin)
+    left_out = set(enc_eval.empty)  # (the samples score eval rows against their responses)
+    eval_rows = [r for i, r in enumerate(held.rows) if i not in left_out]
+    return Data(enc_train, enc_eval, formatter_eval, eval_rows, source.origin)
 
 
 def collate(
