@@ -249,8 +249,7 @@ def _data(cfg: Config, dist: DistInfo, run_dir: Path, tokenizer) -> Data:
                 cfg.data.max_len,
                 data.train.dropped,
             )
-        empty = len(data.train.empty) + len(data.eval.empty)
-        if empty:
+        if data.train.empty or data.eval.empty:
             log.warning(
                 "data: %d training and %d eval rows left out: their response is empty (the first: %s)",
                 len(data.train.empty),
@@ -377,14 +376,14 @@ def _train(
     fingerprint = _fingerprint(data)
     if resume_from is not None:
         _check_same_data(resume_from, fingerprint, data.origin)
-    if resume_from is not None and (saved := checkpoint_step(resume_from)) > total_steps:
-        raise ConfigError(  # training on would save this run's last step over weights from later ones
-            f"train.resume: {resume_from} is at step {saved}, past this run's last step {total_steps} "
-            f"(train.max_steps={cfg.train.max_steps}, train.epochs={cfg.train.epochs}). Raise train.max_steps to "
-            f"train on; for an earlier step's adapter: shardtune export <run>/checkpoints/step-<N> OUT_DIR"
-        )
-    if resume_from is not None:  # nothing refuses this resume any more
-        set_aside_after(ckpts, checkpoint_step(resume_from))
+        saved = checkpoint_step(resume_from)
+        if saved > total_steps:  # training on would save this run's last step over weights from later ones
+            raise ConfigError(
+                f"train.resume: {resume_from} is at step {saved}, past this run's last step {total_steps} "
+                f"(train.max_steps={cfg.train.max_steps}, train.epochs={cfg.train.epochs}). Raise train.max_steps "
+                f"to train on; for an earlier step's adapter: shardtune export <run>/checkpoints/step-<N> OUT_DIR"
+            )
+        set_aside_after(ckpts, saved)  # nothing refuses this resume any more
     conf = modeling.model_config(cfg)  # read once: a hub model's config is a download
     cfg = _resolve_auto(cfg, conf, dist)
     m = _model(cfg, conf, dist, run_dir, tokenizer)
@@ -526,9 +525,8 @@ def _train(
         timed = minutes is not None and time.monotonic() - last_save_time >= 60 * minutes
         signalled, timed = (bool(v) for v in all_reduce_max([asked(), float(timed)], dist.device))
         eval_due = bool(cfg.eval.every) and done % cfg.eval.every == 0 and done != total_steps
-        eval_pending = (
-            eval_due and signalled and done < total_steps
-        )  # the save first: a signal's grace is short
+        # stopping: the save first (a signal's grace is short), the eval left to the next start
+        eval_pending = eval_due and signalled
         if eval_due and not eval_pending:
             sink.eval(done, trainer.evaluate(cfg.eval.batch_size, cfg.eval.max_rows))
             # a signal that came during the eval: saved now, not a step later
