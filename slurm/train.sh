@@ -19,6 +19,9 @@
 #                      the same across requeues, which is how a requeued job finds its checkpoints
 #   VENV               a virtualenv to activate (default: .venv in the submission directory, if present)
 #   MASTER_PORT        rendezvous port on the first node (default: derived from the job id)
+#   MAX_RESTARTS       how many times the launchers start the training processes again after one fails (a crash,
+#                      a lost GPU, an out-of-memory kill) before the job fails (default 1); each restart continues
+#                      from the newest checkpoint, in the same job
 #   SHUTDOWN_TIMEOUT   seconds the launcher waits for the processes to save and exit after a signal before it
 #                      kills them (default 600; exported as TORCH_ELASTIC_SHUTDOWN_TIMEOUT, which torchrun and
 #                      accelerate launch read in torch 2.13; torch 2.11's launcher keeps its built-in wait)
@@ -29,10 +32,11 @@
 # first node and starts NPROC_PER_NODE processes. The batch shell receives SIGUSR1 before the time limit
 # (and on preemption) and passes it on as $RUN_DIR/STOP; the processes stop after an agreed step, save, write
 # status.json = interrupted and exit; this script then requeues the job (a preempted job is requeued by
-# Slurm), and the next start resumes with train.resume=auto. A bare SIGTERM (scancel) saves the same way
-# (Slurm signals the processes themselves) and is not requeued. Logs: the job's output file (appended across
-# restarts) and $RUN_DIR/slurm/restart-N.log; the configuration and code version of every start are copied
-# into $RUN_DIR/slurm/.
+# Slurm), and the next start resumes with train.resume=auto. A training process that fails is started again
+# within the job with the others (MAX_RESTARTS times), resuming from the newest checkpoint. A bare SIGTERM
+# (scancel) saves the same way (Slurm signals the processes themselves) and is not requeued. Logs: the job's
+# output file (appended across restarts) and $RUN_DIR/slurm/restart-N.log; the configuration and code version
+# of every start are copied into $RUN_DIR/slurm/.
 #SBATCH --job-name=shardtune
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -78,6 +82,10 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1} NCC
 export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
 # and waits this long for them to finish saving after a signal before it kills them (torch's default: 30 s)
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-600}
+# a fresh rendezvous store for every restart: the shared one keeps the failed attempt's addresses, which the
+# restarted processes would read and fail on (distributed.py)
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+MAX_RESTARTS=${MAX_RESTARTS:-1}
 ARGS=("$@" "train.output_dir=$RUNS_DIR" "train.run_name=$RUN_NAME" "train.resume=auto")
 
 mkdir -p "$RUN_DIR/slurm"
@@ -103,10 +111,11 @@ log "$LAUNCHERS launcher(s) x $NPROC_PER_NODE process(es), rendezvous $MASTER_AD
 if [ "${LAUNCHER:-torchrun}" = accelerate ]; then
   LAUNCH='exec accelerate launch --config_file "$ACCELERATE_CONFIG" --num_machines '"$LAUNCHERS"' \
     --num_processes '"$((LAUNCHERS * NPROC_PER_NODE))"' --machine_rank "$SLURM_PROCID" \
-    --main_process_ip '"$MASTER_ADDR"' --main_process_port '"$MASTER_PORT"' --rdzv_backend c10d "$@"'
+    --max_restarts '"$MAX_RESTARTS"' --main_process_ip '"$MASTER_ADDR"' --main_process_port '"$MASTER_PORT"' \
+    --rdzv_backend c10d "$@"'
 else
   LAUNCH='exec torchrun --nnodes '"$LAUNCHERS"' --nproc_per_node '"$NPROC_PER_NODE"' --rdzv_backend c10d \
-    --rdzv_endpoint '"$MASTER_ADDR:$MASTER_PORT"' --rdzv_id '"$JOB_ID"' "$@"'
+    --max-restarts '"$MAX_RESTARTS"' --rdzv_endpoint '"$MASTER_ADDR:$MASTER_PORT"' --rdzv_id '"$JOB_ID"' "$@"'
 fi
 
 if [ "$GOT" = TERM ]; then log "SIGTERM before training started: not starting"; exit 0; fi

@@ -35,10 +35,13 @@ def launch(
     check: bool = True,
     env: dict[str, str] | None = None,
     config: str = "fsdp_configs/cpu_2proc.yaml",
+    restarts: int = 0,
 ) -> subprocess.CompletedProcess:
-    """Run a script with 2 (or `nproc`) CPU processes, as a user would (`config`: the accelerate config)."""
+    """Run a script with 2 (or `nproc`) CPU processes, as a user would (`config`: the accelerate config;
+    `restarts`: torchrun's --max-restarts)."""
     if launcher == "torchrun":
-        cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(_port()), *args]
+        cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(_port())]
+        cmd += ["--max-restarts", str(restarts), *args]
     elif launcher == "accelerate":
         cmd = [
             str(BIN / "accelerate"),

@@ -1,6 +1,7 @@
 """Real FSDP on 2 CPU processes (gloo): the weights are sharded and the logits are exactly the
 unsharded model's. A loss curve would hide both faults measured on GPUs (README, "What runs where")."""
 
+import datetime
 import json
 
 import pytest
@@ -55,3 +56,24 @@ def test_one_process_trains_the_plain_module(tmp_path):
     launch(["tests/workers/fsdp_exact.py", str(tmp_path)], nproc=1)
     (r,) = results(tmp_path)
     assert r["identical"] and r["local"] == r["total"] and r["grads_reduced"]
+
+
+def test_restarts_across_machines_need_a_store_per_attempt(monkeypatch):
+    """torchrun --max-restarts on several machines with the shared rendezvous store fails at the first restart
+    (the launchers' restart counts differ, so no key prefix can keep the attempts apart): refused at the start
+    with the fix; with the store per attempt that TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives (slurm/train.sh),
+    or without restarts, torch's own store is used."""
+    from shardtune.config import ConfigError
+    from shardtune.distributed import _restart_store
+
+    timeout = datetime.timedelta(seconds=5)
+    env = {"TORCHELASTIC_USE_AGENT_STORE": "True", "GROUP_WORLD_SIZE": "2", "TORCHELASTIC_RESTART_COUNT": "0"}
+    for key, value in {**env, "TORCHELASTIC_MAX_RESTARTS": "1"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment"):
+        _restart_store(4, timeout)
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # what the store per attempt looks like
+    assert _restart_store(4, timeout) is None
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")
+    assert _restart_store(4, timeout) is None

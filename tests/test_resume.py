@@ -54,7 +54,7 @@ def adapter(run_dir):
     return load_file(run_dir / "adapter" / "adapter_model.safetensors")
 
 
-def train(out, *extra, nproc=2, fault=None, check=True):
+def train(out, *extra, nproc=2, fault=None, check=True, restarts=0):
     launcher = "torchrun" if nproc > 1 else "python"
     return launch(
         [*RUN, f"train.output_dir={out}", "train.run_name=run", *extra],
@@ -62,6 +62,7 @@ def train(out, *extra, nproc=2, fault=None, check=True):
         launcher=launcher,
         env={"SHARDTUNE_FAULT": fault} if fault else None,
         check=check,
+        restarts=restarts,
     )
 
 
@@ -93,6 +94,33 @@ def test_interrupted_run_resumes_bit_identically(reference, tmp_path, fault):
     assert evals(tmp_path / "run") == evals(reference) and len(evals(reference)) == 5
     a, b = adapter(tmp_path / "run"), adapter(reference)
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def test_a_crash_is_retried_by_torchrun_and_continues_exactly(reference, tmp_path):
+    """`torchrun --max-restarts 1`: a process killed mid-step (kill -9, as by an out-of-memory kill or a lost
+    GPU) makes torchrun start the processes again, and the same command finishes the run from step-4, every
+    step and eval as the uninterrupted run's. (torch reuses its store across restarts: without a store of the
+    restart's own, the new processes read the dead ones' addresses and fail to connect.)"""
+    fault = f"rank=1,step=6,micro=1,action=kill,once={tmp_path / 'fired'}"
+    proc = train(tmp_path, fault=fault, restarts=1)
+    assert (tmp_path / "fired").exists()  # it did crash
+    assert "torchrun restarted the processes after a failure (restart 1 of 1)" in proc.stderr
+    assert "resumed from" in proc.stderr and "(step 4, saved by 2 processes)" in proc.stderr
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "complete"
+    assert losses(tmp_path / "run") == losses(reference) and evals(tmp_path / "run") == evals(reference)
+    a, b = adapter(tmp_path / "run"), adapter(reference)
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def test_a_requested_stop_is_not_undone_by_torchrun_restarts(tmp_path):
+    """A signal (or the STOP file) under `torchrun --max-restarts 1` stops the run after the agreed step with a
+    checkpoint, and every process exits 0: a non-zero code would make torchrun start the run again at once and
+    train on past the stop."""
+    proc = train(tmp_path, fault="rank=0,step=2,micro=0,action=sigterm", restarts=1)
+    assert "torchrun restarted" not in proc.stderr and "got SIGTERM" in proc.stderr
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "interrupted"
+    assert max(losses(tmp_path / "run")) == 3  # stopped after step 3 (0-based step 2) and not run again
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000003"]
 
 
 def test_a_second_signal_during_the_save_changes_nothing(reference, tmp_path):

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from shardtune.config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -80,12 +82,46 @@ def init_distributed(
             os.environ.update(
                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1"
             )
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        store = _restart_store(world, timeout)
         dist.init_process_group(
             backend=info.backend,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            timeout=timeout,
             device_id=dev if use_cuda else None,
+            **({} if store is None else {"store": store, "rank": rank, "world_size": world}),
         )
     return info
+
+
+def _restart_store(world: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """The store for a group restarted by torchrun (`--max-restarts`), or None to let torch make its own.
+    torchrun's workers share the launcher's store, and torch (2.11 to 2.13) reuses it across restarts under the
+    same keys: a restarted worker reads the dead workers' addresses from the first attempt and fails to connect
+    (gloo "connectFullMesh ... Connection refused"; NCCL the same, pytorch/pytorch#167288), so a crash could
+    never be retried. On one machine each restart keeps its keys apart under its own prefix. Across machines
+    the launchers' restart counts differ (one whose own workers did not fail restarts them without counting),
+    so no prefix can agree: there the launchers must give every attempt a store of its own, which the c10d
+    rendezvous does with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (slurm/train.sh sets it); without it, refused
+    at the start rather than at the first crash."""
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if not shared:
+        return None
+    if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1:
+        if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+            raise ConfigError(
+                "torchrun --max-restarts across machines: the restarted workers would reuse the first attempt's "
+                "store and fail to connect. Launch every machine's torchrun with --rdzv-backend c10d and "
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment (slurm/train.sh does), or with "
+                "--max-restarts 0."
+            )
+        return None
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restart == 0:
+        return None
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout
+    )
+    return dist.PrefixStore(f"shardtune/restart-{restart}", store)
 
 
 def teardown(failed: bool = False) -> None:

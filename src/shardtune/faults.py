@@ -3,6 +3,8 @@
     SHARDTUNE_FAULT="rank=0,step=7,micro=1,action=sigterm"   before micro-batch 1 of (0-based) step 7
     SHARDTUNE_FAULT="rank=1,step=10,point=save,action=kill"   mid-checkpoint: files written, manifest not yet
     SHARDTUNE_FAULT="rank=1,step=0,point=start,action=kill"   before the process group forms (rank from RANK)
+    SHARDTUNE_FAULT="rank=1,step=7,action=kill,once=/tmp/f"   only the first time (creates /tmp/f): a crash
+                                                              that `torchrun --max-restarts` then retries
 
 actions: sigterm, sigusr1 (delivered to this process, like a scheduler would), kill (SIGKILL: no handler, no
 cleanup), sleep:S (a slow save or a slow rank). Unset in normal runs; reading the variable is all it costs.
@@ -31,6 +33,11 @@ def inject(point: str, rank: int, step: int, micro: int = 0) -> None:
         return
     if int(spec.get("rank", 0)) != rank or int(spec["step"]) != step or int(spec.get("micro", 0)) != micro:
         return
+    if "once" in spec:
+        try:
+            open(spec["once"], "x").close()  # exclusive create: only the first process to get here acts
+        except FileExistsError:
+            return
     action = spec["action"]
     if action.startswith("sleep:"):
         time.sleep(float(action.split(":", 1)[1]))

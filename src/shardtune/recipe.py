@@ -9,7 +9,7 @@ the configuration and stop), --doctor (check the machine and setup first, see do
 
 Exit codes: 0 done; 2 a configuration or data error (nothing trained); 75 stopped by SIGTERM/SIGUSR1 after
 saving a checkpoint (run the same command again to continue; see stopping.py; the main process's code, the
-others exit 0).
+others exit 0, and all exit 0 under `torchrun --max-restarts`).
 
 Settings are layered, later wins: the recipe, then the accelerate config (`parallel.launch_config`, or the
 environment `accelerate launch` sets), then the command line. Mistakes in any of them are reported before
@@ -41,7 +41,7 @@ from shardtune.config import (
 )
 from shardtune.data.formats import DataError
 from shardtune.launcher import accelerate_env_overrides, accelerate_yaml_overrides
-from shardtune.stopping import EXIT_REQUEUE, StopRequest
+from shardtune.stopping import StopRequest, stopped_exit_code
 
 USAGE = """usage: accelerate launch --config_file fsdp_configs/<hardware>.yaml {recipe} [key=value ...] [flags]
        torchrun --nproc_per_node N {recipe} [key=value ...] [flags]
@@ -225,10 +225,7 @@ def main(
                 print(f"error: {e}", file=sys.stderr)
             sys.exit(EXIT_USAGE)
     if any(r.get("status") == "interrupted" for r in results):
-        # Checkpointed: the same command continues the run. Only the main process says so with its code; the
-        # others leave with 0: under slurm/train.sh srun ends every node's launcher at the first non-zero
-        # exit (--kill-on-bad-exit), which must not cut rank 0 before it has recorded the stop.
-        sys.exit(EXIT_REQUEUE if _is_main_process() else 0)
+        sys.exit(stopped_exit_code(_is_main_process()))  # checkpointed: the same command continues the run
 
 
 def _doctor(cfg: Config) -> None:
@@ -267,6 +264,14 @@ def run(cfg: Config, name: str, grid: dict | None = None, stop: StopRequest | No
             cfg.parallel.device, cfg.parallel.timeout_minutes, cfg.parallel.gpu_memory_limit_gib
         )
         setup_logging(dist.rank)
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if restart and dist.is_main:
+            logging.getLogger("shardtune").warning(
+                "torchrun restarted the processes after a failure (restart %d of %s); the run continues from "
+                "its newest checkpoint",
+                restart,
+                os.environ.get("TORCHELASTIC_MAX_RESTARTS", "?"),
+            )
         try:
             results = run_grid(cfg, grid, dist, name, stop) if grid else [train(cfg, dist, name, stop)]
         except BaseException:

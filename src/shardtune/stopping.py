@@ -17,6 +17,17 @@ import signal
 # run directory's status.json ("status": "interrupted") to decide to requeue.
 EXIT_REQUEUE = 75
 
+
+def stopped_exit_code(is_main: bool) -> int:
+    """What a process exits with once its run stopped on request and saved: EXIT_REQUEUE from the main process,
+    0 from the others (under slurm/train.sh srun ends every node's launcher at the first non-zero exit, which
+    must not cut rank 0 before it has recorded the stop). Under a launcher that restarts failed workers
+    (`torchrun --max-restarts N`, N > 0) every process exits 0: a non-zero code would make it start the run
+    again at once and train on past the stop that was asked for; status.json says "interrupted"."""
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    return EXIT_REQUEUE if is_main and restarts == 0 else 0
+
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 # `touch RUN_DIR/STOP` asks the same of a run without a signal: from a shell, or from slurm/train.sh, whose

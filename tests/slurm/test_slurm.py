@@ -199,6 +199,24 @@ def test_a_node_that_fails_while_starting_ends_the_job(cluster, tmp_path):
     assert states(job) == ["FAILED"] and "not requeued" in log, log[-3000:]
 
 
+def test_a_crashed_process_is_restarted_within_the_job(reference, tmp_path):
+    """A training process killed mid-run (kill -9: an out-of-memory kill, a lost GPU) on the second of two
+    "nodes": the launchers start every process again in the same job (MAX_RESTARTS, default 1), rendezvousing
+    anew, and the run continues from its newest checkpoint to the same adapter as the uninterrupted job's."""
+    job = sbatch(
+        tmp_path,
+        ["--ntasks=2", "--ntasks-per-node=2", "--cpus-per-task=1"],
+        nproc=1,
+        env={"SHARDTUNE_FAULT": f"rank=1,step=25,action=kill,once={tmp_path / 'fired'}"},
+    )
+    wait(job)
+    run, log = tmp_path / f"shardtune-{job}", (tmp_path / f"shardtune-{job}.out").read_text()
+    assert states(job) == ["COMPLETED"] and (tmp_path / "fired").exists(), log[-3000:]
+    assert "resumed from" in log and "(step 20, saved by 2 processes)" in log
+    a, b = adapter(run), adapter(reference)
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
 # --- shardtune submit (submitit): one Slurm task per process, requeued by the job itself -------------------
 
 CPU_JOB = ["--gpus-per-node=0", "--tasks-per-node=2", "--cpus-per-task=1", "--mem=6G"]
