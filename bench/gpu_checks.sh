@@ -262,6 +262,26 @@ print(json.dumps({"check": "8b-sigusr1-resume", "steps": len(b), "max_abs_diff":
                   "save_s": [float(s[1]) for s in saves], "load_s": [float(x) for x in loads]}))
 PY
       ;;
+    restart8b)  # launch/node.sh (every GPU, MAX_RESTARTS=1): a process killed once in step 7, restarted within the
+      # same command from step-4, against the same command uninterrupted (8B shape, random, 12 steps)
+      python3 bench/make_rows.py /tmp/rows.jsonl 64 2100
+      if ! command -v torchrun > /dev/null; then  # the image's torch has no console script on PATH
+        mkdir -p /tmp/bin && printf '#!/bin/sh\nexec python3 -m torch.distributed.run "$@"\n' > /tmp/bin/torchrun
+        chmod +x /tmp/bin/torchrun && export PATH=/tmp/bin:$PATH
+      fi
+      N8=(model.name_or_path=llama3-8b model.init=random "${TRAIN70[@]:2}" train.max_steps=12 train.save_every=4
+          data.pad_token=null data.keep_if_empty=[] eval.questions=[] train.output_dir=/tmp/runs)
+      launch/node.sh recipes/llama3_8b.py "${N8[@]}" train.run_name=n8_ref > "$OUT/n8_ref.log" 2>&1 \
+        || tail -30 "$OUT/n8_ref.log"
+      rm -f /tmp/fired
+      SHARDTUNE_FAULT="rank=0,step=6,micro=0,action=kill,once=/tmp/fired" launch/node.sh recipes/llama3_8b.py \
+        "${N8[@]}" train.run_name=n8_cut > "$OUT/n8_cut.log" 2>&1 || tail -30 "$OUT/n8_cut.log"
+      compare_losses 8b-crash-restarted /tmp/runs/n8_ref /tmp/runs/n8_cut
+      echo "{\"check\": \"8b-crash-restarted-log\", \"crashed\": $([ -f /tmp/fired ] && echo true || echo false), \
+\"restarted\": $(grep -c 'the launcher restarted the processes' "$OUT/n8_cut.log"), \
+\"resumed_from_step_4\": $(grep -c '(step 4, saved by' "$OUT/n8_cut.log"), \
+\"status\": \"$(python3 -c 'import json; print(json.load(open("/tmp/runs/n8_cut/status.json"))["status"])')\"}" \
+        >> "$RESULTS" ;;
   esac
 done
 echo; echo "=== results ($RESULTS)"; cat "$RESULTS"

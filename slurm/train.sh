@@ -11,22 +11,14 @@
 #   --signal=B:USR1@SECONDS  how long before the time limit to save; must exceed one step plus one save
 #                            (Slurm checks limits every 30 s, so the signal can come up to 30 s earlier)
 # Environment (exported before sbatch; sbatch passes it on):
-#   LAUNCHER           torchrun (default) or accelerate
-#   ACCELERATE_CONFIG  the accelerate config for LAUNCHER=accelerate (its FSDP settings apply)
+#   LAUNCHER, ACCELERATE_CONFIG, MAX_RESTARTS, SHUTDOWN_TIMEOUT, NCCL_*   as for launch/node.sh, which this
+#                      script runs on every node (its header documents them)
 #   NPROC_PER_NODE     training processes per node (default: the GPUs Slurm gave the node, else 1)
 #   RUNS_DIR           where run directories go (default: runs)
 #   RUN_NAME           the run directory's name (default: job name + job id [+ array task id]); it stays
 #                      the same across requeues, which is how a requeued job finds its checkpoints
 #   VENV               a virtualenv to activate (default: .venv in the submission directory, if present)
 #   MASTER_PORT        rendezvous port on the first node (default: derived from the job id)
-#   MAX_RESTARTS       how many times the launchers start the training processes again after one fails (a crash,
-#                      a lost GPU, an out-of-memory kill) before the job fails (default 1); each restart continues
-#                      from the newest checkpoint, in the same job
-#   SHUTDOWN_TIMEOUT   seconds the launcher waits for the processes to save and exit after a signal before it
-#                      kills them (default 600; exported as TORCH_ELASTIC_SHUTDOWN_TIMEOUT, which torchrun and
-#                      accelerate launch read in torch 2.13; torch 2.11's launcher keeps its built-in wait)
-#   NCCL_*             passed through; defaults set below: TORCH_NCCL_ASYNC_ERROR_HANDLING=1 (a rank that
-#                      fails takes the job down instead of hanging), NCCL_DEBUG=WARN
 #
 # What happens: every node runs one launcher (srun, one task per node) that rendezvouses through c10d on the
 # first node and starts NPROC_PER_NODE processes. The batch shell receives SIGUSR1 before the time limit
@@ -68,6 +60,7 @@ cd "${SLURM_SUBMIT_DIR:-$PWD}" || exit 1
 VENV=${VENV:-.venv}
 # shellcheck disable=SC1091
 [ -f "$VENV/bin/activate" ] && source "$VENV/bin/activate"
+if [ ! -x launch/node.sh ]; then log "no launch/node.sh in $PWD: submit from the shardtune checkout"; exit 2; fi
 
 JOB_ID=${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID:?run this through sbatch}}
 RUN_NAME=${RUN_NAME:-${SLURM_JOB_NAME:-shardtune}-${JOB_ID}${SLURM_ARRAY_TASK_ID:+_$SLURM_ARRAY_TASK_ID}}
@@ -77,15 +70,8 @@ LAUNCHERS=${SLURM_NTASKS:-1}  # one per task: one task per node (tests run 2 tas
 NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
 MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
-export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1} NCCL_DEBUG=${NCCL_DEBUG:-WARN}
-# torchrun (also inside accelerate launch) forwards these to the training processes instead of dying on them
-export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
-# and waits this long for them to finish saving after a signal before it kills them (torch's default: 30 s)
-export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-600}
-# a fresh rendezvous store for every restart: the shared one keeps the failed attempt's addresses, which the
-# restarted processes would read and fail on (distributed.py)
-export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
-MAX_RESTARTS=${MAX_RESTARTS:-1}
+# what every node's launch/node.sh reads (srun passes the environment on)
+export NNODES=$LAUNCHERS NPROC_PER_NODE MASTER_ADDR MASTER_PORT RDZV_ID=$JOB_ID
 ARGS=("$@" "train.output_dir=$RUNS_DIR" "train.run_name=$RUN_NAME" "train.resume=auto")
 
 mkdir -p "$RUN_DIR/slurm"
@@ -107,23 +93,14 @@ git diff 2>/dev/null > "$RUN_DIR/slurm/code-restart$RESTART.diff"
 cp "$0" "$RUN_DIR/slurm/train.sh" 2>/dev/null
 log "$LAUNCHERS launcher(s) x $NPROC_PER_NODE process(es), rendezvous $MASTER_ADDR:$MASTER_PORT, run $RUN_DIR"
 
-# One launcher per task; $SLURM_PROCID is expanded by each task's own shell.
-if [ "${LAUNCHER:-torchrun}" = accelerate ]; then
-  LAUNCH='exec accelerate launch --config_file "$ACCELERATE_CONFIG" --num_machines '"$LAUNCHERS"' \
-    --num_processes '"$((LAUNCHERS * NPROC_PER_NODE))"' --machine_rank "$SLURM_PROCID" \
-    --max_restarts '"$MAX_RESTARTS"' --main_process_ip '"$MASTER_ADDR"' --main_process_port '"$MASTER_PORT"' \
-    --rdzv_backend c10d "$@"'
-else
-  LAUNCH='exec torchrun --nnodes '"$LAUNCHERS"' --nproc_per_node '"$NPROC_PER_NODE"' --rdzv_backend c10d \
-    --max-restarts '"$MAX_RESTARTS"' --rdzv_endpoint '"$MASTER_ADDR:$MASTER_PORT"' --rdzv_id '"$JOB_ID"' "$@"'
-fi
-
 if [ "$GOT" = TERM ]; then log "SIGTERM before training started: not starting"; exit 0; fi
 # --kill-on-bad-exit: a launcher that fails (its processes crashed, or one was killed: out of memory while
 # loading) ends the others at once; otherwise their processes wait for the lost ones in a collective until the
 # process group's timeout. A stopped run's processes other than rank 0 exit 0, so that this cannot cut rank 0
-# before it has written status.json.
-srun --ntasks="$LAUNCHERS" --kill-on-bad-exit=1 bash -c "$LAUNCH" launcher "$RECIPE" "${ARGS[@]}" \
+# before it has written status.json. One launcher per task; $SLURM_PROCID (accelerate's machine rank) is each
+# task's own.
+srun --ntasks="$LAUNCHERS" --kill-on-bad-exit=1 bash -c 'NODE_RANK=$SLURM_PROCID exec launch/node.sh "$@"' \
+  launcher "$RECIPE" "${ARGS[@]}" \
   > >(tee -a "$RUN_DIR/slurm/restart-$RESTART.log") 2>&1 &
 SRUN_PID=$!
 # `wait` returns early when a trapped signal arrives; keep waiting until the launchers are done

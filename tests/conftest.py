@@ -67,22 +67,41 @@ def launch(
 
 
 def launch_machines(
-    args: list[str], tmp_path: Path, machines: int = 2, nproc: int = 2, timeout: int = 900
+    args: list[str],
+    tmp_path: Path,
+    machines: int = 2,
+    nproc: int = 2,
+    timeout: int = 900,
+    node_sh: bool = False,
+    env: dict[str, str] | None = None,
 ) -> None:
-    """Run a script as `machines` machines of `nproc` CPU processes each: one torchrun agent per machine, as
-    slurm/train.sh starts them (LOCAL_WORLD_SIZE is `nproc`, WORLD_SIZE machines x nproc). Each agent's output
-    goes to a file in `tmp_path` (a pipe left unread while waiting for another agent could fill and stall it);
-    agents still running when one fails or the time is up are stopped."""
+    """Run a script as `machines` machines of `nproc` CPU processes each: one torchrun agent per machine
+    (LOCAL_WORLD_SIZE is `nproc`, WORLD_SIZE machines x nproc); with `node_sh`, the agent that launch/node.sh
+    starts (as slurm/train.sh does on every node), else a bare torchrun with a static rendezvous. Each agent's
+    output goes to a file in `tmp_path` (a pipe left unread while waiting for another agent could fill and
+    stall it); agents still running when one fails or the time is up are stopped. `env` adds variables."""
     port = str(_port())
     agents, logs = [], []
     try:
         for i in range(machines):
             logs.append(open(tmp_path / f"machine{i}.log", "w"))  # noqa: SIM115 (closed below)
-            rdzv = ["--master_addr", "127.0.0.1", "--master_port", port]
-            cmd = [str(BIN / "torchrun"), "--nnodes", str(machines), "--node_rank", str(i), *rdzv]
-            cmd += ["--nproc_per_node", str(nproc), *args]
+            if node_sh:
+                cmd = [str(ROOT / "launch" / "node.sh"), *args]
+                machine = dict(NNODES=str(machines), NPROC_PER_NODE=str(nproc), NODE_RANK=str(i))
+                machine |= dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, PATH=f"{BIN}:{os.environ['PATH']}")
+            else:
+                rdzv = ["--master_addr", "127.0.0.1", "--master_port", port]
+                cmd = [str(BIN / "torchrun"), "--nnodes", str(machines), "--node_rank", str(i), *rdzv]
+                cmd += ["--nproc_per_node", str(nproc), *args]
+                machine = {}
             agents.append(
-                subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=logs[-1], stderr=subprocess.STDOUT)
+                subprocess.Popen(
+                    cmd,
+                    cwd=ROOT,
+                    env=run_env(**machine, **(env or {})),
+                    stdout=logs[-1],
+                    stderr=subprocess.STDOUT,
+                )
             )
         deadline = time.monotonic() + timeout
         while any(agent.poll() is None for agent in agents) and time.monotonic() < deadline:

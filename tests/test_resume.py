@@ -10,7 +10,7 @@ import shutil
 import pytest
 from safetensors.torch import load_file
 
-from conftest import launch
+from conftest import launch, launch_machines
 from shardtune.checkpoint import verify_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -104,9 +104,24 @@ def test_a_crash_is_retried_by_torchrun_and_continues_exactly(reference, tmp_pat
     fault = f"rank=1,step=6,micro=1,action=kill,once={tmp_path / 'fired'}"
     proc = train(tmp_path, fault=fault, restarts=1)
     assert (tmp_path / "fired").exists()  # it did crash
-    assert "torchrun restarted the processes after a failure (restart 1 of 1)" in proc.stderr
+    assert "the launcher restarted the processes after a failure (restart 1 of 1)" in proc.stderr
     assert "resumed from" in proc.stderr and "(step 4, saved by 2 processes)" in proc.stderr
     assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "complete"
+    assert losses(tmp_path / "run") == losses(reference) and evals(tmp_path / "run") == evals(reference)
+    a, b = adapter(tmp_path / "run"), adapter(reference)
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def test_two_machines_started_by_launch_node_sh_retry_a_crash(reference, tmp_path):
+    """launch/node.sh on each of 2 "machines" (1 process each, meeting through c10d on this host): a process
+    killed mid-step makes both launchers start their processes again, which meet anew (a store per attempt:
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1) and continue from step-4 to the uninterrupted run's losses, evals and
+    adapter."""
+    fault = f"rank=1,step=6,micro=1,action=kill,once={tmp_path / 'fired'}"
+    run_args = [*RUN, f"train.output_dir={tmp_path}", "train.run_name=run"]
+    launch_machines(run_args, tmp_path, nproc=1, node_sh=True, env={"SHARDTUNE_FAULT": fault})
+    logs = "".join(p.read_text() for p in sorted(tmp_path.glob("machine*.log")))
+    assert (tmp_path / "fired").exists() and "(step 4, saved by 2 processes)" in logs
     assert losses(tmp_path / "run") == losses(reference) and evals(tmp_path / "run") == evals(reference)
     a, b = adapter(tmp_path / "run"), adapter(reference)
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
@@ -117,7 +132,7 @@ def test_a_requested_stop_is_not_undone_by_torchrun_restarts(tmp_path):
     checkpoint, and every process exits 0: a non-zero code would make torchrun start the run again at once and
     train on past the stop."""
     proc = train(tmp_path, fault="rank=0,step=2,micro=0,action=sigterm", restarts=1)
-    assert "torchrun restarted" not in proc.stderr and "got SIGTERM" in proc.stderr
+    assert "launcher restarted" not in proc.stderr and "got SIGTERM" in proc.stderr
     assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "interrupted"
     assert max(losses(tmp_path / "run")) == 3  # stopped after step 3 (0-based step 2) and not run again
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000003"]

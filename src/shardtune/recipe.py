@@ -267,7 +267,7 @@ def run(cfg: Config, name: str, grid: dict | None = None, stop: StopRequest | No
         restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         if restart and dist.is_main:
             logging.getLogger("shardtune").warning(
-                "torchrun restarted the processes after a failure (restart %d of %s); the run continues from "
+                "the launcher restarted the processes after a failure (restart %d of %s); the run continues from "
                 "its newest checkpoint",
                 restart,
                 os.environ.get("TORCHELASTIC_MAX_RESTARTS", "?"),

@@ -427,10 +427,11 @@ def _train(
         changed = _optimizer_settings(cfg, optimizer, scheduler)
         if dist.is_main:
             log.info(
-                "resumed from %s (step %d, saved by %d processes)%s",
+                "resumed from %s (step %d, saved by %d process%s)%s",
                 resume_from,
                 start_step,
                 state["world_size"],
+                "es" if state["world_size"] > 1 else "",
                 f"; from here on {', '.join(changed)}" if changed else "",
             )
 

@@ -1,0 +1,58 @@
+#!/bin/bash
+# One machine's launcher for a shardtune recipe: torchrun (or accelerate launch) with the settings that stopping,
+# saving and restarting after a crash need. Run it on every machine of a job with the same arguments (on a
+# Slurm cluster, slurm/train.sh runs it on each node for you). No training logic here.
+#
+#   launch/node.sh RECIPE [key=value ...]                                   # this machine, one process per GPU
+#   NNODES=2 MASTER_ADDR=10.0.0.1 launch/node.sh recipes/llama3_70b.py      # on each of 2 machines
+#   LAUNCHER=accelerate ACCELERATE_CONFIG=fsdp_configs/2xh100.yaml launch/node.sh recipes/llama3_8b.py
+#
+# Environment:
+#   NNODES             machines in the job (default 1)
+#   NPROC_PER_NODE     training processes on this machine (default: its GPUs, else 1)
+#   MASTER_ADDR        the first machine's address, where the machines meet (default 127.0.0.1)
+#   MASTER_PORT        a free port there (default 29500; on one machine, any free port)
+#   RDZV_ID            a name for the job, the same on every machine (default shardtune)
+#   NODE_RANK          this machine's index, 0 on the first (accelerate only; torchrun's c10d rendezvous
+#                      assigns ranks itself)
+#   MAX_RESTARTS       how many times to start every process again when one fails (a crash, an out-of-memory
+#                      kill, a lost GPU) before giving up (default 1); each restart resumes from the newest
+#                      checkpoint (train.resume=auto, the default)
+#   SHUTDOWN_TIMEOUT   seconds the launcher waits for the processes to save and exit after SIGTERM/SIGUSR1
+#                      before it kills them (default 600)
+#   LAUNCHER           torchrun (default) or accelerate;  ACCELERATE_CONFIG  its config (FSDP settings apply)
+#   NCCL_*             passed through; defaults: TORCH_NCCL_ASYNC_ERROR_HANDLING=1, NCCL_DEBUG=WARN
+#
+# SIGTERM or SIGUSR1 to the launcher (a preemption, a time limit) is passed to the processes, which stop after
+# an agreed step, save and exit; `touch runs/<run>/STOP` does the same. runs/<run>/status.json says how the
+# run ended (torchrun reports any failed process as exit 1, and under restarts a stopped run exits 0).
+set -euo pipefail
+RECIPE=${1:?usage: launch/node.sh RECIPE [key=value ...]}
+
+NNODES=${NNODES:-1}
+if [ -z "${NPROC_PER_NODE:-}" ]; then
+  NPROC_PER_NODE=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
+  [ "$NPROC_PER_NODE" -gt 0 ] || NPROC_PER_NODE=1
+fi
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+# one machine: any free port (c10d picks one for port 0); several: they must agree on one
+MASTER_PORT=${MASTER_PORT:-$([ "$NNODES" = 1 ] && echo 0 || echo 29500)}
+MAX_RESTARTS=${MAX_RESTARTS:-1}
+
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1} NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+# the launcher forwards these to the training processes (which stop, save and exit) instead of dying on them
+export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
+# and waits this long for them to finish saving before it kills them (torch's default: 30 s)
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-600}
+# a fresh rendezvous store for every restart: the shared one keeps the failed attempt's addresses, which the
+# restarted processes would read and fail on (src/shardtune/distributed.py)
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+
+if [ "${LAUNCHER:-torchrun}" = accelerate ]; then
+  exec accelerate launch --config_file "${ACCELERATE_CONFIG:?LAUNCHER=accelerate needs ACCELERATE_CONFIG}" \
+    --num_machines "$NNODES" --num_processes "$((NNODES * NPROC_PER_NODE))" --machine_rank "${NODE_RANK:-0}" \
+    --max_restarts "$MAX_RESTARTS" --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" \
+    --rdzv_backend c10d "$@"
+fi
+exec torchrun --nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE" --max-restarts "$MAX_RESTARTS" \
+  --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "${RDZV_ID:-shardtune}" "$@"
