@@ -9,7 +9,8 @@
 #
 # Environment:
 #   NNODES             machines in the job (default 1)
-#   NPROC_PER_NODE     training processes on this machine (default: its GPUs, else 1)
+#   NPROC_PER_NODE     training processes on this machine (default: the GPUs in CUDA_VISIBLE_DEVICES, or
+#                      all of its GPUs, else 1)
 #   MASTER_ADDR        the first machine's address, where the machines meet (default 127.0.0.1)
 #   MASTER_PORT        a free port there (default 29500; on one machine, any free port)
 #   RDZV_ID            a name for the job, the same on every machine (default shardtune)
@@ -30,13 +31,16 @@ set -euo pipefail
 RECIPE=${1:?usage: launch/node.sh RECIPE [key=value ...]}
 
 NNODES=${NNODES:-1}
-if [ -z "${NPROC_PER_NODE:-}" ]; then
-  NPROC_PER_NODE=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
+if [ -z "${NPROC_PER_NODE:-}" ]; then  # one process per GPU the processes can see
+  if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
+    IFS=, read -ra visible <<< "$CUDA_VISIBLE_DEVICES"
+    NPROC_PER_NODE=${#visible[@]}
+  else
+    NPROC_PER_NODE=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
+  fi
   [ "$NPROC_PER_NODE" -gt 0 ] || NPROC_PER_NODE=1
 fi
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-# one machine: any free port (c10d picks one for port 0); several: they must agree on one
-MASTER_PORT=${MASTER_PORT:-$([ "$NNODES" = 1 ] && echo 0 || echo 29500)}
 MAX_RESTARTS=${MAX_RESTARTS:-1}
 
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1} NCCL_DEBUG=${NCCL_DEBUG:-WARN}
@@ -49,10 +53,19 @@ export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-600}
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 
 if [ "${LAUNCHER:-torchrun}" = accelerate ]; then
+  if [ "$NNODES" = 1 ]; then
+    # accelerate builds no rendezvous endpoint for one machine: a given port is the (static) store's, and
+    # without one torch picks a free port itself
+    RDZV=()
+    [ -z "${MASTER_PORT:-}" ] || RDZV=(--main_process_port "$MASTER_PORT")
+  else
+    RDZV=(--main_process_ip "$MASTER_ADDR" --main_process_port "${MASTER_PORT:-29500}" --rdzv_backend c10d)
+  fi
   exec accelerate launch --config_file "${ACCELERATE_CONFIG:?LAUNCHER=accelerate needs ACCELERATE_CONFIG}" \
     --num_machines "$NNODES" --num_processes "$((NNODES * NPROC_PER_NODE))" --machine_rank "${NODE_RANK:-0}" \
-    --max_restarts "$MAX_RESTARTS" --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" \
-    --rdzv_backend c10d "$@"
+    --max_restarts "$MAX_RESTARTS" "${RDZV[@]}" "$@"
 fi
+# one machine without a port: any free one (c10d picks it for port 0); several machines must agree on one
+PORT=${MASTER_PORT:-$([ "$NNODES" = 1 ] && echo 0 || echo 29500)}
 exec torchrun --nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE" --max-restarts "$MAX_RESTARTS" \
-  --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "${RDZV_ID:-shardtune}" "$@"
+  --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$PORT" --rdzv_id "${RDZV_ID:-shardtune}" "$@"

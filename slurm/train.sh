@@ -2,7 +2,7 @@
 # Train a shardtune recipe on SLURM: N nodes x G GPUs, one launcher per node, saved and requeued before the
 # time limit and on preemption, resumed exactly where it stopped.
 #
-#   sbatch [sbatch options] slurm/train.sh RECIPE [key=value ...]
+#   sbatch [sbatch options] slurm/train.sh RECIPE [key=value ...]     (from the shardtune checkout)
 #   sbatch --nodes=4 --gpus-per-node=8 --time=24:00:00 --partition=gpu slurm/train.sh recipes/llama3_70b.py
 #   LAUNCHER=accelerate ACCELERATE_CONFIG=fsdp_configs/8xh100.yaml sbatch --gpus-per-node=8 slurm/train.sh ...
 #

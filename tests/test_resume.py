@@ -130,12 +130,23 @@ def test_two_machines_started_by_launch_node_sh_retry_a_crash(reference, tmp_pat
 def test_a_requested_stop_is_not_undone_by_torchrun_restarts(tmp_path):
     """A signal (or the STOP file) under `torchrun --max-restarts 1` stops the run after the agreed step with a
     checkpoint, and every process exits 0: a non-zero code would make torchrun start the run again at once and
-    train on past the stop."""
+    train on past the stop. If a process fails on its way out all the same (killed after the run: a crash in
+    NCCL's teardown), the restarted processes find the stop this launch recorded and do not train past it."""
     proc = train(tmp_path, fault="rank=0,step=2,micro=0,action=sigterm", restarts=1)
     assert "launcher restarted" not in proc.stderr and "got SIGTERM" in proc.stderr
     assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "interrupted"
     assert max(losses(tmp_path / "run")) == 3  # stopped after step 3 (0-based step 2) and not run again
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000003"]
+
+    faults = (
+        f"rank=1,step=5,micro=0,action=sigterm;rank=1,step=0,point=exit,action=kill,once={tmp_path / 'fired'}"
+    )
+    proc = train(tmp_path, fault=faults, restarts=1)
+    assert (tmp_path / "fired").exists() and "the launcher restarted the processes" in proc.stderr
+    assert "this launch stopped on request after step 6" in proc.stderr
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["status"] == "interrupted" and status["step"] == 6
+    assert max(losses(tmp_path / "run")) == 6
 
 
 def test_a_second_signal_during_the_save_changes_nothing(reference, tmp_path):

@@ -5,6 +5,8 @@
     SHARDTUNE_FAULT="rank=1,step=0,point=start,action=kill"   before the process group forms (rank from RANK)
     SHARDTUNE_FAULT="rank=1,step=7,action=kill,once=/tmp/f"   only the first time (creates /tmp/f): a crash
                                                               that `torchrun --max-restarts` then retries
+    SHARDTUNE_FAULT="rank=1,step=0,point=exit,action=kill"    after the run, before the process exits
+    SHARDTUNE_FAULT="...;..."                                 several
 
 actions: sigterm, sigusr1 (delivered to this process, like a scheduler would), kill (SIGKILL: no handler, no
 cleanup), sleep:S (a slow save or a slow rank). Unset in normal runs; reading the variable is all it costs.
@@ -19,29 +21,30 @@ from functools import cache
 
 
 @cache
-def _spec() -> dict[str, str] | None:
+def _specs() -> list[dict[str, str]]:
     text = os.environ.get("SHARDTUNE_FAULT")
     if not text:
-        return None
-    return dict(part.split("=", 1) for part in text.split(","))
+        return []
+    return [dict(part.split("=", 1) for part in one.split(",")) for one in text.split(";")]
 
 
 def inject(point: str, rank: int, step: int, micro: int = 0) -> None:
-    """Act if SHARDTUNE_FAULT names this point ('micro', 'save' or 'start'), rank, step (and micro-batch)."""
-    spec = _spec()
-    if spec is None or spec.get("point", "micro") != point:
-        return
-    if int(spec.get("rank", 0)) != rank or int(spec["step"]) != step or int(spec.get("micro", 0)) != micro:
-        return
-    if "once" in spec:
-        try:
-            open(spec["once"], "x").close()  # exclusive create: only the first process to get here acts
-        except FileExistsError:
-            return
-    action = spec["action"]
-    if action.startswith("sleep:"):
-        time.sleep(float(action.split(":", 1)[1]))
-    elif action == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    else:
-        os.kill(os.getpid(), {"sigterm": signal.SIGTERM, "sigusr1": signal.SIGUSR1}[action])
+    """Act as each SHARDTUNE_FAULT spec that names this point ('micro', 'save', 'start' or 'exit'), rank, step
+    (and micro-batch) says."""
+    for spec in _specs():
+        if spec.get("point", "micro") != point or int(spec.get("rank", 0)) != rank:
+            continue
+        if int(spec["step"]) != step or int(spec.get("micro", 0)) != micro:
+            continue
+        if "once" in spec:
+            try:
+                open(spec["once"], "x").close()  # exclusive create: only the first process to get here acts
+            except FileExistsError:
+                continue
+        action = spec["action"]
+        if action.startswith("sleep:"):
+            time.sleep(float(action.split(":", 1)[1]))
+        elif action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        else:
+            os.kill(os.getpid(), {"sigterm": signal.SIGTERM, "sigusr1": signal.SIGUSR1}[action])

@@ -224,6 +224,7 @@ def main(
             if _is_main_process():
                 print(f"error: {e}", file=sys.stderr)
             sys.exit(EXIT_USAGE)
+    faults.inject("exit", int(os.environ.get("RANK", "0")), 0)
     if any(r.get("status") == "interrupted" for r in results):
         sys.exit(stopped_exit_code(_is_main_process()))  # checkpointed: the same command continues the run
 

@@ -70,6 +70,9 @@ def train(
     )
     cfg_yaml = to_yaml(cfg)
     try:
+        stopped = _stop_recorded_by_this_launch(run_dir, dist)
+        if stopped is not None:
+            return stopped
         resume_from = resume_point(cfg.train.resume, ckpts, cfg_yaml)
         if dist.is_main:
             if resume_from is None:
@@ -91,6 +94,60 @@ def train(
         raise
     finally:
         gc.unfreeze()  # what was frozen (imports, then the run's objects in _train) is collectable again
+
+
+def _stop_recorded_by_this_launch(run_dir: Path, dist: DistInfo) -> dict | None:
+    """The summary of a stop that an earlier attempt of this same launch saved and recorded, when the launcher
+    has started the processes again since (`torchrun --max-restarts`); else None. A stopped run exits 0 from
+    every process, so no restart should follow it; but one that fails on its way out (a crash in NCCL's
+    teardown) makes the launcher start the run again with its STOP file gone, and it would train on past the
+    stop (under Slurm into the time limit, unsaved). "This launch": status.json says interrupted and was written
+    after the launcher started. Every rank takes rank 0's answer."""
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) == 0:
+        return None
+    record = None
+    if dist.is_main:
+        path, started = run_dir / "status.json", _launcher_started()
+        try:
+            if started is not None and path.stat().st_mtime > started:
+                record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass
+        if record is not None and record.get("status") != "interrupted":
+            record = None
+    if not all_reduce_max([float(record is not None)], dist.device)[0]:
+        return None
+    if dist.is_main:
+        log.warning(
+            "this launch stopped on request after step %s and saved (%s); the launcher started it again after "
+            "a process failed on its way out: not training on past the stop",
+            record.get("step"),
+            record.get("checkpoint"),
+        )
+    record = record or {}
+    return {
+        "status": "interrupted",
+        "run_dir": str(run_dir),
+        "step": record.get("step"),
+        "checkpoint": record.get("checkpoint"),
+    }
+
+
+def _launcher_started() -> float | None:
+    """When the process that started this one (torchrun, accelerate launch) started, in seconds since the epoch,
+    from /proc (Linux); None where that cannot be read."""
+    try:
+        fields = Path(f"/proc/{os.getppid()}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(
+            int(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime")
+        )
+        return boot + int(fields[19]) / os.sysconf(
+            "SC_CLK_TCK"
+        )  # field 22, starttime, in clock ticks since boot
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def _resolve_auto(cfg: Config, conf, dist: DistInfo) -> Config:
