@@ -31,7 +31,7 @@ TESTED = {
     "torch": ("2.11", "2.13"),
     "transformers": ("5.17", "5.24"),
     "peft": ("0.21", "0.21"),
-    "accelerate": ("1.15", "1.15"),
+    "accelerate": ("1.15", "1.16"),
     "bitsandbytes": ("0.50", "0.50"),
     "datasets": ("5.2", "5.2"),
     "submitit": ("1.5.4", "1.5.4"),
