@@ -40,6 +40,30 @@ def test_unknown_job_names_the_known_ones(tmp_path, capsys):
     assert json.loads((tmp_path / "submitit/41.json").read_text())["job_id"] == "41"
 
 
+def test_resume_takes_everything_but_resources_from_the_record(tmp_path, capsys):
+    """`shardtune submit --resume JOB` refuses a recipe or overrides beside it (the record has them), an unknown
+    job, and a job whose runs all completed, before anything reaches Slurm."""
+    run = tmp_path / "tiny-41"
+    Submission(
+        "41",
+        "recipes/tiny.py",
+        [],
+        str(tmp_path / "submitit/%j"),
+        [{"job_id": "41", "run_dir": str(run), "assignment": {}}],
+    ).save(tmp_path)
+    assert cli(["submit", "--resume", "41", "recipes/tiny.py", "lora.r=8", f"--runs-dir={tmp_path}"]) == 2
+    assert "takes the recipe, overrides and sweep from that job's record" in capsys.readouterr().err
+    assert cli(["submit", "--resume", "7", f"--runs-dir={tmp_path}"]) == 2
+    assert "no job 7" in capsys.readouterr().err
+    run.mkdir()
+    (run / "status.json").write_text(json.dumps({"status": "complete"}))
+    assert cli(["submit", "--resume", "41", f"--runs-dir={tmp_path}"]) == 2
+    assert "every run of job 41 is complete" in capsys.readouterr().err
+    assert cli(["submit", f"--runs-dir={tmp_path}"]) == 2
+    assert "needs a recipe (or --resume JOB)" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "submitit").iterdir()) == ["41.json"]  # nothing submitted
+
+
 # A task that is still starting (importing) when Slurm's signal comes, then installs its handler.
 STARTING_TASK = """
 import signal, sys, time

@@ -305,7 +305,13 @@ def _submit_parsers(sub) -> None:
         description="Overrides (key=value) and --sweep key=v1,v2 (a job array, one run per value; a bare "
         "--sweep runs the recipe's own grid) follow the recipe as on a training command line.",
     )
-    p.add_argument("recipe")
+    p.add_argument("recipe", nargs="?")
+    p.add_argument(
+        "--resume",
+        metavar="JOB",
+        help="submit again the runs of job JOB that did not complete (a crash, a cancel), each from its newest "
+        "checkpoint, with that job's recipe and overrides (give no recipe); resources as given here",
+    )
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=1, help="one task (process) per GPU; 0 for CPU jobs")
     p.add_argument("--tasks-per-node", type=int, help="processes per node (default: --gpus-per-node)")
@@ -352,7 +358,15 @@ def _slurm_command(args, rest: list[str]) -> int:
         flags, overrides, grid = _parse_args(rest)
         if flags - {"--sweep"}:
             raise ConfigError(f"shardtune submit takes no {' '.join(sorted(flags - {'--sweep'}))}")
-        recipe_grid = "--sweep" in flags and not grid
+        if args.resume and (args.recipe or rest):
+            given = " ".join([args.recipe or "", *rest]).strip()
+            raise ConfigError(
+                f"shardtune submit --resume {args.resume} takes the recipe, overrides and sweep from that job's "
+                f"record; give only resources (--nodes, --time, ...), not: {given}"
+            )
+        if not args.resume and not args.recipe:
+            raise ConfigError("shardtune submit needs a recipe (or --resume JOB)")
+        recipe_grid = "--sweep" in flags and not grid and not args.resume
         if recipe_grid:
             from shardtune.recipe import load_recipe
 
@@ -367,9 +381,12 @@ def _slurm_command(args, rest: list[str]) -> int:
         res = slurm.Resources(
             **{k: getattr(args, k) for k in named}, signal_lead_s=args.signal_lead, extra=extra
         )
-        record = slurm.submit(args.recipe, overrides, grid or None, res, runs, args.job_name)
+        if args.resume:
+            record = slurm.resubmit(args.resume, res, runs, args.job_name)
+        else:
+            record = slurm.submit(args.recipe, overrides, grid or None, res, runs, args.job_name)
         print(
-            f"submitted job {record.job_id}: {args.recipe}, {len(record.tasks)} run(s), "
+            f"submitted job {record.job_id}: {record.recipe}, {len(record.tasks)} run(s), "
             f"{res.nodes} node(s) x {res.tasks} task(s), time {res.time}"
         )
         for task in record.tasks:

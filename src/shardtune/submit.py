@@ -3,6 +3,7 @@
     shardtune submit recipes/llama3_70b.py --nodes 2 --gpus-per-node 8 --time 24:00:00 --partition gpu
     shardtune submit recipes/tiny.py --sweep optim.lr=1e-4,2e-4,5e-4      # a job array, one run each
     shardtune status [JOB]      shardtune logs JOB [--task N]      shardtune cancel JOB
+    shardtune submit --resume JOB [--nodes ...]     # a failed or cancelled job's runs, from their checkpoints
 
 The same training as `sbatch slurm/train.sh`, with one Slurm task per GPU instead of a launcher per node:
 submitit starts every task, and each joins the process group from the environment submitit describes. The
@@ -146,6 +147,7 @@ class Submission:
     folder: str
     tasks: list[dict[str, Any]]  # {job_id, run_dir, assignment}
     submitted: str = ""
+    resumes: str = ""  # the job whose runs this one continues (`shardtune submit --resume JOB`)
 
     @staticmethod
     def path(runs_dir: Path, job_id: str) -> Path:
@@ -182,24 +184,70 @@ def submit(
     job_name: str | None = None,
 ) -> Submission:
     """Validate every configuration here, then submit one job (or one array task per grid point)."""
+    cfg = _resolve(recipe, overrides, runs_dir)
+    base = cfg.train.run_name or Path(recipe).stem
+    if grid:
+        points = [(f"{base}-{{job_id}}/sweep/{slug(a)}", a, c) for a, c in expand(cfg, grid)]
+    else:
+        points = [(f"{base}-{{job_id}}", {}, cfg)]
+    return _submit(recipe, overrides, points, res, runs_dir.resolve(), job_name)
+
+
+def resubmit(job_id: str, res: Resources, runs_dir: Path, job_name: str | None = None) -> Submission:
+    """`shardtune submit --resume JOB`: submit again the runs of an earlier submission that did not complete (a
+    task crashed, the job was cancelled or failed), each continuing in its own run directory from its newest
+    checkpoint, with the recipe and overrides the record holds. A sweep's completed runs are left alone."""
+    old = Submission.load(runs_dir, job_id)
+    cfg = _resolve(old.recipe, old.overrides, runs_dir)
+    root = runs_dir.resolve()
+    points = []
+    for task in old.tasks:
+        run_dir = Path(task["run_dir"])
+        if _status(run_dir).get("status") == "complete":
+            continue
+        point = (
+            apply_overrides(cfg, task["assignment"], f"job {job_id}'s record") if task["assignment"] else cfg
+        )
+        # the same directory whatever job trains it: no {job_id} in the name (and any brace of it escaped)
+        run_name = str(run_dir.relative_to(root)).replace("{", "{{").replace("}", "}}")
+        points.append((run_name, task["assignment"], point))
+    if not points:
+        raise ConfigError(f"every run of job {job_id} is complete; nothing to resume")
+    return _submit(old.recipe, old.overrides, points, res, root, job_name, resumes=old.job_id)
+
+
+def _resolve(recipe: str, overrides: list[str], runs_dir: Path) -> Config:
     from shardtune.recipe import load_recipe, resolve_config
 
     # (paths are checked by the job itself: a login node may not see the compute nodes' storage)
     cfg = resolve_config(load_recipe(recipe).config(), overrides, env={}, check_paths=False)
-    runs_dir = runs_dir.resolve()
-    cfg = apply_overrides(cfg, {"train.output_dir": str(runs_dir)}, "shardtune submit")
+    return apply_overrides(cfg, {"train.output_dir": str(runs_dir.resolve())}, "shardtune submit")
+
+
+def _status(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _submit(
+    recipe: str,
+    overrides: list[str],
+    points: list[tuple[str, dict, Config]],
+    res: Resources,
+    runs_dir: Path,
+    job_name: str | None,
+    resumes: str = "",
+) -> Submission:
+    """Submit `points` (run name, sweep assignment, configuration) as one job or a job array; its record."""
     name = Path(recipe).stem
-    base = cfg.train.run_name or name
     minutes = time_minutes(res.time)
     if res.signal_lead_s >= minutes * 60:
         raise ConfigError(
             f"--signal-lead {res.signal_lead_s} s is not shorter than --time {res.time}: "
             "the job would be told to stop before it starts; lower --signal-lead or raise --time"
         )
-    if grid:
-        points = [(f"{base}-{{job_id}}/sweep/{slug(a)}", a, c) for a, c in expand(cfg, grid)]
-    else:
-        points = [(f"{base}-{{job_id}}", {}, cfg)]
 
     folder = runs_dir / RECORDS / "%j"
     executor = submitit.SlurmExecutor(folder=folder, python=TASK_PYTHON)
@@ -245,6 +293,7 @@ def submit(
             for job, (run_name, assignment, _) in zip(jobs, points, strict=True)
         ],
         submitted=time.strftime("%Y-%m-%d %H:%M:%S"),
+        resumes=resumes,
     )
     record.save(runs_dir)
     return record

@@ -277,6 +277,26 @@ def test_submitit_preemption_requeues_and_finishes_identically(reference, tmp_pa
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
 
 
+def test_submitit_crashed_job_is_resumed_by_submit_resume(reference, tmp_path):
+    """A task killed mid-run ends the submitit job (FAILED, its checkpoint at step 20 kept); `shardtune submit
+    --resume JOB` submits its run again, which continues in the same run directory from step 20 to the same
+    adapter as the uninterrupted run's."""
+    fault = f"rank=1,step=25,action=kill,once={tmp_path / 'fired'}"
+    job, [run] = submit(tmp_path, RUN, [], env={"SHARDTUNE_FAULT": fault})
+    wait(job)
+    assert states(job) == ["FAILED"] and (tmp_path / "fired").exists()
+    out = shardtune(["submit", "--resume", job, *CPU_JOB, f"--runs-dir={tmp_path}"]).stdout
+    again = out.split("submitted job ")[1].split(":")[0]
+    assert f"  {again}: {run}" in out  # the same run directory
+    wait(again)
+    assert states(again) == ["COMPLETED"], shardtune(["logs", again, f"--runs-dir={tmp_path}"]).stdout[-3000:]
+    assert json.loads((tmp_path / "submitit" / f"{again}.json").read_text())["resumes"] == job
+    log = shardtune(["logs", again, f"--runs-dir={tmp_path}", "--lines=0"]).stdout
+    assert "(step 20, saved by 2 processes)" in log, log[-3000:]
+    a, b = adapter(run), adapter(reference)
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
 def test_submitit_sweep_is_a_job_array_of_runs(cluster, tmp_path):
     """Test 5: --sweep with 3 values is one job array; each task is its own run with its own config."""
     lrs = ["1e-3", "2e-3", "4e-3"]
