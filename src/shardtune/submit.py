@@ -193,6 +193,19 @@ def submit(
     return _submit(recipe, overrides, points, res, runs_dir.resolve(), job_name)
 
 
+# Slurm states of a job that has not ended (it may still train its run directory)
+ACTIVE = {
+    "PENDING",
+    "RUNNING",
+    "REQUEUED",
+    "CONFIGURING",
+    "COMPLETING",
+    "SUSPENDED",
+    "REQUEUE_HOLD",
+    "RESIZING",
+}
+
+
 def resubmit(job_id: str, res: Resources, runs_dir: Path, job_name: str | None = None) -> Submission:
     """`shardtune submit --resume JOB`: submit again the runs of an earlier submission that did not complete (a
     task crashed, the job was cancelled or failed), each continuing in its own run directory from its newest
@@ -201,10 +214,17 @@ def resubmit(job_id: str, res: Resources, runs_dir: Path, job_name: str | None =
     cfg = _resolve(old.recipe, old.overrides, runs_dir)
     root = runs_dir.resolve()
     points = []
-    for task in old.tasks:
+    for task, job in zip(old.tasks, old.jobs(), strict=True):
         run_dir = Path(task["run_dir"])
-        if _status(run_dir).get("status") == "complete":
+        if _json(run_dir / "status.json").get("status") == "complete":
             continue
+        if (
+            job.state in ACTIVE
+        ):  # two jobs training one run directory would overwrite each other's checkpoints
+            raise ConfigError(
+                f"job {task['job_id']} is {job.state}: it is still training {run_dir}; "
+                f"cancel it first (shardtune cancel {old.job_id}) or wait for it to end"
+            )
         point = (
             apply_overrides(cfg, task["assignment"], f"job {job_id}'s record") if task["assignment"] else cfg
         )
@@ -222,13 +242,6 @@ def _resolve(recipe: str, overrides: list[str], runs_dir: Path) -> Config:
     # (paths are checked by the job itself: a login node may not see the compute nodes' storage)
     cfg = resolve_config(load_recipe(recipe).config(), overrides, env={}, check_paths=False)
     return apply_overrides(cfg, {"train.output_dir": str(runs_dir.resolve())}, "shardtune submit")
-
-
-def _status(run_dir: Path) -> dict:
-    try:
-        return json.loads((run_dir / "status.json").read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def _submit(

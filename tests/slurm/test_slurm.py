@@ -279,10 +279,15 @@ def test_submitit_preemption_requeues_and_finishes_identically(reference, tmp_pa
 
 def test_submitit_crashed_job_is_resumed_by_submit_resume(reference, tmp_path):
     """A task killed mid-run ends the submitit job (FAILED, its checkpoint at step 20 kept); `shardtune submit
-    --resume JOB` submits its run again, which continues in the same run directory from step 20 to the same
-    adapter as the uninterrupted run's."""
+    --resume JOB` submits its run again (refused while the job is still queued or running: two jobs would train
+    one run directory), which continues in the same run directory from step 20 to the same adapter as the
+    uninterrupted run's."""
     fault = f"rank=1,step=25,action=kill,once={tmp_path / 'fired'}"
     job, [run] = submit(tmp_path, RUN, [], env={"SHARDTUNE_FAULT": fault})
+    early = shardtune(["submit", "--resume", job, *CPU_JOB, f"--runs-dir={tmp_path}"], check=False)
+    assert (
+        early.returncode == 2 and f"cancel it first (shardtune cancel {job})" in early.stderr
+    )  # still queued
     wait(job)
     assert states(job) == ["FAILED"] and (tmp_path / "fired").exists()
     out = shardtune(["submit", "--resume", job, *CPU_JOB, f"--runs-dir={tmp_path}"]).stdout
