@@ -218,9 +218,8 @@ def resubmit(job_id: str, res: Resources, runs_dir: Path, job_name: str | None =
         run_dir = Path(task["run_dir"])
         if _json(run_dir / "status.json").get("status") == "complete":
             continue
-        if (
-            job.state in ACTIVE
-        ):  # two jobs training one run directory would overwrite each other's checkpoints
+        # two jobs training one run directory would overwrite each other's checkpoints
+        if job.state in ACTIVE:
             raise ConfigError(
                 f"job {task['job_id']} is {job.state}: it is still training {run_dir}; "
                 f"cancel it first (shardtune cancel {old.job_id}) or wait for it to end"
