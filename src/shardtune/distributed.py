@@ -101,7 +101,7 @@ def _restart_store(world: int, timeout: datetime.timedelta) -> dist.Store | None
     never be retried. On one machine each restart keeps its keys apart under its own prefix. Across machines
     the launchers' restart counts differ (one whose own workers did not fail restarts them without counting),
     so no prefix can agree: there the launchers must give every attempt a store of its own, which the c10d
-    rendezvous does with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (slurm/train.sh sets it); without it, refused
+    rendezvous does with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (launch/node.sh sets it); without it, refused
     at the start rather than at the first crash."""
     shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     if not shared:
@@ -111,7 +111,7 @@ def _restart_store(world: int, timeout: datetime.timedelta) -> dist.Store | None
             raise ConfigError(
                 "torchrun --max-restarts across machines: the restarted workers would reuse the first attempt's "
                 "store and fail to connect. Launch every machine's torchrun with --rdzv-backend c10d and "
-                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment (slurm/train.sh does), or with "
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment (launch/node.sh does), or with "
                 "--max-restarts 0."
             )
         return None
