@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from shardtune.config import ConfigError
+from shardtune.stopping import launcher_restarts
 
 
 @dataclass(frozen=True)
@@ -103,11 +104,10 @@ def _restart_store(world: int, timeout: datetime.timedelta) -> dist.Store | None
     so no prefix can agree: there the launchers must give every attempt a store of its own, which the c10d
     rendezvous does with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (launch/node.sh sets it); without it, refused
     at the start rather than at the first crash."""
-    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    if not shared:
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
     if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1:
-        if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+        if launcher_restarts() > 0:
             raise ConfigError(
                 "torchrun --max-restarts across machines: the restarted workers would reuse the first attempt's "
                 "store and fail to connect. Launch every machine's torchrun with --rdzv-backend c10d and "

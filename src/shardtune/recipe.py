@@ -41,7 +41,7 @@ from shardtune.config import (
 )
 from shardtune.data.formats import DataError
 from shardtune.launcher import accelerate_env_overrides, accelerate_yaml_overrides
-from shardtune.stopping import StopRequest, stopped_exit_code
+from shardtune.stopping import StopRequest, launcher_restarts, stopped_exit_code
 
 USAGE = """usage: accelerate launch --config_file fsdp_configs/<hardware>.yaml {recipe} [key=value ...] [flags]
        torchrun --nproc_per_node N {recipe} [key=value ...] [flags]
@@ -268,10 +268,10 @@ def run(cfg: Config, name: str, grid: dict | None = None, stop: StopRequest | No
         restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         if restart and dist.is_main:
             logging.getLogger("shardtune").warning(
-                "the launcher restarted the processes after a failure (restart %d of %s); the run continues from "
+                "the launcher restarted the processes after a failure (restart %d of %d); the run continues from "
                 "its newest checkpoint",
                 restart,
-                os.environ.get("TORCHELASTIC_MAX_RESTARTS", "?"),
+                launcher_restarts(),
             )
         try:
             results = run_grid(cfg, grid, dist, name, stop) if grid else [train(cfg, dist, name, stop)]

@@ -42,7 +42,7 @@ from shardtune.distributed import DistInfo, all_reduce_max, barrier, gather_obje
 from shardtune.export import export_adapter
 from shardtune.metrics import MetricsSink, device_peak_flops, gpu_peak_gib, host_peak_gib, host_rss_gib
 from shardtune.profiling import StepProfiler
-from shardtune.stopping import STOP_FILE, StopRequest
+from shardtune.stopping import STOP_FILE, StopRequest, launcher_restarts
 from shardtune.tokenizer import build_tiny_tokenizer, load_tokenizer, prepare_tokenizer
 from shardtune.trainer import FlopModel, Trainer
 
@@ -103,7 +103,7 @@ def _stop_recorded_by_this_launch(run_dir: Path, dist: DistInfo) -> dict | None:
     teardown) makes the launcher start the run again with its STOP file gone, and it would train on past the
     stop (under Slurm into the time limit, unsaved). "This launch": status.json says interrupted and was written
     after the launcher started. Every rank takes rank 0's answer."""
-    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) == 0:
+    if launcher_restarts() == 0:
         return None
     record = None
     if dist.is_main:
@@ -143,9 +143,8 @@ def _launcher_started() -> float | None:
             for line in Path("/proc/stat").read_text().splitlines()
             if line.startswith("btime")
         )
-        return boot + int(fields[19]) / os.sysconf(
-            "SC_CLK_TCK"
-        )  # field 22, starttime, in clock ticks since boot
+        ticks = int(fields[19])  # field 22 of stat, starttime: clock ticks from boot to the process's start
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
         return None
 

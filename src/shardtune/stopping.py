@@ -24,8 +24,13 @@ def stopped_exit_code(is_main: bool) -> int:
     must not cut rank 0 before it has recorded the stop). Under a launcher that restarts failed workers
     (`torchrun --max-restarts N`, N > 0) every process exits 0: a non-zero code would make it start the run
     again at once and train on past the stop that was asked for; status.json says "interrupted"."""
-    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
-    return EXIT_REQUEUE if is_main and restarts == 0 else 0
+    return EXIT_REQUEUE if is_main and launcher_restarts() == 0 else 0
+
+
+def launcher_restarts() -> int:
+    """How many times the launcher may start the processes again after one fails (`torchrun --max-restarts`,
+    `accelerate launch --max_restarts`); 0 outside them."""
+    return int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
