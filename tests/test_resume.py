@@ -272,6 +272,7 @@ def test_resuming_past_the_last_step_is_refused_and_changes_nothing(reference, t
     assert after == before == {"step-00000008": None, "step-00000012": None}
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["status"] == "failed" and "past this run's last step" in status["error"]
+    assert status["input_error"]  # fails again on every start: `shardtune submit` does not requeue it
 
 
 def test_fp16_loss_scaler_state_is_restored(tmp_path):

@@ -6,12 +6,13 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from shardtune.cli import main as cli
 from shardtune.config import ConfigError
-from shardtune.submit import TASK_PYTHON, Resources, Submission, submit, time_minutes
+from shardtune.submit import TASK_PYTHON, Resources, Submission, restart_decision, submit, time_minutes
 
 
 @pytest.mark.parametrize(
@@ -32,6 +33,43 @@ def test_bad_time_and_lead_are_refused_before_submitting(tmp_path):
     assert not (tmp_path / "submitit").exists()
 
 
+STARTED = 1_800_000_000.0  # when the job's current start began (epoch seconds)
+
+
+def status(run: str, offset_s: int = 5, **fields) -> dict:
+    """A status.json as run.write_status writes it, `offset_s` after the start began."""
+    written = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(STARTED + offset_s))
+    return {"status": run, "time": written, **fields}
+
+
+@pytest.mark.parametrize(
+    "rc,state,record,restarts,requeued,why",
+    [
+        # killed without a word (status still "running"), or a collective failed when a peer died
+        (143, "RUNNING", status("running"), 0, True, "restart 1 of 1"),
+        (1, "RUNNING", status("failed", error="RuntimeError: Connection closed by peer"), 0, True, "1 of 1"),
+        (137, "RUNNING", {}, 0, True, "restart 1 of 1"),  # died before its first word
+        (137, "RUNNING", status("interrupted", offset_s=-60), 0, True, "restart"),  # an earlier start's word
+        (143, "RUNNING", status("running"), 1, False, "no restarts left (1 of --max-restarts 1 used)"),
+        (0, "RUNNING", status("complete"), 0, False, "srun succeeded"),
+        (75, "RUNNING", status("interrupted"), 0, False, "the run is interrupted"),  # task 0 requeued it
+        (143, "CANCELLED", status("running"), 0, False, "the job is CANCELLED"),  # scancel: not undone
+        (143, "", status("running"), 0, False, "gone from the queue"),
+        (1, "RUNNING", status("failed", error="DataError: row 7", input_error=True), 0, False, "row 7"),
+    ],
+)
+def test_a_job_is_requeued_only_after_a_crash(rc, state, record, restarts, requeued, why):
+    """The batch script's exit trap requeues a job whose srun failed while its run neither finished nor
+    stopped on request nor found an error in its input, within --max-restarts (1 here)."""
+    decided, reason = restart_decision(rc, state, record, STARTED, restarts, 1)
+    assert decided is requeued and why in reason
+
+
+def test_negative_restarts_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="--max-restarts -1"):
+        submit("recipes/tiny.py", [], None, Resources(max_restarts=-1), tmp_path)
+
+
 def test_unknown_job_names_the_known_ones(tmp_path, capsys):
     Submission("41", "recipes/tiny.py", [], str(tmp_path / "submitit/%j"), []).save(tmp_path)
     assert cli(["status", "7", f"--runs-dir={tmp_path}"]) == 2
@@ -40,7 +78,7 @@ def test_unknown_job_names_the_known_ones(tmp_path, capsys):
     assert json.loads((tmp_path / "submitit/41.json").read_text())["job_id"] == "41"
 
 
-def test_resume_takes_everything_but_resources_from_the_record(tmp_path, capsys):
+def test_resume_refuses_what_the_record_already_holds(tmp_path, capsys):
     """`shardtune submit --resume JOB` refuses a recipe or overrides beside it (the record has them), an unknown
     job, and a job whose runs all completed, before anything reaches Slurm."""
     run = tmp_path / "tiny-41"
@@ -55,9 +93,12 @@ def test_resume_takes_everything_but_resources_from_the_record(tmp_path, capsys)
     assert "takes the recipe, overrides and sweep from that job's record" in capsys.readouterr().err
     assert cli(["submit", "--resume", "7", f"--runs-dir={tmp_path}"]) == 2
     assert "no job 7" in capsys.readouterr().err
+    # a record written before records held the job's resources: they must be given, not default to 1 GPU
+    assert cli(["submit", "--resume", "41", f"--runs-dir={tmp_path}"]) == 2
+    assert "give them (--nodes, --gpus-per-node, --time, ...)" in capsys.readouterr().err
     run.mkdir()
     (run / "status.json").write_text(json.dumps({"status": "complete"}))
-    assert cli(["submit", "--resume", "41", f"--runs-dir={tmp_path}"]) == 2
+    assert cli(["submit", "--resume", "41", "--nodes=2", f"--runs-dir={tmp_path}"]) == 2
     assert "every run of job 41 is complete" in capsys.readouterr().err
     assert cli(["submit", f"--runs-dir={tmp_path}"]) == 2
     assert "needs a recipe (or --resume JOB)" in capsys.readouterr().err

@@ -301,7 +301,7 @@ def _doctor(args, rest: list[str]) -> int:
 def _submit_parsers(sub) -> None:
     p = sub.add_parser(
         "submit",
-        help="submit a recipe to SLURM through submitit (requeued on time limit and preemption)",
+        help="submit a recipe to SLURM through submitit (requeued on time limit, preemption and a crash)",
         description="Overrides (key=value) and --sweep key=v1,v2 (a job array, one run per value; a bare "
         "--sweep runs the recipe's own grid) follow the recipe as on a training command line.",
     )
@@ -310,30 +310,43 @@ def _submit_parsers(sub) -> None:
         "--resume",
         metavar="JOB",
         help="submit again the runs of job JOB that did not complete (a crash, a cancel), each from its newest "
-        "checkpoint, with that job's recipe and overrides (give no recipe); resources as given here",
+        "checkpoint, with that job's recipe, overrides and resources (give no recipe; a resource given here "
+        "replaces that job's)",
     )
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=1, help="one task (process) per GPU; 0 for CPU jobs")
-    p.add_argument("--tasks-per-node", type=int, help="processes per node (default: --gpus-per-node)")
-    p.add_argument("--cpus-per-task", type=int)
-    p.add_argument("--mem", help="memory per node, e.g. 200G")
-    p.add_argument("--time", default="4:00:00", help="time limit: minutes or [D-]HH:MM:SS")
-    p.add_argument("--partition")
-    p.add_argument("--account")
-    p.add_argument("--qos")
-    p.add_argument("--constraint")
-    p.add_argument(
+    # Resources (submit.Resources' fields): left out of the namespace when not given, so that --resume can
+    # tell which of the earlier job's resources to replace; the defaults are Resources'
+    res = p.add_argument_group(
+        "resources (defaults: 1 node, 1 GPU, 4:00:00)", argument_default=argparse.SUPPRESS
+    )
+    res.add_argument("--nodes", type=int)
+    res.add_argument("--gpus-per-node", type=int, help="one task (process) per GPU; 0 for CPU jobs")
+    res.add_argument("--tasks-per-node", type=int, help="processes per node (default: --gpus-per-node)")
+    res.add_argument("--cpus-per-task", type=int)
+    res.add_argument("--mem", help="memory per node, e.g. 200G")
+    res.add_argument("--time", help="time limit: minutes or [D-]HH:MM:SS (default 4:00:00)")
+    res.add_argument("--partition")
+    res.add_argument("--account")
+    res.add_argument("--qos")
+    res.add_argument("--constraint")
+    res.add_argument(
         "--signal-lead",
+        dest="signal_lead_s",
+        metavar="SECONDS",
         type=int,
-        default=300,
         help="seconds before the time limit to stop and save: more than one step plus one save (Slurm checks "
-        "limits every 30 s, so the signal may come up to 30 s earlier)",
+        "limits every 30 s, so the signal may come up to 30 s earlier; default 300)",
     )
-    p.add_argument("--max-parallel", type=int, help="array tasks that may run at once (sweeps)")
+    res.add_argument("--max-parallel", type=int, help="array tasks that may run at once (sweeps)")
+    res.add_argument(
+        "--max-restarts",
+        type=int,
+        help="times a crashed job (a task killed, a segfault) is requeued to continue from its newest "
+        "checkpoint; errors in the input are not retried (default 1; 0: never)",
+    )
+    res.add_argument(
+        "--sbatch", dest="extra", action="append", metavar="KEY[=VALUE]", help="any other sbatch option"
+    )
     p.add_argument("--job-name")
-    p.add_argument(
-        "--sbatch", action="append", default=[], metavar="KEY[=VALUE]", help="any other sbatch option"
-    )
     p.add_argument("--runs-dir", default="runs", help="run directories and job records go here")
     for name, text in (
         ("status", "state, step and errors of submitted jobs (the newest, or one job or sweep)"),
@@ -376,15 +389,18 @@ def _slurm_command(args, rest: list[str]) -> int:
         from shardtune.recipe import check_sweep
 
         check_sweep(overrides, grid, recipe_grid)
-        extra = {k: (v if sep else True) for k, sep, v in (o.partition("=") for o in args.sbatch)}
-        named = {f.name for f in dataclasses.fields(slurm.Resources)} - {"signal_lead_s", "extra"}
-        res = slurm.Resources(
-            **{k: getattr(args, k) for k in named}, signal_lead_s=args.signal_lead, extra=extra
-        )
+        given = {f.name: getattr(args, f.name) for f in dataclasses.fields(slurm.Resources) if f.name in args}
+        if "extra" in given:
+            given["extra"] = {
+                k: (v if sep else True) for k, sep, v in (o.partition("=") for o in given["extra"])
+            }
         if args.resume:
-            record = slurm.resubmit(args.resume, res, runs, args.job_name)
+            record = slurm.resubmit(args.resume, given, runs, args.job_name)
         else:
-            record = slurm.submit(args.recipe, overrides, grid or None, res, runs, args.job_name)
+            record = slurm.submit(
+                args.recipe, overrides, grid or None, slurm.Resources(**given), runs, args.job_name
+            )
+        res = slurm.Resources(**record.resources)
         print(
             f"submitted job {record.job_id}: {record.recipe}, {len(record.tasks)} run(s), "
             f"{res.nodes} node(s) x {res.tasks} task(s), time {res.time}"

@@ -6,6 +6,7 @@
     SHARDTUNE_FAULT="rank=1,step=7,action=kill,once=/tmp/f"   only the first time (creates /tmp/f): a crash
                                                               that `torchrun --max-restarts` then retries
     SHARDTUNE_FAULT="rank=1,step=0,point=exit,action=kill"    after the run, before the process exits
+    SHARDTUNE_FAULT="rank=1,step=2,action=kill,task=2"        only in a job array's task 2 (SLURM_ARRAY_TASK_ID)
     SHARDTUNE_FAULT="...;..."                                 several
 
 actions: sigterm, sigusr1 (delivered to this process, like a scheduler would), kill (SIGKILL: no handler, no
@@ -35,6 +36,8 @@ def inject(point: str, rank: int, step: int, micro: int = 0) -> None:
         if spec.get("point", "micro") != point or int(spec.get("rank", 0)) != rank:
             continue
         if int(spec["step"]) != step or int(spec.get("micro", 0)) != micro:
+            continue
+        if spec.get("task", os.environ.get("SLURM_ARRAY_TASK_ID")) != os.environ.get("SLURM_ARRAY_TASK_ID"):
             continue
         if "once" in spec:
             try:

@@ -37,6 +37,7 @@ from shardtune.checkpoint import (
     write_atomic,
 )
 from shardtune.config import Config, ConfigError, apply_overrides, to_yaml
+from shardtune.data.formats import DataError
 from shardtune.data.loader import Data, GlobalBatchSampler, build_data, padding_advice
 from shardtune.distributed import DistInfo, all_reduce_max, barrier, gather_object
 from shardtune.export import export_adapter
@@ -89,7 +90,12 @@ def train(
         # (a refused resume too: the status an earlier start left must not stand for this one)
         if dist.is_main and run_dir.is_dir():
             write_status(
-                run_dir, "failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-4000:]
+                run_dir,
+                "failed",
+                error=f"{type(e).__name__}: {e}",
+                # a configuration or data error fails again however often the run starts: not retried
+                input_error=isinstance(e, (ConfigError, DataError)),
+                traceback=traceback.format_exc()[-4000:],
             )
         raise
     finally:

@@ -3,7 +3,7 @@
     shardtune submit recipes/llama3_70b.py --nodes 2 --gpus-per-node 8 --time 24:00:00 --partition gpu
     shardtune submit recipes/tiny.py --sweep optim.lr=1e-4,2e-4,5e-4      # a job array, one run each
     shardtune status [JOB]      shardtune logs JOB [--task N]      shardtune cancel JOB
-    shardtune submit --resume JOB [--nodes ...]     # a failed or cancelled job's runs, from their checkpoints
+    shardtune submit --resume JOB [--time ...]      # a failed or cancelled job's runs, from their checkpoints
 
 The same training as `sbatch slurm/train.sh`, with one Slurm task per GPU instead of a launcher per node:
 submitit starts every task, and each joins the process group from the environment submitit describes. The
@@ -21,7 +21,14 @@ job whose lead time is too short still finishes, only slower. Each task's Python
 blocked (stopping.BLOCKED_START): one that comes while it imports waits for the handler instead of killing it.
 srun runs with --kill-on-bad-exit: a task that dies ends the job instead of stalling its peers.
 
-Files: runs/submitit/<job id>.json records each submission (recipe, overrides, run directories);
+Crashes: submitit has no launcher to start a dead task again (torchrun's --max-restarts, which slurm/train.sh
+uses), so the job's batch script does it: an exit trap (`after_task`) requeues the job when srun failed
+while the run neither finished nor stopped on request and recorded no error in its input (a task killed, a
+segfault, an out-of-memory kill, a collective that failed), at most --max-restarts times (default 1); the
+requeued job continues from the newest checkpoint. (A lost node Slurm requeues itself: --requeue.) `shardtune
+submit --resume JOB` continues a job that failed past that.
+
+Files: runs/submitit/<job id>.json records each submission (recipe, overrides, resources, run directories);
 runs/submitit/<job id>/ holds submitit's pickles and the per-task logs.
 """
 
@@ -36,6 +43,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +79,7 @@ class Resources:
     constraint: str | None = None
     signal_lead_s: int = 300
     max_parallel: int | None = None  # array tasks running at once
+    max_restarts: int = 1  # requeues after a crash, per job (or array task); see after_task
     extra: dict[str, str] = field(default_factory=dict)  # any other sbatch option, e.g. {'exclusive': True}
 
     @property
@@ -123,7 +132,7 @@ class TrainJob:
             # USR2/USR1: the time limit or a preemption announced by Slurm. A bare SIGTERM is `scancel`
             # (saved, not requeued) or a preemption without the user signal, which Slurm requeues itself.
             if env.global_rank == 0 and stop.received in SLURM_SIGNALS:
-                requeue(os.environ["SLURM_JOB_ID"])
+                requeue(env.job_id)  # an array task's own id (<array id>_<task>), not the array's
             # Not a result: submitit writes none for an exit, and the requeued job writes the real one. Only
             # rank 0's code says "checkpointed"; the others leave with 0, since srun ends the whole step at
             # the first non-zero exit (--kill-on-bad-exit), which must not come before rank 0 has requeued.
@@ -148,6 +157,7 @@ class Submission:
     tasks: list[dict[str, Any]]  # {job_id, run_dir, assignment}
     submitted: str = ""
     resumes: str = ""  # the job whose runs this one continues (`shardtune submit --resume JOB`)
+    resources: dict[str, Any] = field(default_factory=dict)  # what the job asked for (Resources' fields)
 
     @staticmethod
     def path(runs_dir: Path, job_id: str) -> Path:
@@ -206,11 +216,19 @@ ACTIVE = {
 }
 
 
-def resubmit(job_id: str, res: Resources, runs_dir: Path, job_name: str | None = None) -> Submission:
+def resubmit(job_id: str, given: dict[str, Any], runs_dir: Path, job_name: str | None = None) -> Submission:
     """`shardtune submit --resume JOB`: submit again the runs of an earlier submission that did not complete (a
     task crashed, the job was cancelled or failed), each continuing in its own run directory from its newest
-    checkpoint, with the recipe and overrides the record holds. A sweep's completed runs are left alone."""
+    checkpoint, with the recipe, overrides and resources the record holds; `given` (Resources' fields) replaces
+    some of those (--sbatch options add to the earlier job's). A sweep's completed runs are left alone."""
     old = Submission.load(runs_dir, job_id)
+    if not old.resources and not given:
+        raise ConfigError(
+            f"job {job_id} was submitted before shardtune recorded a job's resources: give them "
+            "(--nodes, --gpus-per-node, --time, ...), or it would resume on the defaults (1 node, 1 GPU)"
+        )
+    extra = {**old.resources.get("extra", {}), **given.get("extra", {})}
+    res = Resources(**{**old.resources, **given, "extra": extra})
     cfg = _resolve(old.recipe, old.overrides, runs_dir)
     root = runs_dir.resolve()
     points = []
@@ -261,6 +279,8 @@ def _submit(
             "the job would be told to stop before it starts; lower --signal-lead or raise --time"
         )
 
+    if res.max_restarts < 0:
+        raise ConfigError(f"--max-restarts {res.max_restarts}: give 0 (a crash ends the job) or more")
     folder = runs_dir / RECORDS / "%j"
     executor = submitit.SlurmExecutor(folder=folder, python=TASK_PYTHON)
     params = dict(
@@ -282,6 +302,8 @@ def _submit(
             params[key] = getattr(res, key)
     if len(points) > 1:
         params["array_parallelism"] = res.max_parallel or len(points)
+    if res.max_restarts > 0:
+        params["setup"] = restart_trap(runs_dir, res.max_restarts)
     executor.update_parameters(**params)
 
     trains = [TrainJob(c, run_name, name) for run_name, _, c in points]
@@ -306,9 +328,77 @@ def _submit(
         ],
         submitted=time.strftime("%Y-%m-%d %H:%M:%S"),
         resumes=resumes,
+        resources=asdict(res),
     )
     record.save(runs_dir)
     return record
+
+
+def restart_trap(runs_dir: Path, max_restarts: int) -> list[str]:
+    """The batch script's lines before srun: when the script ends after srun failed, `after_task` is told
+    srun's exit code and when this start of the job began (a status.json older than that is an earlier
+    start's word)."""
+    python = shlex.quote(sys.executable)
+    return [
+        "shardtune_started=$(date +%s)",
+        f'shardtune_after_task() {{ {python} -m shardtune.submit after-task "$1" "$shardtune_started" '
+        f"{shlex.quote(str(runs_dir))} {max_restarts}; }}",
+        "trap 'shardtune_rc=$?; [ $shardtune_rc = 0 ] || shardtune_after_task $shardtune_rc' EXIT",
+    ]
+
+
+def restart_decision(
+    rc: int, state: str, status: dict, started: float, restarts: int, max_restarts: int
+) -> tuple[bool, str]:
+    """Whether a job whose srun exited with `rc` is requeued as a crash: (True, what) or (False, why not).
+    `state` is Slurm's state of the job while its batch script ends, `status` the run's status.json,
+    `started` when this start of the job began (epoch seconds), `restarts` the requeues after crashes so far."""
+    if rc == 0:
+        return False, "srun succeeded"
+    if state != "RUNNING":  # cancelled, timed out, preempted or requeued already: Slurm's own doing
+        return False, f"the job is {state or 'gone from the queue'}"
+    written = status.get("time")
+    if written and datetime.strptime(written, "%Y-%m-%dT%H:%M:%S%z").timestamp() < started:
+        status = {}  # an earlier start's record: this one died before it wrote its own
+    run = status.get("status")
+    if run in ("complete", "interrupted"):  # stopped on request and saved: task 0 requeued it if it was due
+        return False, f"the run is {run}"
+    if run == "failed" and status.get("input_error"):
+        return False, f"an error in the input fails again on every start: {status.get('error')}"
+    if restarts >= max_restarts:
+        return False, f"no restarts left ({restarts} of --max-restarts {max_restarts} used)"
+    return True, f"restart {restarts + 1} of {max_restarts}"
+
+
+def after_task(rc: int, started: float, runs_dir: Path, max_restarts: int) -> bool:
+    """Run by the batch script as it ends (`restart_trap`): requeue the job if its srun failed as a crash does
+    (restart_decision), counting the restarts in runs/submitit/<job>.restarts. Says what it decided on the
+    script's stderr, which is task 0's log (`shardtune logs`)."""
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    # an array task by <array id>_<task>: one of them has the array's id as its SLURM_JOB_ID, which squeue and
+    # scontrol read as every task of the array
+    task_id = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else os.environ["SLURM_JOB_ID"]
+    state = subprocess.run(["squeue", "-h", "-j", task_id, "-o", "%T"], capture_output=True, text=True)
+    record = Submission.load(runs_dir, task_id)
+    task = next(t for t in record.tasks if t["job_id"] == task_id)
+    counter = runs_dir / RECORDS / f"{task_id}.restarts"
+    restarts = int(counter.read_text()) if counter.is_file() else 0
+    status = _json(Path(task["run_dir"]) / "status.json")
+    requeue_it, why = restart_decision(rc, state.stdout.strip(), status, started, restarts, max_restarts)
+    if requeue_it:
+        counter.write_text(f"{restarts + 1}\n")
+        # the failed start's results (the ranks' exceptions): submitit would read the job as done with them
+        for stale in Path(record.folder.replace("%j", task_id)).glob(f"{task_id}_*_result.pkl"):
+            stale.unlink()
+        print(
+            f"[shardtune] job {task_id}: srun exited {rc} while the run neither finished nor stopped on "
+            f"request (a crash); requeued: {why}",
+            file=sys.stderr,
+        )
+        requeue(task_id)
+    else:
+        print(f"[shardtune] job {task_id}: srun exited {rc}; not restarted: {why}", file=sys.stderr)
+    return requeue_it
 
 
 def _plain(v):
@@ -328,6 +418,9 @@ def task_report(task: dict, job: submitit.SlurmJob) -> dict:
     error = _error(status, job)
     if error:
         row["error"] = error
+    restarts = Path(job.paths.folder).parent / f"{task['job_id']}.restarts"
+    if restarts.is_file():
+        row["restarts"] = int(restarts.read_text())
     return row
 
 
@@ -382,6 +475,8 @@ def format_status(record: Submission, rows: list[dict]) -> str:
     ]
     for row, cells in zip(rows, table, strict=True):
         out.append(line.format(*cells))
+        if row.get("restarts"):
+            out.append(f"  restarted after a crash ({row['job_id']}): {row['restarts']} time(s)")
         if row.get("error"):
             out.append(f"  error ({row['job_id']}): {row['error']}")
     return "\n".join(out)
@@ -409,3 +504,9 @@ def logs(record: Submission, task: int | None, rank: int, lines: int | None) -> 
 def cancel(record: Submission) -> None:
     # the array's id cancels every task of it
     subprocess.run(["scancel", record.job_id], check=True)
+
+
+# the batch script's exit trap (restart_trap): python -m shardtune.submit after-task RC STARTED RUNS_DIR MAX
+if __name__ == "__main__":
+    _, _, rc, started, runs, most = sys.argv
+    after_task(int(rc), float(started), Path(runs), int(most))

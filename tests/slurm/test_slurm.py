@@ -277,25 +277,45 @@ def test_submitit_preemption_requeues_and_finishes_identically(reference, tmp_pa
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
 
 
-def test_submitit_crashed_job_is_resumed_by_submit_resume(reference, tmp_path):
-    """A task killed mid-run ends the submitit job (FAILED, its checkpoint at step 20 kept); `shardtune submit
-    --resume JOB` submits its run again (refused while the job is still queued or running: two jobs would train
-    one run directory), which continues in the same run directory from step 20 to the same adapter as the
-    uninterrupted run's."""
+def test_submitit_crashed_task_is_restarted_within_the_job(reference, tmp_path):
+    """A task killed mid-run (step 25): the job's batch script requeues it (a crash, --max-restarts 1), and
+    the same job continues from its checkpoint at step 20 to the uninterrupted run's adapter, bit for bit."""
     fault = f"rank=1,step=25,action=kill,once={tmp_path / 'fired'}"
     job, [run] = submit(tmp_path, RUN, [], env={"SHARDTUNE_FAULT": fault})
+    wait(job)
+    log = shardtune(["logs", job, f"--runs-dir={tmp_path}", "--lines=0"]).stdout
+    assert states(job) == ["REQUEUED", "COMPLETED"] and (tmp_path / "fired").exists(), log[-3000:]
+    assert f"job {job}: srun exited" in log and "requeued: restart 1 of 1" in log, log[-3000:]
+    assert "(step 20, saved by 2 processes)" in log, log[-3000:]
+    assert "restarted after a crash" in shardtune(["status", job, f"--runs-dir={tmp_path}"]).stdout
+    a, b = adapter(run), adapter(reference)
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def test_submitit_crashed_job_is_resumed_by_submit_resume(reference, tmp_path):
+    """A task killed at step 25 on every start: requeued once, killed again, the job ends FAILED (its
+    checkpoint at step 20 kept); `shardtune submit --resume JOB` submits its run again (refused while the job
+    is still queued or running: two jobs would train one run directory) with the earlier job's resources but
+    for those given, and it continues in the same run directory from step 20 to the same adapter as the
+    uninterrupted run's."""
+    job, [run] = submit(tmp_path, RUN, [], env={"SHARDTUNE_FAULT": "rank=1,step=25,action=kill"})
     early = shardtune(["submit", "--resume", job, *CPU_JOB, f"--runs-dir={tmp_path}"], check=False)
     assert (
         early.returncode == 2 and f"cancel it first (shardtune cancel {job})" in early.stderr
     )  # still queued
     wait(job)
-    assert states(job) == ["FAILED"] and (tmp_path / "fired").exists()
-    out = shardtune(["submit", "--resume", job, *CPU_JOB, f"--runs-dir={tmp_path}"]).stdout
+    log = shardtune(["logs", job, f"--runs-dir={tmp_path}", "--lines=0"]).stdout
+    assert states(job) == ["REQUEUED", "FAILED"], log[-3000:]
+    assert "not restarted: no restarts left (1 of --max-restarts 1 used)" in log, log[-3000:]
+    # the earlier job's resources (2 CPU tasks, no GPU: this cluster has none) but for the one given
+    out = shardtune(["submit", "--resume", job, "--time=20", f"--runs-dir={tmp_path}"]).stdout
     again = out.split("submitted job ")[1].split(":")[0]
-    assert f"  {again}: {run}" in out  # the same run directory
+    assert f"  {again}: {run}" in out and "1 node(s) x 2 task(s), time 20" in out  # the same run directory
     wait(again)
     assert states(again) == ["COMPLETED"], shardtune(["logs", again, f"--runs-dir={tmp_path}"]).stdout[-3000:]
-    assert json.loads((tmp_path / "submitit" / f"{again}.json").read_text())["resumes"] == job
+    record = json.loads((tmp_path / "submitit" / f"{again}.json").read_text())
+    assert record["resumes"] == job and record["resources"]["gpus_per_node"] == 0
+    assert record["resources"]["mem"] == "6G" and record["resources"]["time"] == "20"
     log = shardtune(["logs", again, f"--runs-dir={tmp_path}", "--lines=0"]).stdout
     assert "(step 20, saved by 2 processes)" in log, log[-3000:]
     a, b = adapter(run), adapter(reference)
@@ -303,8 +323,10 @@ def test_submitit_crashed_job_is_resumed_by_submit_resume(reference, tmp_path):
 
 
 def test_submitit_sweep_is_a_job_array_of_runs(cluster, tmp_path):
-    """Test 5: --sweep with 3 values is one job array; each task is its own run with its own config."""
+    """Test 5: --sweep with 3 values is one job array; each task is its own run with its own config. The
+    last task (the one whose SLURM_JOB_ID is the array's own id) crashes once: it alone is requeued."""
     lrs = ["1e-3", "2e-3", "4e-3"]
+    crash = {"SHARDTUNE_FAULT": f"rank=1,step=2,action=kill,task=2,once={tmp_path / 'fired'}"}
     job, runs = submit(
         tmp_path,
         [
@@ -316,15 +338,19 @@ def test_submitit_sweep_is_a_job_array_of_runs(cluster, tmp_path):
             f"optim.lr={','.join(lrs)}",
         ],
         ["--time=10"],
+        env=crash,
     )
     wait(job)
     assert len(runs) == 3 and len({r.parent for r in runs}) == 1  # <name>-<array id>/sweep/<point>
+    assert sorted(states(job)) == ["COMPLETED"] * 3 + ["REQUEUED"] and (tmp_path / "fired").exists()
     for run, lr in zip(runs, lrs, strict=True):
         assert json.loads((run / "status.json").read_text())["status"] == "complete", run
         assert f"lr: {float(lr)}" in (run / "config.yaml").read_text()
         assert (run / "adapter" / "adapter_model.safetensors").is_file()
     report = shardtune(["status", job, f"--runs-dir={tmp_path}"]).stdout
     assert len(re.findall(r"COMPLETED\s+complete", report)) == 3 and "optim.lr" in report, report
+    assert f"restarted after a crash ({job}_2): 1 time(s)" in report, report
+    assert report.count("restarted") == 1, report
 
 
 def test_submitit_errors_reach_status_and_cancel_works(cluster, tmp_path):
@@ -346,6 +372,8 @@ def test_submitit_errors_reach_status_and_cancel_works(cluster, tmp_path):
     wait(job)
     report = shardtune(["status", job, f"--runs-dir={tmp_path}"]).stdout
     assert "FAILED" in report and "row 7: column 'output' is empty" in report, report
+    assert states(job) == ["FAILED"]  # not requeued as a crash: it would fail the same way again
+    assert "not restarted: an error in the input" in shardtune(["logs", job, f"--runs-dir={tmp_path}"]).stdout
     shardtune(["cancel", long, f"--runs-dir={tmp_path}"])
     wait(long, timeout=60)
     assert "CANCELLED" in shardtune(["status", long, f"--runs-dir={tmp_path}"]).stdout
@@ -356,9 +384,10 @@ def test_submitit_errors_reach_status_and_cancel_works(cluster, tmp_path):
 
 def test_submitit_a_task_dead_while_starting_ends_the_job(cluster, tmp_path):
     """Test 7: a task killed before the process group forms (as by an OOM kill while loading) ends the job in
-    seconds; its peer does not wait for it in the rendezvous until the process group's 30-minute timeout."""
+    seconds; its peer does not wait for it in the rendezvous until the process group's 30-minute timeout.
+    Killed on every start, the job is requeued once (--max-restarts 1) and then fails."""
     kill = {"SHARDTUNE_FAULT": "point=start,rank=1,step=0,action=kill"}
     job, _ = submit(tmp_path, ["recipes/tiny.py"], ["--time=10"], env=kill)
-    wait(job, timeout=180)
+    wait(job, timeout=240)
     report = shardtune(["status", job, f"--runs-dir={tmp_path}"]).stdout
-    assert states(job) == ["FAILED"] and "task 1: Killed" in report, report
+    assert states(job) == ["REQUEUED", "FAILED"] and "task 1: Killed" in report, report
