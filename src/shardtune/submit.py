@@ -380,15 +380,16 @@ def after_task(rc: int, started: float, runs_dir: Path, max_restarts: int) -> bo
     task_id = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else os.environ["SLURM_JOB_ID"]
     state = subprocess.run(["squeue", "-h", "-j", task_id, "-o", "%T"], capture_output=True, text=True)
     record = Submission.load(runs_dir, task_id)
-    task = next(t for t in record.tasks if t["job_id"] == task_id)
-    counter = runs_dir / RECORDS / f"{task_id}.restarts"
-    restarts = int(counter.read_text()) if counter.is_file() else 0
+    task, job = next(
+        (t, j) for t, j in zip(record.tasks, record.jobs(), strict=True) if t["job_id"] == task_id
+    )
+    restarts = _restarts(job)
     status = _json(Path(task["run_dir"]) / "status.json")
     requeue_it, why = restart_decision(rc, state.stdout.strip(), status, started, restarts, max_restarts)
     if requeue_it:
-        counter.write_text(f"{restarts + 1}\n")
+        _restarts_file(job).write_text(f"{restarts + 1}\n")
         # the failed start's results (the ranks' exceptions): submitit would read the job as done with them
-        for stale in Path(record.folder.replace("%j", task_id)).glob(f"{task_id}_*_result.pkl"):
+        for stale in _result_pickles(job).values():
             stale.unlink()
         print(
             f"[shardtune] job {task_id}: srun exited {rc} while the run neither finished nor stopped on "
@@ -399,6 +400,25 @@ def after_task(rc: int, started: float, runs_dir: Path, max_restarts: int) -> bo
     else:
         print(f"[shardtune] job {task_id}: srun exited {rc}; not restarted: {why}", file=sys.stderr)
     return requeue_it
+
+
+def _restarts_file(job: submitit.SlurmJob) -> Path:
+    """runs/submitit/<job or array task id>.restarts: the requeues after a crash so far (after_task)."""
+    return Path(job.paths.folder).parent / f"{job.job_id}.restarts"
+
+
+def _restarts(job: submitit.SlurmJob) -> int:
+    path = _restarts_file(job)
+    return int(path.read_text()) if path.is_file() else 0
+
+
+def _result_pickles(job: submitit.SlurmJob) -> dict[int, Path]:
+    """submitit's result pickle of each task (rank) of the job that wrote one."""
+    pickles = {}
+    for path in job.paths.folder.glob(f"{job.job_id}_*_result.pkl"):
+        if m := re.fullmatch(rf"{re.escape(job.job_id)}_(\d+)_result\.pkl", path.name):
+            pickles[int(m[1])] = path
+    return pickles
 
 
 def _plain(v):
@@ -418,9 +438,8 @@ def task_report(task: dict, job: submitit.SlurmJob) -> dict:
     error = _error(status, job)
     if error:
         row["error"] = error
-    restarts = Path(job.paths.folder).parent / f"{task['job_id']}.restarts"
-    if restarts.is_file():
-        row["restarts"] = int(restarts.read_text())
+    if restarts := _restarts(job):
+        row["restarts"] = restarts
     return row
 
 
@@ -439,11 +458,7 @@ def _error(status: dict, job: submitit.SlurmJob) -> str | None:
         return status["error"]
     if job.state in ("PENDING", "RUNNING", "REQUEUED", "COMPLETED", "UNKNOWN", "CONFIGURING", "COMPLETING"):
         return None
-    pickles = {}
-    for path in job.paths.folder.glob(f"{job.job_id}_*_result.pkl"):
-        if m := re.fullmatch(rf"{re.escape(job.job_id)}_(\d+)_result\.pkl", path.name):
-            pickles[int(m[1])] = path
-    for _, path in sorted(pickles.items()):
+    for _, path in sorted(_result_pickles(job).items()):
         try:
             outcome, result = submitit.core.utils.pickle_load(path)
         except Exception:  # a half-written pickle: fall back to the log
