@@ -25,6 +25,7 @@ from shardtune.data.loader import (
     padding_share,
     token_micro_batches,
 )
+from shardtune.data.sources import DataUnavailable
 from shardtune.data.tasks import generate_rows
 from shardtune.tokenizer import build_tiny_tokenizer, prepare_tokenizer
 
@@ -202,6 +203,17 @@ def test_empty_and_malformed_files(tok, tmp_path):
         build(tok, bad)
     with pytest.raises(DataError, match="data file not found"):
         build(tok, tmp_path / "missing.parquet")
+
+
+def test_a_storage_fault_is_not_an_error_in_the_file(tok, tmp_path):
+    """A read that fails in the storage (EIO: a disk or NFS fault) is DataUnavailable, which a restart retries,
+    not DataError, which says the file is bad. The kernel's own EIO: reading /proc/self/mem at offset 0."""
+    rows = tmp_path / "rows.jsonl"
+    rows.symlink_to("/proc/self/mem")
+    with pytest.raises(DataUnavailable) as e:
+        build(tok, rows)
+    assert not isinstance(e.value, DataError)
+    assert f"{rows}: could not read it (EIO: Input/output error), a fault of the storage" in str(e.value)
 
 
 def test_keep_if_empty_and_sources(tok, tmp_path):

@@ -1,10 +1,12 @@
 """Every bundled recipe and accelerate config loads and validates; the three workflows this project grew
 from run as recipes, on local sample files in their datasets' schema, with a tiny model in their place."""
 
+import http.server
 import importlib.util
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -103,6 +105,70 @@ def test_a_batch_size_that_does_not_divide_stops_the_run_before_the_model_loads(
         in (proc.stderr)
     )
     assert "[shardtune] model:" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.fixture
+def hub_answering(tmp_path):
+    """A local HTTP server standing in for the Hugging Face Hub (HF_ENDPOINT) that answers every request with
+    one status code; yields a function of that code to the environment that points a run at it."""
+    servers = []
+
+    def start(code: int) -> dict[str, str]:
+        class Answer(http.server.BaseHTTPRequestHandler):
+            def answer(self):
+                self.send_response(code)
+                self.send_header("Retry-After", "0")  # huggingface_hub's retries then wait 1 s, not up to 8
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_GET = do_HEAD = answer
+
+            def log_message(self, *args):
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        # an empty cache of its own: a copy of the dataset cached on this machine would be used instead
+        return run_env(HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}", HF_HOME=str(tmp_path / "hf"))
+
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("code", "env", "exit_code", "input_error", "said"),
+    [
+        (503, {}, 1, False, "HTTP 503. A network or hub outage: a restart retries it"),
+        (404, {}, 2, True, "Without hub access, point data.source at a local"),
+        (503, {"HF_HUB_OFFLINE": "1"}, 2, True, "Offline mode is on (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE)"),
+    ],
+    ids=["hub-down", "no-such-dataset", "offline-mode"],
+)
+def test_a_hub_outage_is_not_an_error_in_the_input(
+    tmp_path, hub_answering, code, env, exit_code, input_error, said
+):
+    """A bundled recipe whose hub dataset cannot be read: a hub that answers 503 is an outage (exit 1, which
+    launchers restart; status.json does not call it an input error, so `shardtune submit` requeues it), one that
+    answers 404 is a dataset that is not there, and offline mode without the dataset cached is a setting (exit 2,
+    an input error: either fails the same way again). `datasets` raises the same FileNotFoundError for 503 and
+    404; the HTTP error under it tells them apart."""
+    run = [
+        sys.executable,
+        "recipes/llama3_8b.py",
+        f"train.output_dir={tmp_path}",
+        "data.pad_token=null",
+        *TINY,
+    ]
+    proc = subprocess.run(
+        run, cwd=ROOT, env={**hub_answering(code), **env}, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == exit_code, proc.stderr[-3000:]
+    assert "error: " in proc.stderr and "'yahma/alpaca-cleaned'" in proc.stderr and said in proc.stderr
+    assert "[shardtune] model:" not in proc.stderr  # found before the model was built
+    status = json.loads((tmp_path / "llama3_8b" / "status.json").read_text())
+    assert status["status"] == "failed" and status["input_error"] is input_error
 
 
 @pytest.mark.slow

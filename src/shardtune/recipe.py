@@ -40,6 +40,7 @@ from shardtune.config import (
     to_yaml,
 )
 from shardtune.data.formats import DataError
+from shardtune.data.sources import DataUnavailable
 from shardtune.launcher import accelerate_env_overrides, accelerate_yaml_overrides
 from shardtune.stopping import StopRequest, launcher_restarts, stopped_exit_code
 
@@ -224,6 +225,10 @@ def main(
             if _is_main_process():
                 print(f"error: {e}", file=sys.stderr)
             sys.exit(EXIT_USAGE)
+        except DataUnavailable as e:  # not the input's fault: exit 1, which launchers restart
+            if _is_main_process():
+                print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
     faults.inject("exit", int(os.environ.get("RANK", "0")), 0)
     if any(r.get("status") == "interrupted" for r in results):
         sys.exit(stopped_exit_code(_is_main_process()))  # checkpointed: the same command continues the run
