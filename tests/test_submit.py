@@ -1,6 +1,7 @@
 """`shardtune submit`'s checks that run before anything reaches Slurm (the jobs themselves are tested
 against a real cluster in tests/slurm)."""
 
+import dataclasses
 import json
 import shlex
 import signal
@@ -12,7 +13,16 @@ import pytest
 
 from shardtune.cli import main as cli
 from shardtune.config import ConfigError
-from shardtune.submit import TASK_PYTHON, Resources, Submission, restart_decision, submit, time_minutes
+from shardtune.submit import (
+    TASK_PYTHON,
+    Resources,
+    Submission,
+    check_resources,
+    merged_resources,
+    restart_decision,
+    submit,
+    time_minutes,
+)
 
 
 @pytest.mark.parametrize(
@@ -65,9 +75,44 @@ def test_a_job_is_requeued_only_after_a_crash(rc, state, record, restarts, reque
     assert decided is requeued and why in reason
 
 
-def test_negative_restarts_are_refused(tmp_path):
-    with pytest.raises(ConfigError, match="--max-restarts -1"):
-        submit("recipes/tiny.py", [], None, Resources(max_restarts=-1), tmp_path)
+@pytest.mark.parametrize(
+    "resources,said",
+    [
+        (Resources(max_restarts=-1), "--max-restarts -1: give 0 (a crash ends the job) or more"),
+        (Resources(nodes=0), "--nodes 0: give 1 or more"),
+        (Resources(gpus_per_node=-1), "--gpus-per-node -1: give 0 or more"),
+        (Resources(gpus_per_node=0, tasks_per_node=0), "--tasks-per-node 0: give 1 or more"),
+        (Resources(max_parallel=0), "--max-parallel 0: give 1 or more"),
+        (Resources(signal_lead_s=0), "--signal-lead 0: give 1 or more"),
+        # each task takes the GPU of its local rank: 2 tasks would leave 6 GPUs idle, 16 find none
+        (
+            Resources(gpus_per_node=8, tasks_per_node=2),
+            "--tasks-per-node 2 with --gpus-per-node 8: a job runs",
+        ),
+        (Resources(gpus_per_node=8, tasks_per_node=16), "leave --tasks-per-node out"),
+    ],
+)
+def test_resources_a_job_could_not_use_are_refused_before_submitting(tmp_path, resources, said):
+    with pytest.raises(ConfigError) as e:
+        submit("recipes/tiny.py", [], None, resources, tmp_path)
+    assert said in str(e.value)
+    assert not (tmp_path / "submitit").exists()
+    for fine in (Resources(), Resources(gpus_per_node=8, tasks_per_node=8), Resources(gpus_per_node=0)):
+        check_resources(fine)
+
+
+def test_resume_takes_the_recorded_resources_with_the_given_ones_in_their_place():
+    cpu_job = Resources(gpus_per_node=0, tasks_per_node=2, mem="6G", time="30", extra={"exclusive": True})
+    recorded = dataclasses.asdict(cpu_job)
+    same = merged_resources(recorded, {"time": "20"})
+    assert same == Resources(
+        gpus_per_node=0, tasks_per_node=2, mem="6G", time="20", extra={"exclusive": True}
+    )
+    # GPUs given without a task count: one task per GPU, not the CPU job's 2
+    gpus = merged_resources(recorded, {"gpus_per_node": 8, "extra": {"qos": "high"}})
+    assert (gpus.gpus_per_node, gpus.tasks, gpus.mem) == (8, 8, "6G")
+    assert gpus.extra == {"exclusive": True, "qos": "high"}  # --sbatch options add to the earlier ones
+    assert merged_resources(recorded, {"gpus_per_node": 0, "tasks_per_node": 4}).tasks == 4
 
 
 def test_unknown_job_names_the_known_ones(tmp_path, capsys):

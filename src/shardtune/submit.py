@@ -87,6 +87,36 @@ class Resources:
         return self.tasks_per_node or max(self.gpus_per_node, 1)
 
 
+def check_resources(res: Resources) -> int:
+    """Refuse what Slurm would accept but the job could not use, before anything is submitted; the time limit in
+    minutes."""
+    for flag, value, least in (
+        ("--nodes", res.nodes, 1),
+        ("--gpus-per-node", res.gpus_per_node, 0),
+        ("--tasks-per-node", res.tasks_per_node, 1),
+        ("--cpus-per-task", res.cpus_per_task, 1),
+        ("--max-parallel", res.max_parallel, 1),
+        ("--signal-lead", res.signal_lead_s, 1),
+    ):
+        if value is not None and value < least:
+            raise ConfigError(f"{flag} {value}: give {least} or more")
+    if res.max_restarts < 0:
+        raise ConfigError(f"--max-restarts {res.max_restarts}: give 0 (a crash ends the job) or more")
+    # each task takes the GPU of its local rank: fewer tasks would leave GPUs idle, more would find none
+    if res.gpus_per_node and res.tasks_per_node not in (None, res.gpus_per_node):
+        raise ConfigError(
+            f"--tasks-per-node {res.tasks_per_node} with --gpus-per-node {res.gpus_per_node}: a job runs one "
+            "task per GPU; leave --tasks-per-node out (or give --gpus-per-node 0 for a CPU job)"
+        )
+    minutes = time_minutes(res.time)
+    if res.signal_lead_s >= minutes * 60:
+        raise ConfigError(
+            f"--signal-lead {res.signal_lead_s} s is not shorter than --time {res.time}: "
+            "the job would be told to stop before it starts; lower --signal-lead or raise --time"
+        )
+    return minutes
+
+
 def time_minutes(text: str) -> int:
     """Slurm's time formats (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) in whole minutes, at least 1."""
     m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
@@ -227,8 +257,7 @@ def resubmit(job_id: str, given: dict[str, Any], runs_dir: Path, job_name: str |
             f"job {job_id} was submitted before shardtune recorded a job's resources: give them "
             "(--nodes, --gpus-per-node, --time, ...), or it would resume on the defaults (1 node, 1 GPU)"
         )
-    extra = {**old.resources.get("extra", {}), **given.get("extra", {})}
-    res = Resources(**{**old.resources, **given, "extra": extra})
+    res = merged_resources(old.resources, given)
     cfg = _resolve(old.recipe, old.overrides, runs_dir)
     root = runs_dir.resolve()
     points = []
@@ -253,6 +282,17 @@ def resubmit(job_id: str, given: dict[str, Any], runs_dir: Path, job_name: str |
     return _submit(old.recipe, old.overrides, points, res, root, job_name, resumes=old.job_id)
 
 
+def merged_resources(recorded: dict[str, Any], given: dict[str, Any]) -> Resources:
+    """An earlier job's resources with those given on the command line in their place: --sbatch options add to
+    the earlier ones, and a GPU count given without a task count gets one task per GPU (a CPU job's
+    --tasks-per-node 2 must not carry over to --gpus-per-node 8)."""
+    resources = {**recorded, **given}
+    resources["extra"] = {**recorded.get("extra", {}), **given.get("extra", {})}
+    if "gpus_per_node" in given and "tasks_per_node" not in given:
+        resources["tasks_per_node"] = None
+    return Resources(**resources)
+
+
 def _resolve(recipe: str, overrides: list[str], runs_dir: Path) -> Config:
     from shardtune.recipe import load_recipe, resolve_config
 
@@ -272,15 +312,7 @@ def _submit(
 ) -> Submission:
     """Submit `points` (run name, sweep assignment, configuration) as one job or a job array; its record."""
     name = Path(recipe).stem
-    minutes = time_minutes(res.time)
-    if res.signal_lead_s >= minutes * 60:
-        raise ConfigError(
-            f"--signal-lead {res.signal_lead_s} s is not shorter than --time {res.time}: "
-            "the job would be told to stop before it starts; lower --signal-lead or raise --time"
-        )
-
-    if res.max_restarts < 0:
-        raise ConfigError(f"--max-restarts {res.max_restarts}: give 0 (a crash ends the job) or more")
+    minutes = check_resources(res)
     folder = runs_dir / RECORDS / "%j"
     executor = submitit.SlurmExecutor(folder=folder, python=TASK_PYTHON)
     params = dict(
