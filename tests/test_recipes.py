@@ -110,15 +110,18 @@ def test_a_batch_size_that_does_not_divide_stops_the_run_before_the_model_loads(
 @pytest.fixture
 def hub_answering(tmp_path):
     """A local HTTP server standing in for the Hugging Face Hub (HF_ENDPOINT) that answers every request with
-    one status code; yields a function of that code to the environment that points a run at it."""
+    one status code (and the hub's X-Error-Code header, if given); yields a function of those to the environment
+    that points a run at it."""
     servers = []
 
-    def start(code: int) -> dict[str, str]:
+    def start(code: int, error_code: str = "") -> dict[str, str]:
         class Answer(http.server.BaseHTTPRequestHandler):
             def answer(self):
                 self.send_response(code)
                 self.send_header("Retry-After", "0")  # huggingface_hub's retries then wait 1 s, not up to 8
                 self.send_header("Content-Length", "0")
+                if error_code:
+                    self.send_header("X-Error-Code", error_code)
                 self.end_headers()
 
             do_GET = do_HEAD = answer
@@ -137,37 +140,49 @@ def hub_answering(tmp_path):
         server.shutdown()
 
 
+HUB_DATA = ["recipes/llama3_8b.py", "data.pad_token=null", *TINY]  # yahma/alpaca-cleaned, a tiny model
+HUB_MODEL = ["recipes/tiny.py", "model.name_or_path=meta-llama/Meta-Llama-3-8X"]  # the generated task
+
+
 @pytest.mark.parametrize(
-    ("code", "env", "exit_code", "input_error", "said"),
+    ("run", "answer", "env", "exit_code", "input_error", "said"),
     [
-        (503, {}, 1, False, "HTTP 503. A network or hub outage: a restart retries it"),
-        (404, {}, 2, True, "Without hub access, point data.source at a local"),
-        (503, {"HF_HUB_OFFLINE": "1"}, 2, True, "Offline mode is on (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE)"),
+        (HUB_DATA, (503,), {}, 1, False, "'yahma/alpaca-cleaned' (split 'train') on the Hugging Face Hub (and no "
+         "local folder has that name): HTTP 503. A network or hub outage: a restart retries it"),
+        (HUB_DATA, (404,), {}, 2, True, "the hub answered HTTP 404.) Without hub access, point data.source at"),
+        (HUB_DATA, (503,), {"HF_HUB_OFFLINE": "1"}, 2, True, "(offline mode is on (HF_HUB_OFFLINE or"),
+        (HUB_MODEL, (401, "RepoNotFound"), {}, 2, True, "error: model.name_or_path=meta-llama/Meta-Llama-3-8X: "
+         "no such repository on the hub, or a private one this user cannot read (`hf auth login`)"),
+        (HUB_MODEL, (403, "GatedRepo"), {}, 2, True, "Meta-Llama-3-8X: a gated repository this user has no access"),
+        (HUB_MODEL, (503,), {}, 1, False, "couldn't connect to 'http://127.0.0.1:"),
+        (HUB_MODEL, (503,), {"HF_HUB_OFFLINE": "1"}, 2, True, "Meta-Llama-3-8X: offline mode is on"),
     ],
-    ids=["hub-down", "no-such-dataset", "offline-mode"],
-)
-def test_a_hub_outage_is_not_an_error_in_the_input(
-    tmp_path, hub_answering, code, env, exit_code, input_error, said
+    ids=[
+        "data-hub-down", "no-such-dataset", "data-offline",
+        "no-such-model", "gated-model", "model-hub-down", "model-offline",
+    ],
+)  # fmt: skip
+def test_a_hub_outage_is_retried_and_a_refusal_is_an_input_error(
+    tmp_path, hub_answering, run, answer, env, exit_code, input_error, said
 ):
-    """A bundled recipe whose hub dataset cannot be read: a hub that answers 503 is an outage (exit 1, which
-    launchers restart; status.json does not call it an input error, so `shardtune submit` requeues it), one that
-    answers 404 is a dataset that is not there, and offline mode without the dataset cached is a setting (exit 2,
-    an input error: either fails the same way again). `datasets` raises the same FileNotFoundError for 503 and
-    404; the HTTP error under it tells them apart."""
-    run = [
-        sys.executable,
-        "recipes/llama3_8b.py",
-        f"train.output_dir={tmp_path}",
-        "data.pad_token=null",
-        *TINY,
-    ]
+    """A recipe whose dataset or model the hub does not give: an outage (HTTP 503) exits 1, which launchers
+    restart, and status.json does not call it an input error, so `shardtune submit` requeues it; a dataset or a
+    model the hub does not have or lets no one read, and offline mode without it in the cache, are input errors
+    (exit 2, the setting named): they fail the same way on every start. transformers and datasets raise the same
+    OSError / FileNotFoundError for both; the HTTP error under it tells them apart."""
     proc = subprocess.run(
-        run, cwd=ROOT, env={**hub_answering(code), **env}, capture_output=True, text=True, timeout=300
+        [sys.executable, *run, f"train.output_dir={tmp_path}", "train.run_name=run"],
+        cwd=ROOT,
+        env={**hub_answering(*answer), **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == exit_code, proc.stderr[-3000:]
-    assert "error: " in proc.stderr and "'yahma/alpaca-cleaned'" in proc.stderr and said in proc.stderr
+    assert said in proc.stderr, proc.stderr[-3000:]
     assert "[shardtune] model:" not in proc.stderr  # found before the model was built
-    status = json.loads((tmp_path / "llama3_8b" / "status.json").read_text())
+    assert "HTTP Request:" not in proc.stderr  # the HTTP client's line per request stays out of the log
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["status"] == "failed" and status["input_error"] is input_error
 
 

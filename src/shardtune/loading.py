@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from shardtune import hub
 from shardtune.config import Config, convert_to_safetensors_hint
 from shardtune.modeling import DTYPES
 from shardtune.parallel import Sharder
@@ -116,11 +117,18 @@ def weight_source(cfg: Config, path: str | None, conf, device: torch.device):
     if not local.is_dir():
         from huggingface_hub import snapshot_download
 
-        local = Path(
-            snapshot_download(
-                path, revision=cfg.model.revision, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]
+        try:
+            local = Path(
+                snapshot_download(
+                    path,
+                    revision=cfg.model.revision,
+                    allow_patterns=["*.json", "*.safetensors", "tokenizer*"],
+                )
             )
-        )
+        except OSError as e:
+            if refused := hub.refused_input(e, "model.name_or_path", path):
+                raise refused from None
+            raise
     return CheckpointWeights(local)
 
 

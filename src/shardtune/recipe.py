@@ -170,6 +170,9 @@ def setup_logging(rank: int) -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="torch.distributed")
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft calling a renamed API
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    # huggingface_hub's HTTP client logs every request at INFO: hundreds of lines for one model download
+    for client in ("httpx", "httpx2", "httpcore"):
+        logging.getLogger(client).setLevel(logging.WARNING)
     # a checkpoint holds the adapters only (the frozen base is rebuilt from its source), so loading it into
     # the whole model warns once for every base parameter (1,440 lines for 70B)
     logging.getLogger("torch.distributed.fsdp._state_dict_utils").setLevel(logging.ERROR)

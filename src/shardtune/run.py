@@ -282,7 +282,9 @@ def tokenizer_for(cfg: Config, run_dir: Path):
     elif cfg.model.name_or_path in modeling.BUILTIN_SHAPES:
         tok = build_tiny_tokenizer()
     else:
-        tok = load_tokenizer(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code)
+        tok = load_tokenizer(
+            cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code, "model.name_or_path"
+        )
     return prepare_tokenizer(tok, cfg.data.pad_token, cfg.data.chat_template)
 
 

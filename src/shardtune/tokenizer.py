@@ -12,6 +12,7 @@ import difflib
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from shardtune import hub
 from shardtune.config import ConfigError
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
@@ -87,8 +88,21 @@ def build_tiny_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
     return hf
 
 
-def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
-    return AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+def load_tokenizer(
+    name_or_path: str,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    field: str = "model.tokenizer",
+):
+    """`field`: the setting that named it, for the error when the hub has no such tokenizer for this user."""
+    try:
+        return AutoTokenizer.from_pretrained(
+            name_or_path, revision=revision, trust_remote_code=trust_remote_code
+        )
+    except OSError as e:
+        if refused := hub.refused_input(e, field, name_or_path):
+            raise refused from None
+        raise
 
 
 def prepare_tokenizer(

@@ -8,12 +8,11 @@ its input, and launchers that restart (torchrun --max-restarts, `shardtune submi
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from shardtune import hub
 from shardtune.config import LOCAL_DATA_SUFFIXES, DataConfig
 from shardtune.data.formats import DataError
 from shardtune.data.tasks import generate_rows
@@ -32,49 +31,6 @@ class Rows:
 
 class DataUnavailable(RuntimeError):
     """The data could not be read for a reason outside it (the hub or the network down, a storage fault)."""
-
-
-# a read that failed with these may succeed again: the storage or the network, not the file
-_TRANSIENT_ERRNOS = {
-    errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN, errno.ECONNRESET, errno.ECONNREFUSED,
-    errno.ECONNABORTED, errno.ENETDOWN, errno.ENETUNREACH, errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.EREMOTEIO,
-}  # fmt: skip
-_TRANSIENT_HTTP = {408, 429, 500, 502, 503, 504}  # the status codes huggingface_hub itself retries, and 408
-_RETRIED = (
-    "a restart retries it (slurm/train.sh and shardtune submit restart once by default, torchrun with "
-    "--max-restarts)"
-)
-
-
-def _chain(e: BaseException | None):
-    """e and the exceptions it was raised from or during, outermost first."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        yield e
-        e = e.__cause__ or e.__context__
-
-
-def _offline(e: BaseException) -> bool:
-    """Whether loading failed because HF_HUB_OFFLINE (or HF_DATASETS_OFFLINE) is set: a setting, not an outage."""
-    return any("OfflineModeIsEnabled" in f"{type(c).__name__} {c}" for c in _chain(e))
-
-
-def _outage(e: BaseException) -> str | None:
-    """What in e's chain says the data could not be reached although it may be fine, or None when nothing does.
-    `datasets` reports a hub answering 503 as the FileNotFoundError it reports for a dataset that does not
-    exist; only the HTTP error it was raised from tells them apart."""
-    if _offline(e):
-        return None
-    for c in _chain(e):
-        status = getattr(getattr(c, "response", None), "status_code", None)
-        if status in _TRANSIENT_HTTP:
-            return f"HTTP {status}"
-        if isinstance(c, (ConnectionError, TimeoutError)):
-            return f"{type(c).__name__}: {c}"
-        if isinstance(c, OSError) and c.errno in _TRANSIENT_ERRNOS:
-            return f"{errno.errorcode[c.errno]}: {os.strerror(c.errno)}"
-    return None
 
 
 def _jsonl_bad_line(path: Path) -> str | None:
@@ -112,9 +68,9 @@ def _load_local(path: Path):
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as e:  # pyarrow/datasets errors rarely say which line
-        if reason := _outage(e):
+        if reason := hub.outage(e):
             raise DataUnavailable(
-                f"{path}: could not read it ({reason}), a fault of the storage, not of the file: {_RETRIED}."
+                f"{path}: could not read it ({reason}), a fault of the storage, not of the file: {hub.RETRIED}."
             ) from e
         if path.suffix != ".parquet" and _has_no_rows(path):
             raise DataError(f"{path} is empty: no rows to train on.") from None
@@ -129,22 +85,18 @@ def _load_hub(name: str, subset: str | None, split: str):
         return datasets.load_dataset(name, subset, split=split)
     except Exception as e:
         local = "" if Path(name).exists() else " (and no local folder has that name)"
-        if reason := _outage(e):
+        refused = hub.refusal(e)
+        if not refused and (reason := hub.outage(e)):
             raise DataUnavailable(
                 f"could not reach dataset {name!r} (split {split!r}) on the Hugging Face Hub{local}: {reason}. "
-                f"A network or hub outage: {_RETRIED}. Where the machines have no network, download it "
+                f"A network or hub outage: {hub.RETRIED}. Where the machines have no network, download it "
                 "where there is one (datasets caches it; then set HF_HUB_OFFLINE=1) or point data.source at a "
                 "local .jsonl/.json/.parquet/.csv file."
             ) from e
-        offline = (
-            " Offline mode is on (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE) and the dataset is not in the cache."
-            if _offline(e)
-            else ""
-        )
         raise DataError(
             f"could not load dataset {name!r} (split {split!r}) from the Hugging Face Hub{local}: "
-            f"{str(e).rstrip('.')}.{offline} "
-            f"Without hub access, point data.source at a local .jsonl/.json/.parquet/.csv file."
+            f"{str(e).rstrip('.')}.{f' ({refused}.)' if refused else ''} Without hub access, point data.source "
+            "at a local .jsonl/.json/.parquet/.csv file."
         ) from None
 
 
