@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 from shardtune.config import ConfigError
 
@@ -91,12 +92,15 @@ def refusal(e: BaseException) -> str | None:
     return None
 
 
-def refused_input(e: BaseException, field: str, value: str) -> ConfigError | None:
-    """A ConfigError naming the setting, when the hub's answer is about the input (see `refusal`); else None,
-    and the caller re-raises e as it is (an outage, or something else, which a restart may get past)."""
-    problem = refusal(e)
-    if problem is None:
-        return None
-    return ConfigError(
-        f"{field}={value}: {problem}. Check the name (and model.revision), or give a local directory."
-    )
+@contextmanager
+def refusal_is_input_error(field: str, value: str) -> Iterator[None]:
+    """Within it, a hub's answer about the input (see `refusal`) becomes a ConfigError naming the setting; an
+    outage, or anything else, passes as it is (a restart may get past it)."""
+    try:
+        yield
+    except OSError as e:
+        if (problem := refusal(e)) is None:
+            raise
+        raise ConfigError(
+            f"{field}={value}: {problem}. Check the name (and model.revision), or give a local directory."
+        ) from None

@@ -117,7 +117,7 @@ def weight_source(cfg: Config, path: str | None, conf, device: torch.device):
     if not local.is_dir():
         from huggingface_hub import snapshot_download
 
-        try:
+        with hub.refusal_is_input_error("model.name_or_path", path):
             local = Path(
                 snapshot_download(
                     path,
@@ -125,10 +125,6 @@ def weight_source(cfg: Config, path: str | None, conf, device: torch.device):
                     allow_patterns=["*.json", "*.safetensors", "tokenizer*"],
                 )
             )
-        except OSError as e:
-            if refused := hub.refused_input(e, "model.name_or_path", path):
-                raise refused from None
-            raise
     return CheckpointWeights(local)
 
 

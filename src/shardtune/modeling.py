@@ -83,14 +83,10 @@ def model_config(cfg: Config):
     builtin = m.name_or_path in BUILTIN_SHAPES
     model_type = "llama" if builtin else None
     if not builtin:
-        try:
+        with hub.refusal_is_input_error("model.name_or_path", m.name_or_path):
             conf = AutoConfig.from_pretrained(
                 m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code
             )
-        except OSError as e:
-            if refused := hub.refused_input(e, "model.name_or_path", m.name_or_path):
-                raise refused from None
-            raise
         model_type = getattr(conf, "model_type", None)
     problem = shape_keys_problem(m.shape, model_type) or target_modules_problem(
         cfg.lora.target_modules, model_type

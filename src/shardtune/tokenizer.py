@@ -95,14 +95,10 @@ def load_tokenizer(
     field: str = "model.tokenizer",
 ):
     """`field`: the setting that named it, for the error when the hub has no such tokenizer for this user."""
-    try:
+    with hub.refusal_is_input_error(field, name_or_path):
         return AutoTokenizer.from_pretrained(
             name_or_path, revision=revision, trust_remote_code=trust_remote_code
         )
-    except OSError as e:
-        if refused := hub.refused_input(e, field, name_or_path):
-            raise refused from None
-        raise
 
 
 def prepare_tokenizer(
