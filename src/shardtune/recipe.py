@@ -224,14 +224,11 @@ def main(
     with StopRequest(ignore_after=(signal.SIGUSR1,)) as stop:
         try:
             results = run(cfg, name, grid, stop)
-        except (ConfigError, DataError) as e:
+        except (ConfigError, DataError, DataUnavailable) as e:
             if _is_main_process():
                 print(f"error: {e}", file=sys.stderr)
-            sys.exit(EXIT_USAGE)
-        except DataUnavailable as e:  # not the input's fault: exit 1, which launchers restart
-            if _is_main_process():
-                print(f"error: {e}", file=sys.stderr)
-            sys.exit(1)
+            # data out of reach is not the input's fault: exit 1, which launchers restart
+            sys.exit(1 if isinstance(e, DataUnavailable) else EXIT_USAGE)
     faults.inject("exit", int(os.environ.get("RANK", "0")), 0)
     if any(r.get("status") == "interrupted" for r in results):
         sys.exit(stopped_exit_code(_is_main_process()))  # checkpointed: the same command continues the run
