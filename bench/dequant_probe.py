@@ -9,7 +9,7 @@ import json
 import bitsandbytes.functional as F
 import torch
 
-from shardtune import nf4_kernel
+from shardtune.kernels import nf4_kernel
 
 
 def timed(fn, reps=20):

@@ -20,8 +20,9 @@ UNITS = "fsdp_one_gpu: FSDP units, strategy:"
 
 def rank() -> None:
     """A rank of the forced run: the benchmark recipe, with every Sharder wrapping in FSDP."""
-    from shardtune import bench, parallel
-    from shardtune.recipe import main
+    from shardtune.cli import bench
+    from shardtune.cli.recipe import main
+    from shardtune.parallel import fsdp as parallel
 
     built, root = parallel.Sharder.__init__, parallel.Sharder.root
 
@@ -40,7 +41,7 @@ def rank() -> None:
 
 
 def driver() -> None:
-    from shardtune import bench
+    from shardtune.cli import bench
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("shape", choices=sorted(bench.SHAPES))

@@ -11,7 +11,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from shardtune.metrics import host_peak_gib, host_rss_gib
+from shardtune.observability.memory import host_peak_gib, host_rss_gib
 
 rank = int(os.environ.get("LOCAL_RANK", 0))
 torch.cuda.set_device(rank)

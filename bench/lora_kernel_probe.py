@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 from levers import dropout_kernel_accuracy  # noqa: E402
 
-from shardtune import lora_kernel  # noqa: E402
-from shardtune.fused_lora import _adapter_input  # noqa: E402
+from shardtune.kernels import lora_kernel  # noqa: E402
+from shardtune.kernels.fused_lora import _adapter_input  # noqa: E402
 
 GPU, BF16, P = torch.device("cuda", 0), torch.bfloat16, 0.05
 
@@ -68,7 +68,7 @@ def timed(M: int, K: int, R: int, path: str) -> dict:
 
 
 def _replay(x, dropout, lora_a):
-    from shardtune import fused_lora
+    from shardtune.kernels import fused_lora
 
     weight = lora_a.weight.to(BF16)
     with torch.autocast("cuda", enabled=False):

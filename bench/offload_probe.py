@@ -8,10 +8,11 @@ import sys
 
 import torch
 
-from shardtune import loading, modeling, parallel
 from shardtune.config import Config, apply_overrides
-from shardtune.distributed import init_distributed, teardown
-from shardtune.metrics import host_peak_gib, host_rss_gib
+from shardtune.model import loading, modeling
+from shardtune.observability.memory import host_peak_gib, host_rss_gib
+from shardtune.parallel import fsdp as parallel
+from shardtune.parallel.distributed import init_distributed, teardown
 
 cfg = apply_overrides(
     Config(),

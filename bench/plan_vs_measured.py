@@ -7,8 +7,9 @@ micro-batch, GPUs, the run's overrides and the settings it resolved ('auto' chec
 import json
 import sys
 
-from shardtune import bench, plan
-from shardtune.recipe import resolve_config
+from shardtune.cli import bench
+from shardtune.cli.args import resolve_config
+from shardtune.planning import estimate as plan
 
 
 def predict(r: dict):

@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from shardtune.config import Config
-from shardtune.modeling import model_config
-from shardtune.tokenizer import build_tiny_tokenizer
+from shardtune.model.modeling import model_config
+from shardtune.model.tokenizer import build_tiny_tokenizer
 
 shape, out = sys.argv[1], sys.argv[2]
 cfg = Config()

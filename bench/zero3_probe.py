@@ -9,10 +9,12 @@ import sys
 
 import torch
 
-from shardtune import loading, modeling, parallel, zero3
 from shardtune.config import Config, apply_overrides
-from shardtune.distributed import init_distributed, teardown
-from shardtune.trainer import token_loss_sum
+from shardtune.model import loading, modeling
+from shardtune.parallel import fsdp as parallel
+from shardtune.parallel import zero3
+from shardtune.parallel.distributed import init_distributed, teardown
+from shardtune.train.step import token_loss_sum
 
 cfg = apply_overrides(
     Config(),

@@ -7,7 +7,7 @@ Human/Assistant chat template (the base model's special chat tokens were never t
 """
 
 from shardtune import Config
-from shardtune.recipe import main
+from shardtune.cli.recipe import main
 
 
 def config() -> Config:

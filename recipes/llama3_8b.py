@@ -12,7 +12,7 @@ layers are recomputed as the GPU's memory needs, and the 4-bit base is kept whol
 """
 
 from shardtune import Config
-from shardtune.recipe import main
+from shardtune.cli.recipe import main
 
 
 def config() -> Config:

@@ -6,7 +6,7 @@ Award descriptions), with the rank x target-modules sweep that compares LoRA set
 """
 
 from shardtune import Config
-from shardtune.recipe import main
+from shardtune.cli.recipe import main
 
 # rank 8 / 16 x attention-only (q_proj, v_proj) / every linear layer
 SWEEP = {"lora.r": [8, 16], "lora.target_modules": [["q_proj", "v_proj"], "all-linear"]}

@@ -6,7 +6,7 @@ on 2 CPU processes under FSDP, in about two minutes.
 """
 
 from shardtune import Config
-from shardtune.recipe import main
+from shardtune.cli.recipe import main
 
 
 def config() -> Config:

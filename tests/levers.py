@@ -11,10 +11,11 @@ import torch
 
 from shardtune.config import Config, apply_overrides
 from shardtune.data.loader import collate, row_bounds
-from shardtune.loading import build_model
-from shardtune.modeling import attention_implementation, model_config
-from shardtune.parallel import Sharder
-from shardtune.trainer import MODEL_INPUTS, compute_context, token_loss_sum
+from shardtune.model.loading import build_model
+from shardtune.model.modeling import attention_implementation, model_config
+from shardtune.parallel.distributed import DistInfo
+from shardtune.parallel.fsdp import FsdpBackend
+from shardtune.train.step import MODEL_INPUTS, compute_context, token_loss_sum
 
 
 def build(overrides: dict, device: torch.device, attn: str = "sdpa"):
@@ -30,7 +31,7 @@ def build(overrides: dict, device: torch.device, attn: str = "sdpa"):
         model_config(cfg),
         None,
         attention_implementation(attn, device),
-        Sharder(cfg.parallel, cfg.param_dtype, device, 1),
+        FsdpBackend(cfg.parallel, cfg.param_dtype, DistInfo.alone(device)),
         device,
     )
     gen = torch.Generator().manual_seed(1)
@@ -99,8 +100,8 @@ def dropout_kernel_accuracy(
     dropout with the kernel's own mask in fp64, beside autograd's `dtype` dropout + linear with that mask (relative
     L2 errors); whether the same random state draws the same numbers, whether the generator moved on, and the
     keep rate."""
-    from shardtune import lora_kernel
-    from shardtune.fused_lora import _RandomState
+    from shardtune.kernels import lora_kernel
+    from shardtune.kernels.fused_lora import _RandomState
 
     torch.manual_seed(0)
     x = torch.randn(M, K, device=device, dtype=dtype)
@@ -141,8 +142,8 @@ def one_function_accuracy(layer, x: torch.Tensor, g: torch.Tensor, p: float) -> 
     dropout mask (lora_kernel's when p > 0), and which Function each path ran."""
     from unittest import mock
 
-    from shardtune import fused_lora
-    from shardtune.fused_lora import _RandomState
+    from shardtune.kernels import fused_lora
+    from shardtune.kernels.fused_lora import _RandomState
 
     adapter = layer.active_adapters[0]
     a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
@@ -168,7 +169,7 @@ def one_function_accuracy(layer, x: torch.Tensor, g: torch.Tensor, p: float) -> 
     )
     w = (weight(dtype) if weight else layer.base_layer.weight).double()
     if p:
-        from shardtune import lora_kernel
+        from shardtune.kernels import lora_kernel
 
         _, seed, offset = rng.replay(lambda: lora_kernel.reserve(x.reshape(-1, x.shape[-1]), p))
         keep = lora_kernel.keep_mask((x.numel() // x.shape[-1], x.shape[-1]), x.device, p, seed, offset)

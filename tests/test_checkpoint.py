@@ -5,25 +5,24 @@ purge, exact restore, adapter export."""
 import json
 import logging
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from shardtune import loading, modeling, parallel
-from shardtune.checkpoint import (
-    CheckpointManager,
-    resume_point,
-    rng_state,
-    set_aside_after,
-    set_rng_state,
-    verify_checkpoint,
-)
-from shardtune.config import Config, ConfigError, to_yaml
-from shardtune.distributed import init_distributed, teardown
-from shardtune.export import export_adapter
-from shardtune.tokenizer import build_tiny_tokenizer
+from shardtune.checkpoint.export import export_adapter
+from shardtune.checkpoint.manager import CheckpointManager, rng_state, set_rng_state
+from shardtune.checkpoint.resume import resume_point, set_aside_after
+from shardtune.checkpoint.store import verify_checkpoint
+from shardtune.config import Config, to_yaml
+from shardtune.errors import ConfigError
+from shardtune.model import loading, modeling
+from shardtune.model.tokenizer import build_tiny_tokenizer
+from shardtune.parallel.distributed import init_distributed, teardown
+from shardtune.parallel.fsdp import FsdpBackend
+from shardtune.train.state import TrainState
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +31,9 @@ def setup(tmp_path_factory):
     info = init_distributed("cpu")
     cfg = Config()
     modeling.write_random_base(cfg, build_tiny_tokenizer(), root / "base")
-    sharder = parallel.Sharder(cfg.parallel, cfg.param_dtype, info.device, info.world_size)
+    backend = FsdpBackend(cfg.parallel, cfg.param_dtype, info)
     model, _ = loading.build_model(
-        cfg, modeling.model_config(cfg), str(root / "base"), "sdpa", sharder, info.device
+        cfg, modeling.model_config(cfg), str(root / "base"), "sdpa", backend, info.device
     )
     peft_config = model.peft_config["default"]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -46,8 +45,18 @@ def setup(tmp_path_factory):
         "adapter_config.json": (root / "peft" / "adapter_config.json").read_bytes(),
         "model_config.json": (root / "base" / "config.json").read_bytes(),
     }
-    yield root, info, model, opt, files
+    backend.wrap(opt)
+    yield SimpleNamespace(root=root, info=info, model=model, opt=opt, files=files, backend=backend)
     teardown()
+
+
+def manager(setup, directory, keep_last=2, optimizer=None, **state):
+    """A checkpoint manager tracking the fixture's model, `optimizer` (the fixture's by default) and a
+    TrainState with `state`."""
+    setup.backend.wrap(optimizer or setup.opt)
+    mgr = CheckpointManager(directory, keep_last=keep_last, dist=setup.info)
+    mgr.track(setup.backend, TrainState(**state), scheduler=None)
+    return mgr
 
 
 def lora_weights(model):
@@ -55,9 +64,9 @@ def lora_weights(model):
 
 
 def test_save_is_complete_and_verified(setup):
-    root, info, model, opt, files = setup
-    mgr = CheckpointManager(root / "a", keep_last=2, dist=info)
-    path = mgr.save(7, model, opt, {"scheduler": {}, "config_hash": "x"}, files)
+    root, files = setup.root, setup.files
+    mgr = manager(setup, root / "a")
+    path = mgr.save(7, files)
     assert path.name == "step-00000007" and verify_checkpoint(path) is None
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["step"] == 7 and manifest["world_size"] == 1
@@ -69,10 +78,10 @@ def test_save_is_complete_and_verified(setup):
 
 
 def test_bad_files_are_named_and_the_previous_checkpoint_is_used(setup, caplog):
-    root, info, model, opt, files = setup
-    mgr = CheckpointManager(root / "b", keep_last=5, dist=info)
-    good = mgr.save(1, model, opt, {"scheduler": {}}, files)
-    bad = mgr.save(2, model, opt, {"scheduler": {}}, files)
+    root, files = setup.root, setup.files
+    mgr = manager(setup, root / "b", keep_last=5)
+    good = mgr.save(1, files)
+    bad = mgr.save(2, files)
     shard = next(bad.glob("*.distcp"))
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -88,15 +97,15 @@ def test_bad_files_are_named_and_the_previous_checkpoint_is_used(setup, caplog):
     # a save killed before its rename leaves only a hidden temporary directory, never a step-N one
     (root / "b" / ".tmp-step-00000003").mkdir()
     assert mgr.latest() == good
-    mgr.save(4, model, opt, {"scheduler": {}}, files)
+    mgr.save(4, files)
     assert not (root / "b" / ".tmp-step-00000003").exists()
 
 
 def test_keep_last(setup):
-    root, info, model, opt, files = setup
-    mgr = CheckpointManager(root / "c", keep_last=2, dist=info)
+    root, files = setup.root, setup.files
+    mgr = manager(setup, root / "c")
     for step in (10, 20, 30):
-        mgr.save(step, model, opt, {"scheduler": {}}, files)
+        mgr.save(step, files)
     assert [p.name for p in mgr.checkpoints()] == ["step-00000020", "step-00000030"]
 
 
@@ -112,32 +121,32 @@ def test_checkpoints_off_the_runs_path_are_set_aside_never_kept_in_place_of_good
     older one): the newer ones move to checkpoints/abandoned/, so a save keeps keep_last good ones counting
     from itself (before, a save kept the newer broken one and deleted itself and the good one), the next
     resume=auto cannot jump back to them, and nothing is deleted."""
-    root, info, model, opt, files = setup
+    root, files = setup.root, setup.files
     files = {**files, "config.yaml": to_yaml(Config()).encode()}
     d = root / "aside"
-    two = CheckpointManager(d, keep_last=2, dist=info)
+    two = manager(setup, d)
     for step in (1, 2, 3):
-        two.save(step, model, opt, {"scheduler": {}}, files)
+        two.save(step, files)
     corrupt(d / "step-00000003")
-    one = CheckpointManager(d, keep_last=1, dist=info)
+    one = manager(setup, d, keep_last=1)
     with caplog.at_level(logging.WARNING):
         assert resume_point("auto", one, to_yaml(Config())) == d / "step-00000002"
         set_aside_after(one, 2)  # (the run does this once nothing refuses the resume)
     assert "step-00000003 set aside" in caplog.text
     assert [p.name for p in one.checkpoints()] == ["step-00000002"]
-    one.save(3, model, opt, {"scheduler": {}}, files)  # the run redoes step 3
+    one.save(3, files)  # the run redoes step 3
     assert [p.name for p in one.checkpoints()] == ["step-00000003"] and one.latest() == d / "step-00000003"
     assert verify_checkpoint(d / "abandoned" / "step-00000003") is not None  # the broken one, kept aside
     # resuming an older one by name: the newer ones go aside too
-    two.save(4, model, opt, {"scheduler": {}}, files)
-    two.save(5, model, opt, {"scheduler": {}}, files)
+    two.save(4, files)
+    two.save(5, files)
     assert resume_point(str(d / "step-00000004"), two, to_yaml(Config())) == d / "step-00000004"
     set_aside_after(two, 4)
     assert two.latest() == d / "step-00000004"
     assert sorted(p.name for p in (d / "abandoned").iterdir()) == ["step-00000003", "step-00000005"]
     # a copy with another name is not a checkpoint; none intact: refused, not started over from step 0
     (d / "step-00000004").rename(d / "step-00000004.bak")
-    two.save(6, model, opt, {"scheduler": {}}, files)
+    two.save(6, files)
     corrupt(d / "step-00000006")
     assert [p.name for p in two.checkpoints()] == ["step-00000006"]
     # (a replacement killed between its two renames left it as .old-step-N: back under its name at the start)
@@ -150,33 +159,35 @@ def test_checkpoints_off_the_runs_path_are_set_aside_never_kept_in_place_of_good
 def test_an_optimizer_that_has_not_stepped_is_saved_and_restored_as_it_is(setup):
     """fp16's loss scaler skips the steps whose gradients overflow; a save before the first step that was
     taken must not give AdamW a state (a step count) it never had, nor a resume."""
-    root, info, model, _, files = setup
+    root, model, files = setup.root, setup.model, setup.files
     fresh = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    mgr = CheckpointManager(root / "unstepped", keep_last=2, dist=info)
-    path = mgr.save(2, model, fresh, {"scheduler": {}}, files)
+    mgr = manager(setup, root / "unstepped", optimizer=fresh)
+    path = mgr.save(2, files)
     assert not fresh.state and json.loads((path / "train_state.json").read_text())["optimizer_state"] is False
     again = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    mgr.load(path, model, again)
+    mgr = manager(setup, root / "unstepped", optimizer=again)
+    mgr.load(path)
     assert not again.state
 
 
 def test_restore_is_exact(setup):
-    root, info, model, opt, files = setup
-    mgr = CheckpointManager(root / "d", keep_last=2, dist=info)
+    root, model, opt, files = setup.root, setup.model, setup.opt, setup.files
+    mgr = manager(setup, root / "d", tokens_seen=99)
     weights = lora_weights(model)
     moments = {k: v["exp_avg"].clone() for k, v in opt.state_dict()["state"].items()}
     torch.manual_seed(123)
     expected_draw = torch.rand(3)
     torch.manual_seed(123)
-    path = mgr.save(5, model, opt, {"scheduler": {}, "tokens_seen": 99}, files)
+    path = mgr.save(5, files)
     # move everything away from the saved state
     batch = torch.randint(0, 384, (2, 16))
     model(input_ids=batch, labels=batch).loss.backward()
     opt.step()
     torch.rand(10)
     assert any(not torch.equal(weights[n], p) for n, p in model.named_parameters() if p.requires_grad)
-    state = mgr.load(path, model, opt)
-    assert state["tokens_seen"] == 99 and state["step"] == 5
+    mgr.train_state.tokens_seen = 0
+    state = mgr.load(path)
+    assert state["tokens_seen"] == mgr.train_state.tokens_seen == 99 and state["step"] == 5
     for n, p in model.named_parameters():
         if p.requires_grad:
             assert torch.equal(weights[n], p.detach()), n
@@ -197,9 +208,9 @@ def test_rng_round_trip():
 
 
 def test_export_writes_a_whole_peft_adapter(setup):
-    root, info, model, opt, files = setup
-    mgr = CheckpointManager(root / "e", keep_last=2, dist=info)
-    path = mgr.save(3, model, opt, {"scheduler": {}}, files)
+    root, model, files = setup.root, setup.model, setup.files
+    mgr = manager(setup, root / "e")
+    path = mgr.save(3, files)
     out = export_adapter(path, root / "adapter")
     tensors = load_file(out / "adapter_model.safetensors")
     full = {

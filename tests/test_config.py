@@ -5,17 +5,22 @@ import importlib.util
 import pytest
 
 from conftest import ROOT
-from shardtune.config import Config, ConfigError, apply_overrides, format_help, parse_overrides
-from shardtune.launcher import accelerate_env_overrides, accelerate_yaml_overrides, launching_config_file
-from shardtune.recipe import (
-    _parse_args,
+from shardtune.cli.args import (
     check_backend,
     check_sweep,
     load_recipe,
-    main,
+    parse_args,
     resolve_config,
     split_sweep_values,
 )
+from shardtune.cli.recipe import main
+from shardtune.config import Config, apply_overrides, format_help, parse_overrides
+from shardtune.config.accelerate import (
+    accelerate_env_overrides,
+    accelerate_yaml_overrides,
+    launching_config_file,
+)
+from shardtune.errors import ConfigError
 
 
 def test_overrides_are_typed():
@@ -219,7 +224,7 @@ def test_yaml_with_use_cpu_is_refused(tmp_path):
 
 
 def test_command_line_flags_and_sweep_values():
-    flags, overrides, sweep = _parse_args(
+    flags, overrides, sweep = parse_args(
         [
             "lora.r=8",
             "--sweep",
@@ -241,7 +246,7 @@ def test_command_line_flags_and_sweep_values():
     assert sweep == {"lora.r": ["8", "16"], "lora.target_modules": ["[q_proj,v_proj]", "all-linear"]}
     assert split_sweep_values("1e-4,2e-4") == ["1e-4", "2e-4"]
     with pytest.raises(ConfigError, match="unknown flag"):
-        _parse_args(["--frobnicate"])
+        parse_args(["--frobnicate"])
 
 
 # ------------------------------------------------------------------ accelerate configs, read as accelerate does
@@ -370,7 +375,7 @@ def test_the_launching_config_file_is_found_in_the_accelerate_process(tmp_path):
     import subprocess
     import sys
 
-    code = "from shardtune.launcher import launching_config_file as f; print(f())"
+    code = "from shardtune.config.accelerate import launching_config_file as f; print(f())"
     # a stand-in for `accelerate launch --config_file X`: a process whose command line says so, and its child
     parent = "import subprocess, sys; subprocess.run([sys.executable, '-c', sys.argv[1]], check=True)"
     out = subprocess.run(
@@ -444,7 +449,7 @@ def test_target_modules_the_model_does_not_have_are_refused(value, expected):
     assert "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj" in str(e.value)
     # a swept value is checked too
     with pytest.raises(ConfigError, match=r"sweep lora.target_modules=vproj: .*vproj"):
-        from shardtune.sweep import expand
+        from shardtune.cli.sweep import expand
 
         expand(Config(), {"lora.target_modules": [["q_proj", "v_proj"], ["vproj"]]})
 
@@ -473,7 +478,7 @@ def test_resume_takes_auto_never_or_a_checkpoint(tmp_path):
 
 
 def test_a_missing_deepspeed_stops_the_run_before_the_data(monkeypatch, capsys):
-    import shardtune.recipe as recipe
+    import shardtune.cli.recipe as recipe
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "deepspeed" else real(n, *a))
@@ -490,13 +495,13 @@ def test_a_missing_deepspeed_stops_the_run_before_the_data(monkeypatch, capsys):
 
 # ------------------------------------------------------------------------------------------------ sweeps
 def test_sweep_values_a_run_would_drop_are_refused(capsys):
-    assert _parse_args(["--sweep", "lora.r=32"]) == ({"--sweep"}, ["lora.r=32"], {})
+    assert parse_args(["--sweep", "lora.r=32"]) == ({"--sweep"}, ["lora.r=32"], {})
     with pytest.raises(SystemExit) as e:  # a bare --sweep on a recipe without a grid of its own
         main(Config(), argv=["--sweep", "lora.r=32"])
     assert e.value.code == 2 and "has no sweep grid of its own" in capsys.readouterr().err
     with pytest.raises(ConfigError, match=r"--sweep lora.r is given twice"):
-        _parse_args(["--sweep", "lora.r=8,16", "--sweep", "lora.r=4,32"])
-    _, overrides, grid = _parse_args(["--sweep", "lora.r=8,16", "lora.r=4"])
+        parse_args(["--sweep", "lora.r=8,16", "--sweep", "lora.r=4,32"])
+    _, overrides, grid = parse_args(["--sweep", "lora.r=8,16", "lora.r=4"])
     with pytest.raises(
         ConfigError, match=r"lora.r=4 on the command line is also swept by --sweep \(lora.r: 8, 16\)"
     ):

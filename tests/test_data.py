@@ -6,12 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from shardtune.config import Config, ConfigError, DataConfig, GeneratedTaskConfig
+from shardtune.config import Config, DataConfig, GeneratedTaskConfig
 from shardtune.data.formats import (
     ALPACA_PROMPT,
     ALPACA_PROMPT_NO_INPUT,
     IGNORE_INDEX,
-    DataError,
     RowFormatter,
     detect_format,
     encode,
@@ -25,9 +24,9 @@ from shardtune.data.loader import (
     padding_share,
     token_micro_batches,
 )
-from shardtune.data.sources import DataUnavailable
 from shardtune.data.tasks import generate_rows
-from shardtune.tokenizer import build_tiny_tokenizer, prepare_tokenizer
+from shardtune.errors import ConfigError, DataError, DataUnavailable
+from shardtune.model.tokenizer import build_tiny_tokenizer, prepare_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from conftest import BIN, ROOT, run_env
-from shardtune.cli import main as cli
-from shardtune.doctor import logged_save_seconds, signal_lead
+from shardtune.cli.doctor import logged_save_seconds, signal_lead
+from shardtune.cli.main import main as cli
 
 
 def test_a_good_setup_passes(capsys, tmp_path):
@@ -30,8 +30,9 @@ def test_a_good_setup_passes(capsys, tmp_path):
 
 
 def test_findings_name_the_backend_that_shards():
-    from shardtune import doctor, modeling
+    from shardtune.cli import doctor
     from shardtune.config import Config, apply_overrides
+    from shardtune.model import modeling
 
     cfg = apply_overrides(Config(), {"parallel.backend": "deepspeed"}, "test")
     text = " | ".join(f.what for f in doctor.model(cfg, modeling.model_config(cfg)))
@@ -153,7 +154,7 @@ def test_checkpointing_auto_is_decided_as_the_run_would(capsys, tmp_path):
 def test_a_failed_runs_cause_is_found_in_its_log():
     """What `doctor --smoke` and `shardtune bench` report: our own error line first, else the exception a rank
     raised (torchrun prefixes it with "[rankN]: "), never torchrun's summary, which names no cause."""
-    from shardtune.spawn import failure
+    from shardtune.cli.spawn import failure
 
     traceback = [
         "[rank0]: Traceback (most recent call last):",
@@ -186,14 +187,15 @@ def test_data_the_run_would_refuse_is_found_before_the_run(capsys, tmp_path):
 
 def test_missing_triton_is_a_warning_that_names_what_slows_and_the_fix(monkeypatch):
     """On a GPU without Triton shardtune's own kernels cannot run: a warning, with what it costs and the fix."""
-    from shardtune import doctor, modeling
+    from shardtune import kernels
+    from shardtune.cli import doctor
 
-    monkeypatch.setattr(modeling, "triton_available", lambda: False)
+    monkeypatch.setattr(kernels, "triton_available", lambda: False)
     missing = doctor.triton_kernels()
     assert (
         missing.level == "warn" and "shardtune plan" in missing.what and "pip install triton" in missing.fix
     )
-    monkeypatch.setattr(modeling, "triton_available", lambda: True)
+    monkeypatch.setattr(kernels, "triton_available", lambda: True)
     assert doctor.triton_kernels().level == "ok"
 
 
@@ -222,7 +224,7 @@ def test_padding_that_costs_a_quarter_of_the_compute_is_a_warning_with_the_fix(c
 def test_a_missing_deepspeed_is_an_error_with_the_fix(monkeypatch):
     import importlib.util
 
-    from shardtune import doctor
+    from shardtune.cli import doctor
     from shardtune.config import Config, apply_overrides
 
     real = importlib.util.find_spec

@@ -63,8 +63,8 @@ def test_restarts_across_machines_need_a_store_per_attempt(monkeypatch):
     (the launchers' restart counts differ, so no key prefix can keep the attempts apart): refused at the start
     with the fix; with the store per attempt that TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives (slurm/train.sh),
     or without restarts, torch's own store is used."""
-    from shardtune.config import ConfigError
-    from shardtune.distributed import _restart_store
+    from shardtune.errors import ConfigError
+    from shardtune.parallel.distributed import _restart_store
 
     timeout = datetime.timedelta(seconds=5)
     env = {"TORCHELASTIC_USE_AGENT_STORE": "True", "GROUP_WORLD_SIZE": "2", "TORCHELASTIC_RESTART_COUNT": "0"}

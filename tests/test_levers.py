@@ -10,9 +10,11 @@ import torch
 from levers import batches, build, loss_and_grads, per_token_losses
 
 from conftest import BIN, ROOT, launch, run_env
-from shardtune import plan
-from shardtune.config import Config, ConfigError, apply_overrides
-from shardtune.modeling import fused_kernels, model_config
+from shardtune.config import Config, apply_overrides
+from shardtune.errors import ConfigError
+from shardtune.model.modeling import fused_kernels, model_config
+from shardtune.planning.auto import AUTO_MARGIN, CHECKPOINT_CHOICES, choose_auto
+from shardtune.planning.estimate import estimate
 
 CPU = torch.device("cpu")
 LENGTHS = [37, 5, 64, 18]  # one row of every micro-batch is the longest; the others would be padded
@@ -48,8 +50,8 @@ def test_sdpa_varlen_is_sdpa_where_its_kernel_cannot_run():
     """sdpa_varlen (varlen.py) sends packed rows, with their boundaries, to torch's varlen Flash kernel on a
     GPU (tests/gpu: against padded SDPA); here on the CPU every batch goes to SDPA and the losses are SDPA's,
     bit for bit. 'auto' keeps plain sdpa on the CPU."""
-    from shardtune import varlen
-    from shardtune.modeling import attention_implementation
+    from shardtune.kernels import varlen
+    from shardtune.model.modeling import attention_implementation
 
     assert attention_implementation("auto", CPU) == "sdpa"
     _, model = build({}, CPU)
@@ -97,7 +99,7 @@ def test_fused_lora_matches_peft_forward_and_gradients(quantized, dropout, one_f
     and under bf16 autocast."""
     from peft.tuners.lora import Linear as PeftLinear
 
-    from shardtune.fused_lora import FusedLinear
+    from shardtune.kernels.fused_lora import FusedLinear
 
     common = {"lora.dropout": dropout, "quant.load_in_4bit": quantized}
     _, peft_model = build({**common, "lora.fused": False}, CPU)
@@ -161,8 +163,8 @@ def test_selective_recompute_redraws_the_dropout_masks_and_keeps_less(every):
     draws its dropout mask again in backward instead of keeping it with a dropped copy of its input. The loss
     and gradients are bit-identical to keeping them (fp32 and bf16 autocast), and dropout then costs the
     layers no more activation memory than no dropout."""
-    from shardtune.fused_lora import FusedLinear
-    from shardtune.plan import saved_bytes
+    from shardtune.kernels.fused_lora import FusedLinear
+    from shardtune.planning.estimate import saved_bytes
 
     if every:  # `true`: every 2nd layer recomputed whole, the others redraw their masks
         ac = {"parallel.activation_checkpointing": True, "parallel.checkpoint_every": every}
@@ -201,7 +203,7 @@ def test_selective_recompute_redraws_the_dropout_masks_and_keeps_less(every):
 
 
 def test_fused_lora_is_refused_under_deepspeed_and_auto_turns_it_off():
-    from shardtune.modeling import lora_fused
+    from shardtune.model.modeling import lora_fused
 
     cfg = apply_overrides(Config(), {"parallel.backend": "deepspeed"}, "test")
     assert cfg.lora.fused == "auto" and not lora_fused(cfg)
@@ -237,16 +239,16 @@ def test_auto_checkpointing_picks_the_least_recomputation_that_fits():
     )
     conf = model_config(cfg)
     peaks = {}
-    for ac, every in plan.CHECKPOINT_CHOICES:
+    for ac, every in CHECKPOINT_CHOICES:
         choice = {"parallel.activation_checkpointing": ac, "parallel.checkpoint_every": every}
-        peaks[(ac, every)] = plan.estimate(apply_overrides(cfg, choice, "test"), conf, 2).gpu_peak
-    ordered = [peaks[c] for c in plan.CHECKPOINT_CHOICES]
+        peaks[(ac, every)] = estimate(apply_overrides(cfg, choice, "test"), conf, 2).gpu_peak
+    ordered = [peaks[c] for c in CHECKPOINT_CHOICES]
     assert all(a > b for a, b in itertools.pairwise(ordered))  # more recomputation, less memory
-    for target in plan.CHECKPOINT_CHOICES:
-        mem = peaks[target] / plan.AUTO_MARGIN * 1.001  # just enough for this choice
-        choice, _ = plan.choose_auto(cfg, conf, 2, mem)
+    for target in CHECKPOINT_CHOICES:
+        mem = peaks[target] / AUTO_MARGIN * 1.001  # just enough for this choice
+        choice, _ = choose_auto(cfg, conf, 2, mem)
         assert (choice["parallel.activation_checkpointing"], choice["parallel.checkpoint_every"]) == target
-    choice, _ = plan.choose_auto(cfg, conf, 2, None)  # no GPU: nothing to save
+    choice, _ = choose_auto(cfg, conf, 2, None)  # no GPU: nothing to save
     assert choice["parallel.activation_checkpointing"] is False
 
 
@@ -304,7 +306,7 @@ def test_shardtune_bench_prints_one_json_line_per_run(tmp_path):
 def test_bench_rates_are_all_tokens_over_all_time(tmp_path):
     """A padded variable-length run has short and long steps; its tokens/s and MFU are the measured steps' work
     over their time, not the mean of per-step rates (which counts the 1 s step as much as the 3 s one)."""
-    from shardtune.bench import summarize
+    from shardtune.cli.bench import summarize
     from shardtune.config import to_yaml
 
     # (tokens, seconds) on 2 GPUs: a warm-up step, then 4,000 tokens in 1 s and 4,000 in 3 s

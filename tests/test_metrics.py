@@ -1,6 +1,6 @@
 """The step log: the CUDA allocator's cache flushes reported once, with what to change."""
 
-from shardtune.metrics import MetricsSink
+from shardtune.observability.metrics import MetricsSink
 
 
 def step(retries: int) -> dict:

@@ -9,17 +9,28 @@ import pytest
 import torch
 
 from conftest import ROOT
-from shardtune import loading, modeling, parallel
+from shardtune.cli.plan import override_line, parse_size
 from shardtune.config import Config, apply_overrides
-from shardtune.plan import Shape, layer_activation_bytes, lora_parameters, parse_size, saved_bytes
+from shardtune.model import loading, modeling
+from shardtune.parallel.distributed import DistInfo
+from shardtune.parallel.fsdp import FsdpBackend
+from shardtune.planning import auto
+from shardtune.planning.estimate import (
+    GPU_MEMORY,
+    Shape,
+    estimate,
+    layer_activation_bytes,
+    lora_parameters,
+    saved_bytes,
+)
 
 
 @pytest.fixture(scope="module")
 def tiny():
     cfg = Config()
     conf = modeling.model_config(cfg)
-    sharder = parallel.Sharder(cfg.parallel, cfg.param_dtype, torch.device("cpu"), 1)
-    model, _ = loading.build_model(cfg, conf, None, "sdpa", sharder, torch.device("cpu"))
+    backend = FsdpBackend(cfg.parallel, cfg.param_dtype, DistInfo.alone(torch.device("cpu")))
+    model, _ = loading.build_model(cfg, conf, None, "sdpa", backend, torch.device("cpu"))
     return cfg, conf, model
 
 
@@ -34,7 +45,7 @@ def test_saved_activations_of_a_real_4bit_layer_are_counted(tiny):
     """The meta-device count equals what a real 4-bit layer with LoRA keeps for its backward on the CPU."""
     from transformers import AttentionInterface
 
-    from shardtune.plan import _fused_attention
+    from shardtune.planning.estimate import _fused_attention
 
     _, conf, model = tiny
     s = Shape.of(conf)
@@ -96,12 +107,11 @@ def test_plan_says_what_fits_and_fit_recommends_a_line():
 
 
 def test_zero3_partitions_the_adapters_in_the_plan():
-    from shardtune import plan as planner
 
     cfg = Config()
     conf = modeling.model_config(cfg)
-    fsdp = planner.estimate(cfg, conf, 4).gpu
-    zero3 = planner.estimate(apply_overrides(cfg, {"parallel.backend": "deepspeed"}, "test"), conf, 4).gpu
+    fsdp = estimate(cfg, conf, 4).gpu
+    zero3 = estimate(apply_overrides(cfg, {"parallel.backend": "deepspeed"}, "test"), conf, 4).gpu
     whole = fsdp["adapters + grads + AdamW (whole)"]
     assert whole == 16 * lora_parameters(Shape.of(conf), cfg.lora.r, cfg.lora.target_modules)
     assert zero3["adapters + grads + AdamW (partitioned)"] == whole / 4
@@ -110,17 +120,14 @@ def test_zero3_partitions_the_adapters_in_the_plan():
 def test_no_shard_keeps_the_base_whole_and_gathers_nothing():
     """parallel.sharding_strategy=NO_SHARD: each GPU holds the whole 4-bit base and FSDP gathers nothing;
     HYBRID_SHARD shards it within a node."""
-    from shardtune import plan as planner
 
     cfg = apply_overrides(Config(), {"model.name_or_path": "llama3-70b"}, "test")
     conf = modeling.model_config(cfg)
-    full = planner.estimate(cfg, conf, 4).gpu
-    whole = planner.estimate(
-        apply_overrides(cfg, {"parallel.sharding_strategy": "NO_SHARD"}, "test"), conf, 4
-    ).gpu
+    full = estimate(cfg, conf, 4).gpu
+    whole = estimate(apply_overrides(cfg, {"parallel.sharding_strategy": "NO_SHARD"}, "test"), conf, 4).gpu
     hybrid = apply_overrides(cfg, {"parallel.sharding_strategy": "HYBRID_SHARD"}, "test")
     assert whole["4-bit base shard"] == pytest.approx(4 * full["4-bit base shard"])
-    assert planner.estimate(hybrid, conf, 4, nodes=2).gpu["4-bit base shard"] == pytest.approx(
+    assert estimate(hybrid, conf, 4, nodes=2).gpu["4-bit base shard"] == pytest.approx(
         2 * full["4-bit base shard"]
     )
     assert whole["2 decoder layers, gathered"] == whole["embeddings + head, gathered"] == 0
@@ -131,7 +138,6 @@ def test_sharding_auto_keeps_the_base_whole_where_that_costs_no_recomputation():
     """parallel.sharding_strategy=auto beside activation_checkpointing=auto (2xh100.yaml, 8xh100.yaml): the least
     recomputation that fits, and at that the base whole on every GPU (NO_SHARD) if it fits, else sharded.
     Sharded wherever keeping it whole cannot help: on a CPU, one GPU, with CPU offload, under DeepSpeed."""
-    from shardtune import plan as planner
 
     cfg = apply_overrides(
         Config(),
@@ -150,26 +156,26 @@ def test_sharding_auto_keeps_the_base_whole_where_that_costs_no_recomputation():
         "test",
     )
     conf = modeling.model_config(cfg)
-    choices = [tuple(c.values()) for c in planner.auto_choices(cfg, 2)]
+    choices = [tuple(c.values()) for c in auto.auto_choices(cfg, 2)]
     assert choices[:3] == [(False, 1, "NO_SHARD"), (False, 1, "FULL_SHARD"), (True, 4, "NO_SHARD")]
     assert choices[-1] == (True, 1, "FULL_SHARD") and len(choices) == 10
 
     def chosen(gpu_mem, gpus=2, nodes=1, **overrides):
         changed = apply_overrides(cfg, overrides, "test") if overrides else cfg
-        resolved, _ = planner.resolve_auto(changed, modeling.model_config(changed), gpus, gpu_mem, nodes)
+        resolved, _ = auto.resolve_auto(changed, modeling.model_config(changed), gpus, gpu_mem, nodes)
         p = resolved.parallel
         return p.activation_checkpointing, p.checkpoint_every, p.sharding_strategy
 
-    h200, h100 = planner.GPU_MEMORY["h200"], planner.GPU_MEMORY["h100"]
+    h200, h100 = GPU_MEMORY["h200"], GPU_MEMORY["h100"]
     assert chosen(h200) == (False, 1, "NO_SHARD")  # 35 GiB of base beside one row's activations: whole
     # 100 GiB: the base whole fits only with every 4th layer recomputed; sharded, it fits with none: sharded
     assert chosen(100 * 2**30) == (False, 1, "FULL_SHARD")
     assert chosen(h100) == (True, 3, "FULL_SHARD")
     small = {"model.name_or_path": "llama3-8b"}
-    assert chosen(planner.GPU_MEMORY["a10g"], **small) == (False, 1, "NO_SHARD")  # 8B's base: 5.5 GiB
+    assert chosen(GPU_MEMORY["a10g"], **small) == (False, 1, "NO_SHARD")  # 8B's base: 5.5 GiB
     assert chosen(1 * 2**30) == (True, 1, "FULL_SHARD")  # nothing fits: the least memory
     # several machines: sharded within each machine, at any recomputation, before across machines
-    machines = [tuple(c.values()) for c in planner.auto_choices(cfg, 16, nodes=2)]
+    machines = [tuple(c.values()) for c in auto.auto_choices(cfg, 16, nodes=2)]
     assert machines[:3] == [(False, 1, "NO_SHARD"), (False, 1, "HYBRID_SHARD"), (True, 4, "NO_SHARD")]
     assert [c[2] for c in machines[10:]] == ["FULL_SHARD"] * 5 and len(machines) == 15
     # 2 x 8 H100s: the base sharded over each machine's 8 (4.5 GiB per GPU) and every 4th layer recomputed,
@@ -187,9 +193,9 @@ def test_sharding_auto_keeps_the_base_whole_where_that_costs_no_recomputation():
     fixed = apply_overrides(
         cfg, {"parallel.activation_checkpointing": False, "parallel.sharding_strategy": "NO_SHARD"}, "t"
     )
-    assert planner.resolve_auto(fixed, conf, 2, h200)[0] is fixed
+    assert auto.resolve_auto(fixed, conf, 2, h200)[0] is fixed
     with pytest.raises(ValueError, match=r"sharding_strategy='auto' is unresolved"):
-        parallel.Sharder(cfg.parallel, cfg.param_dtype, torch.device("cpu"), 2)
+        FsdpBackend(cfg.parallel, cfg.param_dtype, DistInfo(0, 2, 0, 2, torch.device("cpu")))
 
 
 def test_plan_fit_offers_the_base_whole(tmp_path):
@@ -223,44 +229,42 @@ def test_plan_fit_offers_the_base_whole(tmp_path):
 def test_a_token_budget_is_planned_as_that_many_tokens():
     """train.micro_batch_tokens: the plan holds one packed sequence of the budget's tokens (not the whole rows of
     data.max_len it would round down to), and for packed rows fit searches token budgets, not row counts."""
-    from shardtune import plan as planner
 
     cfg = apply_overrides(Config(), {"data.max_len": "384", "data.packing": "true"}, "test")
     conf = modeling.model_config(cfg)
 
     def activations(**kw):
-        return planner.estimate(apply_overrides(cfg, kw, "test"), conf, 2).gpu["activations"]
+        return estimate(apply_overrides(cfg, kw, "test"), conf, 2).gpu["activations"]
 
     rows = activations(**{"train.micro_batch_size": "2"})  # 768 tokens
     budget = activations(**{"train.micro_batch_tokens": "1000"})  # not 2 rows of 384
     assert budget == pytest.approx(rows * 1000 / 768, rel=0.05)
-    fits = planner.fit(cfg, conf, 2, 80 * 2**30, 1, "h200")  # 32 rows per step: 16 per GPU
+    fits = auto.fit(cfg, conf, 2, 80 * 2**30, 1, "h200")  # 32 rows per step: 16 per GPU
     budgets = {e.settings["train.micro_batch_tokens"] for e in fits}
     assert budgets == {m * 384 for m in (1, 2, 4, 8, 16)}
     assert (
         fits[0].settings["train.micro_batch_tokens"] == 16 * 384
     )  # nothing is tight: the fullest is fastest
-    assert "train.micro_batch_size" not in planner.override_line(fits[0])
-    padded = planner.fit(apply_overrides(cfg, {"data.packing": "false"}, "t"), conf, 2, 80 * 2**30, 1, "h200")
+    assert "train.micro_batch_size" not in override_line(fits[0])
+    padded = auto.fit(apply_overrides(cfg, {"data.packing": "false"}, "t"), conf, 2, 80 * 2**30, 1, "h200")
     assert {e.settings["train.micro_batch_size"] for e in padded} == {1, 2, 4, 8, 16}
 
 
 def test_fit_suggests_only_micro_batches_the_sampler_accepts(capsys):
     """Every process gets the same rows per step (data/loader.py): on 3 GPUs a global batch of 32 cannot run with
     any micro-batch, and for 36 only the divisors of 12 rows per GPU are offered."""
-    from shardtune import plan as planner
-    from shardtune.cli import main as cli
-    from shardtune.config import ConfigError
+    from shardtune.cli.main import main as cli
     from shardtune.data.loader import GlobalBatchSampler
+    from shardtune.errors import ConfigError
 
     cfg = Config()
     conf = modeling.model_config(cfg)
     with pytest.raises(ConfigError, match=r"global_batch_size=32 is not a multiple of the 3 GPUs.*=30 or 33"):
-        planner.fit(cfg, conf, 3, 80 * 2**30, 1, "h200")
+        auto.fit(cfg, conf, 3, 80 * 2**30, 1, "h200")
     assert cli(["plan", "recipes/tiny.py", "--gpus", "3", "--gpu-mem", "80GiB", "--fit"]) == 2
     assert "train.global_batch_size=30 or 33" in capsys.readouterr().err
     cfg36 = apply_overrides(cfg, {"train.global_batch_size": "36"}, "test")
-    fits = planner.fit(cfg36, conf, 3, 80 * 2**30, 1, "h200")
+    fits = auto.fit(cfg36, conf, 3, 80 * 2**30, 1, "h200")
     sizes = {e.settings["train.micro_batch_size"] for e in fits}
     assert sizes == {1, 2, 4}
     for micro in sizes:  # what the run itself does with it
@@ -271,7 +275,7 @@ def test_fit_suggests_only_micro_batches_the_sampler_accepts(capsys):
 
 
 def test_plan_doctor_and_bench_usage_name_their_own_options(capsys):
-    from shardtune.cli import main as cli
+    from shardtune.cli.main import main as cli
 
     for command in ("plan", "doctor", "bench"):
         with pytest.raises(SystemExit):
@@ -292,7 +296,7 @@ def test_plan_doctor_and_bench_usage_name_their_own_options(capsys):
 
 
 def cli_error(argv: list[str], capsys) -> str:
-    from shardtune.cli import main as cli
+    from shardtune.cli.main import main as cli
 
     with pytest.raises(SystemExit):
         cli(argv)

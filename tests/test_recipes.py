@@ -14,8 +14,8 @@ import yaml
 
 from conftest import BIN, ROOT, launch, read_summary, run_env
 from samples import alpaca_cleaned, no_robots, product_descriptions
-from shardtune.launcher import launch_info
-from shardtune.recipe import resolve_config
+from shardtune.cli.args import resolve_config
+from shardtune.config.accelerate import launch_info
 
 RECIPES = sorted((ROOT / "recipes").glob("*.py"))
 CONFIGS = sorted((ROOT / "fsdp_configs").glob("*.yaml"))
@@ -263,7 +263,7 @@ def test_the_4xa10g_command_runs_as_4_processes(tmp_path, capsys):
     """`accelerate launch --config_file fsdp_configs/4xa10g.yaml recipes/llama3_70b.py` as written, on 4 CPU
     processes with the tiny model and local rows in place of the hub's: the launch, the config's settings,
     4-way sharding and the recipe's batch layout (the 4-GPU run itself needs a 4-GPU machine)."""
-    from shardtune.cli import main as cli
+    from shardtune.cli.main import main as cli
 
     data = no_robots(tmp_path / "no_robots")
     small = [
@@ -298,7 +298,7 @@ def test_the_4xa10g_command_runs_as_4_processes(tmp_path, capsys):
 
 
 def test_shardtune_validate_command(capsys):
-    from shardtune.cli import main
+    from shardtune.cli.main import main
 
     assert main(["validate", "recipes/llama3_8b.py", "lora.r=8"]) == 0
     assert main(["validate", "recipes/llama3_8b.py", "lora.rk=8"]) == 2

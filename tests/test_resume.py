@@ -11,7 +11,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import launch, launch_machines
-from shardtune.checkpoint import verify_checkpoint
+from shardtune.checkpoint.store import verify_checkpoint
 
 pytestmark = pytest.mark.slow
 

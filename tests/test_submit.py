@@ -11,9 +11,8 @@ import time
 
 import pytest
 
-from shardtune.cli import main as cli
-from shardtune.config import ConfigError
-from shardtune.submit import (
+from shardtune.cli.main import main as cli
+from shardtune.cli.submit import (
     TASK_PYTHON,
     Resources,
     Submission,
@@ -23,6 +22,7 @@ from shardtune.submit import (
     submit,
     time_minutes,
 )
+from shardtune.errors import ConfigError
 
 
 @pytest.mark.parametrize(
@@ -155,7 +155,7 @@ STARTING_TASK = """
 import signal, sys, time
 print("started", flush=True)
 time.sleep(3)
-from shardtune.stopping import StopRequest
+from shardtune.train.stopping import StopRequest
 with StopRequest((signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)) as stop:
     print(stop.received)
 """
@@ -180,8 +180,8 @@ def test_a_signal_while_the_task_starts_waits_for_its_handler(signum):
 # still alive while Python shuts down; the signal comes then.
 FINISHED_TASK = """
 import signal, threading, time
-from shardtune.stopping import StopRequest
-from shardtune.submit import SLURM_SIGNALS, TASK_SIGNALS
+from shardtune.train.stopping import StopRequest
+from shardtune.cli.submit import SLURM_SIGNALS, TASK_SIGNALS
 with StopRequest(TASK_SIGNALS, ignore_after=SLURM_SIGNALS) as stop:
     threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
 print("finished", flush=True)

@@ -2,8 +2,8 @@
 
 import pytest
 
-from shardtune.config import ConfigError
-from shardtune.tokenizer import CHAT_TEMPLATES, build_tiny_tokenizer, prepare_tokenizer
+from shardtune.errors import ConfigError
+from shardtune.model.tokenizer import CHAT_TEMPLATES, build_tiny_tokenizer, prepare_tokenizer
 
 
 def test_deterministic_and_sized():

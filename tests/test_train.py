@@ -141,7 +141,7 @@ def test_resume_refuses_a_changed_config_and_keeps_the_checkpoints(tiny_run, tmp
 
 def test_shardtune_export_rebuilds_the_same_adapter(tiny_run, tmp_path, capsys):
     run, _ = tiny_run
-    from shardtune.cli import main
+    from shardtune.cli.main import main
 
     assert main(["export", str(run), str(tmp_path / "again")]) == 0
     a = load_file(run / "adapter" / "adapter_model.safetensors")
@@ -166,7 +166,7 @@ def test_shardtune_export_rebuilds_the_same_adapter(tiny_run, tmp_path, capsys):
 
 def test_merge_writes_a_model_equal_to_base_plus_adapter(tiny_run, tmp_path):
     run, _ = tiny_run
-    from shardtune.cli import main
+    from shardtune.cli.main import main
 
     for dtype, tolerance in (("float32", 1e-4), ("bfloat16", 0.1)):
         out = tmp_path / dtype

@@ -8,9 +8,9 @@ import torch
 from test_resume import RUN, adapter, losses
 
 from conftest import launch, read_summary
-from shardtune.config import ConfigError
-from shardtune.launcher import accelerate_env_overrides, accelerate_yaml_overrides
-from shardtune.recipe import load_recipe, resolve_config
+from shardtune.cli.args import load_recipe, resolve_config
+from shardtune.config.accelerate import accelerate_env_overrides, accelerate_yaml_overrides
+from shardtune.errors import ConfigError
 
 ZERO3 = "fsdp_configs/zero3_cpu_2proc.yaml"
 

@@ -2,7 +2,8 @@
 
 import logging
 
-from shardtune.config import Config, ConfigError
+from shardtune.config import Config
+from shardtune.errors import ConfigError
 
 # NOTE: on AVX512-BF16 CPUs bitsandbytes tries to fetch an optional kernel from the hub when it is imported
 # and logs a warning when it cannot (always, offline); that kernel only serves the repacked eval format,

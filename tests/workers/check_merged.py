@@ -12,7 +12,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from shardtune.config import Config
-from shardtune.modeling import DTYPES, quantization_config
+from shardtune.model.modeling import DTYPES, quantization_config
 
 run, merged_dir = Path(sys.argv[1]), Path(sys.argv[2])
 cfg = Config.model_validate(yaml.safe_load((run / "config.yaml").read_text()))

@@ -7,9 +7,9 @@ import signal
 import sys
 import threading
 
-from shardtune import checkpoint
-from shardtune.cli import load_recipe_config
-from shardtune.recipe import main
+from shardtune.checkpoint import manager as checkpoint
+from shardtune.cli.main import load_recipe_config
+from shardtune.cli.recipe import main
 
 _save = checkpoint.CheckpointManager.save
 

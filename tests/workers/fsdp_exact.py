@@ -17,10 +17,11 @@ from peft import get_peft_model
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from transformers import AutoModelForCausalLM
 
-from shardtune import loading, modeling, parallel
 from shardtune.config import Config, apply_overrides
-from shardtune.distributed import barrier, init_distributed, teardown
-from shardtune.tokenizer import build_tiny_tokenizer
+from shardtune.model import loading, modeling
+from shardtune.model.tokenizer import build_tiny_tokenizer
+from shardtune.parallel.distributed import barrier, init_distributed, teardown
+from shardtune.parallel.fsdp import FsdpBackend, reduce_adapter_grads
 
 
 def reference_model(cfg, base, device):
@@ -48,10 +49,8 @@ def main(workdir: str, overrides: list[str]) -> None:
         modeling.write_random_base(cfg, build_tiny_tokenizer(), base)
     barrier()
     reference = reference_model(cfg, base, info.device)
-    sharder = parallel.Sharder(
-        cfg.parallel, cfg.param_dtype, info.device, info.world_size, info.local_world_size
-    )
-    sharded, _ = loading.build_model(cfg, modeling.model_config(cfg), str(base), "sdpa", sharder, info.device)
+    backend = FsdpBackend(cfg.parallel, cfg.param_dtype, info)
+    sharded, _ = loading.build_model(cfg, modeling.model_config(cfg), str(base), "sdpa", backend, info.device)
 
     # LoRA B starts at zero; give both models the same nonzero adapters so that they take part.
     g = torch.Generator().manual_seed(0)
@@ -76,7 +75,7 @@ def main(workdir: str, overrides: list[str]) -> None:
     with torch.no_grad():
         expected = reference(input_ids=batch, attention_mask=mask).logits
         logits = sharded(input_ids=batch, attention_mask=mask).logits
-    report = parallel.sharding_report(sharded)
+    report = backend.sharding_report()
     # the ranks this one shards the base with, and (HYBRID_SHARD) those it holds the same shard as
     groups = {"shard_group": None, "replica_group": None}
     if isinstance(sharded, FSDP):
@@ -87,7 +86,7 @@ def main(workdir: str, overrides: list[str]) -> None:
     # summed over the ranks each must be exactly `world` times the unsharded model's
     loss = sharded(input_ids=batch, attention_mask=mask, labels=batch).loss
     loss.backward()
-    parallel.reduce_adapter_grads(sharded, info.world_size)
+    reduce_adapter_grads(sharded, info.world_size)
     reference(input_ids=batch, attention_mask=mask, labels=batch).loss.backward()
     ref_grads = {n: q.grad for n, q in reference.named_parameters() if q.requires_grad}
     adapters = {

@@ -9,13 +9,13 @@ import json
 import sys
 import weakref
 
-from shardtune import loading
-from shardtune.cli import load_recipe_config
-from shardtune.recipe import main
-from shardtune.trainer import Trainer
+from shardtune.cli.main import load_recipe_config
+from shardtune.cli.recipe import main
+from shardtune.model import loading
+from shardtune.train.step import TrainStep
 
 steps, builds, previous = [], [], []
-train_step, build_model = Trainer.train_step, loading.build_model
+train_step, build_model = TrainStep.__call__, loading.build_model
 
 
 def seen() -> dict:
@@ -34,7 +34,7 @@ def built(*args, **kwargs):
     return model, report
 
 
-Trainer.train_step, loading.build_model = recorded, built
+TrainStep.__call__, loading.build_model = recorded, built
 recipe, overrides = sys.argv[1], sys.argv[2:]
 sys.argv = [recipe, *overrides]
 main(lambda: load_recipe_config(recipe))

@@ -13,10 +13,11 @@ import sys
 
 import torch
 
-from shardtune import loading, modeling, parallel, zero3
 from shardtune.config import Config, apply_overrides
-from shardtune.distributed import init_distributed, teardown
-from shardtune.run import sharder_for
+from shardtune.model import loading, modeling
+from shardtune.parallel.distributed import DistInfo, init_distributed, teardown
+from shardtune.parallel.fsdp import FsdpBackend
+from shardtune.train.build import run_backend
 
 
 def main(shape: str, overrides: list[str]) -> None:
@@ -37,21 +38,25 @@ def main(shape: str, overrides: list[str]) -> None:
         info.device
     )
     single, _ = loading.build_model(
-        cfg, conf, None, attn, parallel.Sharder(cfg.parallel, cfg.param_dtype, info.device, 1), info.device
+        cfg,
+        conf,
+        None,
+        attn,
+        FsdpBackend(cfg.parallel, cfg.param_dtype, DistInfo.alone(info.device)),
+        info.device,
     )
     with torch.no_grad():
         expected = single(input_ids=batch).logits.float()
     del single
     torch.cuda.empty_cache()
-    sharder = sharder_for(cfg, info)
-    sharded, report = loading.build_model(cfg, conf, None, attn, sharder, info.device)
-    if cfg.parallel.backend == "deepspeed" and info.world_size > 1:  # partitioned: it runs inside its engine
-        adapters = [p for p in sharded.parameters() if p.requires_grad]
-        sharded = zero3.initialize(sharded, torch.optim.AdamW(adapters), sharder.config)
+    backend = run_backend(cfg, info)
+    sharded, report = loading.build_model(cfg, conf, None, attn, backend, info.device)
+    # (ZeRO-3's partitioned model runs inside its engine, which wrap makes)
+    sharded = backend.wrap(torch.optim.AdamW([p for p in sharded.parameters() if p.requires_grad]))
     with torch.no_grad():
         logits = sharded(input_ids=batch).logits.float()
     rel = float((logits - expected).norm() / expected.norm())
-    share = parallel.sharding_report(sharded)
+    share = backend.sharding_report()
     if info.is_main:
         print(
             json.dumps(

@@ -67,7 +67,7 @@ report("adapters-bf16-vs-fp32", l32, la, g32, ga)
 
 # sdpa_varlen (varlen.py): the packed rows through torch's varlen Flash kernel, row by row, against the padded
 # rows through SDPA above; the same weights (same seed)
-from shardtune import varlen  # noqa: E402
+from shardtune.kernels import varlen  # noqa: E402
 
 _, model_varlen = build(BASE, GPU, attn=varlen.NAME)
 
@@ -99,7 +99,7 @@ torch.cuda.empty_cache()
 # of bitsandbytes' own path are to each other.
 import bitsandbytes as bnb  # noqa: E402
 
-from shardtune import nf4  # noqa: E402
+from shardtune.kernels import nf4  # noqa: E402
 
 swapped = [m for m in model.modules() if type(m) is nf4.Linear4bit]
 x = torch.randn(2, 1600, 4096, device=GPU, dtype=BF16, requires_grad=True)
@@ -150,7 +150,7 @@ report("fused-packed-vs-plain-padded", la, lfp, ga, gfp)
 
 # Without Triton, selective recomputation draws each adapter's dropout mask again in backward instead of keeping
 # it: against dropout + the adapter's matmul as autograd runs them, at the 70B MLP's input width (dropout 0.05)
-from shardtune import fused_lora  # noqa: E402
+from shardtune.kernels import fused_lora  # noqa: E402
 
 lora_a = torch.nn.Linear(28672, 16, bias=False, device=GPU)
 dropout = torch.nn.Dropout(0.05).train()

@@ -7,8 +7,8 @@ import signal
 import sys
 import time
 
-from shardtune.cli import load_recipe_config
-from shardtune.recipe import main
+from shardtune.cli.main import load_recipe_config
+from shardtune.cli.recipe import main
 
 recipe, overrides = sys.argv[1], sys.argv[2:]
 sys.argv = [recipe, *overrides]

@@ -18,10 +18,11 @@ if not out.exists():  # write it in a child process, so its memory is not counte
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
-from shardtune import loading, modeling, parallel  # noqa: E402
 from shardtune.config import Config, apply_overrides  # noqa: E402
-from shardtune.distributed import init_distributed, teardown  # noqa: E402
-from shardtune.metrics import host_peak_gib, host_rss_gib  # noqa: E402
+from shardtune.model import loading, modeling  # noqa: E402
+from shardtune.observability.memory import host_peak_gib, host_rss_gib  # noqa: E402
+from shardtune.parallel import fsdp as parallel  # noqa: E402
+from shardtune.parallel.distributed import init_distributed, teardown  # noqa: E402
 
 cfg = apply_overrides(Config(), {"model.name_or_path": str(out), "model.init": "pretrained"}, "test")
 info = init_distributed("cpu")

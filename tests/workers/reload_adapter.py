@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shardtune.config import Config
 from shardtune.data.loader import build_data, collate
-from shardtune.modeling import DTYPES, quantization_config
+from shardtune.model.modeling import DTYPES, quantization_config
 
 run = Path(sys.argv[1])
 cfg = Config.model_validate(yaml.safe_load((run / "config.yaml").read_text()))

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from shardtune.config import ConfigError
+from shardtune.errors import ConfigError, DataError
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -46,10 +46,6 @@ TEMPLATE_FIELDS = tuple(
     dict.fromkeys(f for fmt, (req, opt) in FORMAT_FIELDS.items() if fmt != "chat" for f in req + opt)
 )
 IGNORE_INDEX = -100
-
-
-class DataError(ValueError):
-    """Bad input data, with the file (or dataset), the row and the column."""
 
 
 class EmptyResponse(DataError):

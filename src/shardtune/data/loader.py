@@ -14,10 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from shardtune.config import Config, ConfigError, DataConfig
+from shardtune.config import Config, DataConfig
 from shardtune.data.formats import (
     IGNORE_INDEX,
-    DataError,
     Encoded,
     RowFormatter,
     check_field_templates,
@@ -25,6 +24,7 @@ from shardtune.data.formats import (
     encode,
 )
 from shardtune.data.sources import Rows, has_named_splits, load_source, same_source
+from shardtune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 

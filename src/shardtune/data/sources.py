@@ -12,10 +12,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from shardtune import hub
-from shardtune.config import LOCAL_DATA_SUFFIXES, DataConfig
-from shardtune.data.formats import DataError
+from shardtune.config import DataConfig
+from shardtune.config.checks import LOCAL_DATA_SUFFIXES
 from shardtune.data.tasks import generate_rows
+from shardtune.errors import DataError, DataUnavailable
+from shardtune.model import hub
 
 
 @dataclass
@@ -27,10 +28,6 @@ class Rows:
     numbers: list[int]
     origin: str
     columns: list[str]
-
-
-class DataUnavailable(RuntimeError):
-    """The data could not be read for a reason outside it (the hub or the network down, a storage fault)."""
 
 
 def _jsonl_bad_line(path: Path) -> str | None:

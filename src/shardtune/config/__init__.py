@@ -1,0 +1,46 @@
+"""Configuration: the typed sections (schema.py), settings that conflict and the inputs a configuration names
+(checks.py), key=value overrides, validation and help (overrides.py), and the settings an accelerate config YAML
+or `accelerate launch`'s environment carries (accelerate.py)."""
+
+from shardtune.config.checks import check_inputs, check_names
+from shardtune.config.overrides import (
+    apply_overrides,
+    field_paths,
+    format_help,
+    parse_overrides,
+    to_yaml,
+    validate,
+)
+from shardtune.config.schema import (
+    Config,
+    DataConfig,
+    EvalConfig,
+    GeneratedTaskConfig,
+    LoraSettings,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    QuantConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "EvalConfig",
+    "GeneratedTaskConfig",
+    "LoraSettings",
+    "ModelConfig",
+    "OptimConfig",
+    "ParallelConfig",
+    "QuantConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "check_inputs",
+    "check_names",
+    "field_paths",
+    "format_help",
+    "parse_overrides",
+    "to_yaml",
+    "validate",
+]

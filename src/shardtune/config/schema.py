@@ -1,0 +1,307 @@
+"""The typed configuration: one small pydantic model per component.
+
+Each section owns a few fields and is handed only to the component it configures. Field docstrings
+are the help text (`--help` prints them). The defaults are the embedded default run: a tiny random
+Llama, 4-bit NF4 base + LoRA, trained on a generated task under FSDP on CPU. Settings that conflict are
+refused by checks.py; overrides and help are overrides.py's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from shardtune.config.checks import PARAM_DTYPES, cross_checks
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+class ModelConfig(Section):
+    """The base model: which weights, which architecture, which attention kernel."""
+
+    name_or_path: str = "tiny"
+    """Hugging Face hub id or local checkpoint directory; or, with init=random, a built-in shape:
+    'tiny' (the embedded default), 'llama3-8b', 'llama3-70b'."""
+    init: Literal["pretrained", "random"] = "random"
+    """'pretrained' loads the checkpoint's weights; 'random' builds the architecture with random weights
+    (offline demos, tests, benchmarks)."""
+    shape: dict[str, Any] = Field(default_factory=dict)
+    """LlamaConfig fields that override the architecture, e.g. {num_hidden_layers: 20} (init=random only)."""
+    save_random_base: bool | None = None
+    """init=random: write the random base into the run directory, so that the adapter can be reloaded onto
+    it. Default: for models under 2B parameters; larger ones are drawn directly on the devices."""
+    tokenizer: str | None = None
+    """Tokenizer hub id or directory. Default: the model's own; the tokenizer built in code for built-in shapes."""
+    attn_implementation: Literal[
+        "auto", "sdpa", "sdpa_varlen", "eager", "flash_attention_2", "flex_attention"
+    ] = "auto"
+    """Attention kernel. 'auto' picks flash_attention_2 when flash_attn is importable on a GPU, else on a GPU
+    sdpa_varlen (SDPA, but packed batches go to torch's own varlen Flash kernel, row by row), else sdpa."""
+    fused_kernels: bool | Literal["auto"] = "auto"
+    """Liger kernels: fused RMSNorm, SwiGLU, RoPE, and linear + cross-entropy that never materializes the logits
+    (GPU, needs liger-kernel; Llama models). 'auto': on where they can run, off elsewhere (the log says which)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of the model."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with a hub model. Off unless you trust the repository."""
+
+
+class QuantConfig(Section):
+    """How bitsandbytes quantizes the frozen base."""
+
+    load_in_4bit: bool = True
+    """Quantize the frozen base to 4 bits with bitsandbytes (QLoRA). False trains LoRA on an unquantized base."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type. NF4 is the QLoRA paper's normal-float format."""
+    double_quant: bool = True
+    """Quantize the per-block scales too (saves about 0.4 bits per parameter)."""
+    storage_dtype: Literal["auto", "bfloat16", "float16", "float32", "uint8"] = "auto"
+    """dtype of the tensor that holds the packed 4-bit weights. 'auto' uses the FSDP parameter dtype
+    (parallel.mixed_precision), the only value FSDP can shard."""
+
+
+class LoraSettings(Section):
+    """The LoRA adapters (PEFT) that are trained."""
+
+    r: int = Field(16, gt=0)
+    """LoRA rank."""
+    alpha: float = Field(32.0, gt=0)
+    """LoRA scaling numerator: updates are scaled by alpha / r (alpha / sqrt(r) with use_rslora)."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the LoRA input."""
+    target_modules: str | list[str] = "all-linear"
+    """Module names to adapt, e.g. [q_proj, v_proj]; 'all-linear' adapts every linear layer but the output head."""
+    use_rslora: bool = False
+    """Rank-stabilized LoRA scaling (alpha / sqrt(r))."""
+    compute_dtype: Literal["auto", "float32"] = "auto"
+    """dtype the adapters compute in. 'auto': the run's compute dtype (bf16 under parallel.mixed_precision=bf16,
+    through autocast, as the Hugging Face Trainer does); their weights, gradients and optimizer state stay
+    float32 either way. 'float32': PEFT's default, every adapter input cast up (measured slower on GPU)."""
+    fused: bool | Literal["auto"] = "auto"
+    """Add each adapter's update to the base output inside one matmul (addmm) instead of PEFT's copy, scale
+    and sum (fused_lora.py; same adapters and files, the sum rounded once). 'auto': on, except under
+    parallel.backend=deepspeed, which gathers a weight only when its own module runs."""
+
+
+class GeneratedTaskConfig(Section):
+    """The built-in instruction task: letter strings to sort (ascending or descending) or reverse."""
+
+    rows: int = Field(6000, gt=0)
+    """Number of generated rows (train + eval)."""
+    tasks: list[Literal["sort", "sort_desc", "reverse"]] = Field(
+        default_factory=lambda: ["sort", "sort_desc"]
+    )
+    """Which letter tasks to mix: 'sort' them a to z, 'sort_desc' z to a, 'reverse' them (learned more slowly)."""
+    letters: str = "abcdefgh"
+    """Alphabet the strings are drawn from."""
+    min_len: int = Field(3, gt=0)
+    """Shortest string."""
+    max_len: int = Field(5, gt=0)
+    """Longest string."""
+
+
+class DataConfig(Section):
+    """Rows, their format, tokenization and the held-out split."""
+
+    source: str = "generated"
+    """Where rows come from: 'generated' (the built-in letter tasks), a local .jsonl/.json/.parquet/.csv file,
+    or a Hugging Face dataset name."""
+    subset: str | None = None
+    """Hub dataset configuration name, if the dataset has several."""
+    split: str = "train"
+    """Split to train on."""
+    eval_source: str | None = None
+    """Separate eval data (file or hub name). Default: hold out data.test_size of the training rows."""
+    eval_split: str | None = None
+    """Split of the source (or of eval_source) to evaluate on, e.g. 'test'. Default: hold out data.test_size."""
+    test_size: float = Field(0.05, gt=0)
+    """Held-out eval rows: a fraction (<1) or a count (>=1) of the training rows."""
+    max_rows: int | None = Field(None, gt=0)
+    """Use only the first N rows of the source (after filtering)."""
+    format: Literal["auto", "alpaca", "chat", "prompt_completion", "text"] = "auto"
+    """Row format. 'auto' picks from the columns: messages -> chat; instruction+output -> alpaca;
+    prompt+completion -> prompt_completion; text -> text."""
+    fields: dict[str, str] = Field(default_factory=dict)
+    """Templates that build a format's fields from the row's columns, e.g.
+    {instruction: 'Describe {product}', output: '{description}'}. Unset fields use the same-named column."""
+    keep_if_empty: list[str] = Field(default_factory=list)
+    """Keep only rows whose listed columns are empty, e.g. [input] keeps alpaca rows without an input."""
+    response_suffix: str = ""
+    """Text appended to every response (before EOS), e.g. '\\n\\n### End'."""
+    max_len: int = Field(512, gt=1)
+    """Longest tokenized row; longer rows are truncated (the count is reported)."""
+    completion_only: bool = True
+    """Compute the loss on response tokens only (prompt tokens get label -100). Ignored for format=text."""
+    append_eos: bool = True
+    """Append the tokenizer's EOS token to every response (chat rows: the chat template decides)."""
+    chat_template: str | None = None
+    """Chat template for format=chat: a Jinja string or a built-in name ('human_assistant', 'llama3').
+    Default: the tokenizer's own."""
+    packing: bool = False
+    """Padding-free batches: the rows of a micro-batch are laid end to end in one sequence whose position ids
+    restart at every row, so that no compute goes to padding and rows cannot attend to each other (the
+    attention kernel gets the row boundaries). The rows of each step, and the per-token loss, are unchanged."""
+    pad_token: str | None = None
+    """Token used for padding. Default: the tokenizer's pad token, else a reserved special token, else EOS."""
+    generated: GeneratedTaskConfig = Field(default_factory=GeneratedTaskConfig)
+    """The built-in generated task (data.source=generated)."""
+
+
+class OptimConfig(Section):
+    """AdamW and the learning-rate schedule."""
+
+    lr: float = Field(3e-3, gt=0)
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW decoupled weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = Field(1e-8, gt=0)
+    """AdamW epsilon."""
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate schedule after warmup."""
+    warmup_steps: int = Field(20, ge=0)
+    """Linear warmup steps."""
+
+
+class TrainConfig(Section):
+    """The loop: steps, batch sizes, logging, checkpoints, resume."""
+
+    output_dir: str = "runs"
+    """Directory that holds run directories."""
+    run_name: str | None = None
+    """Run directory name under output_dir. Default: the recipe's file name. resume=auto continues it."""
+    seed: int = 0
+    """Seed for the model init, LoRA init, data split, shuffling and dropout."""
+    max_steps: int | None = Field(200, gt=0)
+    """Optimizer steps to train. None: train for `epochs` over the data."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the training rows when max_steps is None."""
+    global_batch_size: int = Field(32, gt=0)
+    """Rows per optimizer step across all processes (fixed when the number of processes changes)."""
+    micro_batch_size: int = Field(16, gt=0)
+    """Rows per forward pass per process. Gradient accumulation = global / (micro x processes)."""
+    micro_batch_tokens: int | None = Field(None, gt=0)
+    """With data.packing: size micro-batches in tokens instead of rows. Each step's rows (still
+    global_batch_size of them) are cut into micro-batches of at most this many tokens, every process getting as
+    many micro-batches and about as many tokens as the others; train.micro_batch_size is then unused. At least
+    data.max_len (rows stay whole). Memory follows the budget, not the luck of the draw."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Clip the global gradient norm to this value (None: no clipping)."""
+    log_every: int = Field(10, gt=0)
+    """Print a metrics line every N steps."""
+    save_every: int = Field(100, ge=0)
+    """Save a checkpoint every N steps (0: only at the end)."""
+    save_every_minutes: float | None = Field(None, gt=0)
+    """Also save when this many minutes have passed since the last save."""
+    keep_last: int = Field(2, gt=0)
+    """Checkpoints kept; older ones are deleted once a newer one is complete."""
+    save_timeout_minutes: float = Field(120.0, gt=0)
+    """How long ranks wait for each other around a checkpoint save or load (slow storage), separately from
+    the training collectives' timeout (parallel.timeout_minutes)."""
+    resume: str = "auto"
+    """'auto' continues from the run's latest valid checkpoint if there is one; 'never' refuses to reuse a
+    run directory that has checkpoints; or the path of a checkpoint to start from."""
+
+
+class ParallelConfig(Section):
+    """Devices and FSDP. `accelerate launch --config_file X.yaml` sets these from X.yaml."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train: 'auto' uses the GPUs when CUDA is available, else the CPU (gloo)."""
+    backend: Literal["fsdp", "deepspeed"] = "fsdp"
+    """What shards the frozen 4-bit base: torch FSDP1, or DeepSpeed ZeRO-3 (accelerate: distributed_type
+    DEEPSPEED, zero_stage 3; needs `pip install deepspeed`), which then also partitions the adapters, their
+    gradients and AdamW state."""
+    sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD", "auto"] = (
+        "FULL_SHARD"
+    )
+    """FSDP sharding strategy (accelerate: fsdp_sharding_strategy); HYBRID_SHARD shards within each machine
+    and replicates across machines. 'auto' (shardtune's own value) keeps the whole 4-bit base on every GPU
+    (NO_SHARD: FSDP gathers nothing, only the adapters' gradients cross GPUs) where `shardtune plan` says it
+    fits with no more recomputation than sharding it would need, else shards it (HYBRID_SHARD on several
+    machines, FULL_SHARD on one); FULL_SHARD on a CPU, with CPU offload and under DeepSpeed."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Compute and FSDP parameter dtype (accelerate: mixed_precision). 'no' is float32. The 4-bit storage
+    dtype follows it; LoRA weights and optimizer state stay float32."""
+    wrap_class: str = "LlamaDecoderLayer"
+    """Decoder-layer class that FSDP wraps as one unit (accelerate: fsdp_transformer_layer_cls_to_wrap)."""
+    activation_checkpointing: bool | Literal["auto", "selective"] = False
+    """Recompute decoder layers in backward instead of storing their activations, applied through FSDP
+    (accelerate: fsdp_activation_checkpointing). 'selective' recomputes no layer whole, only what is cheap to
+    redo: the LoRA dropout masks, drawn again in backward instead of kept with a dropped copy of each adapter's
+    input (lora.fused; 30% less activation memory at 70B widths with dropout, ~3% more time); `true` does the
+    same in the layers it does not recompute. On a GPU the fused layers' dropout kernel keeps no masks in any
+    mode, so there 'selective' is the same as none. 'auto' picks, from the GPU's memory and `shardtune plan`'s
+    estimate, the least recomputation that fits: none, or every checkpoint_every-th layer for the largest k
+    that fits."""
+    checkpoint_every: int = Field(1, ge=1)
+    """With activation checkpointing, recompute every k-th decoder layer (1: all of them, 2: half, ...)."""
+    cpu_offload: bool = False
+    """Keep sharded parameters and gradients in CPU memory between uses (accelerate: fsdp_offload_params).
+    GPU only."""
+    backward_prefetch: Literal["BACKWARD_PRE", "BACKWARD_POST", "NO_PREFETCH"] = "BACKWARD_PRE"
+    """When FSDP fetches the next layer's parameters in backward (accelerate: fsdp_backward_prefetch)."""
+    forward_prefetch: bool = False
+    """Fetch the next layer's parameters before the current forward finishes (accelerate: fsdp_forward_prefetch)."""
+    limit_all_gathers: bool = True
+    """Bound in-flight all-gathers so that memory stays predictable."""
+    gpu_memory_limit_gib: float | None = Field(None, gt=0)
+    """Cap each process's GPU memory (torch.cuda.set_per_process_memory_fraction), e.g. 24 to check that a run
+    fits 24 GB GPUs on bigger ones."""
+    launch_config: str | None = None
+    """An accelerate config YAML to take FSDP settings from when not started by `accelerate launch`
+    (e.g. under torchrun)."""
+    timeout_minutes: float = Field(30.0, gt=0)
+    """Collective timeout. Sized so that a slow checkpoint save cannot trip it."""
+
+
+class EvalConfig(Section):
+    """Held-out loss and generated samples."""
+
+    every: int = Field(50, ge=0)
+    """Evaluate every N steps (0: only before and after training)."""
+    max_rows: int | None = Field(512, gt=0)
+    """Evaluate on at most N held-out rows."""
+    batch_size: int = Field(16, gt=0)
+    """Eval rows per forward pass per process."""
+    samples: int = Field(64, ge=0)
+    """Held-out rows to generate completions for at the end (exact-match accuracy is reported)."""
+    show: int = Field(6, ge=0)
+    """Generated samples printed in the run log."""
+    questions: list[str] = Field(default_factory=list)
+    """Free-form instructions to answer after training (written to generations.jsonl)."""
+    max_new_tokens: int = Field(24, gt=0)
+    """Longest generated completion."""
+
+
+class Config(Section):
+    """A whole run. Recipes build one of these and change a few fields."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    quant: QuantConfig = Field(default_factory=QuantConfig)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        cross_checks(self)
+        return self
+
+    # Derived settings: one source of truth for dtypes, read by the model and parallel components.
+    @property
+    def param_dtype(self) -> str:
+        """FSDP parameter / compute dtype name."""
+        return PARAM_DTYPES[self.parallel.mixed_precision]
+
+    @property
+    def storage_dtype(self) -> str:
+        """dtype holding the packed 4-bit weights."""
+        return self.param_dtype if self.quant.storage_dtype == "auto" else self.quant.storage_dtype

@@ -1,0 +1,179 @@
+"""Where a run's metrics go: a progress bar (on a terminal), log lines, TensorBoard, metrics.jsonl, loss.png."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def train_steps(run_dir: Path) -> list[dict]:
+    """The training-step records of a run's metrics.jsonl, in order (eval and note records left out)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if '"tokens_per_s_per_device"' in x]
+
+
+def format_line(step: int, total: int, m: dict, eta_s: float | None = None) -> str:
+    gpu = f"{m['gpu_peak_gib']:.2f} GiB" if m.get("gpu_peak_gib") is not None else "n/a (CPU)"
+    eta = f", ETA {int(eta_s) // 60}m{int(eta_s) % 60:02d}s" if eta_s is not None else ""
+    return (
+        f"step {step}/{total} ({100 * step / total:.0f}%{eta}) | loss {m['loss']:.4f} | lr {m['lr']:.2e} | grad norm {m['grad_norm']:.3f} | "
+        f"{m['tokens_per_s_per_device']:,.0f} tok/s/{m['device_kind']} | MFU {100 * m['mfu']:.2f}% | "
+        f"peak GPU mem {gpu} | peak host RAM {m['host_peak_gib']:.2f} GiB"
+    )
+
+
+class MetricsSink:
+    """Rank 0's outputs: a progress bar (on a terminal), log lines, TensorBoard events, metrics.jsonl, loss.png."""
+
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool):
+        self.enabled = enabled
+        self.run_dir = run_dir
+        self.total = total_steps
+        self.start_step, self.started = start_step, time.perf_counter()
+        self.train_points: list[tuple[int, float]] = []
+        self.eval_points: list[tuple[int, float]] = []
+        self.bar = self.tb = self.jsonl = None
+        self.warned_retries = False
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm.auto import tqdm
+
+        # A resumed run's records go on from its checkpoint's: what an earlier start logged past it (steps this
+        # one redoes, after a crash; all of it when no checkpoint was left) is dropped from metrics.jsonl and
+        # hidden in TensorBoard (purge_step)
+        kept = self._records_up_to(run_dir / "metrics.jsonl", start_step)
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else 0)
+        self.jsonl = (run_dir / "metrics.jsonl").open("a")
+        # A bar redraws in place on a terminal; in a log file (CI, SLURM) the log lines carry progress and ETA.
+        self.bar = (
+            tqdm(
+                total=total_steps,
+                initial=start_step,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+                leave=False,
+            )
+            if sys.stderr.isatty()
+            else None
+        )
+        # A resumed run keeps drawing its whole curve.
+        for rec in kept:
+            if "loss" in rec:
+                self.train_points.append((rec["step"], rec["loss"]))
+            if "eval_loss" in rec:
+                self.eval_points.append((rec["step"], rec["eval_loss"]))
+
+    @staticmethod
+    def _records_up_to(path: Path, step: int) -> list[dict]:
+        """The records of metrics.jsonl up to checkpoint `step` (none for a fresh start), the file rewritten
+        without the rest: records past it, and a line cut short by a crash mid-write."""
+        if not path.is_file():
+            return []
+        lines = path.read_text().splitlines()
+        kept = []
+        for line in lines if step else []:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("step", -1) <= step:
+                kept.append(rec)
+        if len(kept) < len(lines):
+            from shardtune.files import write_atomic
+
+            write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+            log.info(
+                "metrics.jsonl: %d record(s) past step %d or cut short dropped", len(lines) - len(kept), step
+            )
+        return kept
+
+    def write(self, text: str) -> None:
+        if self.enabled:
+            (self.bar.write if self.bar is not None else print)(text)
+
+    def _record(self, rec: dict) -> None:
+        self.jsonl.write(json.dumps(rec) + "\n")
+        self.jsonl.flush()
+
+    def train_step(self, step: int, m: dict, log_line: bool) -> None:
+        if not self.enabled:
+            return
+        self.train_points.append((step, m["loss"]))
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(
+                loss=f"{m['loss']:.4f}",
+                lr=f"{m['lr']:.1e}",
+                tok_s=f"{m['tokens_per_s_per_device']:,.0f}",
+                refresh=False,
+            )
+        for key in ("loss", "lr", "grad_norm", "tokens_per_s_per_device", "mfu", "host_peak_gib"):
+            self.tb.add_scalar(f"train/{key}", m[key], step)
+        if m.get("alloc_retries") and not self.warned_retries:
+            self.warned_retries = True
+            self.write(
+                f"[shardtune] warning: by step {step} the CUDA allocator emptied its cache and retried "
+                f"{m['alloc_retries']} time(s), stalling those steps: GPU memory is at its limit. A smaller "
+                "train.micro_batch_size, or recomputing some layers (parallel.activation_checkpointing=auto), "
+                "may train faster here."
+            )
+        if log_line:
+            done = step - self.start_step
+            eta = (time.perf_counter() - self.started) / done * (self.total - step) if done else None
+            self.write(format_line(step, self.total, m, eta))
+            self._record({"step": step, **m})
+
+    def eval(self, step: int, m: dict) -> None:
+        if not self.enabled:
+            return
+        self.eval_points.append((step, m["eval_loss"]))
+        self.tb.add_scalar("eval/loss", m["eval_loss"], step)
+        self._record({"step": step, **m})
+        peak = f" (peak GPU mem so far {m['gpu_peak_gib']:.2f} GiB)" if m.get("gpu_peak_gib") else ""
+        self.write(f"eval @ step {step}: loss {m['eval_loss']:.4f} over {m['eval_tokens']:,} tokens{peak}")
+
+    def note(self, rec: dict) -> None:
+        if self.enabled:
+            self._record(rec)
+
+    def plot(self) -> Path | None:
+        """loss.png: training loss per step and eval loss per evaluation."""
+        if not self.enabled or not self.train_points:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(*zip(*self.train_points, strict=True), lw=1, label="train loss")
+        if self.eval_points:
+            ax.plot(*zip(*self.eval_points, strict=True), "o-", label="eval loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (per response token)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.set_title(self.run_dir.name)
+        fig.tight_layout()
+        path = self.run_dir / "loss.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self.tb.close()
+        self.jsonl.close()

@@ -1,0 +1,191 @@
+"""The settings a run leaves to `auto`, decided from the plan: activation checkpointing and where the frozen base
+lives (parallel.activation_checkpointing, parallel.sharding_strategy), the fastest choice whose planned peak
+fits the GPU's memory; and `shardtune plan --fit`: every combination that fits, fastest first."""
+
+from __future__ import annotations
+
+import torch
+
+from shardtune.config import Config, apply_overrides
+from shardtune.errors import ConfigError
+from shardtune.planning.estimate import GIB, Estimate, estimate
+
+# Checkpointing choices, least recomputation first: none, then every k-th layer, then all. ('selective' is
+# 'none' on a GPU: the dropout kernel already keeps no dropout masks.)
+CHECKPOINT_CHOICES = ((False, 1), (True, 4), (True, 3), (True, 2), (True, 1))
+AUTO_MARGIN = 0.85  # of the GPU's memory: fragmentation, and the plan's worst underestimate measured (-11%)
+
+
+def auto_choices(cfg: Config, gpus: int, nodes: int = 1) -> list[dict]:
+    """The settings `cfg` leaves to 'auto' (parallel.activation_checkpointing, parallel.sharding_strategy), each
+    combination as overrides, the fastest first: less recomputation first (a recomputed share s of the layers
+    costs 4/(4 + 2s) of the step: every 4th layer 11%, all 33%), and at equal recomputation the least sharding:
+    the base whole on every GPU (NO_SHARD: 0.3% for its wrapping on one H200), then sharded (FULL_SHARD: ~2%
+    across 2 H200s). On several machines the base is sharded within each (HYBRID_SHARD), with any recomputation,
+    before it is sharded across them (FULL_SHARD: every layer's all-gather would cross the network). It is
+    sharded wherever keeping it whole cannot help: one process, CPU offload (a whole copy per process in host
+    memory), DeepSpeed (which partitions it itself)."""
+    p = cfg.parallel
+    checkpointing = [{}]
+    if p.activation_checkpointing == "auto":
+        checkpointing = [
+            {"parallel.activation_checkpointing": ac, "parallel.checkpoint_every": every}
+            for ac, every in CHECKPOINT_CHOICES
+        ]
+    if p.sharding_strategy != "auto":
+        tiers = [[None]]
+    elif p.cpu_offload:
+        tiers = [["FULL_SHARD"]]
+    else:
+        tiers = sharding_tiers(gpus, nodes, p.backend)
+    return [
+        {**c, **({"parallel.sharding_strategy": s} if s else {})}
+        for tier in tiers
+        for c in checkpointing
+        for s in tier
+    ]
+
+
+def sharding_tiers(gpus: int, nodes: int, backend: str) -> list[list[str]]:
+    """Where the frozen base can live, least sharding first: whole on every GPU, then sharded within a machine
+    (several machines), then over all GPUs; grouped in tiers that auto_choices tries one after the other at every
+    recomputation (FULL_SHARD across machines only when nothing fits a machine). One process has nothing to
+    shard, and DeepSpeed partitions the base whatever FSDP's strategy says."""
+    if gpus == 1 or backend != "fsdp":
+        return [["FULL_SHARD"]]
+    if nodes > 1:
+        return [["NO_SHARD", "HYBRID_SHARD"], ["FULL_SHARD"]]
+    return [["NO_SHARD", "FULL_SHARD"]]
+
+
+def choose_auto(
+    cfg: Config, conf, gpus: int, gpu_mem: float | None, nodes: int = 1
+) -> tuple[dict, Estimate | None]:
+    """What `cfg` leaves to 'auto', decided: the first of auto_choices whose planned peak fits `gpu_mem`, or the
+    last (everything recomputed, the base sharded) when none does (the plan may be pessimistic). Without a GPU
+    limit (a CPU run): no recomputation and the base sharded, as on GPUs (the processes share the host's
+    memory, which sharding spares)."""
+    choices = auto_choices(cfg, gpus, nodes)
+    if gpu_mem is None:
+        cpu = {"parallel.activation_checkpointing": False, "parallel.sharding_strategy": "FULL_SHARD"}
+        choice = next(c for c in choices if all(c.get(k, v) == v for k, v in cpu.items()))
+        return choice, None
+    est = None
+    for choice in choices:
+        est = estimate(apply_overrides(cfg, choice, "auto"), conf, gpus, nodes)
+        if est.gpu_peak <= AUTO_MARGIN * gpu_mem:
+            return choice, est
+    return choice, est
+
+
+def device_memory(cfg: Config, device: torch.device) -> float | None:
+    """Bytes of GPU memory a run on `device` may use (its total, or parallel.gpu_memory_limit_gib if lower);
+    None on a CPU."""
+    if device.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    limit = cfg.parallel.gpu_memory_limit_gib
+    return min(total, limit * GIB) if limit else total
+
+
+def resolve_auto(
+    cfg: Config, conf, gpus: int, gpu_mem: float | None, nodes: int = 1
+) -> tuple[Config, Estimate | None]:
+    """`cfg` with parallel.activation_checkpointing and parallel.sharding_strategy 'auto' replaced by
+    choose_auto's choice (as it is when neither is auto), and the estimate of that choice (None when nothing
+    was chosen or there is no GPU limit). `gpus` in all, on `nodes` machines."""
+    if not auto_choices(cfg, gpus, nodes)[0]:
+        return cfg, None
+    choice, est = choose_auto(cfg, conf, gpus, gpu_mem, nodes)
+    return apply_overrides(cfg, choice, "auto"), est
+
+
+def describe_auto(before: Config, after: Config) -> str:
+    """What 'auto' decided (`before` unresolved, `after` resolved), in words."""
+    parts = []
+    if before.parallel.activation_checkpointing == "auto":
+        parts.append(f"activation checkpointing {describe_checkpointing(after)}")
+    if before.parallel.sharding_strategy == "auto":
+        strategy = after.parallel.sharding_strategy
+        where = {"NO_SHARD": " (the whole 4-bit base on every GPU)", "HYBRID_SHARD": " (within each machine)"}
+        parts.append(f"sharding {strategy}{where.get(strategy, '')}")
+    return ", ".join(parts)
+
+
+def describe_checkpointing(cfg: Config) -> str:
+    """The checkpointing a (resolved) configuration runs, in words."""
+    from shardtune.parallel.checkpointing import checkpointed_every
+
+    every = checkpointed_every(cfg.parallel)
+    if not every:
+        return "none (every layer keeps its activations)"
+    suffix = {2: "nd", 3: "rd"}.get(every, "th")
+    return "every layer" if every == 1 else f"every {every}{suffix} layer"
+
+
+def batch_problem(cfg: Config, gpus: int, micro_batch: bool = True) -> str | None:
+    """Why the run would refuse this global batch on `gpus` processes (None when it would not): every process
+    gets the same rows per step, cut into micro-batches of the same size (data/loader.py, GlobalBatchSampler).
+    `micro_batch` False leaves train.micro_batch_size out (--fit chooses it)."""
+    g = cfg.train.global_batch_size
+    if g % gpus:
+        lower, higher = (g // gpus) * gpus, (g // gpus + 1) * gpus
+        multiples = f"{lower} or {higher}" if lower else f"{higher}"
+        return (
+            f"train.global_batch_size={g} is not a multiple of the {gpus} GPUs: the run gives every process the "
+            f"same number of rows per step and would refuse it. Set train.global_batch_size={multiples}, or plan "
+            f"for a number of GPUs that divides {g}"
+        )
+    m = cfg.train.micro_batch_size
+    if micro_batch and cfg.train.micro_batch_tokens is None and g % (m * gpus):
+        return (
+            f"train.global_batch_size={g} is not a multiple of train.micro_batch_size={m} x {gpus} GPUs: the run "
+            f"would refuse it. Set train.micro_batch_size to a divisor of {g // gpus} (the rows per GPU per step), "
+            f"or let --fit choose one"
+        )
+    return None
+
+
+def fit(cfg: Config, conf, gpus: int, gpu_mem: float, nodes: int, gpu_name: str) -> list[Estimate]:
+    """Every micro-batch x checkpointing x placement of the base (whole on every GPU, sharded, sharded and
+    offloaded) combination that fits `gpu_mem` bytes (with 5% kept for the allocator), fastest first.
+    Micro-batches are rows that divide the rows each GPU handles per step, or for packed rows token budgets of
+    1 to 32 rows of data.max_len (train.micro_batch_tokens: as full, and as predictable in memory, as the data
+    allows; not under DeepSpeed, which refuses them). Only settings the run accepts are tried (batch_problem)."""
+    problem = batch_problem(cfg, gpus, micro_batch=False)
+    if problem:  # no micro-batch can help: the global batch itself does not divide
+        raise ConfigError(problem)
+    per_gpu_rows = cfg.train.global_batch_size // gpus
+    sizes = [{"train.micro_batch_size": m} for m in (1, 2, 4, 8, 16, 32) if per_gpu_rows % m == 0]
+    if cfg.data.packing and cfg.parallel.backend == "fsdp":
+        rows = [m for m in (1, 2, 4, 8, 16, 32) if m <= per_gpu_rows]
+        sizes = [{"train.micro_batch_tokens": m * cfg.data.max_len} for m in rows]
+    # where the frozen base lives (sharding_tiers), or sharded and offloaded (a whole copy per process offloaded
+    # would only cost host memory); at equal planned speed (the network is not modelled) the first of these wins
+    sharding = [s for tier in sharding_tiers(gpus, nodes, cfg.parallel.backend) for s in tier]
+    placements = [(False, s) for s in sharding] + ([(True, "FULL_SHARD")] if gpus > 1 else [])
+    out = []
+    for size in sizes:
+        for ac, every in CHECKPOINT_CHOICES:
+            for offload, strategy in placements:
+                choice = {
+                    "parallel.activation_checkpointing": ac,
+                    "parallel.checkpoint_every": every,
+                    "parallel.cpu_offload": offload,
+                    "parallel.sharding_strategy": strategy,
+                }
+                est = estimate(
+                    apply_overrides(cfg, {**size, **choice}, "plan --fit"), conf, gpus, nodes, gpu_name
+                )
+                if est.gpu_peak <= 0.95 * gpu_mem:
+                    out.append(est)
+
+    def tokens(
+        e: Estimate,
+    ) -> int:  # at equal speed the bigger micro-batch (it keeps the GPU busier, not modelled)
+        return (
+            e.settings.get("train.micro_batch_tokens")
+            or e.settings["train.micro_batch_size"] * cfg.data.max_len
+        )
+
+    return sorted(out, key=lambda e: (e.step_s, -tokens(e)))

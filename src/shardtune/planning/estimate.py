@@ -1,0 +1,454 @@
+"""`shardtune plan`: will this configuration fit, and how long will it take, before any GPU is touched.
+
+    shardtune plan recipes/llama3_70b.py --gpus 4 --gpu-mem 24GiB [--nodes 1] [--host-ram 128GiB] [--fit]
+
+Memory per GPU is the sum of parts that follow from the shapes and the way shardtune shards (parallel.py):
+
+- the frozen base, sharded: 4-bit bytes of every linear layer (0.5 byte per weight), norms, embeddings and
+  the output head, divided by the number of GPUs; the 4-bit quantization statistics (absmax, kept whole by
+  every rank on the module); with CPU offload the shards live in host memory instead;
+- what FSDP gathers while computing: the root unit (embeddings and head) stays whole from the forward to
+  the end of the backward; one decoder layer at a time plus one prefetched; bitsandbytes dequantizes each
+  weight to the compute dtype for its matmul;
+- the adapters, whole on every GPU: fp32 weights, gradients and two AdamW moments (16 bytes each);
+- activations: what autograd saves for one decoder layer is *measured*, by running a layer of the real
+  widths on the meta device (no memory, no GPU) and adding up the tensors it keeps for the backward, with
+  attention saving what a fused kernel saves; with activation checkpointing every layer keeps its input
+  and one layer is recomputed at a time;
+- logits and the loss: the output head's bf16 logits, their fp32 copy and log-softmax, and their gradient.
+
+Time: the step's model FLOPs (4N + 3A per token, metrics.py) over the GPU's dense bf16 peak times an
+efficiency measured on H200s by width and micro-batch (bench/results/); a rough figure, labelled as such.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from shardtune.config import Config, apply_overrides
+from shardtune.errors import ConfigError
+
+GIB = 2**30
+
+# Dense bf16 matmul rates (FLOP/s) of GPUs users name with --gpu: what MFU is measured against. H100/H200: the
+# rate measured on them (metrics.MEASURED_PEAK_FLOPS); the others: the data-sheet peak times the H200's
+# measured/data-sheet ratio (0.8).
+GPU_PEAKS = {"h200": 790e12, "h100": 790e12, "a100": 250e12, "a10g": 56e12, "l40s": 290e12, "l4": 97e12}
+# Memory of one GPU (what torch reports as total), for choices made without --gpu-mem.
+GPU_MEMORY = {
+    k: v * GIB
+    for k, v in {"h200": 139.8, "h100": 79.1, "a100": 79.1, "a10g": 22.0, "l40s": 44.4, "l4": 22.0}.items()
+}
+# Model-FLOP utilization without recomputation, by layer width: the best MFU, and the micro-batch (tokens) at
+# which half of it is lost to fixed per-step costs (kernel launches, FSDP hooks, the 4-bit dequantization of
+# every weight). 8192: fitted to one H200 with lora.fused, the one-kernel NF4 dequantization, the LoRA
+# dropout kernel and base + adapter in one Function (bench/results/2026-12-01-1xh200-one-function: 73.0% at
+# 12,288 tokens, 68.2% at 3,072), less the 2% FSDP cost across 2 GPUs; 4096: the same on one H200 at 12,288
+# tokens (64.3%, .../kernel1), less 2%, the half-point kept from the 2x H200 runs (2026-11-23-2xh200-c).
+MEASURED_MFU = ((8192, 0.733, 295), (4096, 0.707, 1500), (0, 0.20, 1500))
+OFFLOAD_SLOWDOWN = 1.34  # CPU offload, measured on the 80-layer 70B (bench/results/2026-11-23-2xh200)
+# The base whole on every GPU (NO_SHARD) instead of sharded: MEASURED_MFU has FULL_SHARD's 2% in it; NO_SHARD's
+# wrapping costs 0.3% (one H200, bench/results/2026-12-02-1xh200-gc) and the adapters' gradient all-reduce
+# ~0.2% (0.8 GB at the 300 GB/s measured between two H200s, per 1.6 s step). Projected, not yet measured on 2.
+WHOLE_BASE_SPEEDUP = 1.015
+
+
+def expected_mfu(
+    hidden: int, tokens: int, recomputed: float, offload: bool, whole_base: bool = False
+) -> float:
+    """MFU to expect: the width's measured best, less for small micro-batches, less again for the forward
+    recomputed in backward (4N + 2N·share FLOPs done for 4N counted), and for CPU offload; a little more with
+    the base whole on every GPU (no all-gathers)."""
+    best, half = next((b, h) for width, b, h in MEASURED_MFU if hidden >= width)
+    mfu = best * tokens / (tokens + half) * (WHOLE_BASE_SPEEDUP if whole_base else 1.0)
+    return mfu * 4 / (4 + 2 * recomputed) / (OFFLOAD_SLOWDOWN if offload else 1.0)
+
+
+@dataclass
+class Shape:
+    hidden: int
+    inter: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+
+    @classmethod
+    def of(cls, conf) -> Shape:
+        heads = conf.num_attention_heads
+        return cls(
+            conf.hidden_size,
+            conf.intermediate_size,
+            conf.num_hidden_layers,
+            heads,
+            getattr(conf, "num_key_value_heads", None) or heads,
+            getattr(conf, "head_dim", None) or conf.hidden_size // heads,
+            conf.vocab_size,
+            bool(getattr(conf, "tie_word_embeddings", False)),
+        )
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of every linear layer of one decoder layer, by PEFT's module names."""
+        d, f, q, kv = self.hidden, self.inter, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return {
+            "q_proj": (d, q),
+            "k_proj": (d, kv),
+            "v_proj": (d, kv),
+            "o_proj": (q, d),
+            "gate_proj": (d, f),
+            "up_proj": (d, f),
+            "down_proj": (f, d),
+        }
+
+    @property
+    def layer_weights(self) -> int:
+        return sum(i * o for i, o in self.linears().values())
+
+    @property
+    def root_weights(self) -> int:
+        """Embeddings and output head (one matrix when tied), final norm."""
+        return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
+
+
+def lora_parameters(shape: Shape, r: int, targets) -> int:
+    names = shape.linears()
+    chosen = names if targets == "all-linear" else {k: v for k, v in names.items() if k in set(targets)}
+    return shape.layers * sum(r * (i + o) for i, o in chosen.values())
+
+
+@dataclass
+class Estimate:
+    """One configuration's prediction; bytes unless named otherwise."""
+
+    settings: dict
+    gpu: dict[str, float] = field(default_factory=dict)  # part -> bytes per GPU at the training peak
+    eval_bytes: float = 0.0  # per GPU during an eval forward (no activations kept, a batch of logits)
+    host: dict[str, float] = field(default_factory=dict)  # phase -> bytes per node
+    checkpoint_bytes: float = 0.0
+    step_s: float = 0.0
+    tokens_per_s_per_gpu: float = 0.0
+    total_s: float = 0.0
+
+    @property
+    def gpu_peak(self) -> float:
+        return max(sum(self.gpu.values()), self.eval_bytes)
+
+
+@functools.cache
+def layer_activation_bytes(
+    hidden: int,
+    inter: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    lora_key: tuple,
+    tokens: int,
+    seq: int,
+    dtype: str = "bfloat16",
+    adapter_dtype: str = "float32",
+) -> int:
+    """Bytes autograd saves for one decoder layer's backward, for `tokens` tokens in rows of `seq`: a layer of
+    these widths (frozen weights in the compute `dtype`, LoRA adapters computing in `adapter_dtype`: fp32
+    makes PEFT keep an fp32 copy of every adapter's input) runs on the meta device."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from transformers import AttentionInterface, LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    AttentionInterface.register("shardtune_fused", _fused_attention)
+    conf = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        num_hidden_layers=1,
+    )
+    conf._attn_implementation = "shardtune_fused"
+    r, alpha, dropout, chosen, fused, replay = lora_key
+    with torch.device("meta"):
+        compute = getattr(torch, dtype)
+        layer = LlamaDecoderLayer(conf, 0).to(compute).requires_grad_(False)
+        names = list(Shape(hidden, inter, 1, heads, kv_heads, head_dim, 1, False).linears())
+        targets = names if chosen == "all-linear" else [n for n in names if n in chosen]
+        lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
+        if fused:  # lora.fused: saves no copy of the adapters' inputs (fused_lora.py)
+            from shardtune.kernels import fused_lora
+
+            fused_lora.register(lora)
+        layer = inject_adapter_in_model(lora, layer)
+        if replay:  # only the adapters' inputs kept (the dropout kernel; selective recomputation)
+            fused_lora.replay_dropout(layer)
+        for name, p in layer.named_parameters():
+            if "lora_" in name:
+                p.data = p.data.to(getattr(torch, adapter_dtype))
+                p.requires_grad_(True)
+        rows = max(1, tokens // seq)
+        x = torch.empty(rows, seq, hidden, dtype=compute, requires_grad=True)
+        positions = torch.arange(seq).unsqueeze(0).expand(rows, -1)
+        cos, sin = (t.to(compute) for t in LlamaRotaryEmbedding(conf)(x, positions))
+    shared = [*layer.parameters(), cos, sin]  # not the layer's own memory: weights, the model's RoPE table
+    # PEFT's own forward under autocast gives every adapter its own bf16 copy of the input (autocast's cast of
+    # PEFT's fp32 copy), where this count sees views of one input: count each view as the copy it is there
+    return saved_bytes(lambda: layer(x, position_embeddings=(cos, sin)), shared, views_apart=not fused)
+
+
+def saved_bytes(forward, shared: list[torch.Tensor], views_apart: bool = False) -> int:
+    """Bytes of the tensors autograd keeps while `forward()` runs, each allocation counted once (a tensor and
+    its views; with `views_apart` each view saved as its own), leaving out `shared` tensors and views of them
+    (a weight's transpose costs no memory)."""
+    skip = {id(t) for t in shared}
+    kept: dict[int, torch.Tensor] = {}
+
+    def pack(t: torch.Tensor):
+        root = t
+        while root._base is not None:
+            root = root._base
+        if id(root) not in skip:
+            held = t if views_apart else root
+            kept[id(held)] = held  # holding it keeps its id unique until we are done
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(t.numel() * t.element_size() for t in kept.values())
+
+
+class _FusedAttention(torch.autograd.Function):
+    """Stands in for flash / memory-efficient attention when counting: saves q, k, v, the output and the
+    per-row log-sum-exp, as those kernels do (no seq x seq matrix)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _fused_attention(module, query, key, value, attention_mask, **kwargs):
+    out = _FusedAttention.apply(query, key, value)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@dataclass
+class _Layout:
+    """How one configuration places the run on `n` GPUs, as the estimate's parts need it."""
+
+    n: int  # GPUs in all
+    tokens: int  # the most one forward holds: micro-batch rows x data.max_len, or the token budget
+    row: int  # the longest sequence (a token budget's micro-batch is one packed sequence)
+    compute: int  # bytes of the compute dtype
+    shards: int  # the GPUs the frozen base is sharded over
+    offload: bool  # the base's shards in host memory (CPU offload)
+    fused: bool  # Liger's fused kernels (no logits held)
+    every: int  # every how many layers one is recomputed (0: none)
+    recomputed: float  # the share of the layers recomputed
+
+    @classmethod
+    def of(cls, cfg: Config, conf, s: Shape, gpus: int, nodes: int) -> _Layout:
+        from shardtune.model.modeling import fused_kernels
+        from shardtune.parallel.checkpointing import checkpointed_every, checkpointed_fraction
+
+        n = max(gpus, 1)
+        tokens = cfg.train.micro_batch_tokens or cfg.train.micro_batch_size * cfg.data.max_len
+        # the GPUs the frozen base is sharded over: NO_SHARD keeps it whole on each (no all-gathers), HYBRID_SHARD
+        # shards it within a node
+        shards = {"NO_SHARD": 1, "HYBRID_SHARD": max(1, n // max(nodes, 1))}.get(
+            cfg.parallel.sharding_strategy, n
+        )
+        return cls(
+            n=n,
+            tokens=tokens,
+            # a token budget's micro-batch is one packed sequence of that many tokens (rows of data.max_len would
+            # round it down to whole rows)
+            row=tokens if cfg.train.micro_batch_tokens else cfg.data.max_len,
+            compute=4 if cfg.param_dtype == "float32" else 2,  # fp32 runs cost twice (rare on GPUs)
+            shards=shards,
+            offload=cfg.parallel.cpu_offload and n > 1,  # one process trains the plain module (fsdp.py)
+            # 'auto' on a GPU: on when liger-kernel is installed here (plan where the job's environment is)
+            fused=cfg.model.fused_kernels is True or fused_kernels(cfg, conf, "cuda"),
+            every=checkpointed_every(cfg.parallel),
+            recomputed=checkpointed_fraction(cfg.parallel, s.layers),
+        )
+
+
+def estimate(cfg: Config, conf, gpus: int, nodes: int = 1, gpu_name: str = "h200") -> Estimate:
+    """Predicted memory and time of one configuration on `gpus` GPUs in total."""
+    s = Shape.of(conf)
+    at = _Layout.of(cfg, conf, s, gpus, nodes)
+    lora = lora_parameters(s, cfg.lora.r, cfg.lora.target_modules)
+    gpu = _gpu_memory(cfg, s, at, lora)
+    # evaluation: the same weights, no activations kept, an eval batch of bf16 logits, their fp32 copy and
+    # log-softmax (10 bytes per logit; measured: rank 0 of an 8B run peaked 6.3 GiB higher evaluating 4 rows)
+    eval_rows = min(cfg.eval.batch_size, cfg.eval.max_rows or cfg.eval.batch_size)
+    static = sum(v for k, v in gpu.items() if k not in ("activations", "logits + loss"))
+    eval_bytes = static + 10 * eval_rows * cfg.data.max_len * s.vocab
+    step_s = _step_seconds(cfg, conf, s, at, gpu_name)
+    size = "train.micro_batch_tokens" if cfg.train.micro_batch_tokens else "train.micro_batch_size"
+    settings = {
+        size: cfg.train.micro_batch_tokens or cfg.train.micro_batch_size,
+        "parallel.activation_checkpointing": bool(at.every),
+        "parallel.checkpoint_every": at.every or 1,
+        "parallel.cpu_offload": at.offload,
+    }
+    if at.n > 1 and cfg.parallel.backend == "fsdp":
+        settings["parallel.sharding_strategy"] = cfg.parallel.sharding_strategy
+    rows_per_step = cfg.train.global_batch_size
+    return Estimate(
+        settings=settings,
+        gpu=gpu,
+        host=_host_memory(s, at, nodes, lora, _base_shard(s, at)),
+        eval_bytes=eval_bytes,
+        checkpoint_bytes=12 * lora,  # fp32 adapters + two AdamW moments
+        step_s=step_s,
+        tokens_per_s_per_gpu=rows_per_step * cfg.data.max_len / step_s / at.n,
+        total_s=step_s * (cfg.train.max_steps or 0),
+    )
+
+
+def _base_shard(s: Shape, at: _Layout) -> float:
+    """Bytes of the frozen base one GPU holds: 4-bit linear weights, norms, embeddings and head, sharded."""
+    lin, norms = s.layers * s.layer_weights, s.layers * 2 * s.hidden
+    return (lin * 0.5 + norms * at.compute + s.root_weights * at.compute) / at.shards
+
+
+def _gpu_memory(cfg: Config, s: Shape, at: _Layout, lora: int) -> dict[str, float]:
+    """Bytes per GPU at the training peak, part by part."""
+    from shardtune.model.modeling import lora_fused
+
+    compute, tokens = at.compute, at.tokens
+    lin = s.layers * s.layer_weights
+    # absmax per 64 weights: one byte with double quantization (plus fp32 per 256 blocks), else fp32
+    quant_state = lin / 64 * (1 + 4 / 256 if cfg.quant.double_quant else 4)
+    layer_full = s.layer_weights * 0.5 + 2 * s.hidden * compute
+    # Liger's SwiGLU keeps no activation output (recomputed in backward) and its RMSNorm no fp32 copy of the
+    # input (two norms per layer)
+    liger = tokens * (s.inter * compute + 2 * s.hidden * 4) if at.fused else 0
+    lora_key = (
+        cfg.lora.r,
+        cfg.lora.alpha,
+        cfg.lora.dropout,
+        _target_key(cfg.lora.target_modules),
+        lora_fused(cfg),
+    )
+    adapter_dtype = cfg.param_dtype if cfg.lora.compute_dtype == "auto" else "float32"
+    widths = (s.hidden, s.inter, s.heads, s.kv_heads, s.head_dim)
+
+    def per_layer(replay: bool) -> float:
+        key = (*lora_key, replay)
+        return layer_activation_bytes(*widths, key, tokens, at.row, cfg.param_dtype, adapter_dtype) - liger
+
+    return {
+        "4-bit base shard": 0.0 if at.offload else _base_shard(s, at),
+        "4-bit statistics (whole)": quant_state,
+        # the root unit stays gathered from forward to backward (FSDP1 does not reshard the root); its own
+        # shard is counted above unless offloaded (measured: -20% without this on the offloaded 80-layer 70B)
+        "embeddings + head, gathered": s.root_weights
+        * compute
+        * (1 if at.offload else (at.shards - 1) / at.shards),
+        "2 decoder layers, gathered": 2 * layer_full if at.shards > 1 else 0.0,
+        "dequantized weights (2 matmuls)": 2 * max(i * o for i, o in s.linears().values()) * compute,
+        # FSDP leaves the adapters whole on every rank; ZeRO-3 partitions them with their gradients and AdamW
+        **(
+            {"adapters + grads + AdamW (whole)": 16 * lora}
+            if cfg.parallel.backend == "fsdp"
+            else {"adapters + grads + AdamW (partitioned)": 16 * lora / at.n}
+        ),
+        "activations": _activations(
+            s.layers,
+            at.recomputed,
+            tokens * s.hidden * compute,
+            per_layer(keeps_inputs_only(cfg)),
+            per_layer(False),
+        ),
+        # bf16 logits, their fp32 copy and log-softmax, then the fp32 gradient: ~12 bytes per logit at the peak;
+        # Liger's fused loss holds one chunk of fp32 logits (about tokens x hidden values) and the head's input
+        # gradient
+        "logits + loss": 12 * tokens * s.hidden if at.fused else 12 * tokens * s.vocab,
+    }
+
+
+def _host_memory(s: Shape, at: _Layout, nodes: int, lora: int, base_shard: float) -> dict[str, float]:
+    """Bytes of host memory per node, by phase."""
+    host = {
+        # one decoder layer's weights at a time while loading (loading.py), plus the process itself
+        "load": 2 * GIB + s.layer_weights * 2,
+        # the offloaded shard, pinned in place (fsdp.lean_offload), plus the pinned allocator's rounding up
+        # to powers of two: 1.4-1.7x the shard measured (bench/results/2026-11-23-1xh200-fusedlora; FSDP1's own
+        # buffers took 3.4x)
+        "train": 2 * GIB + (1.7 * base_shard if at.offload else 0.0),
+        # the checkpoint is staged through host memory by the rank that writes it
+        "save": 2 * GIB + 12 * lora,
+    }
+    per_node = max(1, at.n // max(nodes, 1))
+    return {k: v * per_node for k, v in host.items()}
+
+
+def _step_seconds(cfg: Config, conf, s: Shape, at: _Layout, gpu_name: str) -> float:
+    """A step's time: its model FLOPs over the GPU's peak at the MFU measured for this width and micro-batch."""
+    from shardtune.model.modeling import matmul_parameters
+    from shardtune.observability.flops import step_flops
+
+    seq = cfg.data.max_len
+    flops_per_row = step_flops(matmul_parameters(conf), s.layers, s.hidden, seq, seq * seq, False)[0]
+    mfu = expected_mfu(s.hidden, at.tokens, at.recomputed, at.offload, whole_base=at.shards == 1 and at.n > 1)
+    peak = GPU_PEAKS[gpu_name.lower()]  # the CLI offers only these names
+    return flops_per_row * cfg.train.global_batch_size / (at.n * peak * mfu)
+
+
+def _activations(
+    layers: int, recomputed: float, boundary: float, per_layer: float, per_layer_whole: float
+) -> float:
+    """Checkpointed layers (the `recomputed` share) keep only their input (`boundary`); the others keep
+    `per_layer` each; one checkpointed layer at a time is recomputed whole in backward (`per_layer_whole`: its
+    dropout masks are kept, not drawn again)."""
+    if not recomputed:
+        return layers * per_layer
+    n = round(recomputed * layers)
+    return n * boundary + (layers - n) * per_layer + per_layer_whole
+
+
+def keeps_inputs_only(cfg: Config) -> bool:
+    """Whether the LoRA layers with dropout keep for backward only their inputs, not a dropped copy and a mask
+    per adapter: the fused layers do on a GPU (the dropout kernel, lora_kernel.py), which is what the plan is
+    for (on a CPU, only with parallel.activation_checkpointing=selective)."""
+    from shardtune.model.modeling import lora_fused
+
+    return lora_fused(cfg) and cfg.lora.dropout > 0
+
+
+def architecture(cfg: Config):
+    """The model's transformers config, and a note when it is not the model's own: a Llama-3 8B / 70B hub id
+    is planned with the built-in shape of the same architecture (no download, no hub access needed)."""
+    from shardtune.model.modeling import BUILTIN_SHAPES, model_config
+
+    name = cfg.model.name_or_path
+    for size in ("70b", "8b"):
+        if "/" in name and re.search(rf"llama-?3[\d.]*-{size}", name.lower()):
+            shape = f"llama3-{size}"
+            cfg = apply_overrides(cfg, {"model.name_or_path": shape, "model.init": "random"}, "plan")
+            return model_config(cfg), f"{name}: planned with the built-in {shape} shape (same architecture)"
+    try:
+        return model_config(cfg), None
+    except ConfigError:  # what the settings ask of this architecture: its own message
+        raise
+    except Exception as e:  # offline, gated, or a typo: the shape is all a plan needs
+        raise ConfigError(
+            f"model.name_or_path={name}: cannot read its config ({type(e).__name__}); give a local "
+            f"checkpoint directory or a built-in shape ({', '.join(BUILTIN_SHAPES)}) with model.init=random"
+        ) from None
+
+
+def _target_key(targets):
+    return "all-linear" if targets == "all-linear" else tuple(sorted(targets))

@@ -1,0 +1,75 @@
+"""status.json in the run directory: where the run is (running, interrupted, complete, failed), for launchers
+and schedulers that cannot see the processes' exit codes; and the stop an earlier attempt of this same launch
+recorded, which a restart by the launcher must not train past."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from shardtune.files import write_atomic
+from shardtune.parallel.distributed import DistInfo, all_reduce_max, launcher_restarts
+
+log = logging.getLogger("shardtune")
+
+
+def write_status(run_dir: Path, status: str, **fields) -> None:
+    """status.json: running | interrupted | complete | failed, with the step and what to do next."""
+    record = {"status": status, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid(), **fields}
+    write_atomic(run_dir / "status.json", json.dumps(record, indent=1).encode())
+
+
+def stop_recorded_by_this_launch(run_dir: Path, dist: DistInfo) -> dict | None:
+    """The summary of a stop that an earlier attempt of this same launch saved and recorded, when the launcher
+    has started the processes again since (`torchrun --max-restarts`); else None. A stopped run exits 0 from
+    every process, so no restart should follow it; but one that fails on its way out (a crash in NCCL's
+    teardown) makes the launcher start the run again with its STOP file gone, and it would train on past the
+    stop (under Slurm into the time limit, unsaved). "This launch": status.json says interrupted and was written
+    after the launcher started. Every rank takes rank 0's answer."""
+    if launcher_restarts() == 0:
+        return None
+    record = None
+    if dist.is_main:
+        path, started = run_dir / "status.json", _launcher_started()
+        try:
+            if started is not None and path.stat().st_mtime > started:
+                record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass
+        if record is not None and record.get("status") != "interrupted":
+            record = None
+    if not all_reduce_max([float(record is not None)], dist.device)[0]:
+        return None
+    if dist.is_main:
+        log.warning(
+            "this launch stopped on request after step %s and saved (%s); the launcher started it again after "
+            "a process failed on its way out: not training on past the stop",
+            record.get("step"),
+            record.get("checkpoint"),
+        )
+    record = record or {}
+    return {
+        "status": "interrupted",
+        "run_dir": str(run_dir),
+        "step": record.get("step"),
+        "checkpoint": record.get("checkpoint"),
+    }
+
+
+def _launcher_started() -> float | None:
+    """When the process that started this one (torchrun, accelerate launch) started, in seconds since the epoch,
+    from /proc (Linux); None where that cannot be read."""
+    try:
+        fields = Path(f"/proc/{os.getppid()}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(
+            int(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime")
+        )
+        ticks = int(fields[19])  # field 22 of stat, starttime: clock ticks from boot to the process's start
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
