@@ -34,10 +34,10 @@ if not lean:
 sharder = parallel.Sharder(cfg.parallel, cfg.param_dtype, info.device, info.world_size)
 sharder.enabled = True  # also on one GPU
 marks = {"start": (host_rss_gib(), host_peak_gib())}
-conf = modeling.model_config(cfg)
+hf_config = modeling.model_config(cfg)
 model, _ = loading.build_model(
     cfg,
-    conf,
+    hf_config,
     None,
     "sdpa",
     sharder,
@@ -67,7 +67,7 @@ if info.is_main:
         json.dumps(
             {
                 "check": "offload-probe",
-                "layers": conf.num_hidden_layers,
+                "layers": hf_config.num_hidden_layers,
                 "offload": cfg.parallel.cpu_offload,
                 "lean": lean,
                 "world": info.world_size,

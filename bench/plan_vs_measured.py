@@ -37,14 +37,14 @@ def predict(r: dict):
     cfg = resolve_config(
         bench.config(), [*overrides, f"eval.max_rows={gpus}", *r["overrides"], *resolved], env={}
     )
-    conf, _ = plan.architecture(cfg)
+    hf_config, _ = plan.architecture(cfg)
     memory = (
         cfg.parallel.gpu_memory_limit_gib * 2**30
         if cfg.parallel.gpu_memory_limit_gib
         else plan.GPU_MEMORY["h200"]
     )
-    cfg, _ = plan.resolve_auto(cfg, conf, gpus, memory)
-    return plan.estimate(cfg, conf, gpus)
+    cfg, _ = plan.resolve_auto(cfg, hf_config, gpus, memory)
+    return plan.estimate(cfg, hf_config, gpus)
 
 
 print(

@@ -15,13 +15,13 @@ from shardtune.model.tokenizer import build_tiny_tokenizer
 shape, out = sys.argv[1], sys.argv[2]
 cfg = Config()
 cfg.model.name_or_path = shape
-conf = model_config(cfg)
+hf_config = model_config(cfg)
 if len(sys.argv) > 3:
-    conf.num_hidden_layers = int(sys.argv[3])
+    hf_config.num_hidden_layers = int(sys.argv[3])
 t0 = time.perf_counter()
 torch.manual_seed(0)
 with torch.device("cuda"):
-    model = AutoModelForCausalLM.from_config(conf, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16)
 model.save_pretrained(out, safe_serialization=True, max_shard_size="5GB")
 build_tiny_tokenizer().save_pretrained(out)
 print(

@@ -29,16 +29,16 @@ cfg = apply_overrides(
     "probe",
 )
 info = init_distributed("cuda" if torch.cuda.is_available() else "cpu")
-conf = modeling.model_config(cfg)
+hf_config = modeling.model_config(cfg)
 attn = modeling.attention_implementation("auto", info.device)
-batch = torch.randint(0, conf.vocab_size, (1, 256), generator=torch.Generator().manual_seed(1)).to(
+batch = torch.randint(0, hf_config.vocab_size, (1, 256), generator=torch.Generator().manual_seed(1)).to(
     info.device
 )
 dtype = modeling.DTYPES[cfg.param_dtype]
 autocast = torch.autocast(info.device.type, dtype=dtype)
 
 plain, _ = loading.build_model(
-    cfg, conf, None, attn, parallel.Sharder(cfg.parallel, cfg.param_dtype, info.device, 1), info.device
+    cfg, hf_config, None, attn, parallel.Sharder(cfg.parallel, cfg.param_dtype, info.device, 1), info.device
 )
 with torch.no_grad(), autocast:
     expected = plain(input_ids=batch).logits.float()
@@ -51,7 +51,7 @@ if not sharder.enabled:  # one process: partition anyway (into one part), to go 
 
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     sharder.enabled = True
-model, _ = loading.build_model(cfg, conf, None, attn, sharder, info.device)
+model, _ = loading.build_model(cfg, hf_config, None, attn, sharder, info.device)
 w = next(m for m in model.modules() if type(m).__name__ == "Linear4bit").weight
 kept = {"class": type(w).__name__, "quant_state": getattr(w, "quant_state", None) is not None}
 optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

@@ -230,7 +230,7 @@ def test_a_missing_deepspeed_is_an_error_with_the_fix(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "deepspeed" else real(n, *a))
     cfg = apply_overrides(Config(), {"parallel.backend": "deepspeed"}, "test")
-    [finding] = doctor.backend(cfg)
+    [finding] = doctor.backend(cfg.parallel)
     assert finding.level == "error" and "parallel.backend=deepspeed" in finding.what
     assert "pip install 'shardtune[deepspeed]'" in finding.fix
-    assert doctor.backend(Config()) == []
+    assert doctor.backend(Config().parallel) == []

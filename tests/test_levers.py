@@ -237,18 +237,18 @@ def test_auto_checkpointing_picks_the_least_recomputation_that_fits():
         },
         "test",
     )
-    conf = model_config(cfg)
+    hf_config = model_config(cfg)
     peaks = {}
     for ac, every in CHECKPOINT_CHOICES:
         choice = {"parallel.activation_checkpointing": ac, "parallel.checkpoint_every": every}
-        peaks[(ac, every)] = estimate(apply_overrides(cfg, choice, "test"), conf, 2).gpu_peak
+        peaks[(ac, every)] = estimate(apply_overrides(cfg, choice, "test"), hf_config, 2).gpu_peak
     ordered = [peaks[c] for c in CHECKPOINT_CHOICES]
     assert all(a > b for a, b in itertools.pairwise(ordered))  # more recomputation, less memory
     for target in CHECKPOINT_CHOICES:
         mem = peaks[target] / AUTO_MARGIN * 1.001  # just enough for this choice
-        choice, _ = choose_auto(cfg, conf, 2, mem)
+        choice, _ = choose_auto(cfg, hf_config, 2, mem)
         assert (choice["parallel.activation_checkpointing"], choice["parallel.checkpoint_every"]) == target
-    choice, _ = choose_auto(cfg, conf, 2, None)  # no GPU: nothing to save
+    choice, _ = choose_auto(cfg, hf_config, 2, None)  # no GPU: nothing to save
     assert choice["parallel.activation_checkpointing"] is False
 
 

@@ -28,17 +28,17 @@ from shardtune.planning.estimate import (
 @pytest.fixture(scope="module")
 def tiny():
     cfg = Config()
-    conf = modeling.model_config(cfg)
+    hf_config = modeling.model_config(cfg)
     backend = FsdpBackend(cfg.parallel, cfg.param_dtype, DistInfo.alone(torch.device("cpu")))
-    model, _ = loading.build_model(cfg, conf, None, "sdpa", backend, torch.device("cpu"))
-    return cfg, conf, model
+    model, _ = loading.build_model(cfg, hf_config, None, "sdpa", backend, torch.device("cpu"))
+    return cfg, hf_config, model
 
 
 def test_adapter_count_is_the_models(tiny):
-    cfg, conf, model = tiny
+    cfg, hf_config, model = tiny
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert lora_parameters(Shape.of(conf), cfg.lora.r, cfg.lora.target_modules) == trainable
-    assert lora_parameters(Shape.of(conf), 8, ["q_proj", "v_proj"]) == 4 * 8 * (256 + 256 + 256 + 128)
+    assert lora_parameters(Shape.of(hf_config), cfg.lora.r, cfg.lora.target_modules) == trainable
+    assert lora_parameters(Shape.of(hf_config), 8, ["q_proj", "v_proj"]) == 4 * 8 * (256 + 256 + 256 + 128)
 
 
 def test_saved_activations_of_a_real_4bit_layer_are_counted(tiny):
@@ -47,8 +47,8 @@ def test_saved_activations_of_a_real_4bit_layer_are_counted(tiny):
 
     from shardtune.planning.estimate import _fused_attention
 
-    _, conf, model = tiny
-    s = Shape.of(conf)
+    _, hf_config, model = tiny
+    s = Shape.of(hf_config)
     rows, seq = 2, 64
     predicted = layer_activation_bytes(
         s.hidden,
@@ -109,11 +109,11 @@ def test_plan_says_what_fits_and_fit_recommends_a_line():
 def test_zero3_partitions_the_adapters_in_the_plan():
 
     cfg = Config()
-    conf = modeling.model_config(cfg)
-    fsdp = estimate(cfg, conf, 4).gpu
-    zero3 = estimate(apply_overrides(cfg, {"parallel.backend": "deepspeed"}, "test"), conf, 4).gpu
+    hf_config = modeling.model_config(cfg)
+    fsdp = estimate(cfg, hf_config, 4).gpu
+    zero3 = estimate(apply_overrides(cfg, {"parallel.backend": "deepspeed"}, "test"), hf_config, 4).gpu
     whole = fsdp["adapters + grads + AdamW (whole)"]
-    assert whole == 16 * lora_parameters(Shape.of(conf), cfg.lora.r, cfg.lora.target_modules)
+    assert whole == 16 * lora_parameters(Shape.of(hf_config), cfg.lora.r, cfg.lora.target_modules)
     assert zero3["adapters + grads + AdamW (partitioned)"] == whole / 4
 
 
@@ -122,12 +122,14 @@ def test_no_shard_keeps_the_base_whole_and_gathers_nothing():
     HYBRID_SHARD shards it within a node."""
 
     cfg = apply_overrides(Config(), {"model.name_or_path": "llama3-70b"}, "test")
-    conf = modeling.model_config(cfg)
-    full = estimate(cfg, conf, 4).gpu
-    whole = estimate(apply_overrides(cfg, {"parallel.sharding_strategy": "NO_SHARD"}, "test"), conf, 4).gpu
+    hf_config = modeling.model_config(cfg)
+    full = estimate(cfg, hf_config, 4).gpu
+    whole = estimate(
+        apply_overrides(cfg, {"parallel.sharding_strategy": "NO_SHARD"}, "test"), hf_config, 4
+    ).gpu
     hybrid = apply_overrides(cfg, {"parallel.sharding_strategy": "HYBRID_SHARD"}, "test")
     assert whole["4-bit base shard"] == pytest.approx(4 * full["4-bit base shard"])
-    assert estimate(hybrid, conf, 4, nodes=2).gpu["4-bit base shard"] == pytest.approx(
+    assert estimate(hybrid, hf_config, 4, nodes=2).gpu["4-bit base shard"] == pytest.approx(
         2 * full["4-bit base shard"]
     )
     assert whole["2 decoder layers, gathered"] == whole["embeddings + head, gathered"] == 0
@@ -155,8 +157,8 @@ def test_sharding_auto_keeps_the_base_whole_where_that_costs_no_recomputation():
         },
         "test",
     )
-    conf = modeling.model_config(cfg)
-    choices = [tuple(c.values()) for c in auto.auto_choices(cfg, 2)]
+    hf_config = modeling.model_config(cfg)
+    choices = [tuple(c.values()) for c in auto.auto_choices(cfg.parallel, 2)]
     assert choices[:3] == [(False, 1, "NO_SHARD"), (False, 1, "FULL_SHARD"), (True, 4, "NO_SHARD")]
     assert choices[-1] == (True, 1, "FULL_SHARD") and len(choices) == 10
 
@@ -175,7 +177,7 @@ def test_sharding_auto_keeps_the_base_whole_where_that_costs_no_recomputation():
     assert chosen(GPU_MEMORY["a10g"], **small) == (False, 1, "NO_SHARD")  # 8B's base: 5.5 GiB
     assert chosen(1 * 2**30) == (True, 1, "FULL_SHARD")  # nothing fits: the least memory
     # several machines: sharded within each machine, at any recomputation, before across machines
-    machines = [tuple(c.values()) for c in auto.auto_choices(cfg, 16, nodes=2)]
+    machines = [tuple(c.values()) for c in auto.auto_choices(cfg.parallel, 16, nodes=2)]
     assert machines[:3] == [(False, 1, "NO_SHARD"), (False, 1, "HYBRID_SHARD"), (True, 4, "NO_SHARD")]
     assert [c[2] for c in machines[10:]] == ["FULL_SHARD"] * 5 and len(machines) == 15
     # 2 x 8 H100s: the base sharded over each machine's 8 (4.5 GiB per GPU) and every 4th layer recomputed,
@@ -193,7 +195,7 @@ def test_sharding_auto_keeps_the_base_whole_where_that_costs_no_recomputation():
     fixed = apply_overrides(
         cfg, {"parallel.activation_checkpointing": False, "parallel.sharding_strategy": "NO_SHARD"}, "t"
     )
-    assert auto.resolve_auto(fixed, conf, 2, h200)[0] is fixed
+    assert auto.resolve_auto(fixed, hf_config, 2, h200)[0] is fixed
     with pytest.raises(ValueError, match=r"sharding_strategy='auto' is unresolved"):
         FsdpBackend(cfg.parallel, cfg.param_dtype, DistInfo(0, 2, 0, 2, torch.device("cpu")))
 
@@ -231,22 +233,24 @@ def test_a_token_budget_is_planned_as_that_many_tokens():
     data.max_len it would round down to), and for packed rows fit searches token budgets, not row counts."""
 
     cfg = apply_overrides(Config(), {"data.max_len": "384", "data.packing": "true"}, "test")
-    conf = modeling.model_config(cfg)
+    hf_config = modeling.model_config(cfg)
 
     def activations(**kw):
-        return estimate(apply_overrides(cfg, kw, "test"), conf, 2).gpu["activations"]
+        return estimate(apply_overrides(cfg, kw, "test"), hf_config, 2).gpu["activations"]
 
     rows = activations(**{"train.micro_batch_size": "2"})  # 768 tokens
     budget = activations(**{"train.micro_batch_tokens": "1000"})  # not 2 rows of 384
     assert budget == pytest.approx(rows * 1000 / 768, rel=0.05)
-    fits = auto.fit(cfg, conf, 2, 80 * 2**30, 1, "h200")  # 32 rows per step: 16 per GPU
+    fits = auto.fit(cfg, hf_config, 2, 80 * 2**30, 1, "h200")  # 32 rows per step: 16 per GPU
     budgets = {e.settings["train.micro_batch_tokens"] for e in fits}
     assert budgets == {m * 384 for m in (1, 2, 4, 8, 16)}
     assert (
         fits[0].settings["train.micro_batch_tokens"] == 16 * 384
     )  # nothing is tight: the fullest is fastest
     assert "train.micro_batch_size" not in override_line(fits[0])
-    padded = auto.fit(apply_overrides(cfg, {"data.packing": "false"}, "t"), conf, 2, 80 * 2**30, 1, "h200")
+    padded = auto.fit(
+        apply_overrides(cfg, {"data.packing": "false"}, "t"), hf_config, 2, 80 * 2**30, 1, "h200"
+    )
     assert {e.settings["train.micro_batch_size"] for e in padded} == {1, 2, 4, 8, 16}
 
 
@@ -258,13 +262,13 @@ def test_fit_suggests_only_micro_batches_the_sampler_accepts(capsys):
     from shardtune.errors import ConfigError
 
     cfg = Config()
-    conf = modeling.model_config(cfg)
+    hf_config = modeling.model_config(cfg)
     with pytest.raises(ConfigError, match=r"global_batch_size=32 is not a multiple of the 3 GPUs.*=30 or 33"):
-        auto.fit(cfg, conf, 3, 80 * 2**30, 1, "h200")
+        auto.fit(cfg, hf_config, 3, 80 * 2**30, 1, "h200")
     assert cli(["plan", "recipes/tiny.py", "--gpus", "3", "--gpu-mem", "80GiB", "--fit"]) == 2
     assert "train.global_batch_size=30 or 33" in capsys.readouterr().err
     cfg36 = apply_overrides(cfg, {"train.global_batch_size": "36"}, "test")
-    fits = auto.fit(cfg36, conf, 3, 80 * 2**30, 1, "h200")
+    fits = auto.fit(cfg36, hf_config, 3, 80 * 2**30, 1, "h200")
     sizes = {e.settings["train.micro_batch_size"] for e in fits}
     assert sizes == {1, 2, 4}
     for micro in sizes:  # what the run itself does with it

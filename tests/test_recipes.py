@@ -15,7 +15,6 @@ import yaml
 from conftest import BIN, ROOT, launch, read_summary, run_env
 from samples import alpaca_cleaned, no_robots, product_descriptions
 from shardtune.cli.args import resolve_config
-from shardtune.config.accelerate import launch_info
 
 RECIPES = sorted((ROOT / "recipes").glob("*.py"))
 CONFIGS = sorted((ROOT / "fsdp_configs").glob("*.yaml"))
@@ -35,6 +34,18 @@ TINY = [
     "optim.lr=3e-3",
     "optim.warmup_steps=0",
 ]
+
+
+def launch_info(path: str | Path) -> dict:
+    """Process layout an accelerate config asks for (the bundled configs are checked against it)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cluster = load_config_from_file(str(path))
+    return {
+        "num_processes": cluster.num_processes,
+        "num_machines": cluster.num_machines,
+        "distributed_type": str(cluster.distributed_type).split(".")[-1],
+    }
 
 
 def load_recipe(path: Path):

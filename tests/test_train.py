@@ -40,21 +40,21 @@ def test_the_demo_learns_the_task_sharded(tiny_run):
 
 def test_adapter_holds_full_tensors(tiny_run):
     run, _ = tiny_run
-    conf = json.loads((run / "base" / "config.json").read_text())
+    hf_config = json.loads((run / "base" / "config.json").read_text())
     tensors = load_file(run / "adapter" / "adapter_model.safetensors")
     cfg = yaml.safe_load((run / "config.yaml").read_text())
-    r, d = cfg["lora"]["r"], conf["hidden_size"]
-    kv = conf["num_key_value_heads"] * d // conf["num_attention_heads"]
+    r, d = cfg["lora"]["r"], hf_config["hidden_size"]
+    kv = hf_config["num_key_value_heads"] * d // hf_config["num_attention_heads"]
     shapes = {
         "q_proj": (d, d),
         "k_proj": (kv, d),
         "v_proj": (kv, d),
         "o_proj": (d, d),
-        "gate_proj": (conf["intermediate_size"], d),
-        "up_proj": (conf["intermediate_size"], d),
-        "down_proj": (d, conf["intermediate_size"]),
+        "gate_proj": (hf_config["intermediate_size"], d),
+        "up_proj": (hf_config["intermediate_size"], d),
+        "down_proj": (d, hf_config["intermediate_size"]),
     }
-    assert len(tensors) == 2 * len(shapes) * conf["num_hidden_layers"]
+    assert len(tensors) == 2 * len(shapes) * hf_config["num_hidden_layers"]
     for key, t in tensors.items():
         module = key.split(".")[-3]
         out_f, in_f = shapes[module]

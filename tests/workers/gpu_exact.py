@@ -32,14 +32,14 @@ def main(shape: str, overrides: list[str]) -> None:
         "test",
     )
     info = init_distributed(os.environ.get("SHARDTUNE_DEVICE", "cuda"))
-    conf = modeling.model_config(cfg)
+    hf_config = modeling.model_config(cfg)
     attn = modeling.attention_implementation("auto", info.device)
-    batch = torch.randint(0, conf.vocab_size, (2, 512), generator=torch.Generator().manual_seed(1)).to(
+    batch = torch.randint(0, hf_config.vocab_size, (2, 512), generator=torch.Generator().manual_seed(1)).to(
         info.device
     )
     single, _ = loading.build_model(
         cfg,
-        conf,
+        hf_config,
         None,
         attn,
         FsdpBackend(cfg.parallel, cfg.param_dtype, DistInfo.alone(info.device)),
@@ -50,7 +50,7 @@ def main(shape: str, overrides: list[str]) -> None:
     del single
     torch.cuda.empty_cache()
     backend = run_backend(cfg, info)
-    sharded, report = loading.build_model(cfg, conf, None, attn, backend, info.device)
+    sharded, report = loading.build_model(cfg, hf_config, None, attn, backend, info.device)
     # (ZeRO-3's partitioned model runs inside its engine, which wrap makes)
     sharded = backend.wrap(torch.optim.AdamW([p for p in sharded.parameters() if p.requires_grad]))
     with torch.no_grad():
@@ -64,7 +64,7 @@ def main(shape: str, overrides: list[str]) -> None:
                     "shape": shape,
                     "backend": cfg.parallel.backend,
                     "strategy": cfg.parallel.sharding_strategy,
-                    "layers": conf.num_hidden_layers,
+                    "layers": hf_config.num_hidden_layers,
                     "world": info.world_size,
                     "attn": attn,
                     "identical": bool(torch.equal(logits, expected)),

@@ -26,10 +26,15 @@ from shardtune.parallel.distributed import init_distributed, teardown  # noqa: E
 
 cfg = apply_overrides(Config(), {"model.name_or_path": str(out), "model.init": "pretrained"}, "test")
 info = init_distributed("cpu")
-conf = modeling.model_config(cfg)
+hf_config = modeling.model_config(cfg)
 before = host_rss_gib()
 model, report = loading.build_model(
-    cfg, conf, str(out), "sdpa", parallel.Sharder(cfg.parallel, cfg.param_dtype, info.device, 1), info.device
+    cfg,
+    hf_config,
+    str(out),
+    "sdpa",
+    parallel.Sharder(cfg.parallel, cfg.param_dtype, info.device, 1),
+    info.device,
 )
 after, peak = host_rss_gib(), host_peak_gib()
 print(

@@ -52,8 +52,8 @@ def checkpoint_model_config(ckpt: Path):
     """The base model's architecture as recorded in a checkpoint (a transformers config)."""
     from transformers import AutoConfig
 
-    conf = json.loads((ckpt / "model_config.json").read_text())
-    return AutoConfig.for_model(conf.pop("model_type"), **conf)
+    hf_config = json.loads((ckpt / "model_config.json").read_text())
+    return AutoConfig.for_model(hf_config.pop("model_type"), **hf_config)
 
 
 def check_output(out: Path, what: str, marker: str, *sources: Path) -> Path:

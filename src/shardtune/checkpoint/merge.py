@@ -70,17 +70,17 @@ class ShardWriter:
         (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
 
 
-def _quantized_names(cfg: Config, conf) -> set[str]:
+def _quantized_names(cfg: Config, hf_config) -> set[str]:
     """Checkpoint names of the weights that training held in 4 bits (the decoder layers' linear layers)."""
     import bitsandbytes as bnb
 
-    from shardtune.model.loading import _checkpoint_name
+    from shardtune.model.loading import checkpoint_name
 
-    model = skeleton(cfg, conf, "sdpa")
+    model = skeleton(cfg, hf_config, "sdpa")
     layers = decoder_layers(model, cfg.parallel.wrap_class)
     prefix = next(n for n, m in model.named_modules() if m is layers)
     return {
-        _checkpoint_name(f"{prefix}.{n}.weight")
+        checkpoint_name(f"{prefix}.{n}.weight")
         for n, mod in layers.named_modules()
         if isinstance(mod, bnb.nn.Linear4bit)
     }
@@ -100,7 +100,7 @@ def merge_adapter(
     t0 = time.perf_counter()
     ckpt = find_checkpoint(Path(run_or_checkpoint))
     cfg = Config.model_validate(yaml.safe_load((ckpt / "config.yaml").read_text()))
-    conf = checkpoint_model_config(ckpt)
+    hf_config = checkpoint_model_config(ckpt)
     peft_conf = LoraConfig.from_pretrained(str(ckpt))
     base = base or peft_conf.base_model_name_or_path
     if not base or not Path(base).is_dir():
@@ -115,7 +115,7 @@ def merge_adapter(
     for key, tensor in adapter_tensors(ckpt).items():  # ...layers.0.self_attn.q_proj.lora_A.default.weight
         module = key.removeprefix("base_model.model.").split(".lora_")[0]
         lora.setdefault(module + ".weight", {})["A" if ".lora_A." in key else "B"] = tensor.float()
-    quantized = _quantized_names(cfg, conf) if cfg.quant.load_in_4bit else set()
+    quantized = _quantized_names(cfg, hf_config) if cfg.quant.load_in_4bit else set()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     compute = DTYPES[cfg.param_dtype]
 
@@ -139,10 +139,10 @@ def merge_adapter(
                 tensor = tensor.float() + scaling * (lora[name]["B"].to(device) @ lora[name]["A"].to(device))
             writer.add(name, tensor.to(DTYPES[dtype]))
     writer.finish()
-    conf.torch_dtype = dtype
-    if hasattr(conf, "quantization_config"):  # the merged weights are plain tensors
-        del conf.quantization_config
-    conf.save_pretrained(tmp)
+    hf_config.torch_dtype = dtype
+    if hasattr(hf_config, "quantization_config"):  # the merged weights are plain tensors
+        del hf_config.quantization_config
+    hf_config.save_pretrained(tmp)
     for f in (ckpt.parent.parent / "tokenizer").glob("*"):
         shutil.copy2(f, tmp / f.name)
     if out.exists():

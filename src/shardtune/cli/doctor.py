@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from shardtune.cli.args import recipe_config
-from shardtune.config import Config
+from shardtune.config import Config, ParallelConfig, TrainConfig
+from shardtune.parallel.backend import DEEPSPEED_MISSING, deepspeed_installed
 
 # (lowest, highest) versions the CPU CI and the GPU machines ran; outside them things may still work.
 TESTED = {
@@ -75,24 +76,24 @@ def versions() -> list[Finding]:
     return out
 
 
-def backend(cfg: Config) -> list[Finding]:
+def backend(p: ParallelConfig) -> list[Finding]:
     """The library that shards the base: DeepSpeed must be importable for parallel.backend=deepspeed."""
-    if cfg.parallel.backend != "deepspeed":
+    if p.backend != "deepspeed":
         return []
-    if importlib.util.find_spec("deepspeed") is None:
+    if not deepspeed_installed():
         return [
             Finding(
                 "error",
                 "parallel.backend=deepspeed but DeepSpeed is not installed in this Python",
-                "pip install 'shardtune[deepspeed]' (or pip install deepspeed), or use an FSDP config from fsdp_configs/",
+                DEEPSPEED_MISSING,
             )
         ]
     return [Finding("ok", f"DeepSpeed {importlib.metadata.version('deepspeed')} (ZeRO-3 backend)")]
 
 
-def _run_device(cfg: Config) -> torch.device:
+def _run_device(p: ParallelConfig) -> torch.device:
     """The device the run will train on (parallel.device, 'auto' meaning CUDA when there is one)."""
-    return torch.device("cuda" if torch.cuda.is_available() and cfg.parallel.device != "cpu" else "cpu")
+    return torch.device("cuda" if torch.cuda.is_available() and p.device != "cpu" else "cpu")
 
 
 def device(cfg: Config) -> list[Finding]:
@@ -107,7 +108,7 @@ def device(cfg: Config) -> list[Finding]:
         out.append(Finding("ok", f"{torch.cuda.device_count()} GPU(s): {', '.join(names)}; NCCL {nccl}"))
     else:
         out.append(Finding("ok", "no CUDA: training runs on the CPU (gloo)"))
-    dev = _run_device(cfg)
+    dev = _run_device(cfg.parallel)
     try:
         import bitsandbytes.functional as bnbf
 
@@ -128,7 +129,7 @@ def device(cfg: Config) -> list[Finding]:
     return out
 
 
-def model(cfg: Config, conf) -> list[Finding]:
+def model(cfg: Config, hf_config) -> list[Finding]:
     """The dtype rule, the wrap class, the attention implementation, the fused kernels."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -146,19 +147,19 @@ def model(cfg: Config, conf) -> list[Finding]:
             f"{cfg.param_dtype}",
         )
     ]
-    cls_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(conf.model_type)
+    cls_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(hf_config.model_type)
     module = None
     if cls_name:
         try:
             module = importlib.import_module(
-                f"transformers.models.{conf.model_type}.modeling_{conf.model_type}"
+                f"transformers.models.{hf_config.model_type}.modeling_{hf_config.model_type}"
             )
         except ImportError:
             module = None
     wrap = cfg.parallel.wrap_class
     if module is None:
         out.append(
-            Finding("warn", f"cannot locate the code of model type {conf.model_type!r} to check {wrap}")
+            Finding("warn", f"cannot locate the code of model type {hf_config.model_type!r} to check {wrap}")
         )
     elif hasattr(module, wrap):
         out.append(Finding("ok", f"{sharder} {verb} {wrap} (found in {module.__name__})"))
@@ -171,12 +172,12 @@ def model(cfg: Config, conf) -> list[Finding]:
                 f"set parallel.wrap_class to one of: {', '.join(layers) or '(none found)'}",
             )
         )
-    dev = _run_device(cfg)
+    dev = _run_device(cfg.parallel)
     attn = attention_implementation(cfg.model.attn_implementation, dev)
     on_gpu_without_flash = attn in ("sdpa", "sdpa_varlen") and dev.type != "cpu"
     why = " (pip install flash-attn for flash_attention_2)" if on_gpu_without_flash else ""
     out.append(Finding("ok", f"attention: {attn}{why}"))
-    out.append(_fused_kernels(cfg, conf, dev))
+    out.append(_fused_kernels(cfg, hf_config, dev))
     if dev.type == "cuda":
         out.append(triton_kernels())
     return out
@@ -197,11 +198,11 @@ def triton_kernels() -> Finding:
     )
 
 
-def _fused_kernels(cfg: Config, conf, dev: torch.device) -> Finding:
+def _fused_kernels(cfg: Config, hf_config, dev: torch.device) -> Finding:
     from shardtune.model.modeling import fused_kernels_problem
 
     wanted = cfg.model.fused_kernels
-    problem = fused_kernels_problem(conf, dev.type, cfg.parallel.backend) if wanted else None
+    problem = fused_kernels_problem(hf_config, dev.type, cfg.parallel.backend) if wanted else None
     if wanted and problem is None:
         return Finding("ok", "Liger fused kernels: on")
     if wanted is True:
@@ -236,19 +237,19 @@ def data(cfg: Config) -> list[Finding]:
     return found + ([Finding("warn", f"data: {advice}", "data.packing=true")] if advice else [])
 
 
-def disk(cfg: Config, checkpoint_bytes: float) -> list[Finding]:
-    where = Path(cfg.train.output_dir)
+def disk(t: TrainConfig, checkpoint_bytes: float) -> list[Finding]:
+    where = Path(t.output_dir)
     probe = where
     while not probe.exists():
         probe = probe.parent
     free = shutil.disk_usage(probe).free
-    need = checkpoint_bytes * (cfg.train.keep_last + 1)  # kept ones + the one being written
+    need = checkpoint_bytes * (t.keep_last + 1)  # kept ones + the one being written
     level = "ok" if free > 2 * need else "warn" if free > need else "error"
     return [
         Finding(
             level,
             f"disk: {free / 2**30:.1f} GiB free at {probe}, checkpoints need {need / 2**30:.2f} GiB "
-            f"({cfg.train.keep_last} kept + 1 being written)",
+            f"({t.keep_last} kept + 1 being written)",
             "" if level == "ok" else "point train.output_dir at a larger filesystem or lower train.keep_last",
         )
     ]
@@ -280,7 +281,7 @@ def logged_save_seconds(run_dir: Path) -> float | None:
 
 
 def run_checks(
-    cfg: Config, conf, gpus: int, lead_s: float | None = None, with_data: bool = True, nodes: int = 1
+    cfg: Config, hf_config, gpus: int, lead_s: float | None = None, with_data: bool = True, nodes: int = 1
 ) -> list[Finding]:
     """Every check (`gpus` in all, on `nodes` machines); `with_data` False at the start of a run (`--doctor`),
     which prepares the data next anyway."""
@@ -288,8 +289,10 @@ def run_checks(
     from shardtune.planning.estimate import estimate
 
     # checkpointing and sharding 'auto' decided as the run will decide them on this machine's device
-    cfg, _ = resolve_auto(cfg, conf, max(gpus, 1), device_memory(cfg, _run_device(cfg)), nodes)
-    est = estimate(cfg, conf, max(gpus, 1), nodes)
+    cfg, _ = resolve_auto(
+        cfg, hf_config, max(gpus, 1), device_memory(cfg.parallel, _run_device(cfg.parallel)), nodes
+    )
+    est = estimate(cfg, hf_config, max(gpus, 1), nodes)
     run_dir = Path(cfg.train.output_dir) / (cfg.train.run_name or "")
     measured = logged_save_seconds(run_dir) if cfg.train.run_name else None
     # without a measurement: the checkpoint written at 200 MB/s, plus 10 s of coordination
@@ -298,11 +301,11 @@ def run_checks(
         lead_s = float(os.environ["SHARDTUNE_SIGNAL_LEAD"])
     return [
         *versions(),
-        *backend(cfg),
+        *backend(cfg.parallel),
         *device(cfg),
-        *model(cfg, conf),
+        *model(cfg, hf_config),
         *(data(cfg) if with_data else []),
-        *disk(cfg, est.checkpoint_bytes),
+        *disk(cfg.train, est.checkpoint_bytes),
         *signal_lead(lead_s, est.step_s, save_s, measured is not None),
     ]
 
@@ -319,9 +322,9 @@ def command(args, rest: list[str]) -> int:
     """`shardtune doctor`: every check, and with --smoke a short real run."""
     import torch
 
-    cfg, conf, note = recipe_config("doctor", args.recipe, rest)
+    cfg, hf_config, note = recipe_config("doctor", args.recipe, rest)
     gpus = args.gpus or max(1, torch.cuda.device_count())
-    text, ok = report(run_checks(cfg, conf, gpus, args.signal_lead))
+    text, ok = report(run_checks(cfg, hf_config, gpus, args.signal_lead))
     print((note + "\n" if note else "") + text, flush=True)
     if args.smoke:
         from shardtune.cli import smoke

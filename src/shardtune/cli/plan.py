@@ -16,8 +16,8 @@ def command(args, rest: list[str]) -> int:
 
     if args.gpu.lower() not in GPU_PEAKS:
         raise ConfigError(f"--gpu {args.gpu}: no peak rate known; use one of {', '.join(GPU_PEAKS)}")
-    cfg, conf, note = recipe_config("plan", args.recipe, rest)
-    problem = batch_problem(cfg, args.gpus, micro_batch=not args.fit)
+    cfg, hf_config, note = recipe_config("plan", args.recipe, rest)
+    problem = batch_problem(cfg.train, args.gpus, micro_batch=not args.fit)
     if problem:  # a plan of a run that would not start
         raise ConfigError(problem)
     gpu_mem = parse_size(args.gpu_mem) if args.gpu_mem else None
@@ -29,17 +29,17 @@ def command(args, rest: list[str]) -> int:
         f"global batch {cfg.train.global_batch_size}, LoRA r={cfg.lora.r}"
     )
     memory = gpu_mem or GPU_MEMORY[args.gpu.lower()]
-    resolved, _ = resolve_auto(cfg, conf, args.gpus, memory, args.nodes)
+    resolved, _ = resolve_auto(cfg, hf_config, args.gpus, memory, args.nodes)
     if resolved is not cfg:
         print(f"auto: {describe_auto(cfg, resolved)}")
         cfg = resolved
-    est = estimate(cfg, conf, args.gpus, args.nodes, args.gpu)
+    est = estimate(cfg, hf_config, args.gpus, args.nodes, args.gpu)
     print(format_plan(est, args.gpus, gpu_mem, host_ram))
     if not args.fit:
         return 0 if gpu_mem is None or est.gpu_peak <= 0.95 * gpu_mem else 1
     if gpu_mem is None:
         raise ConfigError("--fit needs --gpu-mem (the memory of one GPU)")
-    fits = fit(cfg, conf, args.gpus, gpu_mem, args.nodes, args.gpu)
+    fits = fit(cfg, hf_config, args.gpus, gpu_mem, args.nodes, args.gpu)
     if not fits:
         print(
             f"\n--fit: no configuration fits {gpu_mem / 2**30:.0f} GiB per GPU on {args.gpus} GPU(s), even "

@@ -135,10 +135,10 @@ def _doctor(cfg: Config) -> None:
     from shardtune.cli import doctor
     from shardtune.planning import estimate as plan
 
-    conf, _ = plan.architecture(cfg)
+    hf_config, _ = plan.architecture(cfg)
     world = int(os.environ.get("WORLD_SIZE", 1))
     nodes = world // int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    text, ok = doctor.report(doctor.run_checks(cfg, conf, world, with_data=False, nodes=nodes))
+    text, ok = doctor.report(doctor.run_checks(cfg, hf_config, world, with_data=False, nodes=nodes))
     print(text, file=sys.stderr, flush=True)
     if not ok:
         raise ConfigError("shardtune doctor found errors (above); fix them or run without --doctor")

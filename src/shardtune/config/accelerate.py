@@ -337,15 +337,3 @@ def accelerate_yaml_overrides(path: str | Path) -> tuple[dict[str, Any], str]:
         return _from_deepspeed_settings(dict(cluster.deepspeed_config or {}), mixed, origin), origin
     fsdp = {k.removeprefix("fsdp_"): v for k, v in (cluster.fsdp_config or {}).items()}
     return _from_fsdp_settings(fsdp, mixed, origin), origin
-
-
-def launch_info(path: str | Path) -> dict[str, Any]:
-    """Process layout an accelerate config asks for (used to validate bundled configs)."""
-    from accelerate.commands.config.config_args import load_config_from_file
-
-    cluster = load_config_from_file(str(path))
-    return {
-        "num_processes": cluster.num_processes,
-        "num_machines": cluster.num_machines,
-        "distributed_type": str(cluster.distributed_type).split(".")[-1],
-    }

@@ -114,10 +114,10 @@ class RandomWeights:
         yield get
 
 
-def weight_source(cfg: Config, path: str | None, conf, device: torch.device):
+def weight_source(cfg: Config, path: str | None, hf_config, device: torch.device):
     """Where the base weights come from: a checkpoint directory, or a seeded generator when `path` is None."""
     if path is None:
-        return RandomWeights(conf.initializer_range, cfg.train.seed, device)
+        return RandomWeights(hf_config.initializer_range, cfg.train.seed, device)
     local = Path(path)
     if not local.is_dir():
         from huggingface_hub import snapshot_download
@@ -134,7 +134,7 @@ def weight_source(cfg: Config, path: str | None, conf, device: torch.device):
 
 
 # ------------------------------------------------------------------------------------------- skeleton
-def skeleton(cfg: Config, conf, attn: str):
+def skeleton(cfg: Config, hf_config, attn: str):
     """The model on the meta device: Linear4bit in the decoder layers, PEFT LoRA around them."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
@@ -144,7 +144,7 @@ def skeleton(cfg: Config, conf, attn: str):
 
     dtype = DTYPES[cfg.param_dtype]
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(conf, dtype=dtype, attn_implementation=attn)
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation=attn)
         if cfg.quant.load_in_4bit:
             for layer in decoder_layers(model, cfg.parallel.wrap_class):
                 for parent in list(layer.modules()):
@@ -186,7 +186,7 @@ def decoder_layers(model: nn.Module, wrap_class: str) -> nn.ModuleList:
     )
 
 
-def _checkpoint_name(peft_name: str) -> str:
+def checkpoint_name(peft_name: str) -> str:
     """'base_model.model.model.layers.0.mlp.up_proj.base_layer.weight' -> 'model.layers.0.mlp.up_proj.weight'."""
     return peft_name.removeprefix("base_model.model.").replace(".base_layer.", ".")
 
@@ -203,7 +203,7 @@ def _fill(module: nn.Module, prefix: str, get, cfg: Config, device: torch.device
         if isinstance(mod, LoraLayer):
             continue  # the adapters are initialized below, after the base weights
         if isinstance(mod, bnb.nn.Linear4bit):
-            w = get(_checkpoint_name(f"{full}.weight"), (mod.out_features, mod.in_features), "matrix")
+            w = get(checkpoint_name(f"{full}.weight"), (mod.out_features, mod.in_features), "matrix")
             param = bnb.nn.Params4bit(
                 w.to(device=device, dtype=dtype),
                 requires_grad=False,
@@ -219,7 +219,7 @@ def _fill(module: nn.Module, prefix: str, get, cfg: Config, device: torch.device
             del w
             if mod.bias is not None:
                 mod.bias = nn.Parameter(
-                    get(_checkpoint_name(f"{full}.bias"), tuple(mod.bias.shape), "bias").to(
+                    get(checkpoint_name(f"{full}.bias"), tuple(mod.bias.shape), "bias").to(
                         device=device, dtype=dtype
                     ),
                     requires_grad=False,
@@ -231,7 +231,7 @@ def _fill(module: nn.Module, prefix: str, get, cfg: Config, device: torch.device
             if not p.is_meta:
                 continue
             kind = "norm" if "norm" in type(mod).__name__.lower() else "matrix"
-            value = get(_checkpoint_name(f"{full}.{pname}"), tuple(p.shape), kind)
+            value = get(checkpoint_name(f"{full}.{pname}"), tuple(p.shape), kind)
             mod._parameters[pname] = nn.Parameter(value.to(device=device, dtype=dtype), requires_grad=False)
 
 
@@ -252,12 +252,12 @@ def _init_adapters(layer: nn.Module, seed: int, device: torch.device) -> None:
                 mod.reset_lora_parameters(adapter, init_lora_weights=True)
 
 
-def _materialize_buffers(model: nn.Module, conf, device: torch.device) -> None:
+def _materialize_buffers(model: nn.Module, hf_config, device: torch.device) -> None:
     """Rebuild meta buffers (RoPE frequencies) in fp32 on the device, as their module computes them."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if any(b.is_meta for b in child.buffers(recurse=False)) and hasattr(child, "inv_freq"):
-                setattr(parent, name, type(child)(config=conf).to(device))
+                setattr(parent, name, type(child)(config=hf_config).to(device))
     leftover = [n for n, b in model.named_buffers() if b.is_meta]
     if leftover:
         raise RuntimeError(f"buffers left on the meta device: {leftover[:5]}")
@@ -271,34 +271,34 @@ class BuildReport:
     source_bytes: int
 
 
-def build_model(cfg: Config, conf, path: str | None, attn: str, backend: Backend, device: torch.device):
+def build_model(cfg: Config, hf_config, path: str | None, attn: str, backend: Backend, device: torch.device):
     """The trainable model on `device`, sharded by `backend` as it is built; `path` None draws random weights."""
     t0 = time.perf_counter()
-    model = skeleton(cfg, conf, attn)
+    model = skeleton(cfg, hf_config, attn)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    source = weight_source(cfg, path, conf, device)
+    source = weight_source(cfg, path, hf_config, device)
     layers = decoder_layers(model, cfg.parallel.wrap_class)
     prefix = next(n for n, m in model.named_modules() if m is layers)
     for i in range(len(layers)):
-        names = [_checkpoint_name(f"{prefix}.{i}.{n}") for n, _ in layers[i].named_parameters()]
+        names = [checkpoint_name(f"{prefix}.{i}.{n}") for n, _ in layers[i].named_parameters()]
         with source.opened(names) as get:
             _fill(layers[i], f"{prefix}.{i}", get, cfg, device)
         _init_adapters(layers[i], cfg.train.seed * 100_003 + i, device)
         layers[i] = backend.shard_layer(layers[i])
     rest = [n for n, p in model.named_parameters() if p.is_meta]
-    with source.opened([_checkpoint_name(n) for n in rest]) as get:
-        tied = getattr(conf, "tie_word_embeddings", False)
+    with source.opened([checkpoint_name(n) for n in rest]) as get:
+        tied = getattr(hf_config, "tie_word_embeddings", False)
         for mod_name, mod in model.named_modules():
             for pname, p in list(mod.named_parameters(recurse=False)):
                 if p.is_meta and not (tied and mod is model.get_output_embeddings()):
                     kind = "norm" if "norm" in type(mod).__name__.lower() else "matrix"
-                    value = get(_checkpoint_name(f"{mod_name}.{pname}"), tuple(p.shape), kind)
+                    value = get(checkpoint_name(f"{mod_name}.{pname}"), tuple(p.shape), kind)
                     mod._parameters[pname] = nn.Parameter(
                         value.to(device=device, dtype=DTYPES[cfg.param_dtype]), requires_grad=False
                     )
         if tied:
             model.get_output_embeddings().weight = model.get_input_embeddings().weight
-    _materialize_buffers(model, conf, device)
+    _materialize_buffers(model, hf_config, device)
     model = backend.shard_root(model)
     return model, BuildReport(time.perf_counter() - t0, trainable, total, source.bytes)

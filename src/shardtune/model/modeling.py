@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
 
-from shardtune.config import Config
+from shardtune.config import Config, ModelConfig
 from shardtune.config.checks import BUILTIN_SHAPE_NAMES, shape_keys_problem, target_modules_problem
 from shardtune.errors import ConfigError
 from shardtune.model import hub
@@ -79,10 +79,10 @@ def model_config(cfg: Config):
     model_type = "llama" if builtin else None
     if not builtin:
         with hub.refusal_is_input_error("model.name_or_path", m.name_or_path):
-            conf = AutoConfig.from_pretrained(
+            hf_config = AutoConfig.from_pretrained(
                 m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code
             )
-        model_type = getattr(conf, "model_type", None)
+        model_type = getattr(hf_config, "model_type", None)
     problem = shape_keys_problem(m.shape, model_type) or target_modules_problem(
         cfg.lora.target_modules, model_type
     )
@@ -91,8 +91,8 @@ def model_config(cfg: Config):
     if builtin:
         return LlamaConfig(**{**BUILTIN_SHAPES[m.name_or_path], **m.shape})
     for key, value in m.shape.items():
-        setattr(conf, key, value)
-    return conf
+        setattr(hf_config, key, value)
+    return hf_config
 
 
 def attention_implementation(requested: str, device: torch.device) -> str:
@@ -113,9 +113,9 @@ def attention_implementation(requested: str, device: torch.device) -> str:
     return chosen
 
 
-def fused_kernels_problem(conf, device_type: str, backend: str = "fsdp") -> str | None:
+def fused_kernels_problem(hf_config, device_type: str, backend: str = "fsdp") -> str | None:
     """Why Liger's kernels cannot run here (a CUDA device, liger-kernel and a Llama model are needed), or None."""
-    model_type = getattr(conf, "model_type", None)
+    model_type = getattr(hf_config, "model_type", None)
     if backend == "deepspeed":
         return "Liger's fused loss reads the output head's weight directly, which DeepSpeed ZeRO-3 keeps partitioned"
     if device_type != "cuda":
@@ -127,13 +127,13 @@ def fused_kernels_problem(conf, device_type: str, backend: str = "fsdp") -> str 
     return None
 
 
-def fused_kernels(cfg: Config, conf, device_type: str) -> bool:
+def fused_kernels(cfg: Config, hf_config, device_type: str) -> bool:
     """Whether the run uses Liger's kernels: model.fused_kernels=true must be possible here (else a ConfigError
     before anything loads); 'auto' means wherever they can run."""
     wanted = cfg.model.fused_kernels
     if not wanted:
         return False
-    problem = fused_kernels_problem(conf, device_type, cfg.parallel.backend)
+    problem = fused_kernels_problem(hf_config, device_type, cfg.parallel.backend)
     if problem is None:
         return True
     if wanted == "auto":
@@ -175,9 +175,9 @@ def quantization_config(cfg: Config) -> BitsAndBytesConfig | None:
 
 def write_random_base(cfg: Config, tokenizer, out_dir: Path) -> Path:
     """Build the architecture with seeded random weights and save it (safetensors + tokenizer)."""
-    conf = model_config(cfg)
+    hf_config = model_config(cfg)
     torch.manual_seed(cfg.train.seed)
-    model = AutoModelForCausalLM.from_config(conf, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
@@ -211,22 +211,25 @@ def lora_fused(cfg: Config) -> bool:
     return cfg.lora.fused is True or (cfg.lora.fused == "auto" and cfg.parallel.backend != "deepspeed")
 
 
-def base_on_disk(cfg: Config, conf) -> bool:
+def base_on_disk(m: ModelConfig, hf_config) -> bool:
     """init=random: write the random base into the run directory? (Small models: yes, so that the adapter
     can be reloaded onto it later; large ones are drawn on the devices and never exist whole.)"""
-    if cfg.model.save_random_base is not None:
-        return cfg.model.save_random_base
-    return matmul_parameters(conf) < RANDOM_BASE_ON_DISK_BELOW
+    if m.save_random_base is not None:
+        return m.save_random_base
+    return matmul_parameters(hf_config) < RANDOM_BASE_ON_DISK_BELOW
 
 
 RANDOM_BASE_ON_DISK_BELOW = 2_000_000_000
 
 
-def matmul_parameters(conf) -> int:
+def matmul_parameters(hf_config) -> int:
     """N in the FLOP count: weights of every matmul (attention, MLP, output head), not embeddings."""
-    d, f, n_layers = conf.hidden_size, conf.intermediate_size, conf.num_hidden_layers
-    heads, kv = conf.num_attention_heads, getattr(conf, "num_key_value_heads", conf.num_attention_heads)
-    head_dim = getattr(conf, "head_dim", None) or d // heads
+    d, f, n_layers = hf_config.hidden_size, hf_config.intermediate_size, hf_config.num_hidden_layers
+    heads, kv = (
+        hf_config.num_attention_heads,
+        getattr(hf_config, "num_key_value_heads", hf_config.num_attention_heads),
+    )
+    head_dim = getattr(hf_config, "head_dim", None) or d // heads
     attn = d * heads * head_dim * 2 + d * kv * head_dim * 2
     mlp = 3 * d * f
-    return n_layers * (attn + mlp) + d * conf.vocab_size
+    return n_layers * (attn + mlp) + d * hf_config.vocab_size

@@ -78,7 +78,7 @@ class ZeroBackend:
 
         self.pcfg, self.device, self.world_size = pcfg, info.device, info.world_size
         self.enabled, self.max_grad_norm = info.world_size > 1, max_grad_norm
-        self.config = ds_config(pcfg, info.device, micro_batch, info.world_size, max_grad_norm)
+        self.ds_config = ds_config(pcfg, info.device, micro_batch, info.world_size, max_grad_norm)
         self.layer_cls: type | None = None
         self.model = self.optimizer = None
         if self.enabled:
@@ -90,14 +90,16 @@ class ZeroBackend:
         if self.enabled:
             import deepspeed
 
-            deepspeed.zero.Init(module=layer, config_dict_or_path=self.config)
+            deepspeed.zero.Init(module=layer, config_dict_or_path=self.ds_config)
         return layer
 
     def shard_root(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.enabled:
             import deepspeed
 
-            deepspeed.zero.Init(module=model, config_dict_or_path=self.config)  # skips the partitioned layers
+            deepspeed.zero.Init(
+                module=model, config_dict_or_path=self.ds_config
+            )  # skips the partitioned layers
         apply_checkpointing(model, self.pcfg, self.layer_cls)
         self.model = model
         return model
@@ -108,7 +110,9 @@ class ZeroBackend:
         if self.enabled:
             import deepspeed
 
-            self.model, *_ = deepspeed.initialize(model=self.model, optimizer=optimizer, config=self.config)
+            self.model, *_ = deepspeed.initialize(
+                model=self.model, optimizer=optimizer, config=self.ds_config
+            )
         return self.model
 
     def _engine(self):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from shardtune.config import Config, apply_overrides
+from shardtune.config import Config, ParallelConfig, TrainConfig, apply_overrides
 from shardtune.errors import ConfigError
 from shardtune.planning.estimate import GIB, Estimate, estimate
 
@@ -16,8 +16,8 @@ CHECKPOINT_CHOICES = ((False, 1), (True, 4), (True, 3), (True, 2), (True, 1))
 AUTO_MARGIN = 0.85  # of the GPU's memory: fragmentation, and the plan's worst underestimate measured (-11%)
 
 
-def auto_choices(cfg: Config, gpus: int, nodes: int = 1) -> list[dict]:
-    """The settings `cfg` leaves to 'auto' (parallel.activation_checkpointing, parallel.sharding_strategy), each
+def auto_choices(p: ParallelConfig, gpus: int, nodes: int = 1) -> list[dict]:
+    """The settings `p` leaves to 'auto' (parallel.activation_checkpointing, parallel.sharding_strategy), each
     combination as overrides, the fastest first: less recomputation first (a recomputed share s of the layers
     costs 4/(4 + 2s) of the step: every 4th layer 11%, all 33%), and at equal recomputation the least sharding:
     the base whole on every GPU (NO_SHARD: 0.3% for its wrapping on one H200), then sharded (FULL_SHARD: ~2%
@@ -25,7 +25,6 @@ def auto_choices(cfg: Config, gpus: int, nodes: int = 1) -> list[dict]:
     before it is sharded across them (FULL_SHARD: every layer's all-gather would cross the network). It is
     sharded wherever keeping it whole cannot help: one process, CPU offload (a whole copy per process in host
     memory), DeepSpeed (which partitions it itself)."""
-    p = cfg.parallel
     checkpointing = [{}]
     if p.activation_checkpointing == "auto":
         checkpointing = [
@@ -59,44 +58,44 @@ def sharding_tiers(gpus: int, nodes: int, backend: str) -> list[list[str]]:
 
 
 def choose_auto(
-    cfg: Config, conf, gpus: int, gpu_mem: float | None, nodes: int = 1
+    cfg: Config, hf_config, gpus: int, gpu_mem: float | None, nodes: int = 1
 ) -> tuple[dict, Estimate | None]:
     """What `cfg` leaves to 'auto', decided: the first of auto_choices whose planned peak fits `gpu_mem`, or the
     last (everything recomputed, the base sharded) when none does (the plan may be pessimistic). Without a GPU
     limit (a CPU run): no recomputation and the base sharded, as on GPUs (the processes share the host's
     memory, which sharding spares)."""
-    choices = auto_choices(cfg, gpus, nodes)
+    choices = auto_choices(cfg.parallel, gpus, nodes)
     if gpu_mem is None:
         cpu = {"parallel.activation_checkpointing": False, "parallel.sharding_strategy": "FULL_SHARD"}
         choice = next(c for c in choices if all(c.get(k, v) == v for k, v in cpu.items()))
         return choice, None
     est = None
     for choice in choices:
-        est = estimate(apply_overrides(cfg, choice, "auto"), conf, gpus, nodes)
+        est = estimate(apply_overrides(cfg, choice, "auto"), hf_config, gpus, nodes)
         if est.gpu_peak <= AUTO_MARGIN * gpu_mem:
             return choice, est
     return choice, est
 
 
-def device_memory(cfg: Config, device: torch.device) -> float | None:
+def device_memory(p: ParallelConfig, device: torch.device) -> float | None:
     """Bytes of GPU memory a run on `device` may use (its total, or parallel.gpu_memory_limit_gib if lower);
     None on a CPU."""
     if device.type != "cuda":
         return None
     total = torch.cuda.get_device_properties(device).total_memory
-    limit = cfg.parallel.gpu_memory_limit_gib
+    limit = p.gpu_memory_limit_gib
     return min(total, limit * GIB) if limit else total
 
 
 def resolve_auto(
-    cfg: Config, conf, gpus: int, gpu_mem: float | None, nodes: int = 1
+    cfg: Config, hf_config, gpus: int, gpu_mem: float | None, nodes: int = 1
 ) -> tuple[Config, Estimate | None]:
     """`cfg` with parallel.activation_checkpointing and parallel.sharding_strategy 'auto' replaced by
     choose_auto's choice (as it is when neither is auto), and the estimate of that choice (None when nothing
     was chosen or there is no GPU limit). `gpus` in all, on `nodes` machines."""
-    if not auto_choices(cfg, gpus, nodes)[0]:
+    if not auto_choices(cfg.parallel, gpus, nodes)[0]:
         return cfg, None
-    choice, est = choose_auto(cfg, conf, gpus, gpu_mem, nodes)
+    choice, est = choose_auto(cfg, hf_config, gpus, gpu_mem, nodes)
     return apply_overrides(cfg, choice, "auto"), est
 
 
@@ -104,7 +103,7 @@ def describe_auto(before: Config, after: Config) -> str:
     """What 'auto' decided (`before` unresolved, `after` resolved), in words."""
     parts = []
     if before.parallel.activation_checkpointing == "auto":
-        parts.append(f"activation checkpointing {describe_checkpointing(after)}")
+        parts.append(f"activation checkpointing {describe_checkpointing(after.parallel)}")
     if before.parallel.sharding_strategy == "auto":
         strategy = after.parallel.sharding_strategy
         where = {"NO_SHARD": " (the whole 4-bit base on every GPU)", "HYBRID_SHARD": " (within each machine)"}
@@ -112,22 +111,22 @@ def describe_auto(before: Config, after: Config) -> str:
     return ", ".join(parts)
 
 
-def describe_checkpointing(cfg: Config) -> str:
+def describe_checkpointing(p: ParallelConfig) -> str:
     """The checkpointing a (resolved) configuration runs, in words."""
     from shardtune.parallel.checkpointing import checkpointed_every
 
-    every = checkpointed_every(cfg.parallel)
+    every = checkpointed_every(p)
     if not every:
         return "none (every layer keeps its activations)"
     suffix = {2: "nd", 3: "rd"}.get(every, "th")
     return "every layer" if every == 1 else f"every {every}{suffix} layer"
 
 
-def batch_problem(cfg: Config, gpus: int, micro_batch: bool = True) -> str | None:
+def batch_problem(t: TrainConfig, gpus: int, micro_batch: bool = True) -> str | None:
     """Why the run would refuse this global batch on `gpus` processes (None when it would not): every process
     gets the same rows per step, cut into micro-batches of the same size (data/loader.py, GlobalBatchSampler).
     `micro_batch` False leaves train.micro_batch_size out (--fit chooses it)."""
-    g = cfg.train.global_batch_size
+    g = t.global_batch_size
     if g % gpus:
         lower, higher = (g // gpus) * gpus, (g // gpus + 1) * gpus
         multiples = f"{lower} or {higher}" if lower else f"{higher}"
@@ -136,8 +135,8 @@ def batch_problem(cfg: Config, gpus: int, micro_batch: bool = True) -> str | Non
             f"same number of rows per step and would refuse it. Set train.global_batch_size={multiples}, or plan "
             f"for a number of GPUs that divides {g}"
         )
-    m = cfg.train.micro_batch_size
-    if micro_batch and cfg.train.micro_batch_tokens is None and g % (m * gpus):
+    m = t.micro_batch_size
+    if micro_batch and t.micro_batch_tokens is None and g % (m * gpus):
         return (
             f"train.global_batch_size={g} is not a multiple of train.micro_batch_size={m} x {gpus} GPUs: the run "
             f"would refuse it. Set train.micro_batch_size to a divisor of {g // gpus} (the rows per GPU per step), "
@@ -146,13 +145,13 @@ def batch_problem(cfg: Config, gpus: int, micro_batch: bool = True) -> str | Non
     return None
 
 
-def fit(cfg: Config, conf, gpus: int, gpu_mem: float, nodes: int, gpu_name: str) -> list[Estimate]:
+def fit(cfg: Config, hf_config, gpus: int, gpu_mem: float, nodes: int, gpu_name: str) -> list[Estimate]:
     """Every micro-batch x checkpointing x placement of the base (whole on every GPU, sharded, sharded and
     offloaded) combination that fits `gpu_mem` bytes (with 5% kept for the allocator), fastest first.
     Micro-batches are rows that divide the rows each GPU handles per step, or for packed rows token budgets of
     1 to 32 rows of data.max_len (train.micro_batch_tokens: as full, and as predictable in memory, as the data
     allows; not under DeepSpeed, which refuses them). Only settings the run accepts are tried (batch_problem)."""
-    problem = batch_problem(cfg, gpus, micro_batch=False)
+    problem = batch_problem(cfg.train, gpus, micro_batch=False)
     if problem:  # no micro-batch can help: the global batch itself does not divide
         raise ConfigError(problem)
     per_gpu_rows = cfg.train.global_batch_size // gpus
@@ -175,7 +174,7 @@ def fit(cfg: Config, conf, gpus: int, gpu_mem: float, nodes: int, gpu_name: str)
                     "parallel.sharding_strategy": strategy,
                 }
                 est = estimate(
-                    apply_overrides(cfg, {**size, **choice}, "plan --fit"), conf, gpus, nodes, gpu_name
+                    apply_overrides(cfg, {**size, **choice}, "plan --fit"), hf_config, gpus, nodes, gpu_name
                 )
                 if est.gpu_peak <= 0.95 * gpu_mem:
                     out.append(est)

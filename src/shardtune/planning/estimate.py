@@ -80,17 +80,17 @@ class Shape:
     tied: bool
 
     @classmethod
-    def of(cls, conf) -> Shape:
-        heads = conf.num_attention_heads
+    def of(cls, hf_config) -> Shape:
+        heads = hf_config.num_attention_heads
         return cls(
-            conf.hidden_size,
-            conf.intermediate_size,
-            conf.num_hidden_layers,
+            hf_config.hidden_size,
+            hf_config.intermediate_size,
+            hf_config.num_hidden_layers,
             heads,
-            getattr(conf, "num_key_value_heads", None) or heads,
-            getattr(conf, "head_dim", None) or conf.hidden_size // heads,
-            conf.vocab_size,
-            bool(getattr(conf, "tie_word_embeddings", False)),
+            getattr(hf_config, "num_key_value_heads", None) or heads,
+            getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads,
+            hf_config.vocab_size,
+            bool(getattr(hf_config, "tie_word_embeddings", False)),
         )
 
     def linears(self) -> dict[str, tuple[int, int]]:
@@ -161,7 +161,7 @@ def layer_activation_bytes(
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
     AttentionInterface.register("shardtune_fused", _fused_attention)
-    conf = LlamaConfig(
+    hf_config = LlamaConfig(
         hidden_size=hidden,
         intermediate_size=inter,
         num_attention_heads=heads,
@@ -169,11 +169,11 @@ def layer_activation_bytes(
         head_dim=head_dim,
         num_hidden_layers=1,
     )
-    conf._attn_implementation = "shardtune_fused"
+    hf_config._attn_implementation = "shardtune_fused"
     r, alpha, dropout, chosen, fused, replay = lora_key
     with torch.device("meta"):
         compute = getattr(torch, dtype)
-        layer = LlamaDecoderLayer(conf, 0).to(compute).requires_grad_(False)
+        layer = LlamaDecoderLayer(hf_config, 0).to(compute).requires_grad_(False)
         names = list(Shape(hidden, inter, 1, heads, kv_heads, head_dim, 1, False).linears())
         targets = names if chosen == "all-linear" else [n for n in names if n in chosen]
         lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
@@ -191,7 +191,7 @@ def layer_activation_bytes(
         rows = max(1, tokens // seq)
         x = torch.empty(rows, seq, hidden, dtype=compute, requires_grad=True)
         positions = torch.arange(seq).unsqueeze(0).expand(rows, -1)
-        cos, sin = (t.to(compute) for t in LlamaRotaryEmbedding(conf)(x, positions))
+        cos, sin = (t.to(compute) for t in LlamaRotaryEmbedding(hf_config)(x, positions))
     shared = [*layer.parameters(), cos, sin]  # not the layer's own memory: weights, the model's RoPE table
     # PEFT's own forward under autocast gives every adapter its own bf16 copy of the input (autocast's cast of
     # PEFT's fp32 copy), where this count sees views of one input: count each view as the copy it is there
@@ -256,7 +256,7 @@ class _Layout:
     recomputed: float  # the share of the layers recomputed
 
     @classmethod
-    def of(cls, cfg: Config, conf, s: Shape, gpus: int, nodes: int) -> _Layout:
+    def of(cls, cfg: Config, hf_config, s: Shape, gpus: int, nodes: int) -> _Layout:
         from shardtune.model.modeling import fused_kernels
         from shardtune.parallel.checkpointing import checkpointed_every, checkpointed_fraction
 
@@ -277,16 +277,16 @@ class _Layout:
             shards=shards,
             offload=cfg.parallel.cpu_offload and n > 1,  # one process trains the plain module (fsdp.py)
             # 'auto' on a GPU: on when liger-kernel is installed here (plan where the job's environment is)
-            fused=cfg.model.fused_kernels is True or fused_kernels(cfg, conf, "cuda"),
+            fused=cfg.model.fused_kernels is True or fused_kernels(cfg, hf_config, "cuda"),
             every=checkpointed_every(cfg.parallel),
             recomputed=checkpointed_fraction(cfg.parallel, s.layers),
         )
 
 
-def estimate(cfg: Config, conf, gpus: int, nodes: int = 1, gpu_name: str = "h200") -> Estimate:
+def estimate(cfg: Config, hf_config, gpus: int, nodes: int = 1, gpu_name: str = "h200") -> Estimate:
     """Predicted memory and time of one configuration on `gpus` GPUs in total."""
-    s = Shape.of(conf)
-    at = _Layout.of(cfg, conf, s, gpus, nodes)
+    s = Shape.of(hf_config)
+    at = _Layout.of(cfg, hf_config, s, gpus, nodes)
     lora = lora_parameters(s, cfg.lora.r, cfg.lora.target_modules)
     gpu = _gpu_memory(cfg, s, at, lora)
     # evaluation: the same weights, no activations kept, an eval batch of bf16 logits, their fp32 copy and
@@ -294,7 +294,7 @@ def estimate(cfg: Config, conf, gpus: int, nodes: int = 1, gpu_name: str = "h200
     eval_rows = min(cfg.eval.batch_size, cfg.eval.max_rows or cfg.eval.batch_size)
     static = sum(v for k, v in gpu.items() if k not in ("activations", "logits + loss"))
     eval_bytes = static + 10 * eval_rows * cfg.data.max_len * s.vocab
-    step_s = _step_seconds(cfg, conf, s, at, gpu_name)
+    step_s = _step_seconds(cfg, hf_config, s, at, gpu_name)
     size = "train.micro_batch_tokens" if cfg.train.micro_batch_tokens else "train.micro_batch_size"
     settings = {
         size: cfg.train.micro_batch_tokens or cfg.train.micro_batch_size,
@@ -395,13 +395,13 @@ def _host_memory(s: Shape, at: _Layout, nodes: int, lora: int, base_shard: float
     return {k: v * per_node for k, v in host.items()}
 
 
-def _step_seconds(cfg: Config, conf, s: Shape, at: _Layout, gpu_name: str) -> float:
+def _step_seconds(cfg: Config, hf_config, s: Shape, at: _Layout, gpu_name: str) -> float:
     """A step's time: its model FLOPs over the GPU's peak at the MFU measured for this width and micro-batch."""
     from shardtune.model.modeling import matmul_parameters
     from shardtune.observability.flops import step_flops
 
     seq = cfg.data.max_len
-    flops_per_row = step_flops(matmul_parameters(conf), s.layers, s.hidden, seq, seq * seq, False)[0]
+    flops_per_row = step_flops(matmul_parameters(hf_config), s.layers, s.hidden, seq, seq * seq, False)[0]
     mfu = expected_mfu(s.hidden, at.tokens, at.recomputed, at.offload, whole_base=at.shards == 1 and at.n > 1)
     peak = GPU_PEAKS[gpu_name.lower()]  # the CLI offers only these names
     return flops_per_row * cfg.train.global_batch_size / (at.n * peak * mfu)

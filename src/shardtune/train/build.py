@@ -32,7 +32,7 @@ def resolve_settings(cfg: Config, hf_config, dist: DistInfo) -> Config:
     # NOTE: every rank decides alone, so each decides from the same facts: the least GPU memory of any process,
     # the machines counted from every machine's process count (ranks that chose different sharding would wait
     # in each other's collectives until the timeout)
-    facts = gather_object((dist.local_world_size, device_memory(cfg, dist.device)))
+    facts = gather_object((dist.local_world_size, device_memory(cfg.parallel, dist.device)))
     per_machine = sorted({n for n, _ in facts})
     memories = [m for _, m in facts if m is not None]
     gpu_mem = min(memories) if memories else None
@@ -79,7 +79,7 @@ def build(cfg: Config, hf_config, dist: DistInfo, run_dir: Path, tokenizer, back
     base = cfg.model.name_or_path
     if cfg.model.init == "random":
         base = None
-        if modeling.base_on_disk(cfg, hf_config):
+        if modeling.base_on_disk(cfg.model, hf_config):
             base_dir = run_dir / "base"
             if dist.is_main and not base_dir.is_dir():
                 modeling.write_random_base(cfg, tokenizer, base_dir)
