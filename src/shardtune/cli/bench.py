@@ -169,7 +169,7 @@ def summarize(run_dir: Path, warmup: int) -> dict:
         "settings": {
             "attention": summary.get("attention"),
             "activation_checkpointing": summary.get("activation_checkpointing"),
-            "checkpoint_every": summary.get("checkpoint_every"),
+            "checkpoint_every": summary.get("recompute_every"),
             "sharding_strategy": summary.get("sharding_strategy"),  # as resolved ('auto' -> a choice)
             "cpu_offload": cfg["parallel"]["cpu_offload"],
             "packing": cfg["data"]["packing"],
