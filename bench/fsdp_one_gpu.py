@@ -1,7 +1,7 @@
 """A `shardtune bench` run with FSDP forced on for one process: what FSDP's wrapping costs against the plain
 module, and whether its losses stay those of the plain module, on a machine with one GPU.
 
-A run of one process trains the plain module (parallel.py); here the Sharder is forced on, so that the one
+A run of one process trains the plain module (parallel/fsdp.py); here the FSDP backend is forced on, so that the one
 process goes through FSDP1 as each rank of a 2-GPU run does: with parallel.sharding_strategy=NO_SHARD, all of
 a 2-GPU NO_SHARD rank's work but the adapters' gradient all-reduce (the 80-layer 70B target row's setting).
 Prints the plain run's JSON line, then the forced one's (`"fsdp_forced": true`).
@@ -19,12 +19,12 @@ UNITS = "fsdp_one_gpu: FSDP units, strategy:"
 
 
 def rank() -> None:
-    """A rank of the forced run: the benchmark recipe, with every Sharder wrapping in FSDP."""
+    """A rank of the forced run: the benchmark recipe, with the FSDP backend wrapping in FSDP."""
     from shardtune.cli import bench
     from shardtune.cli.recipe import main
-    from shardtune.parallel import fsdp as parallel
+    from shardtune.parallel import fsdp
 
-    built, root = parallel.Sharder.__init__, parallel.Sharder.root
+    built, root = fsdp.FsdpBackend.__init__, fsdp.FsdpBackend.shard_root
 
     def forced(self, *args, **kwargs):
         built(self, *args, **kwargs)
@@ -32,11 +32,11 @@ def rank() -> None:
 
     def wrapped(self, model):  # says in the log what the run trains (the driver checks it)
         model = root(self, model)
-        units = parallel.FSDP.fsdp_modules(model)
+        units = fsdp.FSDP.fsdp_modules(model)
         print(f"{UNITS} {len(units)} {units[0].sharding_strategy.name}", flush=True)
         return model
 
-    parallel.Sharder.__init__, parallel.Sharder.root = forced, wrapped
+    fsdp.FsdpBackend.__init__, fsdp.FsdpBackend.shard_root = forced, wrapped
     main(bench.config, argv=[a for a in sys.argv[1:] if a != RANK])
 
 

@@ -1,7 +1,7 @@
 """Where host memory goes with FSDP CPU offload: resident memory after each phase of a step, and the loss.
     torchrun --nproc_per_node 2 bench/offload_probe.py [key=value ...] [--lean 0|1]
 On one GPU FSDP is forced on (a run would train the plain module), so that one process shards into one
-part and goes through FSDP's offload. `--lean 0` keeps FSDP's own host buffers (parallel.lean_offload off)."""
+part and goes through FSDP's offload. `--lean 0` keeps FSDP's own host buffers (parallel/fsdp.py lean_offload off)."""
 
 import json
 import sys
@@ -11,7 +11,7 @@ import torch
 from shardtune.config import Config, apply_overrides
 from shardtune.model import loading, modeling
 from shardtune.observability.memory import host_peak_gib, host_rss_gib
-from shardtune.parallel import fsdp as parallel
+from shardtune.parallel import fsdp
 from shardtune.parallel.distributed import init_distributed, teardown
 
 cfg = apply_overrides(
@@ -30,9 +30,9 @@ cfg = apply_overrides(
 info = init_distributed("cuda")
 lean = "--lean" not in sys.argv or sys.argv[sys.argv.index("--lean") + 1] == "1"
 if not lean:
-    parallel.lean_offload = lambda model: None
-sharder = parallel.Sharder(cfg.parallel, cfg.param_dtype, info.device, info.world_size)
-sharder.enabled = True  # also on one GPU
+    fsdp.lean_offload = lambda model: None
+backend = fsdp.FsdpBackend(cfg.parallel, cfg.param_dtype, info)
+backend.enabled = True  # also on one GPU
 marks = {"start": (host_rss_gib(), host_peak_gib())}
 hf_config = modeling.model_config(cfg)
 model, _ = loading.build_model(
@@ -40,7 +40,7 @@ model, _ = loading.build_model(
     hf_config,
     None,
     "sdpa",
-    sharder,
+    backend,
     info.device,
 )
 marks["loaded"] = (host_rss_gib(), host_peak_gib())

@@ -1,5 +1,5 @@
 """DeepSpeed ZeRO-3 with 4-bit weights on this machine's devices, even on one GPU: the model partitioned by
-zero3.ZeroSharder (forced on, so one process goes through DeepSpeed's partition and gather too), its logits
+zero3.ZeroBackend (forced on, so one process goes through DeepSpeed's partition and gather too), its logits
 against the unsharded build, one training step through the engine, and a checkpoint state written back.
     torchrun --nproc_per_node N bench/zero3_probe.py [key=value ...]      (deepspeed must be importable)
 """
@@ -11,9 +11,9 @@ import torch
 
 from shardtune.config import Config, apply_overrides
 from shardtune.model import loading, modeling
-from shardtune.parallel import fsdp as parallel
-from shardtune.parallel import zero3
-from shardtune.parallel.distributed import init_distributed, teardown
+from shardtune.parallel.distributed import DistInfo, init_distributed, teardown
+from shardtune.parallel.fsdp import FsdpBackend
+from shardtune.parallel.zero3 import ZeroBackend
 from shardtune.train.step import token_loss_sum
 
 cfg = apply_overrides(
@@ -38,36 +38,40 @@ dtype = modeling.DTYPES[cfg.param_dtype]
 autocast = torch.autocast(info.device.type, dtype=dtype)
 
 plain, _ = loading.build_model(
-    cfg, hf_config, None, attn, parallel.Sharder(cfg.parallel, cfg.param_dtype, info.device, 1), info.device
+    cfg,
+    hf_config,
+    None,
+    attn,
+    FsdpBackend(cfg.parallel, cfg.param_dtype, DistInfo.alone(info.device)),
+    info.device,
 )
 with torch.no_grad(), autocast:
     expected = plain(input_ids=batch).logits.float()
 del plain
 
-config = zero3.ds_config(cfg.parallel, info.device, 1, info.world_size, 1.0)
-sharder = zero3.ZeroSharder(cfg.parallel, config, info.device, info.world_size)
-if not sharder.enabled:  # one process: partition anyway (into one part), to go through DeepSpeed's gather
+backend = ZeroBackend(cfg.parallel, info, 1, 1.0)
+if not backend.enabled:  # one process: partition anyway (into one part), to go through DeepSpeed's gather
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
-    sharder.enabled = True
-model, _ = loading.build_model(cfg, hf_config, None, attn, sharder, info.device)
+    backend.enabled = True
+model, _ = loading.build_model(cfg, hf_config, None, attn, backend, info.device)
 w = next(m for m in model.modules() if type(m).__name__ == "Linear4bit").weight
 kept = {"class": type(w).__name__, "quant_state": getattr(w, "quant_state", None) is not None}
 optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-engine = zero3.initialize(model, optimizer, config)
+engine = backend.wrap(optimizer)
 with torch.no_grad(), autocast:
     logits = engine(input_ids=batch).logits.float()
 rel = float((logits - expected).norm() / expected.norm())
 labels = torch.cat([batch[:, 1:], torch.full_like(batch[:, :1], -100)], dim=1)
 with autocast:
     loss = token_loss_sum(engine, {"input_ids": batch, "labels": labels}) / labels.numel()
-zero3.backward(engine, loss, info.world_size)
-norm = float(zero3.step(engine))
-msd, osd = zero3.trainable_state(engine, optimizer)
+backend.backward(loss)
+norm = float(backend.step())
+msd, osd = backend.trainable_state()
 with torch.no_grad(), autocast:
     before = engine(input_ids=batch).logits.float()
-zero3.load_trainable_state(engine, msd, osd)
+backend.load_trainable_state(msd, osd)
 with torch.no_grad(), autocast:
     after = engine(input_ids=batch).logits.float()
 if info.is_main:

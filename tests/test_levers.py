@@ -83,7 +83,7 @@ def test_adapters_compute_in_bf16_under_autocast_and_keep_fp32_gradients():
 
 
 def _count_checkpointed(every: int) -> tuple[int, tuple]:
-    """Checkpoint wrappers the loader's sharder puts on, and the loss and gradients through them."""
+    """Checkpoint wrappers the loader's backend puts on, and the loss and gradients through them."""
     _, model = build({"parallel.activation_checkpointing": True, "parallel.checkpoint_every": every}, CPU)
     wrapped = sum(type(m).__name__ == "CheckpointWrapper" for m in model.modules())
     padded, _ = batches(LENGTHS, 384, 2, CPU)

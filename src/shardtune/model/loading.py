@@ -227,12 +227,17 @@ def _fill(module: nn.Module, prefix: str, get, cfg: Config, device: torch.device
             continue
         if any(part.startswith("lora_") for part in mod_name.split(".")):
             continue  # inside an adapter
-        for pname, p in list(mod.named_parameters(recurse=False)):
-            if not p.is_meta:
-                continue
-            kind = "norm" if "norm" in type(mod).__name__.lower() else "matrix"
-            value = get(checkpoint_name(f"{full}.{pname}"), tuple(p.shape), kind)
-            mod._parameters[pname] = nn.Parameter(value.to(device=device, dtype=dtype), requires_grad=False)
+        _materialize(mod, full, get, dtype, device)
+
+
+def _materialize(mod: nn.Module, name: str, get, dtype: torch.dtype, device: torch.device) -> None:
+    """Give `mod`'s own meta parameters (not its children's) their values, frozen, on `device`."""
+    for pname, p in list(mod.named_parameters(recurse=False)):
+        if not p.is_meta:
+            continue
+        kind = "norm" if "norm" in type(mod).__name__.lower() else "matrix"
+        value = get(checkpoint_name(f"{name}.{pname}"), tuple(p.shape), kind)
+        mod._parameters[pname] = nn.Parameter(value.to(device=device, dtype=dtype), requires_grad=False)
 
 
 def _init_adapters(layer: nn.Module, seed: int, device: torch.device) -> None:
@@ -290,13 +295,8 @@ def build_model(cfg: Config, hf_config, path: str | None, attn: str, backend: Ba
     with source.opened([checkpoint_name(n) for n in rest]) as get:
         tied = getattr(hf_config, "tie_word_embeddings", False)
         for mod_name, mod in model.named_modules():
-            for pname, p in list(mod.named_parameters(recurse=False)):
-                if p.is_meta and not (tied and mod is model.get_output_embeddings()):
-                    kind = "norm" if "norm" in type(mod).__name__.lower() else "matrix"
-                    value = get(checkpoint_name(f"{mod_name}.{pname}"), tuple(p.shape), kind)
-                    mod._parameters[pname] = nn.Parameter(
-                        value.to(device=device, dtype=DTYPES[cfg.param_dtype]), requires_grad=False
-                    )
+            if not (tied and mod is model.get_output_embeddings()):
+                _materialize(mod, mod_name, get, DTYPES[cfg.param_dtype], device)
         if tied:
             model.get_output_embeddings().weight = model.get_input_embeddings().weight
     _materialize_buffers(model, hf_config, device)

@@ -81,6 +81,7 @@ class ZeroBackend:
         self.ds_config = ds_config(pcfg, info.device, micro_batch, info.world_size, max_grad_norm)
         self.layer_cls: type | None = None
         self.model = self.optimizer = None
+        self.engine = None  # DeepSpeed's, once wrap made it (several processes)
         if self.enabled:
             # uses the process group shardtune made (gloo on CPU, NCCL on GPUs)
             deepspeed.init_distributed(dist_backend=dist.get_backend())
@@ -110,40 +111,38 @@ class ZeroBackend:
         if self.enabled:
             import deepspeed
 
-            self.model, *_ = deepspeed.initialize(
+            self.engine, *_ = deepspeed.initialize(
                 model=self.model, optimizer=optimizer, config=self.ds_config
             )
+            return self.engine
         return self.model
 
-    def _engine(self):
-        return self.model if self.enabled else None
-
     def backward(self, loss: torch.Tensor) -> None:
-        if self._engine() is None:
+        if self.engine is None:
             loss.backward()
             return
         # DeepSpeed averages the gradients over the ranks; shardtune's loss of a micro-batch is its share of a sum
-        self.model.backward(loss * self.world_size)
+        self.engine.backward(loss * self.world_size)
 
     def step(self) -> torch.Tensor:
         """The optimizer step (clipping included); the gradient norm before clipping."""
-        if self._engine() is None:  # one process: nothing partitioned, no engine
+        if self.engine is None:  # one process: nothing partitioned, no engine
             return step_whole_adapters(self.model, self.optimizer, self.max_grad_norm)
-        self.model.step()
-        norm = self.model.get_global_grad_norm()
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
         return torch.as_tensor(0.0 if norm is None else float(norm))
 
     def _named_adapters(self) -> list[tuple[str, torch.nn.Parameter]]:
-        return [(fqn(n), p) for n, p in self.unwrap().named_parameters() if p.requires_grad]
+        return [(fqn(n), p) for n, p in self.model.named_parameters() if p.requires_grad]
 
     def trainable_state(self, fresh: bool = False):
         """The adapters and their AdamW state, whole, by name (backend.py's format). Collective.
         `fresh`: zeros of the right shapes to load a checkpoint into (load_trainable_state writes them back)."""
-        if self._engine() is None:
+        if self.engine is None:
             return whole_adapters_state(self.model, self.optimizer, fresh)
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-        named, engine = self._named_adapters(), self.model
+        named, engine = self._named_adapters(), self.engine
         states = [] if fresh else [s for s in _flat_states(engine) if s]
         step = states[0]["step"].clone() if states else torch.zeros((), dtype=torch.float32)
         msd, state = {}, {}
@@ -169,12 +168,12 @@ class ZeroBackend:
 
     def load_trainable_state(self, msd: dict, osd: dict) -> None:
         """Write whole adapters and AdamW moments (as loaded by DCP) into DeepSpeed's partitions. Collective."""
-        if self._engine() is None:
+        if self.engine is None:
             return  # DCP loaded into the training tensors themselves
         import deepspeed
         from deepspeed.utils import safe_set_full_optimizer_state
 
-        named, engine = self._named_adapters(), self.model
+        named, engine = self._named_adapters(), self.engine
         params = [p for _, p in named]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
             if dist.get_rank() == 0:
@@ -194,13 +193,13 @@ class ZeroBackend:
                 safe_set_full_optimizer_state(p, osd["state"][name][k], k)
 
     def unwrap(self) -> torch.nn.Module:
-        return self.model.module if self._engine() is not None else self.model
+        return self.model  # the engine's module is this very model
 
     def gathered_root(self):
         return contextlib.nullcontext()  # the engine's hooks gather every module's weights as it runs
 
     def sharding_report(self) -> dict[str, int]:
-        params = list(self.unwrap().parameters())
+        params = list(self.model.parameters())
         if params and hasattr(params[0], "ds_numel"):  # partitioned
             return {
                 "local": sum(p.ds_tensor.numel() for p in params),
