@@ -54,7 +54,9 @@ def test_overrides_are_typed():
     [
         ("lora.rr", "lora.r"),
         ("lroa.r", "lora.r"),
-        ("optim.learning_rate", None),
+        ("optim.learning_rate", "optim.lr"),  # the Hugging Face Trainer's names: ours
+        ("train.lr_scheduler_type", "optim.scheduler"),
+        ("optim.nesterov_momentum_factor", None),
         ("train.max_step", "train.max_steps"),
     ],
 )
