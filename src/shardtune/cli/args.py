@@ -9,6 +9,7 @@ from pathlib import Path
 
 from shardtune.config import Config, check_inputs, check_names, parse_overrides
 from shardtune.config.accelerate import accelerate_env_overrides, accelerate_yaml_overrides
+from shardtune.config.checks import optimizer_device_problem
 from shardtune.config.overrides import apply_layers
 from shardtune.errors import ConfigError
 from shardtune.parallel.backend import DEEPSPEED_MISSING, deepspeed_installed
@@ -102,9 +103,16 @@ def check_sweep(overrides: list[str], grid: dict[str, list] | None, recipe_grid:
 
 
 def check_backend(configs: list[Config]) -> None:
-    """Refuse, before the data and the model are prepared, a backend this machine cannot run."""
+    """Refuse, before the data and the model are prepared, a backend or optimizer this machine cannot run."""
     if any(c.parallel.backend == "deepspeed" for c in configs) and not deepspeed_installed():
         raise ConfigError(DEEPSPEED_MISSING)
+    if any(c.optim.name.startswith("paged_") for c in configs):
+        import torch
+
+        for c in configs:
+            problem = optimizer_device_problem(c, torch.cuda.is_available())
+            if problem:
+                raise ConfigError(problem)
 
 
 def split_sweep_values(text: str) -> list[str]:

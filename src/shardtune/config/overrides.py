@@ -49,11 +49,13 @@ def field_paths(model: type[Section] = Config, prefix: str = "") -> dict[str, An
 HF_TRAINER_NAMES = {
     "learning_rate": "optim.lr",
     "lr_scheduler_type": "optim.scheduler",
+    "optim": "optim.name",
     "adam_beta1": "optim.betas",
     "adam_beta2": "optim.betas",
     "adam_epsilon": "optim.eps",
     "warmup_steps": "optim.warmup_steps",
     "weight_decay": "optim.weight_decay",
+    "min_lr_rate": "optim.min_lr_rate",
 }
 
 

@@ -151,8 +151,14 @@ class DataConfig(Section):
 
 
 class OptimConfig(Section):
-    """AdamW and the learning-rate schedule."""
+    """The optimizer (AdamW: torch's, or bitsandbytes' 8-bit or paged one) and the learning-rate schedule."""
 
+    name: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw"
+    """'adamw': torch's AdamW. The others are bitsandbytes' AdamW, as the Hugging Face Trainer's optim names
+    them: 'adamw_8bit' keeps the moments in 8 bits (blockwise; tensors under 4096 elements stay 32-bit);
+    'paged_adamw_8bit' and 'paged_adamw_32bit' keep those of tensors over 1e5 elements in CUDA unified memory,
+    paged out to the host when the GPU runs short (GPU only). Not with parallel.backend=deepspeed. A checkpoint resumes only with the
+    optimizer that saved it."""
     lr: float = Field(3e-3, gt=0)
     """Peak learning rate (AdamW)."""
     weight_decay: float = Field(0.0, ge=0)
@@ -161,8 +167,15 @@ class OptimConfig(Section):
     """AdamW betas."""
     eps: float = Field(1e-8, gt=0)
     """AdamW epsilon."""
-    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    """Learning-rate schedule after warmup."""
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_min_lr"] = (
+        "cosine"
+    )
+    """Learning-rate schedule after warmup, by the Hugging Face names: 'cosine' and 'linear' decay to 0 at the
+    last step, 'constant_with_warmup' (or 'constant') holds optim.lr, 'cosine_with_min_lr' decays to
+    optim.min_lr_rate x optim.lr."""
+    min_lr_rate: float | None = Field(None, ge=0, lt=1)
+    """scheduler=cosine_with_min_lr: the rate it ends at, as a fraction of optim.lr (e.g. 0.1). Ignored by the
+    other schedules."""
     warmup_steps: int = Field(20, ge=0)
     """Linear warmup steps."""
 
