@@ -114,9 +114,11 @@ class DataConfig(Section):
     split: str = "train"
     """Split to train on."""
     eval_source: str | None = None
-    """Separate eval data (file or hub name). Default: hold out data.test_size of the training rows."""
+    """Separate eval data (file or hub name). Default: a local folder's own validation or test split (its
+    validation.jsonl, test.parquet, ...) where it has one, else data.test_size of the training rows."""
     eval_split: str | None = None
-    """Split of the source (or of eval_source) to evaluate on, e.g. 'test'. Default: hold out data.test_size."""
+    """Split of the source (or of eval_source) to evaluate on, e.g. 'test'. Default: a local folder's own
+    validation or test split, else hold out data.test_size (also when set to the training split)."""
     test_size: float = Field(0.05, gt=0)
     """Held-out eval rows: a fraction (<1) or a count (>=1) of the training rows."""
     max_rows: int | None = Field(None, gt=0)
