@@ -284,7 +284,11 @@ class EvalConfig(Section):
     batch_size: int = Field(16, gt=0)
     """Eval rows per forward pass per process."""
     samples: int = Field(64, ge=0)
-    """Held-out rows to generate completions for at the end (exact-match accuracy is reported)."""
+    """Held-out rows to generate completions for at the end, scored by eval.metric."""
+    metric: Literal["auto", "exact_match", "rouge_l", "none"] = "auto"
+    """How the generated samples are scored against the held-out answers: 'exact_match' (the same text,
+    surrounding whitespace aside), 'rouge_l' (ROUGE-L F1: the longest common word sequence, for free text),
+    'none'. 'auto': exact match where every reference has at most 5 words, else ROUGE-L."""
     show: int = Field(6, ge=0)
     """Generated samples printed in the run log."""
     questions: list[str] = Field(default_factory=list)

@@ -409,7 +409,9 @@ class Run:
             "rank0_holds": built.rank0_holds,  # fraction of the flat parameters on rank 0
             "train_time_s": self.train_time,
             "tokens_seen": self.state.tokens_seen,
+            "sample_metric": samples["metric"],  # how the held-out samples were scored (eval.metric)
             "exact_match": samples["exact_match"],
+            "rouge_l": samples["rouge_l"],
             "adapter": str(adapter_dir),
             "base": built.base,
             "last_checkpoint": str(self.final_ckpt),
