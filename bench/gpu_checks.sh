@@ -205,7 +205,7 @@ CONFIGS
       done
       python3 bench/make_rows.py /tmp/rows.jsonl 64 2100
       Z8=(model.name_or_path=llama3-8b model.init=random "${TRAIN70[@]:2}" data.pad_token=null data.keep_if_empty=[]
-          eval.questions=[] model.fused_kernels=false train.output_dir=/tmp/runs)
+          eval.questions=[] model.fused_kernels=false train.output_dir=/tmp/runs optim.name=adamw)  # ZeRO-3: AdamW only
       python3 -m accelerate.commands.launch --config_file fsdp_configs/2xh100.yaml recipes/llama3_8b.py "${Z8[@]}" \
         train.run_name=z8_fsdp > "$OUT/z8_fsdp.log" 2>&1 && summarize 8b-fsdp /tmp/runs/z8_fsdp || tail -30 "$OUT/z8_fsdp.log"
       "${DS[@]}" python3 -m accelerate.commands.launch --config_file fsdp_configs/zero3_2xh100.yaml recipes/llama3_8b.py \

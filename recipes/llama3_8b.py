@@ -1,7 +1,9 @@
 """Llama-3-8B instruction tuning on alpaca-cleaned (rows without an `input`), QLoRA under FSDP.
 
 Completion-only loss after "### Response:\\n", a reserved special token as pad, EOS appended, 1% held out,
-eval and checkpoints every 100 steps, TensorBoard logs, and answers to a few questions after training.
+bitsandbytes' 8-bit AdamW (optim.name=adamw_8bit) at a constant rate after warmup, eval every 10 steps and a
+checkpoint every 50, TensorBoard logs (tensorboard --logdir runs/llama3_8b/tensorboard), and answers to a few
+questions after training.
 Rows are packed without padding (alpaca answers run from a few tokens to a thousand) and Liger's fused kernels
 run where installed; with fsdp_configs/2xh100.yaml activation checkpointing and sharding are `auto`: only as many
 layers are recomputed as the GPU's memory needs, and the 4-bit base is kept whole on every GPU where it fits
@@ -9,6 +11,8 @@ layers are recomputed as the GPU's memory needs, and the 4-bit base is kept whol
 
     accelerate launch --config_file fsdp_configs/2xh100.yaml recipes/llama3_8b.py
     accelerate launch --config_file fsdp_configs/2xh100.yaml recipes/llama3_8b.py data.source=my_rows.jsonl
+    accelerate launch --config_file fsdp_configs/zero3_2xh100.yaml recipes/llama3_8b.py optim.name=adamw
+(DeepSpeed ZeRO-3 takes torch's AdamW only.)
 """
 
 from shardtune import Config
@@ -29,14 +33,16 @@ def config() -> Config:
     cfg.lora.r = 16
     cfg.lora.alpha = 32
     cfg.lora.dropout = 0.05
+    cfg.optim.name = "adamw_8bit"
+    cfg.optim.scheduler = "constant_with_warmup"
     cfg.optim.lr = 2e-4
     cfg.optim.warmup_steps = 30
     cfg.train.max_steps = None
     cfg.train.epochs = 1
     cfg.train.global_batch_size = 16
     cfg.train.micro_batch_size = 4
-    cfg.train.save_every = 100
-    cfg.eval.every = 100
+    cfg.train.save_every = 50
+    cfg.eval.every = 10
     cfg.eval.samples = 8
     cfg.eval.max_new_tokens = 128
     cfg.eval.batch_size = 4

@@ -14,7 +14,7 @@ from shardtune.cli.args import (
     split_sweep_values,
 )
 from shardtune.cli.recipe import main
-from shardtune.config import Config, apply_overrides, format_help, parse_overrides
+from shardtune.config import Config, OptimConfig, apply_overrides, format_help, parse_overrides
 from shardtune.config.accelerate import (
     accelerate_env_overrides,
     accelerate_yaml_overrides,
@@ -54,7 +54,9 @@ def test_overrides_are_typed():
     [
         ("lora.rr", "lora.r"),
         ("lroa.r", "lora.r"),
-        ("optim.learning_rate", None),
+        ("optim.learning_rate", "optim.lr"),  # the Hugging Face Trainer's names: ours
+        ("train.lr_scheduler_type", "optim.scheduler"),
+        ("optim.nesterov_momentum_factor", None),
         ("train.max_step", "train.max_steps"),
     ],
 )
@@ -491,6 +493,66 @@ def test_a_missing_deepspeed_stops_the_run_before_the_data(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         main(Config(), argv=["parallel.backend=deepspeed"])
     assert e.value.code == 2 and "needs DeepSpeed" in capsys.readouterr().err
+
+
+def test_optimizers_are_refused_where_they_cannot_run(monkeypatch, capsys):
+    """bitsandbytes' optimizers are refused under DeepSpeed (its checkpoints hold AdamW's moments); the paged
+    ones on a machine without CUDA (bitsandbytes would fall back to unpaged ones with a warning) and on
+    parallel.device=cpu, before anything is loaded, with the optim.name to use instead."""
+    import torch
+
+    import shardtune.cli.recipe as recipe
+
+    with pytest.raises(ConfigError, match=r"optim\.name=adamw_8bit .*deepspeed.*set optim\.name=adamw"):
+        resolve_config(Config(), ["optim.name=adamw_8bit", "parallel.backend=deepspeed"], env={})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name, instead in (("paged_adamw_8bit", "adamw_8bit"), ("paged_adamw_32bit", "adamw")):
+        cfg = resolve_config(Config(), [f"optim.name={name}"], env={})  # valid: a GPU machine runs it
+        with pytest.raises(ConfigError, match=rf"optim\.name={name} needs CUDA.*set optim\.name={instead} "):
+            check_backend([cfg])
+    check_backend([resolve_config(Config(), ["optim.name=adamw_8bit"], env={})])  # runs on a CPU
+    monkeypatch.setattr(recipe, "run", lambda *a, **k: pytest.fail("the run started"))
+    with pytest.raises(SystemExit) as e:
+        main(Config(), argv=["optim.name=paged_adamw_8bit"])
+    assert e.value.code == 2 and "no CUDA GPU" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    check_backend([resolve_config(Config(), ["optim.name=paged_adamw_32bit"], env={})])
+    on_cpu = resolve_config(Config(), ["optim.name=paged_adamw_8bit", "parallel.device=cpu"], env={})
+    with pytest.raises(ConfigError, match=r"needs CUDA.*\(parallel\.device=cpu\)"):
+        check_backend([on_cpu])
+
+
+def test_schedules_by_their_hugging_face_names():
+    """optim.scheduler takes transformers' names (constant stays constant_with_warmup's alias);
+    cosine_with_min_lr ends at optim.min_lr_rate x optim.lr, and is refused without it."""
+    import torch
+
+    from shardtune.train.optim import build_scheduler
+
+    def rates(**settings) -> list[float]:
+        param = torch.nn.Parameter(torch.zeros(1))
+        optimizer = torch.optim.SGD([param], lr=1.0)
+        scheduler = build_scheduler(OptimConfig(lr=1.0, warmup_steps=2, **settings), optimizer, 10)
+        out = []
+        for _ in range(11):
+            out.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return out
+
+    constant = [0.0, 0.5] + [1.0] * 9
+    assert rates(scheduler="constant") == rates(scheduler="constant_with_warmup") == constant
+    assert rates(scheduler="linear") == pytest.approx(
+        [0, 0.5, 1, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0]
+    )
+    cosine = rates(scheduler="cosine")
+    assert cosine[:3] == [0, 0.5, 1] and cosine[3] == pytest.approx(0.9619, abs=1e-4) and cosine[-1] == 0
+    floor = rates(scheduler="cosine_with_min_lr", min_lr_rate=0.1)
+    assert floor[3] == pytest.approx(0.9657, abs=1e-4) and floor[-1] == pytest.approx(0.1)
+    with pytest.raises(ConfigError, match=r"cosine_with_min_lr needs .* set optim\.min_lr_rate"):
+        resolve_config(Config(), ["optim.scheduler=cosine_with_min_lr"], env={})
+    cfg = resolve_config(Config(), ["optim.scheduler=cosine_with_min_lr", "optim.min_lr_rate=0.1"], env={})
+    assert cfg.optim.min_lr_rate == 0.1
 
 
 # ------------------------------------------------------------------------------------------------ sweeps

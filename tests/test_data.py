@@ -258,6 +258,44 @@ def test_eval_split_never_evaluates_on_the_training_rows(tok, tmp_path, caplog):
     assert (len(generated.train), len(generated.eval)) == (95, 5)
 
 
+def test_a_folder_evaluates_on_its_own_validation_or_test_split(tok, tmp_path, caplog):
+    """data.source=FOLDER holding train and test (or validation) files, no eval split named: the run evaluates
+    on the folder's own held-out split (validation before test; jsonl, parquet or csv) and the log says so.
+    data.eval_split=<the training split> holds out data.test_size of the training rows instead."""
+
+    def rows(split, n):
+        return [{"instruction": f"{split} {i}", "output": f"o{i}"} for i in range(n)]
+
+    def splits_of(data):
+        return {r["instruction"].split()[0] for r in data.eval_rows}
+
+    jsonl, pq, csv = (tmp_path / name for name in ("jsonl", "parquet", "csv"))
+    for folder in (jsonl, pq, csv):
+        folder.mkdir()
+    write_jsonl(jsonl / "train.jsonl", rows("train", 10))
+    write_jsonl(jsonl / "test.jsonl", rows("test", 3))
+    for split, n in (("train", 10), ("validation", 2), ("test", 3)):
+        pd.DataFrame(rows(split, n)).to_parquet(pq / f"{split}.parquet")
+    for split, n in (("train", 10), ("test", 4)):
+        pd.DataFrame(rows(split, n)).to_csv(csv / f"{split}.csv", index=False)
+    with caplog.at_level("INFO", logger="shardtune"):
+        data = build_data(DataConfig(source=str(jsonl)), tok, seed=0)
+    assert (len(data.train), len(data.eval), splits_of(data)) == (10, 3, {"test"})
+    assert f"evaluating on the 'test' split of {jsonl}, its own held-out rows" in caplog.text
+    data = build_data(DataConfig(source=str(pq)), tok, seed=0)
+    assert (len(data.train), len(data.eval), splits_of(data)) == (10, 2, {"validation"})
+    data = build_data(DataConfig(source=str(csv)), tok, seed=0)
+    assert (len(data.train), len(data.eval), splits_of(data)) == (10, 4, {"test"})
+    caplog.clear()
+    with caplog.at_level("INFO", logger="shardtune"):
+        data = build_data(DataConfig(source=str(jsonl), eval_split="train", test_size=2), tok, seed=0)
+    assert (len(data.train), len(data.eval), splits_of(data)) == (8, 2, {"train"})
+    assert "would evaluate on the training rows" in caplog.text and "evaluating on the" not in caplog.text
+    (jsonl / "test.jsonl").unlink()  # a folder of one split: data.test_size held out, as for a file
+    data = build_data(DataConfig(source=str(jsonl), test_size=2), tok, seed=0)
+    assert (len(data.train), len(data.eval), splits_of(data)) == (8, 2, {"train"})
+
+
 def test_null_column_read_by_a_field_template(tok, tmp_path):
     """A null column a data.fields template reads is refused (it would train on the text 'None'), naming the
     row, the column, the field and the fix; in the optional input it is left out, as a null input column is."""

@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 from safetensors.torch import load_file
+from torch.distributed.checkpoint import FileSystemReader
 
 from conftest import launch, launch_machines
 from shardtune.checkpoint.store import verify_checkpoint
@@ -93,6 +94,29 @@ def test_interrupted_run_resumes_bit_identically(reference, tmp_path, fault):
     # and every eval (0, 3, 6, 9, 12): one due at the step a signal stopped after is left to the next start
     assert evals(tmp_path / "run") == evals(reference) and len(evals(reference)) == 5
     a, b = adapter(tmp_path / "run"), adapter(reference)
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def test_an_8bit_optimizer_resumes_bit_identically(tmp_path):
+    """optim.name=adamw_8bit (bitsandbytes: 8-bit moment codes, per-block scales, an int step) stopped by
+    SIGTERM mid-accumulation and resumed: every step's loss, every eval and the final adapter are the
+    uninterrupted run's, bit for bit. Resuming its checkpoint with another optimizer is refused, changing
+    nothing."""
+    eight_bit = "optim.name=adamw_8bit"
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    train(whole, eight_bit)
+    first = train(cut, eight_bit, fault="rank=0,step=5,micro=1,action=sigterm", check=False)
+    assert first.returncode != 0 and "got SIGTERM" in first.stderr
+    saved = FileSystemReader(cut / "run" / "checkpoints" / "step-00000006").read_metadata()
+    assert any(k.endswith(".absmax1") for k in saved.state_dict_metadata)  # bitsandbytes' 8-bit state
+    other = train(cut, nproc=1, check=False)  # optim.name=adamw, the default
+    assert other.returncode == 2, other.stderr[-2000:]
+    assert "optim.name: checkpoint 'adamw_8bit' -> now 'adamw'" in other.stderr
+    second = train(cut, eight_bit)
+    assert "resumed from" in second.stderr and "(step 6, saved by 2 processes)" in second.stderr
+    assert losses(cut / "run") == losses(whole / "run") and len(losses(whole / "run")) == 12
+    assert evals(cut / "run") == evals(whole / "run")
+    a, b = adapter(cut / "run"), adapter(whole / "run")
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
 
 

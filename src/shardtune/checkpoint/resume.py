@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 # Settings whose change makes a resumed run differ from an uninterrupted one. Anything else may change
 # between a save and a resume: more steps, a new learning rate or schedule, eval, save or log cadence,
-# micro-batch size and number of processes (the global batch and the data order stay the same).
+# micro-batch size and number of processes (the global batch and the data order stay the same). Not the
+# optimizer: its state in the checkpoint is the one optim.name saved it with.
 EXACTNESS_KEYS = (
     "model",
     "quant",
@@ -40,7 +41,10 @@ EXACTNESS_KEYS = (
     "train.seed",
     "train.global_batch_size",
     "parallel.mixed_precision",
+    "optim.name",  # the checkpoint holds that optimizer's state (bitsandbytes' 8-bit blocks or AdamW's moments)
 )
+# What a key of EXACTNESS_KEYS added since was, in a checkpoint saved before it existed
+BEFORE_IT_EXISTED = {"optim.name": "adamw"}
 
 
 def _flatten(prefix: str, value) -> dict:
@@ -54,6 +58,8 @@ def _flatten(prefix: str, value) -> dict:
 
 def _select(cfg_dict: dict, key: str):
     for part in key.split("."):
+        if part not in cfg_dict and key in BEFORE_IT_EXISTED:
+            return BEFORE_IT_EXISTED[key]
         cfg_dict = cfg_dict[part]
     return cfg_dict
 

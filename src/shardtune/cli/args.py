@@ -7,8 +7,10 @@ import argparse
 import importlib.util
 from pathlib import Path
 
-from shardtune.config import Config, apply_overrides, check_inputs, check_names, parse_overrides
+from shardtune.config import Config, check_inputs, check_names, parse_overrides
 from shardtune.config.accelerate import accelerate_env_overrides, accelerate_yaml_overrides
+from shardtune.config.checks import optimizer_device_problem
+from shardtune.config.overrides import apply_layers
 from shardtune.errors import ConfigError
 from shardtune.parallel.backend import DEEPSPEED_MISSING, deepspeed_installed
 
@@ -70,15 +72,15 @@ def resolve_config(
 ) -> Config:
     """The recipe's config with the launcher's settings and the command-line overrides applied."""
     cli = parse_overrides(overrides)
-    cfg = base
+    layers = []
     launch_config = cli.get("parallel.launch_config", base.parallel.launch_config)
     if launch_config:
-        values, origin = accelerate_yaml_overrides(launch_config)
-        cfg = apply_overrides(cfg, values, origin)
+        layers.append(accelerate_yaml_overrides(launch_config))
     values, origin = accelerate_env_overrides(env)
     if values:
-        cfg = apply_overrides(cfg, values, origin)
-    cfg = apply_overrides(cfg, cli, "the command line")
+        layers.append((values, origin))
+    # validated once, all layers applied: the command line may settle what the launcher's settings conflict with
+    cfg = apply_layers(base, [*layers, (cli, "the command line")])
     # local paths: not where they may exist only on the machines that train (plan, submit)
     (check_inputs if check_paths else check_names)(cfg)
     return cfg
@@ -101,9 +103,16 @@ def check_sweep(overrides: list[str], grid: dict[str, list] | None, recipe_grid:
 
 
 def check_backend(configs: list[Config]) -> None:
-    """Refuse, before the data and the model are prepared, a backend this machine cannot run."""
+    """Refuse, before the data and the model are prepared, a backend or optimizer this machine cannot run."""
     if any(c.parallel.backend == "deepspeed" for c in configs) and not deepspeed_installed():
         raise ConfigError(DEEPSPEED_MISSING)
+    if any(c.optim.name.startswith("paged_") for c in configs):
+        import torch
+
+        for c in configs:
+            problem = optimizer_device_problem(c, torch.cuda.is_available())
+            if problem:
+                raise ConfigError(problem)
 
 
 def split_sweep_values(text: str) -> list[str]:

@@ -18,6 +18,7 @@ from typing import Any
 from shardtune.config import Config, apply_overrides, check_names
 from shardtune.errors import ConfigError
 from shardtune.parallel.distributed import DistInfo
+from shardtune.train.report import METRIC_NAMES, sample_score, score_text
 from shardtune.train.stopping import STOP_FILE
 
 
@@ -109,7 +110,8 @@ def sub_value(v):
 
 
 def format_table(grid: dict[str, list], results: list[dict]) -> str:
-    """Markdown table: the swept settings, trainable parameters, eval loss before and after."""
+    """Markdown table: the swept settings, trainable parameters, eval loss before and after, and the held-out
+    samples' score where they were scored (exact match or ROUGE-L, as each run's eval.metric chose)."""
     head = [*grid, "trainable params", "eval loss start", "eval loss end"]
     rows = [
         [
@@ -120,6 +122,14 @@ def format_table(grid: dict[str, list], results: list[dict]) -> str:
         ]
         for r in results
     ]
+    scores = [sample_score(r) for r in results]
+    metrics = {m for m, _ in scores if m}
+    if metrics:
+        one = len(metrics) == 1
+        head.append(METRIC_NAMES[next(iter(metrics))] if one else "samples score")
+        for row, (metric, score) in zip(rows, scores, strict=True):
+            text = score_text(metric, score) if metric else "-"
+            row.append(text if one or not metric else f"{METRIC_NAMES[metric]} {text}")
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
     fmt = "| " + " | ".join(f"{{:<{w}}}" for w in widths) + " |"
     return "\n".join(

@@ -34,6 +34,7 @@ def cross_checks(cfg: Config) -> None:
     _quantization_conflicts(cfg)
     _backend_conflicts(cfg)
     _batch_conflicts(cfg)
+    _optimizer_conflicts(cfg)
     _model_and_data_conflicts(cfg)
 
 
@@ -99,6 +100,38 @@ def _batch_conflicts(cfg: Config) -> None:
             f"train.micro_batch_size={cfg.train.micro_batch_size} exceeds train.global_batch_size="
             f"{cfg.train.global_batch_size}"
         )
+
+
+def _optimizer_conflicts(cfg: Config) -> None:
+    o = cfg.optim
+    if o.name != "adamw" and cfg.parallel.backend == "deepspeed":
+        # NOTE: DeepSpeed hands the optimizer flat fp32 partitions of the adapters, and zero3.py checkpoints
+        # their state as AdamW's moments, whole by name; bitsandbytes' state is blockwise over the flat tensor
+        # (8-bit codes, per-block scales), which that format does not carry.
+        raise ValueError(
+            f"optim.name={o.name} (bitsandbytes) does not work with parallel.backend=deepspeed (its checkpoints "
+            f"hold torch AdamW's moments of DeepSpeed's partitions); set optim.name=adamw, or train under FSDP "
+            f"(an fsdp_configs/ config without zero3)."
+        )
+    if o.scheduler == "cosine_with_min_lr" and o.min_lr_rate is None:
+        raise ValueError(
+            "optim.scheduler=cosine_with_min_lr needs the rate it ends at: set optim.min_lr_rate (a fraction of "
+            "optim.lr, e.g. optim.min_lr_rate=0.1)"
+        )
+
+
+def optimizer_device_problem(cfg: Config, cuda: bool) -> str | None:
+    """Why optim.name cannot run on this machine (`cuda`: whether it has a GPU), None where it can: the paged
+    optimizers need CUDA (on the CPU, bitsandbytes would fall back to the unpaged one with a warning)."""
+    name, device = cfg.optim.name, cfg.parallel.device
+    if not name.startswith("paged_") or device == "cuda" or (device == "auto" and cuda):
+        return None
+    where = "parallel.device=cpu" if device == "cpu" else "this machine has no CUDA GPU"
+    instead = "adamw_8bit" if name == "paged_adamw_8bit" else "adamw"
+    return (
+        f"optim.name={name} needs CUDA: a paged optimizer keeps its state in CUDA unified memory ({where}). "
+        f"Train on a GPU, or set optim.name={instead} (the same optimizer, unpaged)."
+    )
 
 
 def _model_and_data_conflicts(cfg: Config) -> None:

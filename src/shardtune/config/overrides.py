@@ -45,6 +45,20 @@ def field_paths(model: type[Section] = Config, prefix: str = "") -> dict[str, An
     return out
 
 
+# Hugging Face TrainingArguments names pasted as keys, and ours
+HF_TRAINER_NAMES = {
+    "learning_rate": "optim.lr",
+    "lr_scheduler_type": "optim.scheduler",
+    "optim": "optim.name",
+    "adam_beta1": "optim.betas",
+    "adam_beta2": "optim.betas",
+    "adam_epsilon": "optim.eps",
+    "warmup_steps": "optim.warmup_steps",
+    "weight_decay": "optim.weight_decay",
+    "min_lr_rate": "optim.min_lr_rate",
+}
+
+
 def _resolve_key(key: str) -> tuple[Any, bool]:
     """(FieldInfo of the leaf, whether the key goes inside a dict field). Raises ConfigError if unknown."""
     paths = field_paths()
@@ -54,7 +68,8 @@ def _resolve_key(key: str) -> tuple[Any, bool]:
     for path, info in paths.items():
         if key.startswith(path + ".") and _is_dict(info.annotation):
             return info, True
-    close = difflib.get_close_matches(key, list(paths), n=2, cutoff=0.6)
+    hf = HF_TRAINER_NAMES.get(key.rsplit(".", 1)[-1])
+    close = [hf] if hf else difflib.get_close_matches(key, list(paths), n=2, cutoff=0.6)
     hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     section = key.split(".")[0]
     if section in Config.model_fields and not close:
@@ -108,17 +123,26 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str) -> Conf
     `source` names where the values came from ('command line', 'accelerate config ...') for error messages.
     String values are parsed by field type; other values are taken as they are.
     """
-    data = cfg.model_dump()
-    for key, value in overrides.items():
-        info, inside_dict = _resolve_key(key)
-        if isinstance(value, str):
-            value = _parse_value(value, info, inside_dict)
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return validate(data, {k: source for k in overrides})
+    return apply_layers(cfg, [(overrides, source)])
+
+
+def apply_layers(cfg: Config, layers: list[tuple[dict[str, Any], str]]) -> Config:
+    """apply_overrides of several (overrides, source) layers, later ones winning, validated once at the end:
+    a later layer may settle a conflict between earlier ones (the command line's optim.name=adamw, where the
+    recipe's optimizer conflicts with the accelerate config's DeepSpeed)."""
+    data, sources = cfg.model_dump(), {}
+    for overrides, source in layers:
+        for key, value in overrides.items():
+            info, inside_dict = _resolve_key(key)
+            if isinstance(value, str):
+                value = _parse_value(value, info, inside_dict)
+            node = data
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+            sources[key] = source
+    return validate(data, sources)
 
 
 def validate(data: dict[str, Any], sources: dict[str, str] | None = None) -> Config:

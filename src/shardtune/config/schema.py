@@ -114,9 +114,11 @@ class DataConfig(Section):
     split: str = "train"
     """Split to train on."""
     eval_source: str | None = None
-    """Separate eval data (file or hub name). Default: hold out data.test_size of the training rows."""
+    """Separate eval data (file or hub name). Default: a local folder's own validation or test split (its
+    validation.jsonl, test.parquet, ...) where it has one, else data.test_size of the training rows."""
     eval_split: str | None = None
-    """Split of the source (or of eval_source) to evaluate on, e.g. 'test'. Default: hold out data.test_size."""
+    """Split of the source (or of eval_source) to evaluate on, e.g. 'test'. Default: a local folder's own
+    validation or test split, else hold out data.test_size (also when set to the training split)."""
     test_size: float = Field(0.05, gt=0)
     """Held-out eval rows: a fraction (<1) or a count (>=1) of the training rows."""
     max_rows: int | None = Field(None, gt=0)
@@ -151,8 +153,14 @@ class DataConfig(Section):
 
 
 class OptimConfig(Section):
-    """AdamW and the learning-rate schedule."""
+    """The optimizer (AdamW: torch's, or bitsandbytes' 8-bit or paged one) and the learning-rate schedule."""
 
+    name: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw"
+    """'adamw': torch's AdamW. The others are bitsandbytes' AdamW, as the Hugging Face Trainer's optim names
+    them: 'adamw_8bit' keeps the moments in 8 bits (blockwise; tensors under 4096 elements stay 32-bit);
+    'paged_adamw_8bit' and 'paged_adamw_32bit' keep those of tensors over 1e5 elements in CUDA unified memory,
+    paged out to the host when the GPU runs short (GPU only). Not with parallel.backend=deepspeed. A checkpoint resumes only with the
+    optimizer that saved it."""
     lr: float = Field(3e-3, gt=0)
     """Peak learning rate (AdamW)."""
     weight_decay: float = Field(0.0, ge=0)
@@ -161,8 +169,15 @@ class OptimConfig(Section):
     """AdamW betas."""
     eps: float = Field(1e-8, gt=0)
     """AdamW epsilon."""
-    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    """Learning-rate schedule after warmup."""
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_min_lr"] = (
+        "cosine"
+    )
+    """Learning-rate schedule after warmup, by the Hugging Face names: 'cosine' and 'linear' decay to 0 at the
+    last step, 'constant_with_warmup' (or 'constant') holds optim.lr, 'cosine_with_min_lr' decays to
+    optim.min_lr_rate x optim.lr."""
+    min_lr_rate: float | None = Field(None, ge=0, lt=1)
+    """scheduler=cosine_with_min_lr: the rate it ends at, as a fraction of optim.lr (e.g. 0.1). Ignored by the
+    other schedules."""
     warmup_steps: int = Field(20, ge=0)
     """Linear warmup steps."""
 
@@ -269,7 +284,11 @@ class EvalConfig(Section):
     batch_size: int = Field(16, gt=0)
     """Eval rows per forward pass per process."""
     samples: int = Field(64, ge=0)
-    """Held-out rows to generate completions for at the end (exact-match accuracy is reported)."""
+    """Held-out rows to generate completions for at the end, scored by eval.metric."""
+    metric: Literal["auto", "exact_match", "rouge_l", "none"] = "auto"
+    """How the generated samples are scored against the held-out answers: 'exact_match' (the same text,
+    surrounding whitespace aside), 'rouge_l' (ROUGE-L F1: the longest common word sequence, for free text),
+    'none'. 'auto': exact match where every reference has at most 5 words, else ROUGE-L."""
     show: int = Field(6, ge=0)
     """Generated samples printed in the run log."""
     questions: list[str] = Field(default_factory=list)

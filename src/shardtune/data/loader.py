@@ -23,10 +23,13 @@ from shardtune.data.formats import (
     detect_format,
     encode,
 )
-from shardtune.data.sources import Rows, has_named_splits, load_source, same_source
+from shardtune.data.sources import Rows, folder_splits, has_named_splits, load_source, same_source
 from shardtune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
+
+# A local folder's splits that hold its eval rows, in the order they are chosen (datasets' names)
+EVAL_SPLITS = ("validation", "test")
 
 
 @dataclass
@@ -75,9 +78,29 @@ def _eval_is_training_data(cfg: DataConfig) -> bool:
     return not has_named_splits(cfg.source) or (cfg.eval_split or cfg.split) == cfg.split
 
 
+def own_eval_split(cfg: DataConfig) -> str | None:
+    """The split a local dataset folder holds out for evaluation (validation, else test), where it has one
+    and no eval data is named (data.eval_source, data.eval_split)."""
+    if cfg.eval_source or cfg.eval_split:
+        return None
+    splits = folder_splits(cfg.source)
+    return next((s for s in EVAL_SPLITS if s in splits and s != cfg.split), None)
+
+
 def _train_and_eval(source: Rows, cfg: DataConfig, seed: int) -> tuple[Rows, Rows]:
-    """The training rows and the eval rows: another source or split where one is named, else data.test_size
-    rows held out of the source. Eval loss is never computed on rows the run trains on."""
+    """The training rows and the eval rows: another source or split where one is named, or the local folder's
+    own validation or test split, else data.test_size rows held out of the source. Eval loss is never computed
+    on rows the run trains on."""
+    own = own_eval_split(cfg)
+    if own is not None:
+        log.info(
+            "data: evaluating on the %r split of %s, its own held-out rows (data.eval_split=%s would hold out "
+            "data.test_size of the training rows instead)",
+            own,
+            cfg.source,
+            cfg.split,
+        )
+        return source, load_source(cfg.source, own, cfg, seed)
     if not (cfg.eval_source or cfg.eval_split):
         return _split(source, cfg.test_size, seed)
     if not _eval_is_training_data(cfg):

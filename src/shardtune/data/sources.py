@@ -103,6 +103,20 @@ def has_named_splits(source: str) -> bool:
     return source != "generated" and Path(source).suffix not in LOCAL_DATA_SUFFIXES
 
 
+def folder_splits(source: str) -> list[str]:
+    """The splits of a local dataset folder, named by `datasets`' own rules for its file names (train.jsonl,
+    test.parquet, validation.csv, and their variants: dev, valid, eval, data/train-00000-of-00002...); [] for
+    anything else (a file, a hub dataset, the generated task), or a folder it cannot tell."""
+    if source == "generated" or not Path(source).is_dir():
+        return []
+    from datasets.data_files import get_data_patterns
+
+    try:
+        return [str(split) for split in get_data_patterns(source)]
+    except Exception:  # no data files: load_source says so, with the fix
+        return []
+
+
 def same_source(a: str, b: str) -> bool:
     """Whether two data.source values name the same data (paths compared resolved)."""
     return a == b or (a != "generated" and b != "generated" and Path(a).resolve() == Path(b).resolve())

@@ -10,7 +10,8 @@ Memory per GPU is the sum of parts that follow from the shapes and the way shard
 - what FSDP gathers while computing: the root unit (embeddings and head) stays whole from the forward to
   the end of the backward; one decoder layer at a time plus one prefetched; bitsandbytes dequantizes each
   weight to the compute dtype for its matmul;
-- the adapters, whole on every GPU: fp32 weights, gradients and two AdamW moments (16 bytes each);
+- the adapters, whole on every GPU: fp32 weights, gradients and two AdamW moments (16 bytes each; 10 with
+  optim.name=*_8bit);
 - activations: what autograd saves for one decoder layer is *measured*, by running a layer of the real
   widths on the meta device (no memory, no GPU) and adding up the tensors it keeps for the backward, with
   attention saving what a fused kernel saves; with activation checkpointing every layer keeps its input
@@ -310,11 +311,17 @@ def estimate(cfg: Config, hf_config, gpus: int, nodes: int = 1, gpu_name: str = 
         gpu=gpu,
         host=_host_memory(s, at, nodes, lora, _base_shard(s, at)),
         eval_bytes=eval_bytes,
-        checkpoint_bytes=12 * lora,  # fp32 adapters + two AdamW moments
+        checkpoint_bytes=(4 + _moment_bytes(cfg)) * lora,  # fp32 adapters + two AdamW moments
         step_s=step_s,
         tokens_per_s_per_gpu=rows_per_step * cfg.data.max_len / step_s / at.n,
         total_s=step_s * (cfg.train.max_steps or 0),
     )
+
+
+def _moment_bytes(cfg: Config) -> int:
+    """Bytes of AdamW's two moments per adapter parameter: fp32, or 8-bit codes (optim.name=*_8bit; the
+    per-block scales are 1/64 byte)."""
+    return 2 if cfg.optim.name.endswith("_8bit") else 8
 
 
 def _base_shard(s: Shape, at: _Layout) -> float:
@@ -361,7 +368,7 @@ def _gpu_memory(cfg: Config, s: Shape, at: _Layout, lora: int) -> dict[str, floa
         "dequantized weights (2 matmuls)": 2 * max(i * o for i, o in s.linears().values()) * compute,
         # FSDP leaves the adapters whole on every rank; ZeRO-3 partitions them with their gradients and AdamW
         **(
-            {"adapters + grads + AdamW (whole)": 16 * lora}
+            {"adapters + grads + AdamW (whole)": (8 + _moment_bytes(cfg)) * lora}
             if cfg.parallel.backend == "fsdp"
             else {"adapters + grads + AdamW (partitioned)": 16 * lora / at.n}
         ),

@@ -1,9 +1,11 @@
-"""The end of a run, for the user: generated samples for held-out rows and eval.questions (generations.jsonl), and
-the summary printed at the end (samples, the loss before and after, where everything was written)."""
+"""The end of a run, for the user: generated samples for held-out rows and eval.questions (generations.jsonl),
+scored by a metric that fits the answers (exact match for short ones, ROUGE-L for free text), and the summary
+printed at the end (samples, the score, the loss before and after, where everything was written)."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,29 +15,80 @@ if TYPE_CHECKING:
     from shardtune.config import EvalConfig
     from shardtune.data.loader import Data
 
+# eval.metric=auto scores by exact match where every reference has at most this many words (labels, numbers,
+# names, the letter tasks' strings), else by ROUGE-L: a sentence is rarely generated word for word
+SHORT_ANSWER_WORDS = 5
+METRIC_NAMES = {"exact_match": "exact match", "rouge_l": "ROUGE-L"}
+
+
+def metric_for(metric: str, references: list[str]) -> str | None:
+    """The metric eval.metric names for these references: 'exact_match', 'rouge_l' or None."""
+    if not references or metric == "none":
+        return None
+    if metric != "auto":
+        return metric
+    short = all(len(r.split()) <= SHORT_ANSWER_WORDS for r in references)
+    return "exact_match" if short else "rouge_l"
+
+
+def _words(text: str) -> str:
+    """ROUGE's normalization (lowercase, words of letters and digits) for any script, not ASCII only."""
+    return re.sub(r"[\W_]+", " ", text.lower())
+
+
+def rouge_l(generated: str, reference: str) -> float:
+    """ROUGE-L F1 of one answer: the longest common subsequence of words, against both lengths (torchmetrics,
+    no stemming; 1 when the words are the reference's in its order, 0 when none is shared)."""
+    from torchmetrics.functional.text.rouge import rouge_score
+
+    score = rouge_score(generated, reference, rouge_keys="rougeL", normalizer=_words)
+    return float(score["rougeL_fmeasure"])
+
 
 def samples(ecfg: EvalConfig, generate, data: Data) -> dict:
-    """Generate completions for held-out rows (scored by exact match) and for eval.questions."""
+    """Generate completions for held-out rows (scored by eval.metric) and for eval.questions."""
     fmt = data.formatter
     rows = data.eval_rows[: ecfg.samples] if fmt.fmt != "text" else []
     prompts = [fmt.prompt(r, i) for i, r in enumerate(rows)]
     refs = [fmt.reference(r, i) for i, r in enumerate(rows)]
     questions = [fmt.question_prompt(q) for q in ecfg.questions]
     outputs = generate(prompts + questions, ecfg.max_new_tokens, ecfg.batch_size)
+    metric = metric_for(ecfg.metric, refs)
     records = [
         {"prompt": p, "reference": r, "generated": g, "exact": g.strip() == r.strip()}
         for p, r, g in zip(prompts, refs, outputs[: len(prompts)], strict=True)
     ]
+    if metric == "rouge_l":
+        for rec in records:
+            rec["rouge_l"] = rouge_l(rec["generated"], rec["reference"])
+    scores = {
+        "exact_match": [float(rec["exact"]) for rec in records],
+        "rouge_l": [rec.get("rouge_l", 0.0) for rec in records],
+    }
+    hits = sum(rec["exact"] for rec in records)
     records += [
         {"question": q, "generated": g} for q, g in zip(ecfg.questions, outputs[len(prompts) :], strict=True)
     ]
-    hits = sum(r.get("exact", False) for r in records)
     return {
         "records": records,
-        "exact_match": (hits / len(rows)) if rows else None,
+        "metric": metric,
+        # the mean over the rows of the metric used; None for the other (and for both without a metric)
+        **{name: sum(v) / len(v) if name == metric else None for name, v in scores.items()},
         "hits": hits,
         "n": len(rows),
     }
+
+
+def sample_score(summary: dict) -> tuple[str | None, float | None]:
+    """(metric, score) of a run's summary (summaries written before eval.metric have exact_match alone)."""
+    metric = summary.get("sample_metric")
+    if metric is None and summary.get("exact_match") is not None:
+        metric = "exact_match"
+    return metric, summary.get(metric) if metric else None
+
+
+def score_text(metric: str, score: float) -> str:
+    return f"{100 * score:.1f}%" if metric == "exact_match" else f"{score:.3f}"
 
 
 def print_summary(
@@ -49,17 +102,24 @@ def print_summary(
     for r in shown:
         # the prompt's last line of content (the instruction), without template boilerplate
         content = [ln for ln in r["prompt"].splitlines() if ln.strip() and not ln.startswith("###")]
+        verdict = "ok" if r["exact"] else "expected " + repr(r["reference"].strip()[:40])
+        if "rouge_l" in r:
+            verdict = f"ROUGE-L {r['rouge_l']:.2f}"
         lines.append(
-            f"  {content[-1][:60] if content else '':<60} -> {r['generated'].strip()[:40]!r:<14} "
-            f"{'ok' if r['exact'] else 'expected ' + repr(r['reference'].strip()[:40])}"
+            f"  {content[-1][:60] if content else '':<60} -> {r['generated'].strip()[:40]!r:<14} {verdict}"
         )
     for r in samples["records"]:
         if "question" in r:
             lines.append(f"  Q: {r['question']}\n  A: {r['generated'].strip()}")
-    if samples["n"]:
+    n = samples["n"]
+    if samples["metric"] == "exact_match":
         lines.append(
-            f"  exact match on {samples['n']} held-out rows: {samples['hits']}/{samples['n']} "
-            f"({100 * samples['exact_match']:.1f}%)"
+            f"  exact match on {n} held-out rows: {samples['hits']}/{n} ({100 * samples['exact_match']:.1f}%)"
+        )
+    elif samples["metric"] == "rouge_l":
+        lines.append(
+            f"  ROUGE-L on {n} held-out rows: {samples['rouge_l']:.3f} (mean F1 of the longest common word "
+            f"sequence with the reference: answers of many words; eval.metric chooses)"
         )
     first, last = summary["first_eval_loss"], summary["final_eval_loss"]
     if first:

@@ -21,7 +21,6 @@ import traceback
 from pathlib import Path
 
 import torch
-from transformers import get_scheduler
 
 from shardtune.checkpoint.export import export_adapter
 from shardtune.checkpoint.manager import CheckpointManager
@@ -35,6 +34,7 @@ from shardtune.checkpoint.resume import (
 )
 from shardtune.checkpoint.store import checkpoint_step
 from shardtune.config import Config, to_yaml
+from shardtune.config.checks import optimizer_device_problem
 from shardtune.data.loader import Data, GlobalBatchSampler, build_data, padding_advice
 from shardtune.errors import ConfigError, is_input_error
 from shardtune.model import modeling
@@ -48,6 +48,7 @@ from shardtune.train import report
 from shardtune.train.boundary import decide
 from shardtune.train.build import build, resolve_settings, run_backend
 from shardtune.train.generate import generate
+from shardtune.train.optim import build_optimizer, build_scheduler
 from shardtune.train.profiling import StepProfiler
 from shardtune.train.state import TrainState
 from shardtune.train.status import stop_recorded_by_this_launch, write_status
@@ -124,6 +125,9 @@ class Run:
     def start(self) -> None:
         """The resume point (refused here when resuming would not continue the run exactly), config.yaml and
         status.json 'running'."""
+        problem = optimizer_device_problem(self.cfg, self.dist.device.type == "cuda")
+        if problem:  # (the command line refuses it before this; train() called directly, here)
+            raise ConfigError(problem)
         self.resume_from = resume_point(self.cfg.train.resume, self.ckpts, self.config_yaml)
         if self.dist.is_main:
             if self.resume_from is None:
@@ -200,20 +204,9 @@ class Run:
         """Optimizer and schedule over the adapters, the backend's wrapped model, the step, the metrics sink;
         the checkpoint manager tracks the state."""
         cfg, dist = self.cfg, self.dist
-        o = cfg.optim
-        optimizer = torch.optim.AdamW(
-            [p for p in self.built.module.parameters() if p.requires_grad],
-            lr=o.lr,
-            betas=o.betas,
-            eps=o.eps,
-            weight_decay=o.weight_decay,
-        )
-        self.scheduler = get_scheduler(
-            "constant_with_warmup" if o.scheduler == "constant" else o.scheduler,
-            optimizer,
-            num_warmup_steps=o.warmup_steps,
-            num_training_steps=self.total_steps,
-        )
+        params = [p for p in self.built.module.parameters() if p.requires_grad]
+        optimizer = build_optimizer(cfg.optim, params)
+        self.scheduler = build_scheduler(cfg.optim, optimizer, self.total_steps)
         model = self.backend.wrap(optimizer)
         self.ckpts.track(
             self.backend, self.state, scheduler=self.scheduler, grad_scaler=self.backend.grad_scaler
@@ -416,7 +409,9 @@ class Run:
             "rank0_holds": built.rank0_holds,  # fraction of the flat parameters on rank 0
             "train_time_s": self.train_time,
             "tokens_seen": self.state.tokens_seen,
+            "sample_metric": samples["metric"],  # how the held-out samples were scored (eval.metric)
             "exact_match": samples["exact_match"],
+            "rouge_l": samples["rouge_l"],
             "adapter": str(adapter_dir),
             "base": built.base,
             "last_checkpoint": str(self.final_ckpt),
