@@ -2,6 +2,7 @@
 the bytes autograd keeps for a decoder layer, checkpoint size), and the command itself. Its GPU peak
 predictions are checked against GPU runs in bench/results/."""
 
+import importlib.util
 import subprocess
 import sys
 
@@ -305,3 +306,28 @@ def cli_error(argv: list[str], capsys) -> str:
     with pytest.raises(SystemExit):
         cli(argv)
     return capsys.readouterr().err
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("liger_kernel") is not None, reason="liger-kernel is installed here"
+)
+def test_a_login_node_plans_the_kernels_the_gpu_run_will_use(capsys):
+    """`shardtune plan --gpu h100` on a machine without liger-kernel (a login node) plans model.fused_kernels=auto
+    as the GPU run uses it, the fused loss holding no logits (8B, one 3072-token row: 0.14 GiB, not 4.40), and says
+    what it assumed; model.fused_kernels=false plans the logits."""
+    from shardtune.cli.main import main as shardtune
+
+    rows = {"model.name_or_path": "llama3-8b", "data.max_len": "3072", "train.micro_batch_size": "1"}
+    cfg = apply_overrides(Config(), rows, "test")
+    hf_config = modeling.model_config(cfg)
+    fused = estimate(cfg, hf_config, 1).gpu["logits + loss"]
+    plain = estimate(apply_overrides(cfg, {"model.fused_kernels": "false"}, "t"), hf_config, 1).gpu[
+        "logits + loss"
+    ]
+    assert (round(fused / 2**30, 2), round(plain / 2**30, 2)) == (0.14, 4.4)
+    # (the recipe's hub id is planned with the built-in shape of the same architecture)
+    assert shardtune(["plan", "recipes/llama3_8b.py", "train.micro_batch_size=1", "--gpu", "h100"]) == 0
+    out = capsys.readouterr().out
+    assert "planned with Liger's fused loss" in out and "pip install 'shardtune[gpu]'" in out
+    assert shardtune(["plan", "recipes/llama3_8b.py", "model.fused_kernels=false", "--gpu", "h100"]) == 0
+    assert "Liger" not in capsys.readouterr().out

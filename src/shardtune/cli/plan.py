@@ -7,8 +7,9 @@ import re
 
 from shardtune.cli.args import recipe_config
 from shardtune.errors import ConfigError
+from shardtune.model.modeling import liger_installed
 from shardtune.planning.auto import batch_problem, describe_auto, fit, resolve_auto
-from shardtune.planning.estimate import GIB, GPU_MEMORY, GPU_PEAKS, Estimate, estimate
+from shardtune.planning.estimate import GIB, GPU_MEMORY, GPU_PEAKS, Estimate, estimate, fused_on_gpus
 
 
 def command(args, rest: list[str]) -> int:
@@ -34,6 +35,12 @@ def command(args, rest: list[str]) -> int:
         print(f"auto: {describe_auto(cfg, resolved)}")
         cfg = resolved
     est = estimate(cfg, hf_config, args.gpus, args.nodes, args.gpu)
+    if cfg.model.fused_kernels == "auto" and not liger_installed() and fused_on_gpus(cfg, hf_config):
+        print(
+            "model.fused_kernels=auto: planned with Liger's fused loss (no logits held), which the GPU run uses where "
+            "liger-kernel is installed (pip install 'shardtune[gpu]'); it is not installed here. For GPU machines "
+            "without it, plan with model.fused_kernels=false."
+        )
     print(format_plan(est, args.gpus, gpu_mem, host_ram))
     if not args.fit:
         return 0 if gpu_mem is None or est.gpu_peak <= 0.95 * gpu_mem else 1

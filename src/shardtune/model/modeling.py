@@ -113,18 +113,29 @@ def attention_implementation(requested: str, device: torch.device) -> str:
     return chosen
 
 
-def fused_kernels_problem(hf_config, device_type: str, backend: str = "fsdp") -> str | None:
-    """Why Liger's kernels cannot run here (a CUDA device, liger-kernel and a Llama model are needed), or None."""
+def fused_kernels_problem(
+    hf_config, device_type: str, backend: str = "fsdp", here: bool = True
+) -> str | None:
+    """Why Liger's kernels cannot run here (a CUDA device, liger-kernel and a Llama model are needed), or None.
+    `here` False: on the GPU machines, whose environment is assumed to have liger-kernel (`shardtune plan` on a
+    login node plans the kernels the run will use there)."""
     model_type = getattr(hf_config, "model_type", None)
     if backend == "deepspeed":
         return "Liger's fused loss reads the output head's weight directly, which DeepSpeed ZeRO-3 keeps partitioned"
     if device_type != "cuda":
         return "Liger's kernels are Triton kernels for CUDA GPUs; this run is on the CPU"
-    if importlib.util.find_spec("liger_kernel") is None:
-        return "liger-kernel is not installed (pip install liger-kernel)"
+    if here and not liger_installed():
+        return LIGER_MISSING
     if model_type != "llama":
         return f"they are wired for Llama models; this one is {model_type!r}"
     return None
+
+
+LIGER_MISSING = "liger-kernel is not installed (pip install 'shardtune[gpu]', or pip install liger-kernel)"
+
+
+def liger_installed() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
 
 
 def fused_kernels(cfg: Config, hf_config, device_type: str) -> bool:

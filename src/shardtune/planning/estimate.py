@@ -258,7 +258,6 @@ class _Layout:
 
     @classmethod
     def of(cls, cfg: Config, hf_config, s: Shape, gpus: int, nodes: int) -> _Layout:
-        from shardtune.model.modeling import fused_kernels
         from shardtune.parallel.checkpointing import checkpointed_every, checkpointed_fraction
 
         n = max(gpus, 1)
@@ -277,11 +276,20 @@ class _Layout:
             compute=4 if cfg.param_dtype == "float32" else 2,  # fp32 runs cost twice (rare on GPUs)
             shards=shards,
             offload=cfg.parallel.cpu_offload and n > 1,  # one process trains the plain module (fsdp.py)
-            # 'auto' on a GPU: on when liger-kernel is installed here (plan where the job's environment is)
-            fused=cfg.model.fused_kernels is True or fused_kernels(cfg, hf_config, "cuda"),
+            fused=cfg.model.fused_kernels is True
+            or (cfg.model.fused_kernels == "auto" and fused_on_gpus(cfg, hf_config)),
             every=checkpointed_every(cfg.parallel),
             recomputed=checkpointed_fraction(cfg.parallel, s.layers),
         )
+
+
+def fused_on_gpus(cfg: Config, hf_config) -> bool:
+    """Whether a GPU run would use Liger's kernels with model.fused_kernels=auto, its environment assumed to have
+    liger-kernel (a login node planning the run may not: `shardtune plan` says so). The run itself has decided by
+    the time it plans (model.fused_kernels is then true or false)."""
+    from shardtune.model.modeling import fused_kernels_problem
+
+    return fused_kernels_problem(hf_config, "cuda", cfg.parallel.backend, here=False) is None
 
 
 def estimate(cfg: Config, hf_config, gpus: int, nodes: int = 1, gpu_name: str = "h200") -> Estimate:
