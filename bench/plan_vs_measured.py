@@ -9,7 +9,8 @@ import sys
 
 from shardtune.cli import bench
 from shardtune.cli.args import resolve_config
-from shardtune.planning import estimate as plan
+from shardtune.planning.auto import resolve_auto
+from shardtune.planning.estimate import GPU_MEMORY, architecture, estimate
 
 
 def predict(r: dict):
@@ -37,14 +38,12 @@ def predict(r: dict):
     cfg = resolve_config(
         bench.config(), [*overrides, f"eval.max_rows={gpus}", *r["overrides"], *resolved], env={}
     )
-    hf_config, _ = plan.architecture(cfg)
+    hf_config, _ = architecture(cfg)
     memory = (
-        cfg.parallel.gpu_memory_limit_gib * 2**30
-        if cfg.parallel.gpu_memory_limit_gib
-        else plan.GPU_MEMORY["h200"]
+        cfg.parallel.gpu_memory_limit_gib * 2**30 if cfg.parallel.gpu_memory_limit_gib else GPU_MEMORY["h200"]
     )
-    cfg, _ = plan.resolve_auto(cfg, hf_config, gpus, memory)
-    return plan.estimate(cfg, hf_config, gpus)
+    cfg, _ = resolve_auto(cfg, hf_config, gpus, memory)
+    return estimate(cfg, hf_config, gpus)
 
 
 print(

@@ -133,11 +133,12 @@ def main(
 def _doctor(cfg: Config) -> None:
     """`--doctor`: shardtune doctor's checks before training; stops (exit 2) on an error."""
     from shardtune.cli import doctor
-    from shardtune.planning import estimate as plan
+    from shardtune.parallel.distributed import machine_count
+    from shardtune.planning.estimate import architecture
 
-    hf_config, _ = plan.architecture(cfg)
+    hf_config, _ = architecture(cfg)
     world = int(os.environ.get("WORLD_SIZE", 1))
-    nodes = world // int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    nodes = machine_count(world, [int(os.environ.get("LOCAL_WORLD_SIZE", world))])
     text, ok = doctor.report(doctor.run_checks(cfg, hf_config, world, with_data=False, nodes=nodes))
     print(text, file=sys.stderr, flush=True)
     if not ok:

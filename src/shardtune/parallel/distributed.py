@@ -25,6 +25,13 @@ def launcher_restarts() -> int:
     return int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
 
 
+def machine_count(world_size: int, per_machine: list[int]) -> int:
+    """Machines in a job of `world_size` processes, from each machine's process count (LOCAL_WORLD_SIZE);
+    machines of unequal sizes are counted as one (planning then never shards within a machine only)."""
+    sizes = set(per_machine)
+    return world_size // sizes.pop() if len(sizes) == 1 else 1
+
+
 @dataclass(frozen=True)
 class DistInfo:
     rank: int

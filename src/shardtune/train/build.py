@@ -14,7 +14,7 @@ from shardtune.errors import ConfigError
 from shardtune.model import loading, modeling
 from shardtune.observability.memory import gpu_peak_gib, host_peak_gib, host_rss_gib
 from shardtune.parallel.backend import DEEPSPEED_MISSING, Backend, backend_for, deepspeed_installed
-from shardtune.parallel.distributed import DistInfo, all_reduce_max, barrier, gather_object
+from shardtune.parallel.distributed import DistInfo, all_reduce_max, barrier, gather_object, machine_count
 from shardtune.planning.auto import describe_auto, device_memory, resolve_auto
 
 log = logging.getLogger("shardtune")
@@ -41,8 +41,7 @@ def resolve_settings(cfg: Config, hf_config, dist: DistInfo) -> Config:
             f"parallel.sharding_strategy=HYBRID_SHARD needs the same number of processes on every machine; this "
             f"run's machines have {per_machine} (LOCAL_WORLD_SIZE). Start as many on each, or use FULL_SHARD."
         )
-    # machines of unequal sizes are planned as one (auto then never picks HYBRID_SHARD)
-    nodes = dist.world_size // per_machine[0] if len(per_machine) == 1 else 1
+    nodes = machine_count(dist.world_size, per_machine)
     resolved, est = resolve_auto(cfg, hf_config, dist.world_size, gpu_mem, nodes)
     if dist.is_main and resolved is not cfg:
         log.info(
