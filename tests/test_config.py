@@ -1,8 +1,11 @@
 """Config: typed sections, overrides, errors that name the key and the closest valid one, precedence."""
 
 import importlib.util
+import json
+from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ROOT
 from shardtune.cli.args import (
@@ -14,7 +17,7 @@ from shardtune.cli.args import (
     split_sweep_values,
 )
 from shardtune.cli.recipe import main
-from shardtune.config import Config, apply_overrides, format_help, parse_overrides
+from shardtune.config import Config, apply_overrides, format_help, parse_overrides, run_directory
 from shardtune.config.accelerate import (
     accelerate_env_overrides,
     accelerate_yaml_overrides,
@@ -509,3 +512,54 @@ def test_sweep_values_a_run_would_drop_are_refused(capsys):
     with pytest.raises(ConfigError, match=r"lora.r=32 .* also swept by the recipe's --sweep grid"):
         check_sweep(["lora.r=32"], {"lora.r": [8, 16]}, recipe_grid=True)
     check_sweep(["optim.lr=1e-3"], {"lora.r": [8, 16]}, recipe_grid=True)  # a key the grid leaves alone
+
+
+# ------------------------------------------------------------------------------------------- run directory
+@pytest.mark.parametrize("name", ["../../esc", "/etc", "", ".", "..", "a/b", "a\\b", "C:\\runs", "~x"])
+def test_a_run_name_is_one_directory_name(name, tmp_path, capsys):
+    """train.run_name names one directory under train.output_dir: a path (which would write outside it, or into
+    another run), '.', '..' or nothing is refused with the reason and the fix, before anything starts."""
+    with pytest.raises(ConfigError, match=r"train.run_name=.* give a plain name"):
+        resolve_config(Config(), [f"train.output_dir={tmp_path}", f"train.run_name={name}"])
+    with pytest.raises(SystemExit) as e:
+        main(Config(), argv=["--validate", f"train.output_dir={tmp_path}", f"train.run_name={name}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: train.run_name=") and "is valid" not in err
+    with pytest.raises(ConfigError, match=r"train.run_name="):  # and where the run directory is made
+        run_directory(Config(train={"output_dir": str(tmp_path), "run_name": name}).train, "recipe")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_run_directory_is_derived_in_one_place(tmp_path):
+    train = Config(train={"output_dir": str(tmp_path)}).train
+    assert run_directory(train, "tiny") == tmp_path / "tiny"
+    assert run_directory(train, "tiny", "sweep/lora.r=8") == tmp_path / "tiny" / "sweep" / "lora.r=8"
+    named = Config(train={"output_dir": str(tmp_path), "run_name": "mine"}).train
+    assert run_directory(named, "tiny") == tmp_path / "mine"
+    with pytest.raises(ConfigError, match=r"the run name='\.\.'"):  # a recipe's name is checked too
+        run_directory(train, "..")
+
+
+def test_a_sweep_trains_each_point_in_its_own_directory_under_the_run(tmp_path, monkeypatch):
+    """The on-disk layout runs/<name>/sweep/<point>/, each point's configuration keeping the run's own name
+    (a sweep passes the path inside the run; no run name with a path in it)."""
+    from shardtune.cli import sweep
+    from shardtune.parallel.distributed import DistInfo
+    from shardtune.train import run as run_module
+
+    calls = []
+
+    def fake_train(cfg, dist, name, stop=None, stop_file=None, sub=None):
+        calls.append((cfg.train.run_name, sub, stop_file))
+        run_dir = run_directory(cfg.train, name, sub)
+        run_dir.mkdir(parents=True)
+        return {"status": "complete", "run_dir": str(run_dir), "trainable_params": 1}
+
+    monkeypatch.setattr(run_module, "train", fake_train)
+    monkeypatch.setattr(sweep, "format_table", lambda grid, results: "table")
+    cfg = Config(train={"output_dir": str(tmp_path), "run_name": "grid"})
+    results = sweep.run_grid(cfg, {"lora.r": [4, 8]}, DistInfo.alone(torch.device("cpu")), "tiny")
+    base = tmp_path / "grid"
+    assert calls == [("grid", f"sweep/lora.r={r}", base / "STOP") for r in (4, 8)]
+    assert [Path(r["run_dir"]) for r in results] == [base / "sweep" / f"lora.r={r}" for r in (4, 8)]
+    assert json.loads((base / "status.json").read_text())["status"] == "complete"

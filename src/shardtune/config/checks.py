@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from shardtune.config.paths import check_run_name
 from shardtune.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -232,10 +233,11 @@ def convert_to_safetensors_hint(directory: str | Path) -> str:
 
 
 def check_names(cfg: Config) -> None:
-    """lora.target_modules and model.shape against the architecture, where its type is known without a
-    download (a built-in shape, a local directory; modeling.model_config checks the rest once it has the
-    model's config). Not among Config's own checks, which also run on a saved run's configuration (shardtune
-    merge), where a run trained before these checks existed must still load."""
+    """train.run_name (one directory name), lora.target_modules and model.shape against the architecture,
+    where its type is known without a download (a built-in shape, a local directory; modeling.model_config
+    checks the rest once it has the model's config). Not among Config's own checks, which also run on a saved
+    run's configuration (shardtune merge), where a run trained before these checks existed must still load."""
+    check_run_name(cfg.train.run_name, cfg.train.output_dir)
     model_type = known_model_type(cfg.model.name_or_path)
     problem = target_modules_problem(cfg.lora.target_modules, model_type) or shape_keys_problem(
         cfg.model.shape, model_type

@@ -34,7 +34,7 @@ from shardtune.checkpoint.resume import (
     set_aside_after,
 )
 from shardtune.checkpoint.store import checkpoint_step
-from shardtune.config import Config, to_yaml
+from shardtune.config import Config, run_directory, to_yaml
 from shardtune.data.loader import Data, GlobalBatchSampler, build_data, padding_advice
 from shardtune.errors import ConfigError, is_input_error
 from shardtune.model import modeling
@@ -58,15 +58,22 @@ log = logging.getLogger("shardtune")
 
 
 def train(
-    cfg: Config, dist: DistInfo, name: str, stop: StopRequest | None = None, stop_file: Path | None = None
+    cfg: Config,
+    dist: DistInfo,
+    name: str,
+    stop: StopRequest | None = None,
+    stop_file: Path | None = None,
+    sub: str | None = None,
 ) -> dict:
     """Run training as configured; returns the run's summary ("status" interrupted or complete). `stop` is
     the entry point's signal record (installed before the slow imports); one is installed here otherwise.
     `stop_file`: the file whose appearance stops the run (slurm/train.sh writes it), when it is not the run
-    directory's own STOP (a sweep's runs share the sweep's, which the sweep removes).
+    directory's own STOP (a sweep's runs share the sweep's, which the sweep removes). `sub`: a path inside the
+    run directory that is this run's own (a sweep's runs: sweep/<point>); `name`: the run's name where
+    train.run_name gives none.
     The loop runs with the objects alive before it frozen out of the garbage collector's sight (Run.loop); on
     the way out everything frozen in this process is unfrozen, a caller's own `gc.freeze()` included."""
-    run = Run(cfg, dist, name, stop_file)
+    run = Run(cfg, dist, name, stop_file, sub)
     try:
         stopped = stop_recorded_by_this_launch(run.dir, dist)
         if stopped is not None:
@@ -96,9 +103,11 @@ class Run:
     """One run's steps and what they make, in the order `run` takes them. Each step reads the configuration's
     sections and hands each component its own."""
 
-    def __init__(self, cfg: Config, dist: DistInfo, name: str, stop_file: Path | None = None):
+    def __init__(
+        self, cfg: Config, dist: DistInfo, name: str, stop_file: Path | None = None, sub: str | None = None
+    ):
         self.cfg, self.dist = cfg, dist
-        self.dir = Path(cfg.train.output_dir) / (cfg.train.run_name or name)
+        self.dir = run_directory(cfg.train, name, sub)
         self.own_stop_file = stop_file is None
         self.stop_file = stop_file or self.dir / STOP_FILE
         self.config_yaml = to_yaml(cfg)
