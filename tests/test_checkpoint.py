@@ -237,3 +237,41 @@ def test_streaming_load_memory_does_not_grow_with_the_model(tmp_path):
     assert big["checkpoint_gib"] > 3 * small["checkpoint_gib"]
     assert big["transient_gib"] < small["transient_gib"] + 0.1
     assert big["transient_gib"] < 0.25 * big["checkpoint_gib"]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"train": {"resume": "never"}},  # refused by the resume policy
+        {"lora": {"r": 8}},  # a setting that breaks exactness
+        {"train": {"max_steps": 5}},  # a last step before the checkpoint's (refused once the data are read)
+    ],
+    ids=["resume-never", "changed-setting", "past-the-last-step"],
+)
+def test_a_refused_start_leaves_a_finished_runs_status_alone(setup, tmp_path, change):
+    """Starting a completed run again in a way that is refused (Nothing was deleted) reports the refusal as the
+    command's error; status.json still says complete, and config.yaml is still the run's."""
+    from shardtune.train.run import train
+    from shardtune.train.status import write_status
+
+    finished = Config(train={"output_dir": str(tmp_path), "run_name": "run", "max_steps": 10})
+    run_dir = tmp_path / "run"
+    manager(setup, run_dir / "checkpoints").save(
+        10, {**setup.files, "config.yaml": to_yaml(finished).encode()}
+    )
+    (run_dir / "config.yaml").write_text(to_yaml(finished))
+    write_status(run_dir, "complete", step=10)
+    before = {name: (run_dir / name).read_bytes() for name in ("status.json", "config.yaml")}
+    again = Config.model_validate(
+        {**finished.model_dump(), **{k: {**finished.model_dump()[k], **v} for k, v in change.items()}}
+    )
+    with pytest.raises(
+        ConfigError, match=r"already holds checkpoints|cannot resume|past this run's last step"
+    ):
+        train(again, setup.info, "recipe")
+    assert {name: (run_dir / name).read_bytes() for name in before} == before
+    # a run that had not finished: the refusal is recorded (an earlier start's status must not stand)
+    write_status(run_dir, "interrupted", step=10)
+    with pytest.raises(ConfigError):
+        train(again, setup.info, "recipe")
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "failed"

@@ -50,7 +50,7 @@ from shardtune.train.build import build, resolve_settings, run_backend
 from shardtune.train.generate import generate
 from shardtune.train.profiling import StepProfiler
 from shardtune.train.state import TrainState
-from shardtune.train.status import stop_recorded_by_this_launch, write_status
+from shardtune.train.status import read_status, stop_recorded_by_this_launch, write_status
 from shardtune.train.step import TrainStep
 from shardtune.train.stopping import STOP_FILE, StopRequest
 
@@ -84,8 +84,10 @@ def train(
         with StopRequest() as own:
             return run.run(own)
     except BaseException as e:
-        # (a refused resume too: the status an earlier start left must not stand for this one)
-        if dist.is_main and run.dir.is_dir():
+        # (a refused resume too: the status an earlier start left must not stand for this one; except a
+        # finished run's, which a start refused before taking the run over leaves as it is: the refusal is the
+        # command's own exit code and error)
+        if dist.is_main and run.dir.is_dir() and (run.took_over or read_status(run.dir) != "complete"):
             write_status(
                 run.dir,
                 "failed",
@@ -120,6 +122,7 @@ class Run:
         self.final_ckpt: Path | None = None
         self.last_saved = -1
         self.train_time = 0.0
+        self.took_over = False  # this start has written the run directory's config.yaml and status.json
 
     def run(self, stop: StopRequest) -> dict:
         self.stop = stop
@@ -131,17 +134,24 @@ class Run:
 
     # ------------------------------------------------------------------------------------------- steps
     def start(self) -> None:
-        """The resume point (refused here when resuming would not continue the run exactly), config.yaml and
-        status.json 'running'."""
+        """The resume point (refused here when resuming would not continue the run exactly); a fresh start
+        takes the run directory over now, a resume once its data are checked too (prepare_data)."""
         self.resume_from = resume_point(self.cfg.train.resume, self.ckpts, self.config_yaml)
-        if self.dist.is_main:
-            if self.resume_from is None:
+        if self.resume_from is None:
+            if self.dist.is_main:
                 drop_stale_leftovers(self.dir, self.config_yaml)
+            self._take_over()
+
+    def _take_over(self) -> None:
+        """Nothing refuses this start any more: config.yaml and status.json 'running' are this start's. (A start
+        refused before this leaves both as they were.)"""
+        if self.dist.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / "config.yaml").write_text(self.config_yaml)
             write_status(
                 self.dir, "running", world_size=self.dist.world_size, resumed_from=str(self.resume_from or "")
             )
+        self.took_over = True
         barrier()
 
     def prepare_data(self) -> None:
@@ -184,6 +194,7 @@ class Run:
                 f"<run>/checkpoints/step-<N> OUT_DIR"
             )
         set_aside_after(self.ckpts, saved)  # nothing refuses this resume any more
+        self._take_over()
 
     def build(self) -> None:
         """The settings left to auto decided, then the model, sharded by the backend as it is built."""
