@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, tmpfs
 from shardtune.cli.args import (
     check_backend,
     check_sweep,
@@ -563,3 +563,28 @@ def test_a_sweep_trains_each_point_in_its_own_directory_under_the_run(tmp_path, 
     assert calls == [("grid", f"sweep/lora.r={r}", base / "STOP") for r in (4, 8)]
     assert [Path(r["run_dir"]) for r in results] == [base / "sweep" / f"lora.r={r}" for r in (4, 8)]
     assert json.loads((base / "status.json").read_text())["status"] == "complete"
+
+
+# ------------------------------------------------------------------------------------------- output and data
+def test_a_read_only_output_dir_is_one_line_before_anything_starts(tmp_path, capsys, monkeypatch):
+    """A read-only train.output_dir (a real read-only filesystem: root may write anywhere else) is refused by
+    every process before anything is loaded, in one line naming the directory and the fix, exit 2."""
+    from shardtune.cli import recipe
+
+    monkeypatch.setattr(recipe, "run", lambda *a, **k: pytest.fail("the run started"))
+    with tmpfs(tmp_path / "ro", "1m", "ro") as ro, pytest.raises(SystemExit) as e:
+        main(Config(), argv=[f"train.output_dir={ro}/runs", "train.max_steps=1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(
+        f"error: train.output_dir={ro}/runs: the run cannot be written there ({ro} is on a read-only "
+        "filesystem). Give a directory you can write"
+    )
+
+
+def test_a_directory_named_like_a_data_file_is_said_to_be_one(tmp_path):
+    (tmp_path / "x.jsonl").mkdir()
+    with pytest.raises(
+        ConfigError, match=r"data.source: .*x.jsonl is a directory, not a .jsonl file: give the"
+    ):
+        apply_overrides(Config(), {"data.source": str(tmp_path / "x.jsonl")}, "x")

@@ -1,8 +1,9 @@
 """Where a run goes: its directory, derived in one place from train.output_dir and train.run_name (one path
-component, so that a run never writes outside train.output_dir)."""
+component, so that a run never writes outside train.output_dir), and whether that place can be written."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING
 
@@ -47,3 +48,30 @@ def run_directory(train: TrainConfig, default_name: str, sub: str | None = None)
     check_run_name(name, train.output_dir, "train.run_name" if train.run_name is not None else "the run name")
     run_dir = Path(train.output_dir) / name
     return run_dir / sub if sub else run_dir
+
+
+def unwritable(path: Path) -> str | None:
+    """Why nothing can be made at `path` (the nearest directory that exists is read-only or not ours to write),
+    or None. Asked without writing anything: permissions, then the filesystem's read-only flag (which applies to
+    root too)."""
+    here = Path(os.path.abspath(path.expanduser()))
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    if not here.is_dir():
+        return f"{here} is a file, not a directory"
+    if os.statvfs(here).f_flag & os.ST_RDONLY:
+        return f"{here} is on a read-only filesystem"
+    if not os.access(here, os.W_OK | os.X_OK):
+        return f"{here} is not writable by this user (permission denied)"
+    return None
+
+
+def check_output_dir(train: TrainConfig) -> None:
+    """train.output_dir must be a place this process can make the run directory in (ConfigError with the fix),
+    checked before anything is loaded and by every process alike."""
+    problem = unwritable(Path(train.output_dir) / (train.run_name or ""))
+    if problem:
+        raise ConfigError(
+            f"train.output_dir={train.output_dir}: the run cannot be written there ({problem}). Give a "
+            f"directory you can write, e.g. train.output_dir=$HOME/runs, or make this one writable."
+        )
