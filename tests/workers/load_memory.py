@@ -21,8 +21,8 @@ if not out.exists():  # write it in a child process, so its memory is not counte
 from shardtune.config import Config, apply_overrides  # noqa: E402
 from shardtune.model import loading, modeling  # noqa: E402
 from shardtune.observability.memory import host_peak_gib, host_rss_gib  # noqa: E402
-from shardtune.parallel import fsdp as parallel  # noqa: E402
 from shardtune.parallel.distributed import init_distributed, teardown  # noqa: E402
+from shardtune.parallel.fsdp import FsdpBackend  # noqa: E402
 
 cfg = apply_overrides(Config(), {"model.name_or_path": str(out), "model.init": "pretrained"}, "test")
 info = init_distributed("cpu")
@@ -33,7 +33,7 @@ model, report = loading.build_model(
     hf_config,
     str(out),
     "sdpa",
-    parallel.Sharder(cfg.parallel, cfg.param_dtype, info.device, 1),
+    FsdpBackend(cfg.parallel, cfg.param_dtype, info),
     info.device,
 )
 after, peak = host_rss_gib(), host_peak_gib()
