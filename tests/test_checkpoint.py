@@ -12,12 +12,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import tmpfs
 from shardtune.checkpoint.export import export_adapter
-from shardtune.checkpoint.manager import CheckpointManager, rng_state, set_rng_state
+from shardtune.checkpoint.manager import SAVE_SLACK, CheckpointManager, rng_state, set_rng_state
 from shardtune.checkpoint.resume import resume_point, set_aside_after
 from shardtune.checkpoint.store import verify_checkpoint
 from shardtune.config import Config, to_yaml
-from shardtune.errors import ConfigError
+from shardtune.errors import ConfigError, DiskFull
+from shardtune.files import mib, out_of_space, tree_bytes, write_atomic
 from shardtune.model import loading, modeling
 from shardtune.model.tokenizer import build_tiny_tokenizer
 from shardtune.parallel.distributed import init_distributed, teardown
@@ -275,3 +277,57 @@ def test_a_refused_start_leaves_a_finished_runs_status_alone(setup, tmp_path, ch
     with pytest.raises(ConfigError):
         train(again, setup.info, "recipe")
     assert json.loads((run_dir / "status.json").read_text())["status"] == "failed"
+
+
+# ------------------------------------------------------------------------------------------- a full disk
+def test_a_save_that_cannot_fit_is_refused_before_anything_is_written(setup, tmp_path, monkeypatch):
+    """The last checkpoint's size against the free space (faked here): refused in one line naming the
+    directory, the space needed and free, and the fix; nothing written, the earlier checkpoint intact."""
+    from shardtune.checkpoint import manager as manager_module
+
+    mgr = manager(setup, tmp_path / "c")
+    first = mgr.save(1, setup.files)
+    size = tree_bytes(first)
+    monkeypatch.setattr(manager_module, "free_bytes", lambda path: size)  # < a checkpoint and its slack
+    with pytest.raises(DiskFull) as e:
+        mgr.save(2, setup.files)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(
+        f"no room for checkpoint step-00000002 in {tmp_path / 'c'}:"
+    )
+    assert f"it needs about {mib(size + SAVE_SLACK)} (the last one's size), {mib(size)} free there" in message
+    assert "train.output_dir" in message and f"it continues from {first}" in message
+    assert [p.name for p in (tmp_path / "c").iterdir()] == ["step-00000001"] and verify_checkpoint(
+        first
+    ) is None
+    monkeypatch.setattr(manager_module, "free_bytes", lambda path: size + SAVE_SLACK)
+    assert mgr.save(2, setup.files).is_dir()  # room enough: saved
+
+
+def test_a_full_disk_mid_save_removes_the_torn_save_and_keeps_the_earlier_ones(setup, tmp_path):
+    """A real full disk (a tmpfs of 6 MiB: one checkpoint of ~4 MiB fits, not two): a save that runs out of
+    space (its size not known beforehand) is removed before anything else is written and reported as DiskFull
+    in one line; the checkpoint before it is intact; the next save is refused before it starts."""
+    with tmpfs(tmp_path / "disk", "6m") as disk:
+        mgr = manager(setup, disk / "c")
+        first = mgr.save(1, setup.files)
+        assert 3 * 2**20 < tree_bytes(first) < 6 * 2**20
+        mgr.last_size = 0  # as on a run's first save, or one that grew: no size to check beforehand
+        with pytest.raises(DiskFull) as e:
+            mgr.save(2, setup.files)
+        message = str(e.value)
+        assert "\n" not in message and message.startswith(
+            f"no room for checkpoint step-00000002 in {disk / 'c'}:"
+        )
+        assert (
+            "it needs more than the" in message and "it had written when the disk filled (removed)" in message
+        )
+        assert [p.name for p in (disk / "c").iterdir()] == ["step-00000001"] and verify_checkpoint(
+            first
+        ) is None
+        assert out_of_space(e.value.__cause__)  # what DCP or safetensors raised, kept as the cause
+        mgr.last_size = tree_bytes(first)
+        with pytest.raises(DiskFull, match=r"it needs about .* \(the last one's size\)"):
+            mgr.save(2, setup.files)
+        assert [p.name for p in (disk / "c").iterdir()] == ["step-00000001"]
+        write_atomic(disk / "status.json", b"{}")  # and there is room for status.json again
