@@ -588,3 +588,23 @@ def test_a_directory_named_like_a_data_file_is_said_to_be_one(tmp_path):
         ConfigError, match=r"data.source: .*x.jsonl is a directory, not a .jsonl file: give the"
     ):
         apply_overrides(Config(), {"data.source": str(tmp_path / "x.jsonl")}, "x")
+
+
+def test_slurm_train_sh_refuses_a_run_name_with_a_path_before_making_anything(tmp_path):
+    import subprocess
+
+    from conftest import run_env
+
+    env = run_env(
+        SLURM_JOB_ID="7", SLURM_SUBMIT_DIR=str(ROOT), RUN_NAME="../esc", RUNS_DIR=str(tmp_path / "runs")
+    )
+    proc = subprocess.run(
+        ["bash", "slurm/train.sh", "recipes/tiny.py"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "RUN_NAME='../esc': give one directory name" in proc.stdout, proc
+    assert list(tmp_path.iterdir()) == []
