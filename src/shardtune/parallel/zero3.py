@@ -81,6 +81,7 @@ class ZeroBackend:
         self.ds_config = ds_config(pcfg, info.device, micro_batch, info.world_size, max_grad_norm)
         self.layer_cls: type | None = None
         self.model = self.optimizer = None
+        self.wrapped = False
         if self.enabled:
             # uses the process group shardtune made (gloo on CPU, NCCL on GPUs)
             deepspeed.init_distributed(dist_backend=dist.get_backend())
@@ -113,10 +114,12 @@ class ZeroBackend:
             self.model, *_ = deepspeed.initialize(
                 model=self.model, optimizer=optimizer, config=self.ds_config
             )
+            self.wrapped = True
         return self.model
 
     def _engine(self):
-        return self.model if self.enabled else None
+        """The DeepSpeed engine, once `wrap` made it (before, self.model is the partitioned PEFT model itself)."""
+        return self.model if self.wrapped else None
 
     def backward(self, loss: torch.Tensor) -> None:
         if self._engine() is None:
