@@ -65,6 +65,10 @@ if [ ! -x launch/node.sh ]; then log "no launch/node.sh in $PWD: submit from the
 JOB_ID=${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID:?run this through sbatch}}
 RUN_NAME=${RUN_NAME:-${SLURM_JOB_NAME:-shardtune}-${JOB_ID}${SLURM_ARRAY_TASK_ID:+_$SLURM_ARRAY_TASK_ID}}
 RUNS_DIR=${RUNS_DIR:-runs}
+# one directory name under RUNS_DIR (train.run_name's rule), checked before anything is made there
+case $RUN_NAME in
+  "" | . | .. | */* | *\\* | ~*) log "RUN_NAME='$RUN_NAME': give one directory name (no path), e.g. RUN_NAME=my-run"; exit 2 ;;
+esac
 RUN_DIR=$RUNS_DIR/$RUN_NAME
 LAUNCHERS=${SLURM_NTASKS:-1}  # one per task: one task per node (tests run 2 tasks on one node as 2 "nodes")
 NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}

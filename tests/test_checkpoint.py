@@ -12,12 +12,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import tmpfs
 from shardtune.checkpoint.export import export_adapter
-from shardtune.checkpoint.manager import CheckpointManager, rng_state, set_rng_state
+from shardtune.checkpoint.manager import SAVE_SLACK, CheckpointManager, rng_state, set_rng_state
 from shardtune.checkpoint.resume import resume_point, set_aside_after
 from shardtune.checkpoint.store import verify_checkpoint
 from shardtune.config import Config, OptimConfig, to_yaml
-from shardtune.errors import ConfigError
+from shardtune.errors import ConfigError, DiskFull
+from shardtune.files import mib, out_of_space, tree_bytes, write_atomic
 from shardtune.model import loading, modeling
 from shardtune.model.tokenizer import build_tiny_tokenizer
 from shardtune.parallel.distributed import init_distributed, teardown
@@ -297,3 +299,95 @@ def test_streaming_load_memory_does_not_grow_with_the_model(tmp_path):
     assert big["checkpoint_gib"] > 3 * small["checkpoint_gib"]
     assert big["transient_gib"] < small["transient_gib"] + 0.1
     assert big["transient_gib"] < 0.25 * big["checkpoint_gib"]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"train": {"resume": "never"}},  # refused by the resume policy
+        {"lora": {"r": 8}},  # a setting that breaks exactness
+        {"train": {"max_steps": 5}},  # a last step before the checkpoint's (refused once the data are read)
+    ],
+    ids=["resume-never", "changed-setting", "past-the-last-step"],
+)
+def test_a_refused_start_leaves_a_finished_runs_status_alone(setup, tmp_path, change):
+    """Starting a completed run again in a way that is refused (Nothing was deleted) reports the refusal as the
+    command's error; status.json still says complete, and config.yaml is still the run's."""
+    from shardtune.train.run import train
+    from shardtune.train.status import write_status
+
+    finished = Config(train={"output_dir": str(tmp_path), "run_name": "run", "max_steps": 10})
+    run_dir = tmp_path / "run"
+    manager(setup, run_dir / "checkpoints").save(
+        10, {**setup.files, "config.yaml": to_yaml(finished).encode()}
+    )
+    (run_dir / "config.yaml").write_text(to_yaml(finished))
+    write_status(run_dir, "complete", step=10)
+    before = {name: (run_dir / name).read_bytes() for name in ("status.json", "config.yaml")}
+    again = Config.model_validate(
+        {**finished.model_dump(), **{k: {**finished.model_dump()[k], **v} for k, v in change.items()}}
+    )
+    with pytest.raises(
+        ConfigError, match=r"already holds checkpoints|cannot resume|past this run's last step"
+    ):
+        train(again, setup.info, "recipe")
+    assert {name: (run_dir / name).read_bytes() for name in before} == before
+    # a run that had not finished: the refusal is recorded (an earlier start's status must not stand)
+    write_status(run_dir, "interrupted", step=10)
+    with pytest.raises(ConfigError):
+        train(again, setup.info, "recipe")
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "failed"
+
+
+# ------------------------------------------------------------------------------------------- a full disk
+def test_a_save_that_cannot_fit_is_refused_before_anything_is_written(setup, tmp_path, monkeypatch):
+    """The last checkpoint's size against the free space (faked here): refused in one line naming the
+    directory, the space needed and free, and the fix; nothing written, the earlier checkpoint intact."""
+    from shardtune.checkpoint import manager as manager_module
+
+    mgr = manager(setup, tmp_path / "c")
+    first = mgr.save(1, setup.files)
+    size = tree_bytes(first)
+    monkeypatch.setattr(manager_module, "free_bytes", lambda path: size)  # < a checkpoint and its slack
+    with pytest.raises(DiskFull) as e:
+        mgr.save(2, setup.files)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(
+        f"no room for checkpoint step-00000002 in {tmp_path / 'c'}:"
+    )
+    assert f"it needs about {mib(size + SAVE_SLACK)} (the last one's size), {mib(size)} free there" in message
+    assert "train.output_dir" in message and f"it continues from {first}" in message
+    assert [p.name for p in (tmp_path / "c").iterdir()] == ["step-00000001"] and verify_checkpoint(
+        first
+    ) is None
+    monkeypatch.setattr(manager_module, "free_bytes", lambda path: size + SAVE_SLACK)
+    assert mgr.save(2, setup.files).is_dir()  # room enough: saved
+
+
+def test_a_full_disk_mid_save_removes_the_torn_save_and_keeps_the_earlier_ones(setup, tmp_path):
+    """A real full disk (a tmpfs of 6 MiB: one checkpoint of ~4 MiB fits, not two): a save that runs out of
+    space (its size not known beforehand) is removed before anything else is written and reported as DiskFull
+    in one line; the checkpoint before it is intact; the next save is refused before it starts."""
+    with tmpfs(tmp_path / "disk", "6m") as disk:
+        mgr = manager(setup, disk / "c")
+        first = mgr.save(1, setup.files)
+        assert 3 * 2**20 < tree_bytes(first) < 6 * 2**20
+        mgr.last_size = 0  # as on a run's first save, or one that grew: no size to check beforehand
+        with pytest.raises(DiskFull) as e:
+            mgr.save(2, setup.files)
+        message = str(e.value)
+        assert "\n" not in message and message.startswith(
+            f"no room for checkpoint step-00000002 in {disk / 'c'}:"
+        )
+        assert (
+            "it needs more than the" in message and "it had written when the disk filled (removed)" in message
+        )
+        assert [p.name for p in (disk / "c").iterdir()] == ["step-00000001"] and verify_checkpoint(
+            first
+        ) is None
+        assert out_of_space(e.value.__cause__)  # what DCP or safetensors raised, kept as the cause
+        mgr.last_size = tree_bytes(first)
+        with pytest.raises(DiskFull, match=r"it needs about .* \(the last one's size\)"):
+            mgr.save(2, setup.files)
+        assert [p.name for p in (disk / "c").iterdir()] == ["step-00000001"]
+        write_atomic(disk / "status.json", b"{}")  # and there is room for status.json again

@@ -1,10 +1,13 @@
 """Config: typed sections, overrides, errors that name the key and the closest valid one, precedence."""
 
 import importlib.util
+import json
+from pathlib import Path
 
 import pytest
+import torch
 
-from conftest import ROOT
+from conftest import ROOT, tmpfs
 from shardtune.cli.args import (
     check_backend,
     check_sweep,
@@ -14,7 +17,7 @@ from shardtune.cli.args import (
     split_sweep_values,
 )
 from shardtune.cli.recipe import main
-from shardtune.config import Config, OptimConfig, apply_overrides, format_help, parse_overrides
+from shardtune.config import Config, OptimConfig, apply_overrides, format_help, parse_overrides, run_directory
 from shardtune.config.accelerate import (
     accelerate_env_overrides,
     accelerate_yaml_overrides,
@@ -571,3 +574,99 @@ def test_sweep_values_a_run_would_drop_are_refused(capsys):
     with pytest.raises(ConfigError, match=r"lora.r=32 .* also swept by the recipe's --sweep grid"):
         check_sweep(["lora.r=32"], {"lora.r": [8, 16]}, recipe_grid=True)
     check_sweep(["optim.lr=1e-3"], {"lora.r": [8, 16]}, recipe_grid=True)  # a key the grid leaves alone
+
+
+# ------------------------------------------------------------------------------------------- run directory
+@pytest.mark.parametrize("name", ["../../esc", "/etc", "", ".", "..", "a/b", "a\\b", "C:\\runs", "~x"])
+def test_a_run_name_is_one_directory_name(name, tmp_path, capsys):
+    """train.run_name names one directory under train.output_dir: a path (which would write outside it, or into
+    another run), '.', '..' or nothing is refused with the reason and the fix, before anything starts."""
+    with pytest.raises(ConfigError, match=r"train.run_name=.* give a plain name"):
+        resolve_config(Config(), [f"train.output_dir={tmp_path}", f"train.run_name={name}"])
+    with pytest.raises(SystemExit) as e:
+        main(Config(), argv=["--validate", f"train.output_dir={tmp_path}", f"train.run_name={name}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: train.run_name=") and "is valid" not in err
+    with pytest.raises(ConfigError, match=r"train.run_name="):  # and where the run directory is made
+        run_directory(Config(train={"output_dir": str(tmp_path), "run_name": name}).train, "recipe")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_run_directory_is_derived_in_one_place(tmp_path):
+    train = Config(train={"output_dir": str(tmp_path)}).train
+    assert run_directory(train, "tiny") == tmp_path / "tiny"
+    assert run_directory(train, "tiny", "sweep/lora.r=8") == tmp_path / "tiny" / "sweep" / "lora.r=8"
+    named = Config(train={"output_dir": str(tmp_path), "run_name": "mine"}).train
+    assert run_directory(named, "tiny") == tmp_path / "mine"
+    with pytest.raises(ConfigError, match=r"the run name='\.\.'"):  # a recipe's name is checked too
+        run_directory(train, "..")
+
+
+def test_a_sweep_trains_each_point_in_its_own_directory_under_the_run(tmp_path, monkeypatch):
+    """The on-disk layout runs/<name>/sweep/<point>/, each point's configuration keeping the run's own name
+    (a sweep passes the path inside the run; no run name with a path in it)."""
+    from shardtune.cli import sweep
+    from shardtune.parallel.distributed import DistInfo
+    from shardtune.train import run as run_module
+
+    calls = []
+
+    def fake_train(cfg, dist, name, stop=None, stop_file=None, sub=None):
+        calls.append((cfg.train.run_name, sub, stop_file))
+        run_dir = run_directory(cfg.train, name, sub)
+        run_dir.mkdir(parents=True)
+        return {"status": "complete", "run_dir": str(run_dir), "trainable_params": 1}
+
+    monkeypatch.setattr(run_module, "train", fake_train)
+    monkeypatch.setattr(sweep, "format_table", lambda grid, results: "table")
+    cfg = Config(train={"output_dir": str(tmp_path), "run_name": "grid"})
+    results = sweep.run_grid(cfg, {"lora.r": [4, 8]}, DistInfo.alone(torch.device("cpu")), "tiny")
+    base = tmp_path / "grid"
+    assert calls == [("grid", f"sweep/lora.r={r}", base / "STOP") for r in (4, 8)]
+    assert [Path(r["run_dir"]) for r in results] == [base / "sweep" / f"lora.r={r}" for r in (4, 8)]
+    assert json.loads((base / "status.json").read_text())["status"] == "complete"
+
+
+# ------------------------------------------------------------------------------------------- output and data
+def test_a_read_only_output_dir_is_one_line_before_anything_starts(tmp_path, capsys, monkeypatch):
+    """A read-only train.output_dir (a real read-only filesystem: root may write anywhere else) is refused by
+    every process before anything is loaded, in one line naming the directory and the fix, exit 2."""
+    from shardtune.cli import recipe
+
+    monkeypatch.setattr(recipe, "run", lambda *a, **k: pytest.fail("the run started"))
+    with tmpfs(tmp_path / "ro", "1m", "ro") as ro, pytest.raises(SystemExit) as e:
+        main(Config(), argv=[f"train.output_dir={ro}/runs", "train.max_steps=1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(
+        f"error: train.output_dir={ro}/runs: the run cannot be written there ({ro} is on a read-only "
+        "filesystem). Give a directory you can write"
+    )
+
+
+def test_a_directory_named_like_a_data_file_is_said_to_be_one(tmp_path):
+    (tmp_path / "x.jsonl").mkdir()
+    with pytest.raises(
+        ConfigError, match=r"data.source: .*x.jsonl is a directory, not a .jsonl file: give the"
+    ):
+        apply_overrides(Config(), {"data.source": str(tmp_path / "x.jsonl")}, "x")
+
+
+def test_slurm_train_sh_refuses_a_run_name_with_a_path_before_making_anything(tmp_path):
+    import subprocess
+
+    from conftest import run_env
+
+    env = run_env(
+        SLURM_JOB_ID="7", SLURM_SUBMIT_DIR=str(ROOT), RUN_NAME="../esc", RUNS_DIR=str(tmp_path / "runs")
+    )
+    proc = subprocess.run(
+        ["bash", "slurm/train.sh", "recipes/tiny.py"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "RUN_NAME='../esc': give one directory name" in proc.stdout, proc
+    assert list(tmp_path.iterdir()) == []

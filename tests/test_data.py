@@ -200,8 +200,17 @@ def test_empty_and_malformed_files(tok, tmp_path):
     bad.write_text('{"text": "a"}\n{"text": "b"}\n{"text": oops}\n')
     with pytest.raises(DataError, match=r"bad.jsonl: could not read as .jsonl \(line 3: not valid JSON"):
         build(tok, bad)
-    with pytest.raises(DataError, match="data file not found"):
+    with pytest.raises(DataError, match=r"no such file: .*missing\.parquet"):
         build(tok, tmp_path / "missing.parquet")
+    # a raw tab in a string: json's message is "Invalid control character at"; the column is added once
+    tab = tmp_path / "tab.jsonl"
+    tab.write_text('{"text": "a"}\n{"text": "a\tb"}\n')
+    with pytest.raises(DataError, match=r"line 2: not valid JSON \(Invalid control character at column 12\)"):
+        build(tok, tab)
+    folder = tmp_path / "x.jsonl"  # a directory with a file's name
+    folder.mkdir()
+    with pytest.raises(DataError, match=r"x.jsonl is a directory, not a .jsonl file: give the file itself"):
+        build(tok, folder)
 
 
 def test_a_storage_fault_is_not_an_error_in_the_file(tok, tmp_path):

@@ -234,3 +234,64 @@ def test_a_missing_deepspeed_is_an_error_with_the_fix(monkeypatch):
     assert finding.level == "error" and "parallel.backend=deepspeed" in finding.what
     assert "pip install 'shardtune[deepspeed]'" in finding.fix
     assert doctor.backend(Config().parallel) == []
+
+
+# ------------------------------------------------------------------------------------------- --numerics
+NUMERICS = ["-m", "shardtune.cli", "doctor", "recipes/tiny.py", "--numerics"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "launcher,config,fault",
+    [
+        ("torchrun", None, None),
+        ("torchrun", None, "fsdp-bf16-buffers"),  # what accelerate's own FSDP mixed precision does to buffers
+        ("accelerate", "fsdp_configs/zero3_cpu_2proc.yaml", None),
+    ],
+    ids=["fsdp", "fsdp-casting-buffers-to-bf16", "zero3"],
+)
+def test_numerics_compares_the_sharded_model_with_an_unsharded_copy(launcher, config, fault):
+    """Launched as the run is, on 2 CPU processes: the first 2 layers built as the run builds them, sharded
+    (FSDP; ZeRO-3 through an accelerate DeepSpeed config) and unsharded; logits, loss and the adapters' summed
+    gradients agree (float32: bit-identical); a broken setting is caught, with what differs and the fix."""
+    from conftest import launch
+
+    env = {"SHARDTUNE_NUMERICS_FAULT": fault} if fault else None
+    kwargs = {"config": config} if config else {}
+    proc = launch(NUMERICS, launcher=launcher, env=env, check=False, **kwargs)
+    out = proc.stdout
+    assert "shardtune doctor --numerics: 2 of the model's decoder layers (tiny, 4-bit NF4" in out, (
+        proc.stderr[-4000:]
+    )
+    assert (
+        f"{'DeepSpeed ZeRO-3' if config else 'FSDP FULL_SHARD'} on 2 CPU process(es), compute float32" in out
+    )
+    if fault is None:
+        assert proc.returncode == 0 and "verdict: OK" in out, out
+        assert out.count("0 (bit-identical)") >= 2  # the forward: logits and loss
+    else:
+        assert proc.returncode != 0 and "verdict: FAILED: logits" in out, out
+        assert "the sharded forward already differs" in out
+        assert "rotary_emb.inv_freq: bfloat16 sharded, float32 unsharded" in out and "fix: buffers" in out
+
+
+def test_numerics_verdicts_say_what_differs_and_what_to_change():
+    from shardtune.cli.numerics import Result, tolerances
+
+    assert tolerances("float32", "fsdp") == {"logits": 0.0, "loss": 0.0, "adapter gradients": 0.0}
+    assert tolerances("float32", "deepspeed")["adapter gradients"] == 1e-5  # its own linear's backward
+    assert set(tolerances("bfloat16", "fsdp").values()) == {1e-3}
+    same = dict.fromkeys(("logits", "loss", "adapter gradients"), 0.0)
+    ok = Result("x", "float32", same, tolerances("float32", "fsdp"), [], 2)
+    assert ok.ok and "verdict: OK" in ok.report()
+    grads = Result(
+        "x", "bfloat16", {**same, "adapter gradients": 0.02}, tolerances("bfloat16", "fsdp"), [], 2
+    )
+    text = grads.report()
+    assert not grads.ok and "verdict: FAILED: adapter gradients 0.02 over the tolerance (bfloat16)" in text
+    assert "the forward agrees" in text and "fix: the step must sum the adapters' gradients" in text
+    forward = Result("x", "float32", {**same, "logits": 1e-7}, tolerances("float32", "fsdp"), [], 2)
+    assert "OVER the tolerance (bit-identical)" in forward.report()
+    assert "fix: keep the 4-bit storage dtype equal to the compute dtype" in forward.report()
+    alone = Result("x", "float32", same, tolerances("float32", "fsdp"), [], 1)
+    assert "one process: nothing is sharded" in alone.report()

@@ -22,6 +22,7 @@ from shardtune.cli.submit import (
     submit,
     time_minutes,
 )
+from shardtune.config import Config
 from shardtune.errors import ConfigError
 
 
@@ -202,3 +203,36 @@ def test_a_signal_after_the_run_does_not_fail_the_finished_task(signum):
     proc.send_signal(signum)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0 and out.split() == ["None"], (proc.returncode, out)
+
+
+def test_a_submitted_sweep_run_is_named_by_its_run_and_the_path_inside(monkeypatch, tmp_path):
+    """A job's run path (<name>-<job id>/sweep/<point> for an array task) gives the run its name (one directory
+    name) and the sweep point's path inside it, as `--sweep` does without Slurm: runs/<name>/sweep/<point>."""
+    from types import SimpleNamespace
+
+    from shardtune.cli import recipe, submit
+
+    env = SimpleNamespace(job_id="7_1", array_job_id="7", global_rank=0)
+    monkeypatch.setattr(submit.submitit, "JobEnvironment", lambda: env)
+    monkeypatch.setattr(
+        submit.submitit.helpers,
+        "TorchDistributedEnvironment",
+        lambda: SimpleNamespace(export=lambda **_: None),
+    )
+    seen = []
+
+    def fake_run(cfg, name, grid, stop, sub=None):
+        seen.append((cfg.train.run_name, sub))
+        return [{"status": "complete"}]
+
+    monkeypatch.setattr(recipe, "run", fake_run)
+    cfg = Config(train={"output_dir": str(tmp_path)})
+    assert submit.TrainJob(cfg, "tiny-{job_id}/sweep/lora.r=8", "tiny")() == {"status": "complete"}
+    assert submit.TrainJob(cfg, "tiny-{job_id}", "tiny")() == {"status": "complete"}
+    assert seen == [("tiny-7", "sweep/lora.r=8"), ("tiny-7", None)]
+
+
+def test_submit_refuses_a_run_name_with_a_path_before_submitting(tmp_path):
+    with pytest.raises(ConfigError, match=r"train.run_name='\.\./esc' has a path separator"):
+        submit("recipes/tiny.py", ["train.run_name=../esc"], None, Resources(), tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -20,8 +20,12 @@ class DataUnavailable(RuntimeError):
     """The data could not be read for a reason outside it (the hub or the network down, a storage fault)."""
 
 
+class DiskFull(RuntimeError):
+    """No room on the disk for a checkpoint: the directory, the space it needs and the space free, the fix."""
+
+
 # The errors a run reports in one line (no traceback); of them, those every start would repeat.
-REPORTED = (ConfigError, DataError, DataUnavailable)
+REPORTED = (ConfigError, DataError, DataUnavailable, DiskFull)
 INPUT_ERRORS = (ConfigError, DataError)
 
 EXIT_USAGE = 2  # a configuration or data error: nothing was trained, fix the input and run again

@@ -35,14 +35,18 @@ from shardtune.checkpoint.store import (
     verify_checkpoint,
     write_manifest,
 )
-from shardtune.files import write_atomic
+from shardtune.errors import DiskFull
+from shardtune.files import free_bytes, mib, out_of_space, tree_bytes, write_atomic
 from shardtune.observability.memory import gpu_peak_gib
-from shardtune.parallel.distributed import DistInfo, barrier, broadcast_object, side_group
+from shardtune.parallel.distributed import DistInfo, barrier, broadcast_object, gather_object, side_group
 
 if TYPE_CHECKING:
     from shardtune.parallel.backend import Backend
 
 log = logging.getLogger(__name__)
+
+# room a save needs beyond the last checkpoint's size (its own size may vary a little; status.json, metrics)
+SAVE_SLACK = 1 << 20
 
 
 class Stateful(Protocol):
@@ -106,6 +110,10 @@ class CheckpointManager:
         self.backend: Backend | None = None
         self.train_state: Stateful | None = None
         self.states: dict[str, Stateful | None] = {}
+        # the newest checkpoint this run saved or resumed from (every rank), and its size in bytes (rank 0):
+        # what the next save needs
+        self.last_path: Path | None = None
+        self.last_size = 0
 
     def track(self, backend: Backend, train_state: Stateful, **states: Stateful | None) -> None:
         self.backend, self.train_state, self.states = backend, train_state, states
@@ -117,10 +125,13 @@ class CheckpointManager:
 
     # -------------------------------------------------------------------------------------- save
     def save(self, step: int, files: dict[str, bytes]) -> Path:
-        """Write checkpoint `step`: the tracked state, and `files` (extra small files, rank 0's) as they are."""
+        """Write checkpoint `step`: the tracked state, and `files` (extra small files, rank 0's) as they are.
+        Refused before anything is written where the last checkpoint's size does not fit in the free space; a
+        save that fails on any rank (a full disk) is removed, and every rank raises (DiskFull for a full disk)."""
         t0 = time.perf_counter()
         final = self.dir / f"step-{step:08d}"
         tmp = self.dir / f".tmp-step-{step:08d}"
+        self._check_room(step)
         if self.dist.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
             for stale in self.dir.glob(".tmp-step-*"):  # a save that was killed before its rename
@@ -128,39 +139,102 @@ class CheckpointManager:
             recover(self.dir)
             tmp.mkdir()
         barrier(self.group)
-        msd, osd = self.backend.trainable_state()
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp), process_group=self.group)
-        self._save_rng(tmp)
-        if self.dist.is_main:
-            state = {
-                **self.train_state.state_dict(),
-                **{name: s.state_dict() if s is not None else None for name, s in self.states.items()},
-                "step": step,
-                "world_size": self.dist.world_size,
-                "optimizer_state": bool(osd["state"]),
-            }
-            write_atomic(tmp / "train_state.json", json.dumps(state, indent=1).encode())
-            for name, data in files.items():
-                write_atomic(tmp / name, data)
+        failure = self._write(tmp, step, files)
         faults.inject("save", self.dist.rank, step)
-        barrier(self.group)
+        self._agree(failure, step, tmp)  # (every rank has written its part)
         if self.dist.is_main:
-            write_manifest(tmp, step, self.dist.world_size)
-            commit(tmp, final)
+            try:
+                write_manifest(tmp, step, self.dist.world_size)
+                commit(tmp, final)
+            except Exception as e:
+                failure = e
+        self._agree(failure, step, tmp)
+        if self.dist.is_main:
             self._purge(step)
-        barrier(self.group)
         self.last_save_time = time.monotonic()
-        size = sum(p.stat().st_size for p in final.iterdir()) / 2**20 if self.dist.is_main else 0.0
+        self.last_path = final
+        self.last_size = tree_bytes(final) if self.dist.is_main else 0
         peak = gpu_peak_gib(self.dist.device)
         log.info(
             "checkpoint step %d saved to %s (%.1f MiB) in %.1fs%s",
             step,
             final,
-            size,
+            self.last_size / 2**20,
             time.perf_counter() - t0,
             f" (peak GPU mem so far {peak:.2f} GiB)" if peak else "",
         )
         return final
+
+    def _write(self, tmp: Path, step: int, files: dict[str, bytes]) -> BaseException | None:
+        """This rank's part of the checkpoint in `tmp`; the error that stopped it, or None."""
+        try:
+            msd, osd = self.backend.trainable_state()
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp), process_group=self.group)
+            self._save_rng(tmp)
+            if self.dist.is_main:
+                state = {
+                    **self.train_state.state_dict(),
+                    **{name: s.state_dict() if s is not None else None for name, s in self.states.items()},
+                    "step": step,
+                    "world_size": self.dist.world_size,
+                    "optimizer_state": bool(osd["state"]),
+                }
+                write_atomic(tmp / "train_state.json", json.dumps(state, indent=1).encode())
+                for name, data in files.items():
+                    write_atomic(tmp / name, data)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # (DCP's CheckpointException is a BaseException)
+            return e
+        return None
+
+    def _agree(self, failure: BaseException | None, step: int, tmp: Path) -> None:
+        """Every rank learns whether any failed to save (one gather in the save group, in place of a barrier).
+        If one did, rank 0 removes the torn save before anything else is written, and every rank raises:
+        DiskFull (one line: where, how much, the fix) when a disk was full, else the error."""
+        # out of space: said so, or said otherwise with the disk full (torch.save's zip writer reports a short
+        # write as "unexpected pos")
+        full = failure is not None and (out_of_space(failure) or free_bytes(self.dir) < SAVE_SLACK)
+        report = None if failure is None else (self.dist.rank, full, _one_line(failure))
+        failed = [r for r in gather_object(report, group=self.group) if r is not None]
+        if not failed:
+            return
+        written, free = (tree_bytes(tmp), free_bytes(self.dir)) if self.dist.is_main else (0, 0)
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        barrier(self.group)  # removed before any rank goes on to write (status.json: rank 0)
+        if any(full for _, full, _ in failed):
+            needed = f"it needs more than the {mib(written)} it had written when the disk filled (removed)"
+            raise DiskFull(self._no_room(step, needed, free)) from failure
+        if failure is not None:
+            raise failure
+        rank, _, text = failed[0]
+        raise RuntimeError(f"checkpoint step {step} not saved: rank {rank} failed ({text})")
+
+    def _check_room(self, step: int) -> None:
+        """Refuse a save that cannot fit, before anything is written: the last checkpoint's size against the
+        free space, read by rank 0 for every rank. (A run's first save has no size to go by.)"""
+        problem = None
+        if self.dist.is_main and self.last_size:
+            needed, free = self.last_size + SAVE_SLACK, free_bytes(self.dir)
+            if free < needed:
+                problem = self._no_room(step, f"it needs about {mib(needed)} (the last one's size)", free)
+        problem = broadcast_object(problem, group=self.group)
+        if problem:
+            raise DiskFull(problem)
+
+    def _no_room(self, step: int, needed: str, free: int) -> str:
+        resume = (
+            f"it continues from {self.last_path}" if self.last_path else "no checkpoint yet: it starts over"
+        )
+        fewer = (
+            f", lower train.keep_last (now {self.keep_last})" if self.last_path and self.keep_last > 1 else ""
+        )
+        return (
+            f"no room for checkpoint step-{step:08d} in {self.dir}: {needed}, {mib(free)} free there. Free space "
+            f"on that disk{fewer} or set train.output_dir to a larger disk, then run the same command again "
+            f"({resume})"
+        )
 
     def _save_rng(self, tmp: Path) -> None:
         tensors, plain = rng_state(self.dist.device)
@@ -209,6 +283,7 @@ class CheckpointManager:
         for group, loaded in zip(optimizer.param_groups, state["optim"]["param_groups"], strict=True):
             group.update({k: v for k, v in loaded.items() if k != "params"})  # lr etc.: plain values
         self._load_rng(path, saved["world_size"])
+        self.last_path, self.last_size = path, tree_bytes(path) if self.dist.is_main else 0
         self.train_state.load_state_dict(saved)
         for name, s in self.states.items():
             if s is not None:
@@ -231,3 +306,11 @@ class CheckpointManager:
                 path,
                 saved_world_size,
             )
+
+
+def _one_line(e: BaseException) -> str:
+    """An error in a line: its type and the first line of its message (DCP's runs to a traceback per rank)."""
+    while isinstance(e, BaseException) and hasattr(e, "failures") and e.failures:
+        e = next(iter(e.failures.values()))[0]
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"

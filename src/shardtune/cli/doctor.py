@@ -2,6 +2,7 @@
 
     shardtune doctor RECIPE [key=value ...] [--gpus N] [--signal-lead SECONDS]
     torchrun ... recipes/X.py --doctor        # the same checks at the start of a run, then the run
+    torchrun ... -m shardtune.cli doctor RECIPE --numerics   # sharded against unsharded (numerics.py)
 
 Checks: library versions against the ones shardtune is tested with; CUDA, NCCL and a 4-bit round trip
 through bitsandbytes on this machine's device; the dtype rule (4-bit storage = FSDP parameter dtype =
@@ -319,8 +320,14 @@ def report(findings: list[Finding]) -> tuple[str, bool]:
 
 
 def command(args, rest: list[str]) -> int:
-    """`shardtune doctor`: every check, and with --smoke a short real run."""
+    """`shardtune doctor`: every check, and with --smoke a short real run; with --numerics (launched as the run
+    is) only the comparison of the sharded model with an unsharded copy (numerics.py)."""
     import torch
+
+    if args.numerics:
+        from shardtune.cli import numerics
+
+        return numerics.command(args.recipe, rest)
 
     cfg, hf_config, note = recipe_config("doctor", args.recipe, rest)
     gpus = args.gpus or max(1, torch.cuda.device_count())

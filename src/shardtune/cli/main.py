@@ -13,6 +13,8 @@ shardtune bench SHAPE [key=value ...] --gpus N --seq 3072 --micro-batch 1 [--len
                                                    train a random model of a named shape, one JSON line
 shardtune doctor RECIPE.py [key=value ...] [--signal-lead S] [--smoke]
                                                    versions, CUDA/NCCL, 4-bit kernels, dtypes, disk
+torchrun --nproc_per_node N -m shardtune.cli doctor RECIPE.py [key=value ...] --numerics
+                                                   sharded against unsharded: logits, loss, gradients
                                                    submitted jobs: state, errors, logs; cancel one
 """
 
@@ -149,6 +151,12 @@ def _doctor_parser(sub) -> argparse.ArgumentParser:
         "--smoke",
         action="store_true",
         help="also run the recipe for real: load, 2 steps, save, resume, 1 step (minutes)",
+    )
+    p.add_argument(
+        "--numerics",
+        action="store_true",
+        help="only this: launched as the run is (torchrun/accelerate launch ... -m shardtune.cli doctor RECIPE "
+        "--numerics), compare the sharded model's logits, loss and adapter gradients with an unsharded copy's",
     )
     return p
 

@@ -145,9 +145,12 @@ def _doctor(cfg: Config) -> None:
         raise ConfigError("shardtune doctor found errors (above); fix them or run without --doctor")
 
 
-def run(cfg: Config, name: str, grid: dict | None = None, stop: StopRequest | None = None) -> list[dict]:
-    """Train one configuration (or each of a grid) inside one process group; the runs' summaries. Raises
-    ConfigError / DataError for input only the run itself can check (data files, resume compatibility)."""
+def run(
+    cfg: Config, name: str, grid: dict | None = None, stop: StopRequest | None = None, sub: str | None = None
+) -> list[dict]:
+    """Train one configuration (or each of a grid) inside one process group; the runs' summaries (`sub`: a path
+    inside the run directory that is the run's own, as for a sweep's run). Raises ConfigError / DataError for
+    input only the run itself can check (data files, resume compatibility)."""
     # torch, transformers, peft and bitsandbytes (~550k objects, all alive as long as the process) imported with
     # the garbage collector paused, then frozen out of its sight: its full passes over them while they were
     # being imported took 1.5-2 s of every process's start (2-core CPU, 11-13 s of imports). The imports' own
@@ -177,7 +180,9 @@ def run(cfg: Config, name: str, grid: dict | None = None, stop: StopRequest | No
                 launcher_restarts(),
             )
         try:
-            results = run_grid(cfg, grid, dist, name, stop) if grid else [train(cfg, dist, name, stop)]
+            results = (
+                run_grid(cfg, grid, dist, name, stop) if grid else [train(cfg, dist, name, stop, sub=sub)]
+            )
         except BaseException:
             teardown(failed=True)
             raise

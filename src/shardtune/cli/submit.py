@@ -137,7 +137,10 @@ class TrainJob:
     """One training run as a submitit job: every Slurm task runs this, as one rank of the process group.
 
     The task started with the stop signals blocked (BLOCKED_START), so one that Slurm sent while it was
-    starting waits for StopRequest here instead of killing it; submitit's own USR2 handler never runs."""
+    starting waits for StopRequest here instead of killing it; submitit's own USR2 handler never runs.
+
+    `run_name` is the run directory's path under train.output_dir, {job_id} filled in when the job starts: the
+    run's name, and for a sweep's run the path inside it (<name>/sweep/<point>)."""
 
     def __init__(self, cfg: Config, run_name: str, name: str):
         self.cfg, self.run_name, self.name = cfg, run_name, name
@@ -151,14 +154,16 @@ class TrainJob:
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a failed rank ends the job, no hang
         job_id = env.array_job_id or env.job_id
-        run_name = self.run_name.format(job_id=job_id)
+        # the run directory's path under train.output_dir: its name, and for a sweep's run the path inside
+        # (<name>/sweep/<point>); a run name is one directory name
+        run_name, _, sub = self.run_name.format(job_id=job_id).partition("/")
         cfg = apply_overrides(
             self.cfg, {"train.run_name": run_name, "train.resume": "auto"}, "shardtune submit"
         )
         # after the run, a time-limit signal is moot: ignored, it cannot kill a task that has finished (which
         # srun would report as a failed job) nor reach submitit's own handler
         with StopRequest(TASK_SIGNALS, ignore_after=SLURM_SIGNALS) as stop:
-            [summary] = run(cfg, self.name, None, stop)
+            [summary] = run(cfg, self.name, None, stop, sub=sub or None)
         if summary["status"] == "interrupted":
             # USR2/USR1: the time limit or a preemption announced by Slurm. A bare SIGTERM is `scancel`
             # (saved, not requeued) or a preemption without the user signal, which Slurm requeues itself.

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from shardtune.config import Config, apply_overrides, check_names
+from shardtune.config import Config, apply_overrides, check_names, run_directory
 from shardtune.errors import ConfigError
 from shardtune.parallel.distributed import DistInfo
 from shardtune.train.report import METRIC_NAMES, sample_score, score_text
@@ -52,13 +52,11 @@ def run_grid(cfg: Config, grid: dict[str, list], dist: DistInfo, name: str, stop
     both there, and requeues an interrupted sweep: the same command resumes that run, then the rest)."""
     from shardtune.train.run import train, write_status
 
-    base_name = cfg.train.run_name or name
-    base = Path(cfg.train.output_dir) / base_name
+    base = run_directory(cfg.train, name)
     results = []
     try:
         for assignment, sub in expand(cfg, grid):
             point = slug(assignment)
-            sub = apply_overrides(sub, {"train.run_name": f"{base_name}/sweep/{point}"}, "sweep")
             done = _finished(base / "sweep" / point)
             if done is not None:  # an earlier start of the sweep trained it (then stopped in a later run)
                 results.append({**{k: sub_value(v) for k, v in assignment.items()}, **done})
@@ -66,7 +64,7 @@ def run_grid(cfg: Config, grid: dict[str, list], dist: DistInfo, name: str, stop
             if dist.is_main:
                 base.mkdir(parents=True, exist_ok=True)
                 write_status(base, "running", sweep_run=point, done=len(results))
-            summary = train(sub, dist, name, stop, stop_file=base / STOP_FILE)
+            summary = train(sub, dist, name, stop, stop_file=base / STOP_FILE, sub=f"sweep/{point}")
             gc.collect()  # this run's model is held in reference cycles: freed now, before the next one is built
             results.append({**{k: sub_value(v) for k, v in assignment.items()}, **summary})
             if summary["status"] == "interrupted":

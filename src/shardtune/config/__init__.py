@@ -1,6 +1,7 @@
 """Configuration: the typed sections (schema.py), settings that conflict and the inputs a configuration names
-(checks.py), key=value overrides, validation and help (overrides.py), and the settings an accelerate config YAML
-or `accelerate launch`'s environment carries (accelerate.py)."""
+(checks.py), the run directory derived from them (paths.py), key=value overrides, validation and help
+(overrides.py), and the settings an accelerate config YAML or `accelerate launch`'s environment carries
+(accelerate.py)."""
 
 from shardtune.config.checks import check_inputs, check_names
 from shardtune.config.overrides import (
@@ -11,6 +12,7 @@ from shardtune.config.overrides import (
     to_yaml,
     validate,
 )
+from shardtune.config.paths import run_directory
 from shardtune.config.schema import (
     Config,
     DataConfig,
@@ -41,6 +43,7 @@ __all__ = [
     "field_paths",
     "format_help",
     "parse_overrides",
+    "run_directory",
     "to_yaml",
     "validate",
 ]

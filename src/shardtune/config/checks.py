@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from shardtune.config.paths import check_output_dir, check_run_name
 from shardtune.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -151,8 +152,22 @@ def _model_and_data_conflicts(cfg: Config) -> None:
         )
     for key in ("source", "eval_source"):
         value = getattr(cfg.data, key)
-        if value and Path(value).suffix in LOCAL_DATA_SUFFIXES and not Path(value).is_file():
-            raise ValueError(f"data.{key}: no such file: {value}")
+        if value and Path(value).suffix in LOCAL_DATA_SUFFIXES:
+            problem = data_file_problem(Path(value), f"data.{key}")
+            if problem:
+                raise ValueError(f"data.{key}: {problem}")
+
+
+def data_file_problem(path: Path, key: str = "data.source") -> str | None:
+    """Why a data source named as a file (by its extension) cannot be read as one, or None."""
+    if path.is_dir():
+        return (
+            f"{path} is a directory, not a {path.suffix} file: give the file itself ({key}=<the {path.suffix} "
+            f"file's path>), or, for a dataset folder, a directory whose name does not end in {path.suffix}"
+        )
+    if not path.is_file():
+        return f"no such file: {path}"
+    return None
 
 
 # ------------------------------------------------------------------------------------ the model's names
@@ -265,10 +280,11 @@ def convert_to_safetensors_hint(directory: str | Path) -> str:
 
 
 def check_names(cfg: Config) -> None:
-    """lora.target_modules and model.shape against the architecture, where its type is known without a
-    download (a built-in shape, a local directory; modeling.model_config checks the rest once it has the
-    model's config). Not among Config's own checks, which also run on a saved run's configuration (shardtune
-    merge), where a run trained before these checks existed must still load."""
+    """train.run_name (one directory name), lora.target_modules and model.shape against the architecture,
+    where its type is known without a download (a built-in shape, a local directory; modeling.model_config
+    checks the rest once it has the model's config). Not among Config's own checks, which also run on a saved
+    run's configuration (shardtune merge), where a run trained before these checks existed must still load."""
+    check_run_name(cfg.train.run_name, cfg.train.output_dir)
     model_type = known_model_type(cfg.model.name_or_path)
     problem = target_modules_problem(cfg.lora.target_modules, model_type) or shape_keys_problem(
         cfg.model.shape, model_type
@@ -279,10 +295,12 @@ def check_names(cfg: Config) -> None:
 
 def check_inputs(cfg: Config) -> None:
     """What the configuration names on this machine, checked before anything is loaded: a local model directory
-    (and its safetensors weights, for model.init=pretrained), a local tokenizer, train.resume's checkpoint.
+    (and its safetensors weights, for model.init=pretrained), a local tokenizer, train.resume's checkpoint, a
+    train.output_dir this process can write.
     Separate from Config's own checks, which also run on a saved run's configuration (shardtune merge, export),
     where these paths may since have moved."""
     check_names(cfg)
+    check_output_dir(cfg.train)
     m = cfg.model
     if m.name_or_path not in BUILTIN_SHAPE_NAMES:
         path = Path(m.name_or_path).expanduser()

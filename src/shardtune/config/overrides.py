@@ -98,7 +98,7 @@ def _parse_value(raw: str, info: Any, inside_dict: bool) -> Any:
     text = raw.strip()
     if text.lower() in ("null", "none", "~"):
         return None
-    if text[:1] in "[{(":
+    if text and text[0] in "[{(":  # (an empty value is text: "" is in every string)
         try:
             return yaml.safe_load(text.replace("(", "[").replace(")", "]") if text[0] == "(" else text)
         except yaml.YAMLError as e:

@@ -188,7 +188,8 @@ class TrainConfig(Section):
     output_dir: str = "runs"
     """Directory that holds run directories."""
     run_name: str | None = None
-    """Run directory name under output_dir. Default: the recipe's file name. resume=auto continues it."""
+    """Run directory name under output_dir: one directory name, not a path. Default: the recipe's file name.
+    resume=auto continues it."""
     seed: int = 0
     """Seed for the model init, LoRA init, data split, shuffling and dropout."""
     max_steps: int | None = Field(200, gt=0)

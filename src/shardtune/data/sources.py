@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shardtune.config import DataConfig
-from shardtune.config.checks import LOCAL_DATA_SUFFIXES
+from shardtune.config.checks import LOCAL_DATA_SUFFIXES, data_file_problem
 from shardtune.data.tasks import generate_rows
 from shardtune.errors import DataError, DataUnavailable
 from shardtune.model import hub
@@ -39,7 +39,8 @@ def _jsonl_bad_line(path: Path) -> str | None:
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as e:
-                return f"line {n}: not valid JSON ({e.msg} at column {e.colno})"
+                # (some of json's messages end in "at": "Invalid control character '\\t' at")
+                return f"line {n}: not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})"
             if not isinstance(value, dict):
                 return f"line {n}: expected a JSON object per line, got {type(value).__name__}"
     return None
@@ -130,8 +131,9 @@ def load_source(source: str, split: str, cfg: DataConfig, seed: int) -> Rows:
     else:
         path = Path(source)
         if path.suffix in LOCAL_DATA_SUFFIXES:
-            if not path.is_file():
-                raise DataError(f"data file not found: {path}")
+            problem = data_file_problem(path)
+            if problem:
+                raise DataError(problem)
             ds, origin = _load_local(path), str(path)
         else:
             ds, origin = _load_hub(source, cfg.subset, split), f"dataset {source!r} ({split})"

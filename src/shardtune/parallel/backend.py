@@ -56,6 +56,10 @@ class Backend(Protocol):
     def load_trainable_state(self, msd: dict, osd: dict) -> None:
         """After DCP loaded into trainable_state(fresh=True)'s tensors."""
 
+    def adapter_grads(self) -> dict[str, torch.Tensor]:
+        """After `backward` (before `step`): the adapters' gradients, whole and summed over the ranks as the step
+        sums them, by name, unscaled (shardtune doctor --numerics compares them)."""
+
     def unwrap(self) -> torch.nn.Module:
         """The PEFT model inside the wrappers (its config, generate)."""
 

@@ -175,12 +175,12 @@ def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def gather_object(obj) -> list:
-    """Every rank's `obj`, in rank order, on every rank."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+def gather_object(obj, group=None) -> list:
+    """Every rank's `obj`, in rank order, on every rank (of `group`, by default all)."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return [obj]
-    out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    out: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 

@@ -40,7 +40,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from shardtune.config import ParallelConfig
 from shardtune.model.modeling import DTYPES
-from shardtune.parallel.adapters import adapters, offload_on, step_whole_adapters, whole_adapters_state
+from shardtune.parallel.adapters import adapters, fqn, offload_on, step_whole_adapters, whole_adapters_state
 from shardtune.parallel.checkpointing import apply_checkpointing
 from shardtune.parallel.distributed import DistInfo
 
@@ -134,6 +134,11 @@ class FsdpBackend:
 
     def load_trainable_state(self, msd: dict, osd: dict) -> None:
         """DCP loaded into the training tensors themselves: nothing to write back."""
+
+    def adapter_grads(self) -> dict[str, torch.Tensor]:
+        reduce_adapter_grads(self.model, self.world_size)
+        scale = self.grad_scaler.get_scale() if self.grad_scaler is not None else 1.0
+        return {fqn(n): p.grad / scale for n, p in self.model.named_parameters() if p.requires_grad}
 
     # ----------------------------------------------------------------------------------------- the rest
     def unwrap(self) -> torch.nn.Module:

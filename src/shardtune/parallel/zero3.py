@@ -192,6 +192,15 @@ class ZeroBackend:
             for k in MOMENTS:
                 safe_set_full_optimizer_state(p, osd["state"][name][k], k)
 
+    def adapter_grads(self) -> dict[str, torch.Tensor]:
+        """DeepSpeed's partitions hold the mean over the ranks of each rank's gradient of its loss scaled by the
+        world size (`backward`): the sum over the ranks, gathered whole here. Collective."""
+        if self.engine is None:
+            return {name: p.grad for name, p in self._named_adapters()}
+        from deepspeed.utils import safe_get_full_grad
+
+        return {name: safe_get_full_grad(p).reshape(tuple(p.ds_shape)) for name, p in self._named_adapters()}
+
     def unwrap(self) -> torch.nn.Module:
         return self.model  # the engine's module is this very model
 

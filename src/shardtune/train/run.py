@@ -33,7 +33,7 @@ from shardtune.checkpoint.resume import (
     set_aside_after,
 )
 from shardtune.checkpoint.store import checkpoint_step
-from shardtune.config import Config, to_yaml
+from shardtune.config import Config, run_directory, to_yaml
 from shardtune.config.checks import optimizer_device_problem
 from shardtune.data.loader import Data, GlobalBatchSampler, build_data, padding_advice
 from shardtune.errors import ConfigError, is_input_error
@@ -51,7 +51,7 @@ from shardtune.train.generate import generate
 from shardtune.train.optim import build_optimizer, build_scheduler
 from shardtune.train.profiling import StepProfiler
 from shardtune.train.state import TrainState
-from shardtune.train.status import stop_recorded_by_this_launch, write_status
+from shardtune.train.status import read_status, stop_recorded_by_this_launch, write_status
 from shardtune.train.step import TrainStep
 from shardtune.train.stopping import STOP_FILE, StopRequest
 
@@ -59,15 +59,22 @@ log = logging.getLogger("shardtune")
 
 
 def train(
-    cfg: Config, dist: DistInfo, name: str, stop: StopRequest | None = None, stop_file: Path | None = None
+    cfg: Config,
+    dist: DistInfo,
+    name: str,
+    stop: StopRequest | None = None,
+    stop_file: Path | None = None,
+    sub: str | None = None,
 ) -> dict:
     """Run training as configured; returns the run's summary ("status" interrupted or complete). `stop` is
     the entry point's signal record (installed before the slow imports); one is installed here otherwise.
     `stop_file`: the file whose appearance stops the run (slurm/train.sh writes it), when it is not the run
-    directory's own STOP (a sweep's runs share the sweep's, which the sweep removes).
+    directory's own STOP (a sweep's runs share the sweep's, which the sweep removes). `sub`: a path inside the
+    run directory that is this run's own (a sweep's runs: sweep/<point>); `name`: the run's name where
+    train.run_name gives none.
     The loop runs with the objects alive before it frozen out of the garbage collector's sight (Run.loop); on
     the way out everything frozen in this process is unfrozen, a caller's own `gc.freeze()` included."""
-    run = Run(cfg, dist, name, stop_file)
+    run = Run(cfg, dist, name, stop_file, sub)
     try:
         stopped = stop_recorded_by_this_launch(run.dir, dist)
         if stopped is not None:
@@ -78,8 +85,10 @@ def train(
         with StopRequest() as own:
             return run.run(own)
     except BaseException as e:
-        # (a refused resume too: the status an earlier start left must not stand for this one)
-        if dist.is_main and run.dir.is_dir():
+        # (a refused resume too: the status an earlier start left must not stand for this one; except a
+        # finished run's, which a start refused before taking the run over leaves as it is: the refusal is the
+        # command's own exit code and error)
+        if dist.is_main and run.dir.is_dir() and (run.took_over or read_status(run.dir) != "complete"):
             write_status(
                 run.dir,
                 "failed",
@@ -97,9 +106,11 @@ class Run:
     """One run's steps and what they make, in the order `run` takes them. Each step reads the configuration's
     sections and hands each component its own."""
 
-    def __init__(self, cfg: Config, dist: DistInfo, name: str, stop_file: Path | None = None):
+    def __init__(
+        self, cfg: Config, dist: DistInfo, name: str, stop_file: Path | None = None, sub: str | None = None
+    ):
         self.cfg, self.dist = cfg, dist
-        self.dir = Path(cfg.train.output_dir) / (cfg.train.run_name or name)
+        self.dir = run_directory(cfg.train, name, sub)
         self.own_stop_file = stop_file is None
         self.stop_file = stop_file or self.dir / STOP_FILE
         self.config_yaml = to_yaml(cfg)
@@ -112,6 +123,7 @@ class Run:
         self.final_ckpt: Path | None = None
         self.last_saved = -1
         self.train_time = 0.0
+        self.took_over = False  # this start has written the run directory's config.yaml and status.json
 
     def run(self, stop: StopRequest) -> dict:
         self.stop = stop
@@ -123,20 +135,27 @@ class Run:
 
     # ------------------------------------------------------------------------------------------- steps
     def start(self) -> None:
-        """The resume point (refused here when resuming would not continue the run exactly), config.yaml and
-        status.json 'running'."""
+        """The resume point (refused here when resuming would not continue the run exactly); a fresh start
+        takes the run directory over now, a resume once its data are checked too (prepare_data)."""
         problem = optimizer_device_problem(self.cfg, self.dist.device.type == "cuda")
         if problem:  # (the command line refuses it before this; train() called directly, here)
             raise ConfigError(problem)
         self.resume_from = resume_point(self.cfg.train.resume, self.ckpts, self.config_yaml)
-        if self.dist.is_main:
-            if self.resume_from is None:
+        if self.resume_from is None:
+            if self.dist.is_main:
                 drop_stale_leftovers(self.dir, self.config_yaml)
+            self._take_over()
+
+    def _take_over(self) -> None:
+        """Nothing refuses this start any more: config.yaml and status.json 'running' are this start's. (A start
+        refused before this leaves both as they were.)"""
+        if self.dist.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / "config.yaml").write_text(self.config_yaml)
             write_status(
                 self.dir, "running", world_size=self.dist.world_size, resumed_from=str(self.resume_from or "")
             )
+        self.took_over = True
         barrier()
 
     def prepare_data(self) -> None:
@@ -179,6 +198,7 @@ class Run:
                 f"<run>/checkpoints/step-<N> OUT_DIR"
             )
         set_aside_after(self.ckpts, saved)  # nothing refuses this resume any more
+        self._take_over()
 
     def build(self) -> None:
         """The settings left to auto decided, then the model, sharded by the backend as it is built."""

@@ -22,6 +22,14 @@ def write_status(run_dir: Path, status: str, **fields) -> None:
     write_atomic(run_dir / "status.json", json.dumps(record, indent=1).encode())
 
 
+def read_status(run_dir: Path) -> str | None:
+    """The status status.json records (running, interrupted, complete, failed), or None where there is none."""
+    try:
+        return json.loads((run_dir / "status.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def stop_recorded_by_this_launch(run_dir: Path, dist: DistInfo) -> dict | None:
     """The summary of a stop that an earlier attempt of this same launch saved and recorded, when the launcher
     has started the processes again since (`torchrun --max-restarts`); else None. A stopped run exits 0 from
