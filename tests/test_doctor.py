@@ -275,6 +275,22 @@ def test_numerics_compares_the_sharded_model_with_an_unsharded_copy(launcher, co
         assert "rotary_emb.inv_freq: bfloat16 sharded, float32 unsharded" in out and "fix: buffers" in out
 
 
+@pytest.mark.slow
+def test_numerics_on_one_process_with_sharding_forced():
+    """One process (one GPU's machine) goes through FSDP's wrapping anyway with --force-sharding: the same model
+    computes the same in float32, and the bf16 buffer cast is caught there too."""
+    from conftest import launch
+
+    for fault, code in ((None, 0), ("fsdp-bf16-buffers", 1)):
+        env = {"SHARDTUNE_NUMERICS_FAULT": fault} if fault else None
+        proc = launch([*NUMERICS, "--force-sharding"], launcher="python", env=env, check=False)
+        assert "FSDP FULL_SHARD (forced on one process) on 1 CPU process(es)" in proc.stdout, proc.stderr[
+            -3000:
+        ]
+        assert proc.returncode == code, proc.stdout
+        assert ("verdict: OK" if code == 0 else "rotary_emb.inv_freq: bfloat16 sharded") in proc.stdout
+
+
 def test_numerics_verdicts_say_what_differs_and_what_to_change():
     from shardtune.cli.numerics import Result, tolerances
 

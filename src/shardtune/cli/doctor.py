@@ -327,7 +327,7 @@ def command(args, rest: list[str]) -> int:
     if args.numerics:
         from shardtune.cli import numerics
 
-        return numerics.command(args.recipe, rest)
+        return numerics.command(args.recipe, rest, force_sharding=args.force_sharding)
 
     cfg, hf_config, note = recipe_config("doctor", args.recipe, rest)
     gpus = args.gpus or max(1, torch.cuda.device_count())

@@ -158,6 +158,12 @@ def _doctor_parser(sub) -> argparse.ArgumentParser:
         help="only this: launched as the run is (torchrun/accelerate launch ... -m shardtune.cli doctor RECIPE "
         "--numerics), compare the sharded model's logits, loss and adapter gradients with an unsharded copy's",
     )
+    p.add_argument(
+        "--force-sharding",
+        action="store_true",
+        help="with --numerics on one process: wrap it in the backend's sharding anyway (FSDP units, DeepSpeed "
+        "partitions of one), which a one-process run skips: checks the 4-bit weights through it on one GPU",
+    )
     return p
 
 

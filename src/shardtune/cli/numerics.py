@@ -48,8 +48,9 @@ ROWS, TOKENS = 2, 32  # the fixed batch (its second row padded from token 24)
 FAULT_ENV = "SHARDTUNE_NUMERICS_FAULT"
 
 
-def command(recipe: str, overrides: list[str]) -> int:
-    """Every process of the launch runs this; rank 0 prints the report."""
+def command(recipe: str, overrides: list[str], force_sharding: bool = False) -> int:
+    """Every process of the launch runs this; rank 0 prints the report. `force_sharding`: one process goes
+    through the backend's sharding too (a run of one process trains the plain module)."""
     main = os.environ.get("RANK", "0") == "0"
     try:
         # the launcher's settings apply as they do to the run (accelerate's environment, its config file)
@@ -59,7 +60,7 @@ def command(recipe: str, overrides: list[str]) -> int:
         )
         _quiet()
         try:
-            result = compare(cfg, dist)
+            result = compare(cfg, dist, force_sharding)
         finally:
             teardown()
     except ConfigError as e:
@@ -103,8 +104,11 @@ class Result:
 
     def report(self) -> str:
         lines = [f"shardtune doctor --numerics: {self.setup}"]
-        if self.world == 1:
-            lines.append("  (one process: nothing is sharded; launch this as the run is launched to compare)")
+        if self.world == 1 and "forced" not in self.setup:
+            lines.append(
+                "  (one process: nothing is sharded; launch this as the run is launched to compare, or add "
+                "--force-sharding)"
+            )
         for what, d in self.diffs.items():
             summed = " (summed over the processes)" if what == "adapter gradients" else ""
             shown = "0 (bit-identical)" if d == 0 else f"{d:.3g}"
@@ -148,12 +152,14 @@ class Result:
         )
 
 
-def compare(cfg: Config, dist: DistInfo) -> Result:
+def compare(cfg: Config, dist: DistInfo, force_sharding: bool = False) -> Result:
     """The first LAYERS layers built sharded (the run's backend) and unsharded; one forward and backward each."""
     cfg, hf_config = first_layers(cfg, dist)
     path = None if cfg.model.init == "random" else cfg.model.name_or_path  # random: drawn from the seed
     attn = modeling.attention_implementation(cfg.model.attn_implementation, dist.device)
     backend = run_backend(cfg, dist)
+    if force_sharding and not backend.enabled:
+        _force(backend)
     _inject_fault(backend)
     sharded, _ = loading.build_model(cfg, hf_config, path, attn, backend, dist.device)
     alone = FsdpBackend(cfg.parallel, cfg.param_dtype, DistInfo.alone(dist.device))
@@ -220,6 +226,17 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     warnings.filterwarnings("ignore", category=UserWarning, module="torch.distributed")
+
+
+def _force(backend: Backend) -> None:
+    """One process wrapped in the backend's sharding all the same (FSDP units of one rank; DeepSpeed partitions
+    of one): where 4-bit weights were seen to break (FSDP2's all-gather of bitsandbytes' packed bytes)."""
+    if not isinstance(backend, FsdpBackend):
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+    backend.enabled = True
+    backend.name += " (forced on one process)"
 
 
 def _inject_fault(backend: Backend) -> None:
