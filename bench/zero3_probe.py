@@ -14,7 +14,7 @@ from shardtune.model import loading, modeling
 from shardtune.parallel import fsdp as parallel
 from shardtune.parallel import zero3
 from shardtune.parallel.distributed import init_distributed, teardown
-from shardtune.train.step import token_loss_sum
+from shardtune.train.objectives import token_loss_sum
 
 cfg = apply_overrides(
     Config(),

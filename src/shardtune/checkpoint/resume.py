@@ -40,6 +40,7 @@ EXACTNESS_KEYS = (
     "train.seed",
     "train.global_batch_size",
     "parallel.mixed_precision",
+    "objective",
 )
 
 
@@ -53,7 +54,12 @@ def _flatten(prefix: str, value) -> dict:
 
 
 def _select(cfg_dict: dict, key: str):
+    """The value at `key`; a section a checkpoint saved before it existed has its defaults then."""
     for part in key.split("."):
+        if part not in cfg_dict:
+            from shardtune.config import Config
+
+            return _select(Config().model_dump(mode="json"), key)
         cfg_dict = cfg_dict[part]
     return cfg_dict
 

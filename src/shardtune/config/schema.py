@@ -278,6 +278,28 @@ class EvalConfig(Section):
     """Longest generated completion."""
 
 
+class ObjectiveConfig(Section):
+    """What a step minimizes: the token loss of instruction tuning, or a preference loss over pairs of responses
+    (rows with `chosen` and `rejected`: data.format=preference)."""
+
+    name: Literal["sft", "dpo", "orpo"] = "sft"
+    """'sft': cross-entropy of the response tokens, averaged over them. 'dpo': Direct Preference Optimization
+    (the sigmoid loss) against the reference model, which is the frozen base with the adapters turned off (no
+    second model in memory). 'orpo': odds-ratio preference optimization, no reference (the chosen response's NLL
+    plus beta times the log-odds-ratio term). dpo and orpo average over pairs and need preference rows."""
+    beta: float = Field(0.1, gt=0)
+    """dpo: the inverse temperature of the implicit reward beta * log(policy / reference) (higher: stay closer to
+    the reference). orpo: the weight (lambda) of the odds-ratio term."""
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    """dpo: the probability that a pair's preference is flipped (conservative DPO, cDPO): the loss is
+    -(1-e) log sigmoid(beta D) - e log sigmoid(-beta D). TRL 1.16's sigmoid loss ignores its label_smoothing;
+    this is the formula older TRL and the cDPO note use."""
+    nll_on_prompt: bool = False
+    """orpo: false: the NLL term over the chosen response's tokens only (the paper's -log P(chosen | prompt));
+    true: over the prompt's tokens too, as TRL's ORPOTrainer and the ORPO authors' code compute it. The
+    log-odds term reads the responses only either way."""
+
+
 class Config(Section):
     """A whole run. Recipes build one of these and change a few fields."""
 
@@ -289,6 +311,7 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:

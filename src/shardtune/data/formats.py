@@ -304,15 +304,28 @@ class Encoded:
     empty: list[int] = field(default_factory=list)  # rows left out: their response is empty text
     empty_example: str = ""  # what the first of them was
 
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
+    group: int = 1  # sequences per row: 1, or 2 for a preference pair (chosen, then rejected)
 
-    def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        a, b = self.offsets[i], self.offsets[i + 1]
+    def __len__(self) -> int:
+        return (len(self.offsets) - 1) // self.group
+
+    def sequence(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = self.offsets[k], self.offsets[k + 1]
         return self.ids[a:b], self.trained[a:b]
 
+    def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Row i's one sequence (group 1)."""
+        assert self.group == 1, "a row of pairs has two sequences: sequences()"
+        return self.sequence(i)
+
+    def sequences(self, rows: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The sequences of `rows` as one batch: the first sequence of every row, then the second (a batch of
+        pairs: every chosen response, then every rejected one, in the same order)."""
+        return [self.sequence(i * self.group + k) for k in range(self.group) for i in rows]
+
     def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
+        """Tokens per row (a pair's: both sequences')."""
+        return np.diff(self.offsets).reshape(-1, self.group).sum(axis=1)
 
 
 def adds_bos(tokenizer) -> bool:

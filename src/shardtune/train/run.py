@@ -48,6 +48,7 @@ from shardtune.train import report
 from shardtune.train.boundary import decide
 from shardtune.train.build import build, resolve_settings, run_backend
 from shardtune.train.generate import generate
+from shardtune.train.objectives import objective_for
 from shardtune.train.profiling import StepProfiler
 from shardtune.train.state import TrainState
 from shardtune.train.status import stop_recorded_by_this_launch, write_status
@@ -220,6 +221,9 @@ class Run:
         )
         torch.manual_seed(cfg.train.seed * 7919 + dist.rank)  # dropout differs per rank, reproducibly
         adapters_autocast = cfg.lora.compute_dtype == "auto" and cfg.param_dtype != "float32"
+        objective = objective_for(
+            cfg.objective, cfg.model.fused_kernels, self.backend.unwrap().disable_adapter
+        )
         self.step = TrainStep(
             self.backend,
             model,
@@ -229,9 +233,9 @@ class Run:
             self.tokenizer.pad_token_id,
             dist,
             self._flop_model(),
+            objective,
             autocast_dtype=modeling.DTYPES[cfg.param_dtype] if adapters_autocast else None,
             packed=cfg.data.packing,
-            fused_loss=cfg.model.fused_kernels,
         )
 
     def _flop_model(self) -> FlopModel:
