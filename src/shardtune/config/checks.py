@@ -35,6 +35,7 @@ def cross_checks(cfg: Config) -> None:
     _backend_conflicts(cfg)
     _batch_conflicts(cfg)
     _model_and_data_conflicts(cfg)
+    _objective_conflicts(cfg)
 
 
 def _quantization_conflicts(cfg: Config) -> None:
@@ -120,6 +121,22 @@ def _model_and_data_conflicts(cfg: Config) -> None:
         value = getattr(cfg.data, key)
         if value and Path(value).suffix in LOCAL_DATA_SUFFIXES and not Path(value).is_file():
             raise ValueError(f"data.{key}: no such file: {value}")
+
+
+def _objective_conflicts(cfg: Config) -> None:
+    pairs, fmt = cfg.objective.name != "sft", cfg.data.format
+    if fmt != "auto" and (fmt == "preference") != pairs:
+        raise ValueError(
+            f"data.format={fmt} does not go with objective.name={cfg.objective.name}: dpo and orpo train on "
+            f"preference rows (data.format=preference or auto), sft on one response per row"
+        )
+    tokens = cfg.train.micro_batch_tokens
+    if pairs and tokens is not None and tokens < 2 * cfg.data.max_len:
+        raise ValueError(
+            f"train.micro_batch_tokens={tokens} is less than twice data.max_len={cfg.data.max_len}: a pair (both "
+            f"responses, in one micro-batch) that long would not fit; set train.micro_batch_tokens >= "
+            f"{2 * cfg.data.max_len}"
+        )
 
 
 # ------------------------------------------------------------------------------------ the model's names

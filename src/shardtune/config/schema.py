@@ -121,8 +121,9 @@ class DataConfig(Section):
     """Held-out eval rows: a fraction (<1) or a count (>=1) of the training rows."""
     max_rows: int | None = Field(None, gt=0)
     """Use only the first N rows of the source (after filtering)."""
-    format: Literal["auto", "alpaca", "chat", "prompt_completion", "text"] = "auto"
-    """Row format. 'auto' picks from the columns: messages -> chat; instruction+output -> alpaca;
+    format: Literal["auto", "preference", "alpaca", "chat", "prompt_completion", "text"] = "auto"
+    """Row format. 'auto' picks from the columns: chosen+rejected -> preference (for objective.name=dpo|orpo:
+    a prompt and two responses, text or message lists); messages -> chat; instruction+output -> alpaca;
     prompt+completion -> prompt_completion; text -> text."""
     fields: dict[str, str] = Field(default_factory=dict)
     """Templates that build a format's fields from the row's columns, e.g.
@@ -134,7 +135,8 @@ class DataConfig(Section):
     max_len: int = Field(512, gt=1)
     """Longest tokenized row; longer rows are truncated (the count is reported)."""
     completion_only: bool = True
-    """Compute the loss on response tokens only (prompt tokens get label -100). Ignored for format=text."""
+    """Compute the loss on response tokens only (prompt tokens get label -100). Ignored for format=text, and
+    for preference rows, whose prompt never trains."""
     append_eos: bool = True
     """Append the tokenizer's EOS token to every response (chat rows: the chat template decides)."""
     chat_template: str | None = None

@@ -141,7 +141,7 @@ class Run:
         model is loaded); a resume onto other data or past the last step is refused here too."""
         cfg, dist = self.cfg, self.dist
         self.tokenizer = tokenizer_for(cfg.model, cfg.data, self.dir)
-        self.data = build_data(cfg.data, self.tokenizer, cfg.train.seed)
+        self.data = build_data(cfg.data, self.tokenizer, cfg.train.seed, cfg.objective.name)
         if dist.is_main:
             if not (self.dir / "tokenizer").is_dir():
                 self.tokenizer.save_pretrained(self.dir / "tokenizer")
@@ -460,8 +460,9 @@ def _log_data(data: Data, cfg: Config) -> None:
         )
     if data.train.empty or data.eval.empty:
         log.warning(
-            "data: %d training and %d eval rows left out: their response is empty (the first: %s)",
+            "data: %d training and %d eval rows left out: their response is empty%s (the first: %s)",
             len(data.train.empty),
             len(data.eval.empty),
+            ", or chosen and rejected are the same" if data.train.group == 2 else "",
             data.train.empty_example or data.eval.empty_example,
         )
