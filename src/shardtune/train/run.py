@@ -266,7 +266,10 @@ class Run:
                     "es" if saved["world_size"] > 1 else "",
                     f"; from here on {', '.join(changed)}" if changed else "",
                 )
-        self.sink = MetricsSink(self.dir, self.total_steps, self.state.step, dist.is_main)
+        objective = self.step.objective
+        self.sink = MetricsSink(
+            self.dir, self.total_steps, self.state.step, dist.is_main, objective.shown, objective.loss_label
+        )
         self.sink.write(self._plan_line())
         if self.state.step == 0:
             self.state.first_eval = self.evaluate()

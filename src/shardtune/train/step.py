@@ -64,7 +64,8 @@ class TrainStep:
     def batch(self, indices: list[int], split) -> dict:
         batch = collate(split.sequences(indices), self.pad_id, self.packed)
         # counted on the host, so that counting costs no device sync
-        counts = {"lengths": batch.pop("lengths"), "counts": self.objective.counts(batch)}
+        counted = self.objective.counts(batch)
+        counts = {"lengths": batch.pop("lengths"), "counts": counted}
         batch = {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()}
         if self.packed:
             batch.update(row_bounds(counts["lengths"], self.dist.device))
