@@ -43,6 +43,11 @@ class ModelConfig(Section):
     fused_kernels: bool | Literal["auto"] = "auto"
     """Liger kernels: fused RMSNorm, SwiGLU, RoPE, and linear + cross-entropy that never materializes the logits
     (GPU, needs liger-kernel; Llama models). 'auto': on where they can run, off elsewhere (the log says which)."""
+    adapter: str | None = None
+    """A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors, e.g. an earlier run's
+    `adapter/`) to start the adapters from instead of PEFT's initialization: continued SFT, or DPO/ORPO after SFT.
+    Its LoRA settings (lora.r, lora.alpha, lora.use_rslora, lora.target_modules) and its base model, where it
+    records one, must be this run's. (DPO's reference stays the base with the adapters off.)"""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of the model."""
     trust_remote_code: bool = False
