@@ -405,8 +405,11 @@ class Run:
             "status": "complete",
             "run_dir": str(self.dir),
             "steps": self.total_steps,
+            "objective": cfg.objective.name,
             "first_eval_loss": first["eval_loss"] if first else None,
             "final_eval_loss": final_eval["eval_loss"],
+            "first_eval": first,  # every metric of the evals before and after training
+            "final_eval": final_eval,
             "trainable_params": built.report.trainable,
             "total_params": built.report.total,
             "load_s": built.report.load_s,
