@@ -116,7 +116,8 @@ class ZeroBackend:
         return self.model
 
     def _engine(self):
-        return self.model if self.enabled else None
+        """The DeepSpeed engine, once `wrap` made it (before, even with several processes: the bare module)."""
+        return self.model if self.enabled and self.optimizer is not None else None
 
     def backward(self, loss: torch.Tensor) -> None:
         if self._engine() is None:
