@@ -317,7 +317,8 @@ def read_adapter_config(path: str) -> dict:
     directory = Path(path).expanduser()
     if not directory.is_dir():
         raise ConfigError(
-            f"model.adapter={path}: no such directory (give a PEFT adapter directory, e.g. a run's adapter/)"
+            f"model.adapter={path}: no such directory. Give a PEFT adapter directory (e.g. an SFT run's adapter/: "
+            f"train it first), or model.adapter=null to start from PEFT's initialization."
         )
     missing = [name for name in ADAPTER_FILES if not (directory / name).is_file()]
     if missing:

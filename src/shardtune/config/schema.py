@@ -301,6 +301,17 @@ class ObjectiveConfig(Section):
     """dpo: the probability that a pair's preference is flipped (conservative DPO, cDPO): the loss is
     -(1-e) log sigmoid(beta D) - e log sigmoid(-beta D). TRL 1.16's sigmoid loss ignores its label_smoothing;
     this is the formula older TRL and the cDPO note use."""
+
+    @property
+    def sequences(self) -> int:
+        """Sequences per data row: 2 for a preference pair (both responses run in one micro-batch)."""
+        return 1 if self.name == "sft" else 2
+
+    @property
+    def reference_forward(self) -> bool:
+        """Whether each micro-batch runs one more forward, without gradients (DPO's reference)."""
+        return self.name == "dpo"
+
     nll_on_prompt: bool = False
     """orpo: false: the NLL term over the chosen response's tokens only (the paper's -log P(chosen | prompt));
     true: over the prompt's tokens too, as TRL's ORPOTrainer and the ORPO authors' code compute it. The

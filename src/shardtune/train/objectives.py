@@ -32,6 +32,9 @@ class Objective(Protocol):
     group: int  # sequences per data row (1; 2 for a preference pair: chosen, then rejected)
     shown: tuple[str, ...]  # metrics beyond the loss that the log line, TensorBoard and loss.png show
     loss_label: str  # what the loss is averaged over, for the plot
+    reference_forward: (
+        bool  # a forward without gradients of every micro-batch besides the policy's (MFU counts it)
+    )
 
     def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
         """What the loss is averaged over, counted on the host in a collated batch (before it moves)."""
@@ -80,6 +83,7 @@ class SFT:
     """Cross-entropy of the response tokens, averaged over every response token of the step."""
 
     name, group, shown, loss_label = "sft", 1, (), "loss (per response token)"
+    reference_forward = False
 
     def __init__(self, fused_loss: bool = False):
         self.fused_loss = fused_loss
@@ -170,6 +174,7 @@ class DPO:
     /accuracies, /margins, logps/chosen and /rejected (the policy's)."""
 
     name, group, loss_label = "dpo", 2, "loss (per pair)"
+    reference_forward = True
     shown = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
 
     def __init__(self, beta: float, label_smoothing: float = 0.0, reference: Callable | None = None):
@@ -221,6 +226,7 @@ class ORPO:
     those mean log-probabilities), logps/*, nll_loss, log_odds_ratio, log_odds_chosen."""
 
     name, group, loss_label = "orpo", 2, "loss (NLL per token + odds-ratio term per pair)"
+    reference_forward = False
     shown = ("rewards/accuracies", "rewards/margins", "nll_loss", "log_odds_ratio")
 
     def __init__(self, beta: float, nll_on_prompt: bool = False):

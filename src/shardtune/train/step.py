@@ -122,6 +122,9 @@ class TrainStep:
 
     def _speed_and_memory(self, tokens: float, squares: float, elapsed: float) -> dict:
         model_flops, hw_flops = self.flops.step(tokens, squares)
+        if self.objective.reference_forward:  # DPO's no-grad forward of the same rows, adapters off
+            extra = self.flops.forward(tokens, squares)
+            model_flops, hw_flops = model_flops + extra, hw_flops + extra
         per_device = self.flops.peak_flops * elapsed * self.dist.world_size
         device = self.dist.device
         host, gpu, retries = all_reduce_max(
