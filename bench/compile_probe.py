@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 from levers import build  # noqa: E402
 
-from shardtune.train.step import compute_context, token_loss_sum  # noqa: E402
+from shardtune.train.objectives import token_loss_sum  # noqa: E402
+from shardtune.train.step import compute_context  # noqa: E402
 
 GPU, BF16 = torch.device("cuda", 0), torch.bfloat16
 

@@ -14,7 +14,7 @@ from shardtune.model import loading, modeling
 from shardtune.parallel.distributed import DistInfo, init_distributed, teardown
 from shardtune.parallel.fsdp import FsdpBackend
 from shardtune.parallel.zero3 import ZeroBackend
-from shardtune.train.step import token_loss_sum
+from shardtune.train.objectives import token_loss_sum
 
 cfg = apply_overrides(
     Config(),

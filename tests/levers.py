@@ -15,7 +15,8 @@ from shardtune.model.loading import build_model
 from shardtune.model.modeling import attention_implementation, model_config
 from shardtune.parallel.distributed import DistInfo
 from shardtune.parallel.fsdp import FsdpBackend
-from shardtune.train.step import MODEL_INPUTS, compute_context, token_loss_sum
+from shardtune.train.objectives import MODEL_INPUTS, token_loss_sum
+from shardtune.train.step import compute_context
 
 
 def build(overrides: dict, device: torch.device, attn: str = "sdpa"):

@@ -3,6 +3,8 @@
 xiyuez/red-dot-design-award-product-description   product, category, description, text   (CSV)
 yahma/alpaca-cleaned                               instruction, input, output              (JSON lines)
 HuggingFaceH4/no_robots                            prompt, prompt_id, messages, category   (train/test)
+HuggingFaceH4/ultrafeedback_binarized              prompt, prompt_id, chosen, rejected, messages, score_chosen,
+                                                   score_rejected                          (train_prefs/test_prefs)
 """
 
 from __future__ import annotations
@@ -119,4 +121,30 @@ def no_robots(folder: Path, train: int = 48, test: int = 8) -> Path:
                     )
                     + "\n"
                 )
+    return folder
+
+
+def ultrafeedback_binarized(folder: Path, train: int = 48, test: int = 8) -> Path:
+    """Preference pairs as HuggingFaceH4/ultrafeedback_binarized lays them out: a text prompt, chosen and rejected
+    as whole conversations (the prompt turn, then the response), messages (= chosen) and the two scores."""
+    rng = random.Random(3)
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    for split, n in (("train_prefs", train), ("test_prefs", test)):
+        # the hub's file layout, from which datasets takes split names other than train/test
+        with (folder / "data" / f"{split}-00000-of-00001.jsonl").open("w") as f:
+            for i in range(n):
+                prompt = f"Describe a {rng.choice(WORDS)} {rng.choice(PRODUCTS)} in one sentence."
+                user = {"role": "user", "content": prompt}
+                good = {"role": "assistant", "content": _sentence(rng, rng.randint(6, 12))}
+                bad = {"role": "assistant", "content": _sentence(rng, rng.randint(2, 16))}
+                row = {
+                    "prompt": prompt,
+                    "prompt_id": f"{split}-{i}",
+                    "chosen": [user, good],
+                    "rejected": [user, bad],
+                    "messages": [user, good],
+                    "score_chosen": 8.0,
+                    "score_rejected": 3.0,
+                }
+                f.write(json.dumps(row) + "\n")
     return folder

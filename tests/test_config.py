@@ -110,6 +110,18 @@ def test_cross_checks():
         apply_overrides(Config(), {"train.micro_batch_size": "64"}, "x")
 
 
+def test_the_objective_is_checked_against_the_format_and_a_pairs_length():
+    with pytest.raises(ConfigError, match=r"data.format=alpaca does not go with objective.name=dpo"):
+        apply_overrides(Config(), {"objective.name": "dpo", "data.format": "alpaca"}, "x")
+    with pytest.raises(ConfigError, match=r"data.format=preference does not go with objective.name=sft"):
+        apply_overrides(Config(), {"data.format": "preference"}, "x")
+    packed = {"data.packing": "true", "data.max_len": "1024", "objective.name": "orpo"}
+    with pytest.raises(ConfigError, match=r"less than twice data.max_len=1024.*micro_batch_tokens >= 2048"):
+        apply_overrides(Config(), {**packed, "train.micro_batch_tokens": "1500"}, "x")
+    with pytest.raises(ConfigError, match=r"objective.label_smoothing"):
+        apply_overrides(Config(), {"objective.label_smoothing": "0.5"}, "x")
+
+
 def test_micro_batches_in_tokens_are_checked_against_packing_the_row_length_and_the_backend():
     packed = {"data.packing": "true", "data.max_len": "1024"}
     with pytest.raises(ConfigError, match=r"micro_batch_tokens=4096 needs data.packing=true"):

@@ -24,7 +24,7 @@ LAUNCHERS = ("accelerate", "torchrun", "python", "sbatch", "launch/node.sh", "sh
 def commands(page: Path) -> list[str]:
     """The shell lines of a page's ```bash blocks, comments and continuation dots left out."""
     out, inside = [], False
-    for line in page.read_text().splitlines():
+    for line in page.read_text().replace("\\\n", " ").splitlines():  # a command continued with a backslash
         if line.startswith("```"):
             inside = line.strip() == "```bash"
             continue

@@ -331,3 +331,28 @@ def test_a_login_node_plans_the_kernels_the_gpu_run_will_use(capsys):
     assert "planned with Liger's fused loss" in out and "pip install 'shardtune[gpu]'" in out
     assert shardtune(["plan", "recipes/llama3_8b.py", "model.fused_kernels=false", "--gpu", "h100"]) == 0
     assert "Liger" not in capsys.readouterr().out
+
+
+def test_pairs_double_the_tokens_and_dpo_adds_the_references_forward():
+    """A preference pair runs both responses in one micro-batch: twice the activations and logits of a row of
+    SFT; the step's time counts both sequences and, for DPO, the reference's forward (2N per token more on the
+    4N of forward and backward); Liger's fused loss, which holds no logits, is SFT's only."""
+    from shardtune.cli.args import load_recipe
+
+    hf_config = modeling.model_config(apply_overrides(Config(), {"model.name_or_path": "llama3-8b"}, "x"))
+    base = {
+        "model.name_or_path": "llama3-8b",
+        "parallel.mixed_precision": "bf16",
+        "train.micro_batch_size": "2",
+    }
+    sft, dpo, orpo = (
+        estimate(apply_overrides(Config(), {**base, "objective.name": name}, "x"), hf_config, 1)
+        for name in ("sft", "dpo", "orpo")
+    )
+    assert dpo.gpu["activations"] == pytest.approx(2 * sft.gpu["activations"], rel=0.05)
+    assert dpo.gpu["logits + loss"] == 2 * sft.gpu["logits + loss"] == orpo.gpu["logits + loss"]
+    assert 1.4 < orpo.step_s / sft.step_s < 2  # twice the tokens, in micro-batches that run at a higher MFU
+    assert 1.4 < dpo.step_s / orpo.step_s < 1.6
+    assert dpo.tokens_per_s_per_gpu == pytest.approx(2 * 1024 * 16 / dpo.step_s)
+    recipe = load_recipe("recipes/tiny_dpo.py").config()
+    assert recipe.objective.sequences == 2 and recipe.objective.reference_forward

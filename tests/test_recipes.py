@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from conftest import BIN, ROOT, launch, read_summary, run_env
-from samples import alpaca_cleaned, no_robots, product_descriptions
+from samples import alpaca_cleaned, no_robots, product_descriptions, ultrafeedback_binarized
 from shardtune.cli.args import resolve_config
 from shardtune.errors import ConfigError
 
@@ -57,7 +57,14 @@ def load_recipe(path: Path):
 
 
 def test_recipes_and_configs_are_all_there():
-    assert {p.stem for p in RECIPES} >= {"tiny", "llama3_8b", "llama3_70b", "product_descriptions"}
+    assert {p.stem for p in RECIPES} >= {
+        "tiny",
+        "tiny_dpo",
+        "llama3_8b",
+        "llama3_8b_dpo",
+        "llama3_70b",
+        "product_descriptions",
+    }
     assert {p.stem for p in CONFIGS} >= {
         "cpu_2proc",
         "4xa10g",
@@ -71,7 +78,11 @@ def test_recipes_and_configs_are_all_there():
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 @pytest.mark.parametrize("hardware", CONFIGS, ids=lambda p: p.stem)
 def test_every_recipe_validates_with_every_config(recipe, hardware):
-    base, overrides = load_recipe(recipe).config(), [f"parallel.launch_config={hardware}"]
+    # (an adapter to start from is a run's output, absent here: test_a_recipes_missing_starting_adapter_...)
+    base, overrides = (
+        load_recipe(recipe).config(),
+        [f"parallel.launch_config={hardware}", "model.adapter=null"],
+    )
     if base.optim.name != "adamw" and launch_info(hardware)["distributed_type"] == "DEEPSPEED":
         # bitsandbytes' optimizers (llama3_8b.py's) are refused under ZeRO-3, with the fix
         with pytest.raises(ConfigError, match=r"deepspeed.*set optim\.name=adamw"):
@@ -103,6 +114,15 @@ def test_recipe_command_line(tmp_path):
     assert "name_or_path: meta-llama/Meta-Llama-3-70B" in shown.stdout
     helped = subprocess.run([*run, "--help"], cwd=ROOT, capture_output=True, text=True)
     assert "data.chat_template='human_assistant'" in helped.stdout and "LoRA rank." in helped.stdout
+
+
+def test_a_recipes_missing_starting_adapter_is_refused_with_the_fix(tmp_path):
+    """llama3_8b_dpo.py starts from what llama3_8b.py leaves (runs/llama3_8b/adapter): without it, exit 2 naming
+    the setting, before anything loads."""
+    run = [sys.executable, str(ROOT / "recipes" / "llama3_8b_dpo.py"), "--validate"]
+    proc = subprocess.run(run, cwd=tmp_path, env=run_env(), capture_output=True, text=True)
+    assert proc.returncode == 2 and "model.adapter=runs/llama3_8b/adapter: no such directory" in proc.stderr
+    assert "model.adapter=null to start from PEFT's initialization" in proc.stderr
 
 
 def test_a_batch_size_that_does_not_divide_stops_the_run_before_the_model_loads(tmp_path):
@@ -263,6 +283,36 @@ def test_llama3_8b_alpaca_cleaned(tmp_path):
     answers = [json.loads(x) for x in (run / "generations.jsonl").read_text().splitlines()]
     assert next(a["question"] for a in answers if "question" in a) == "What is the capital of France?"
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_llama3_8b_dpo_ultrafeedback_from_an_sft_adapter(tiny_run, tmp_path):
+    """The 8B DPO recipe as written, on local rows in ultrafeedback_binarized's schema (its text prompt, chosen and
+    rejected conversations, messages, scores; splits train_prefs/test_prefs), the tiny model in Llama-3-8B's
+    place and the SFT demo's adapter (its LoRA settings are the recipe's) to start from."""
+    data = ultrafeedback_binarized(tmp_path / "ultrafeedback")
+    sft, _ = tiny_run
+    proc = launch(
+        [
+            "recipes/llama3_8b_dpo.py",
+            f"data.source={data}",
+            f"model.adapter={sft / 'adapter'}",
+            f"train.output_dir={tmp_path}",
+            "data.pad_token=null",
+            *TINY,
+        ],
+        launcher="accelerate",
+    )
+    run = tmp_path / "llama3_8b_dpo"
+    summary = read_summary(run)
+    assert summary["objective"] == "dpo" and summary["world_size"] == 2
+    assert "format preference: 48 train rows, 8 eval rows" in proc.stderr
+    assert summary["first_eval"]["eval_rewards/margins"] != 0  # started from the SFT adapter
+    assert summary["final_eval"]["eval_pairs"] == 8
+    cfg = (run / "config.yaml").read_text()
+    assert "name: dpo" in cfg and "beta: 0.01" in cfg and "packing: true" in cfg
+    sample = json.loads((run / "generations.jsonl").read_text().splitlines()[0])
+    assert sample["prompt"].endswith("\n\nAssistant: ") and "rejected" in sample
 
 
 @pytest.mark.slow

@@ -35,7 +35,7 @@ for m in base.modules():
         m.support_avx512bf16_for_cpu = False
 model = PeftModel.from_pretrained(base, run / "adapter")
 model.eval()
-data = build_data(cfg.data, tokenizer, cfg.train.seed)
+data = build_data(cfg.data, tokenizer, cfg.train.seed, cfg.objective.name)
 n = min(len(data.eval), cfg.eval.max_rows or len(data.eval))
 total = count = 0.0
 with torch.no_grad():

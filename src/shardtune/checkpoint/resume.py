@@ -21,6 +21,7 @@ import yaml
 
 from shardtune.checkpoint.manager import CheckpointManager
 from shardtune.checkpoint.store import recover, step_of, verify_checkpoint
+from shardtune.config import Config
 from shardtune.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -42,9 +43,8 @@ EXACTNESS_KEYS = (
     "train.global_batch_size",
     "parallel.mixed_precision",
     "optim.name",  # the checkpoint holds that optimizer's state (bitsandbytes' 8-bit blocks or AdamW's moments)
+    "objective",
 )
-# What a key of EXACTNESS_KEYS added since was, in a checkpoint saved before it existed
-BEFORE_IT_EXISTED = {"optim.name": "adamw"}
 
 
 def _flatten(prefix: str, value) -> dict:
@@ -57,9 +57,10 @@ def _flatten(prefix: str, value) -> dict:
 
 
 def _select(cfg_dict: dict, key: str):
+    """The value at `key`; a section a checkpoint saved before it existed has its defaults then."""
     for part in key.split("."):
-        if part not in cfg_dict and key in BEFORE_IT_EXISTED:
-            return BEFORE_IT_EXISTED[key]
+        if part not in cfg_dict:  # (optim.name before it existed: adamw, the default)
+            return _select(Config().model_dump(mode="json"), key)
         cfg_dict = cfg_dict[part]
     return cfg_dict
 

@@ -223,7 +223,9 @@ def data(cfg: Config) -> list[Finding]:
 
     run_dir = Path(cfg.train.output_dir) / (cfg.train.run_name or "")
     try:
-        built = build_data(cfg.data, tokenizer_for(cfg.model, cfg.data, run_dir), cfg.train.seed)
+        built = build_data(
+            cfg.data, tokenizer_for(cfg.model, cfg.data, run_dir), cfg.train.seed, cfg.objective.name
+        )
     except Exception as e:  # the run would stop with this same error
         return [Finding("error", f"data: {e}")]
     lengths = built.train.lengths()

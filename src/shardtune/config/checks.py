@@ -37,6 +37,7 @@ def cross_checks(cfg: Config) -> None:
     _batch_conflicts(cfg)
     _optimizer_conflicts(cfg)
     _model_and_data_conflicts(cfg)
+    _objective_conflicts(cfg)
 
 
 def _quantization_conflicts(cfg: Config) -> None:
@@ -168,6 +169,22 @@ def data_file_problem(path: Path, key: str = "data.source") -> str | None:
     if not path.is_file():
         return f"no such file: {path}"
     return None
+
+
+def _objective_conflicts(cfg: Config) -> None:
+    pairs, fmt = cfg.objective.name != "sft", cfg.data.format
+    if fmt != "auto" and (fmt == "preference") != pairs:
+        raise ValueError(
+            f"data.format={fmt} does not go with objective.name={cfg.objective.name}: dpo and orpo train on "
+            f"preference rows (data.format=preference or auto), sft on one response per row"
+        )
+    tokens = cfg.train.micro_batch_tokens
+    if pairs and tokens is not None and tokens < 2 * cfg.data.max_len:
+        raise ValueError(
+            f"train.micro_batch_tokens={tokens} is less than twice data.max_len={cfg.data.max_len}: a pair (both "
+            f"responses, in one micro-batch) that long would not fit; set train.micro_batch_tokens >= "
+            f"{2 * cfg.data.max_len}"
+        )
 
 
 # ------------------------------------------------------------------------------------ the model's names
@@ -329,6 +346,8 @@ def check_inputs(cfg: Config) -> None:
             f"model.tokenizer={m.tokenizer}: no such directory. Give an existing tokenizer directory or a hub id "
             f"(org/name), or leave model.tokenizer unset for the model's own."
         )
+    if m.adapter is not None:
+        check_adapter(cfg)
     resume = cfg.train.resume
     if resume not in ("auto", "never") and not Path(resume).is_dir():
         close = difflib.get_close_matches(resume, ["auto", "never"], n=1)
@@ -337,4 +356,119 @@ def check_inputs(cfg: Config) -> None:
             f"train.resume={resume}: not auto, never, or an existing checkpoint directory (no directory "
             f"{resume}).{hint} Values: auto (continue from the run's newest intact checkpoint), never (refuse a run "
             f"directory that has checkpoints), or the path of a checkpoint (runs/<run>/checkpoints/step-N)."
+        )
+
+
+# ------------------------------------------------------------------------------- model.adapter to start from
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def read_adapter_config(path: str) -> dict:
+    """model.adapter's adapter_config.json, after checking the directory holds an adapter shardtune can load."""
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        raise ConfigError(
+            f"model.adapter={path}: no such directory. Give a PEFT adapter directory (e.g. an SFT run's adapter/: "
+            f"train it first), or model.adapter=null to start from PEFT's initialization."
+        )
+    missing = [name for name in ADAPTER_FILES if not (directory / name).is_file()]
+    if missing:
+        have = sorted(p.name for p in directory.iterdir())
+        raise ConfigError(
+            f"model.adapter={path}: no {' or '.join(missing)} in this directory (it has: {', '.join(have[:8]) or 'nothing'}); "
+            f"a PEFT adapter directory holds {' and '.join(ADAPTER_FILES)} (shardtune loads safetensors only)."
+        )
+    try:
+        config = json.loads((directory / "adapter_config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.adapter={path}: adapter_config.json is not readable JSON ({e})") from None
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise ConfigError(
+            f"model.adapter={path}: its adapters have ranks or alphas of their own per layer (rank_pattern, "
+            f"alpha_pattern), which a run's lora.r and lora.alpha cannot express."
+        )
+    if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora") or config.get("modules_to_save"):
+        raise ConfigError(
+            f"model.adapter={path}: a {config.get('peft_type')} adapter"
+            f"{' with DoRA' if config.get('use_dora') else ''}"
+            f"{' that also trains ' + str(config['modules_to_save']) if config.get('modules_to_save') else ''}; "
+            f"shardtune trains plain LoRA adapters only."
+        )
+    return config
+
+
+def _module_names(targets) -> set[str] | str:
+    if isinstance(targets, str):
+        return targets
+    return {t.rsplit(".", 1)[-1] for t in targets}
+
+
+def adapter_settings_problems(cfg: Config, config: dict, model_type: str | None) -> list[str]:
+    """How model.adapter's LoRA settings differ from this run's lora.* (an empty list when they agree)."""
+    lora = cfg.lora
+    problems = []
+    for key, theirs, ours in (
+        ("r", config.get("r"), lora.r),
+        ("alpha", config.get("lora_alpha"), lora.alpha),
+        ("use_rslora", bool(config.get("use_rslora", False)), lora.use_rslora),
+    ):
+        if theirs != ours and not (key == "alpha" and theirs is not None and float(theirs) == ours):
+            problems.append(f"lora.{key}: the adapter's is {theirs!r}, this run's {ours!r}")
+    theirs, ours = _module_names(config.get("target_modules") or []), _module_names(lora.target_modules)
+    if ours == "all-linear" and model_type in LLAMA_STYLE_TYPES:
+        ours = set(LLAMA_LINEAR_NAMES)
+    if theirs == "all-linear" and model_type in LLAMA_STYLE_TYPES:
+        theirs = set(LLAMA_LINEAR_NAMES)
+    if isinstance(ours, set) and isinstance(theirs, set) and ours != theirs:
+        problems.append(f"lora.target_modules: the adapter adapts {sorted(theirs)}, this run {sorted(ours)}")
+    return problems
+
+
+def adapter_base_problem(cfg: Config, recorded: str | None) -> str | None:
+    """Why model.adapter's base (adapter_config.json's base_model_name_or_path, where recorded) is not this
+    run's, or None. The same name, the same directory, or the same last path part (a hub id and a local copy of
+    it) agree; a shardtune run on random weights records '<shape> (random, seed N)' or its written base
+    directory, which agrees with a random run of that shape and seed, or with any random run whose adapters
+    have the shapes of its (model.adapters checks them against the skeleton)."""
+    m = cfg.model
+    if not recorded:
+        return None
+    if m.init == "random":
+        if recorded == f"{m.name_or_path} (random, seed {cfg.train.seed})":
+            return None
+        if not recorded.endswith(")") and (Path(recorded) / "config.json").is_file():
+            return None  # a run's written random base: its shapes are checked against the skeleton's
+        return (
+            f"the adapter was trained on {recorded!r}, and this run draws random weights for {m.name_or_path!r} "
+            f"with train.seed={cfg.train.seed}"
+        )
+    if (
+        recorded == m.name_or_path
+        or recorded.rstrip("/").split("/")[-1] == m.name_or_path.rstrip("/").split("/")[-1]
+    ):
+        return None
+    here, there = Path(m.name_or_path), Path(recorded)
+    if here.exists() and there.exists() and here.resolve() == there.resolve():
+        return None
+    return (
+        f"the adapter was trained on {recorded!r}, this run's base is model.name_or_path={m.name_or_path!r}"
+    )
+
+
+def check_adapter(cfg: Config) -> None:
+    """model.adapter against this run, before anything is loaded: an adapter directory, plain LoRA, the same
+    LoRA settings and base model (the tensors' names and shapes are checked against the model's skeleton:
+    model.adapters)."""
+    config = read_adapter_config(cfg.model.adapter)
+    problems = adapter_settings_problems(cfg, config, known_model_type(cfg.model.name_or_path))
+    base = adapter_base_problem(cfg, config.get("base_model_name_or_path"))
+    if base:
+        problems.append(
+            base
+            + " (the same model under another name? set base_model_name_or_path in its adapter_config.json)"
+        )
+    if problems:
+        raise ConfigError(
+            f"model.adapter={cfg.model.adapter} does not fit this run:\n  " + "\n  ".join(problems) + "\nSet "
+            "this run's settings to the adapter's (its adapter_config.json), or start without model.adapter."
         )

@@ -43,6 +43,11 @@ class ModelConfig(Section):
     fused_kernels: bool | Literal["auto"] = "auto"
     """Liger kernels: fused RMSNorm, SwiGLU, RoPE, and linear + cross-entropy that never materializes the logits
     (GPU, needs liger-kernel; Llama models). 'auto': on where they can run, off elsewhere (the log says which)."""
+    adapter: str | None = None
+    """A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors, e.g. an earlier run's
+    `adapter/`) to start the adapters from instead of PEFT's initialization: continued SFT, or DPO/ORPO after SFT.
+    Its LoRA settings (lora.r, lora.alpha, lora.use_rslora, lora.target_modules) and its base model, where it
+    records one, must be this run's. (DPO's reference stays the base with the adapters off.)"""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of the model."""
     trust_remote_code: bool = False
@@ -123,8 +128,9 @@ class DataConfig(Section):
     """Held-out eval rows: a fraction (<1) or a count (>=1) of the training rows."""
     max_rows: int | None = Field(None, gt=0)
     """Use only the first N rows of the source (after filtering)."""
-    format: Literal["auto", "alpaca", "chat", "prompt_completion", "text"] = "auto"
-    """Row format. 'auto' picks from the columns: messages -> chat; instruction+output -> alpaca;
+    format: Literal["auto", "preference", "alpaca", "chat", "prompt_completion", "text"] = "auto"
+    """Row format. 'auto' picks from the columns: chosen+rejected -> preference (for objective.name=dpo|orpo:
+    a prompt and two responses, text or message lists); messages -> chat; instruction+output -> alpaca;
     prompt+completion -> prompt_completion; text -> text."""
     fields: dict[str, str] = Field(default_factory=dict)
     """Templates that build a format's fields from the row's columns, e.g.
@@ -136,7 +142,8 @@ class DataConfig(Section):
     max_len: int = Field(512, gt=1)
     """Longest tokenized row; longer rows are truncated (the count is reported)."""
     completion_only: bool = True
-    """Compute the loss on response tokens only (prompt tokens get label -100). Ignored for format=text."""
+    """Compute the loss on response tokens only (prompt tokens get label -100). Ignored for format=text, and
+    for preference rows, whose prompt never trains."""
     append_eos: bool = True
     """Append the tokenizer's EOS token to every response (chat rows: the chat template decides)."""
     chat_template: str | None = None
@@ -298,6 +305,39 @@ class EvalConfig(Section):
     """Longest generated completion."""
 
 
+class ObjectiveConfig(Section):
+    """What a step minimizes: the token loss of instruction tuning, or a preference loss over pairs of responses
+    (rows with `chosen` and `rejected`: data.format=preference)."""
+
+    name: Literal["sft", "dpo", "orpo"] = "sft"
+    """'sft': cross-entropy of the response tokens, averaged over them. 'dpo': Direct Preference Optimization
+    (the sigmoid loss) against the reference model, which is the frozen base with the adapters turned off (no
+    second model in memory). 'orpo': odds-ratio preference optimization, no reference (the chosen response's NLL
+    plus beta times the log-odds-ratio term). dpo and orpo average over pairs and need preference rows."""
+    beta: float = Field(0.1, gt=0)
+    """dpo: the inverse temperature of the implicit reward beta * log(policy / reference) (higher: stay closer to
+    the reference). orpo: the weight (lambda) of the odds-ratio term."""
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    """dpo: the probability that a pair's preference is flipped (conservative DPO, cDPO): the loss is
+    -(1-e) log sigmoid(beta D) - e log sigmoid(-beta D). TRL 1.16's sigmoid loss ignores its label_smoothing;
+    this is the formula older TRL and the cDPO note use."""
+
+    @property
+    def sequences(self) -> int:
+        """Sequences per data row: 2 for a preference pair (both responses run in one micro-batch)."""
+        return 1 if self.name == "sft" else 2
+
+    @property
+    def reference_forward(self) -> bool:
+        """Whether each micro-batch runs one more forward, without gradients (DPO's reference)."""
+        return self.name == "dpo"
+
+    nll_on_prompt: bool = False
+    """orpo: false: the NLL term over the chosen response's tokens only (the paper's -log P(chosen | prompt));
+    true: over the prompt's tokens too, as TRL's ORPOTrainer and the ORPO authors' code compute it. The
+    log-odds term reads the responses only either way."""
+
+
 class Config(Section):
     """A whole run. Recipes build one of these and change a few fields."""
 
@@ -309,6 +349,7 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:

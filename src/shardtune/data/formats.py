@@ -4,6 +4,7 @@ Every format renders a row as segments `(text, trained)`. The segments are joine
 (never piecewise, which would change how BPE merges at the boundary), and a token gets a label when its
 character span overlaps a trained segment; every other token gets -100. EOS is appended as a token id.
 
+    preference         prompt -> chosen, rejected                 (two sequences per row: preference.py)
     alpaca             instruction [+ input] -> output           (the Stanford Alpaca prompt)
     chat               messages: [{role, content}, ...]          (the tokenizer's chat template)
     prompt_completion  prompt -> completion
@@ -19,6 +20,14 @@ from typing import Any
 
 import numpy as np
 
+from shardtune.data.preference import (
+    EmptyResponse,
+    LeftOut,
+    Pair,
+    pair_segments,
+    read_pair,
+    response_text,
+)
 from shardtune.errors import ConfigError, DataError
 
 ALPACA_PROMPT = (
@@ -32,7 +41,9 @@ ALPACA_PROMPT_NO_INPUT = (
 )
 
 # format -> (required fields, optional fields)
+# (in the order format=auto tries them: preference sets often carry a `messages` column too)
 FORMAT_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "preference": (("chosen", "rejected"), ("prompt",)),
     "chat": (("messages",), ()),
     "alpaca": (("instruction", "output"), ("input",)),
     "prompt_completion": (("prompt", "completion"), ()),
@@ -43,14 +54,14 @@ FORMAT_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 RESPONSE_FIELDS = ("output", "completion")
 # fields data.fields can build from templates (chat rows are read from their messages column as they are)
 TEMPLATE_FIELDS = tuple(
-    dict.fromkeys(f for fmt, (req, opt) in FORMAT_FIELDS.items() if fmt != "chat" for f in req + opt)
+    dict.fromkeys(
+        f
+        for fmt, (req, opt) in sorted(FORMAT_FIELDS.items(), key=lambda item: item[0] == "preference")
+        if fmt != "chat"
+        for f in req + opt
+    )
 )
 IGNORE_INDEX = -100
-
-
-class EmptyResponse(DataError):
-    """A row whose response is empty text: nothing to learn but EOS. Left out of training and counted (encode),
-    not an error: hub datasets carry a few such rows and cannot be edited in place."""
 
 
 def detect_format(columns: list[str], fields: dict[str, str], origin: str) -> str:
@@ -102,6 +113,11 @@ class RowFormatter:
     fields: dict[str, str] = field(default_factory=dict)
     response_suffix: str = ""
     completion_only: bool = True
+
+    @property
+    def group(self) -> int:
+        """Sequences per row: 2 for a preference pair (chosen, rejected), else 1."""
+        return 2 if self.fmt == "preference" else 1
 
     def check_fields(self) -> None:
         """Every data.fields template is one this format reads (a template for another format's field would
@@ -220,7 +236,31 @@ class RowFormatter:
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
+    def _pair(self, row: dict, idx: int) -> Pair:
+        where = f"{self.origin} row {idx + 1}"
+        values = {
+            name: self._template(row, name, idx, name == "prompt") if name in self.fields else row.get(name)
+            for name in ("prompt", "chosen", "rejected")
+        }
+        pair = read_pair(row, values, where)
+        if pair.conversational and self.tokenizer.chat_template is None:
+            raise DataError(
+                f"{where}: conversational preference rows need a chat template and the tokenizer has none; set "
+                f"data.chat_template (e.g. human_assistant)."
+            )
+        return pair
+
     # ------------------------------------------------------------------------------------ rendering
+    def sequences(self, row: dict, idx: int, append_eos: bool) -> list[tuple[list[tuple[str, bool]], bool]]:
+        """The row's sequences (one; two for a preference pair), each as (text, trained) pieces and whether
+        EOS is appended to it as a token (data.append_eos, except where a chat template ends the text)."""
+        if self.fmt != "preference":
+            return [(self.segments(row, idx), append_eos and self.fmt != "chat")]
+        pair = self._pair(row, idx)
+        where = f"{self.origin} row {idx + 1}"
+        eos = append_eos and not pair.conversational
+        return [(seq, eos) for seq in pair_segments(pair, self._chat, self.response_suffix, where)]
+
     def segments(self, row: dict, idx: int) -> list[tuple[str, bool]]:
         """The row as (text, trained) pieces; EOS is added later, as a token."""
         prompt, response = None, None
@@ -271,6 +311,9 @@ class RowFormatter:
             messages = self._messages(row, idx)
             last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
             return self._chat(messages[:last], add_generation_prompt=True)
+        if self.fmt == "preference":
+            pair = self._pair(row, idx)
+            return self._chat(pair.prompt, True) if pair.conversational else pair.prompt
         return ""
 
     def reference(self, row: dict, idx: int) -> str:
@@ -281,7 +324,18 @@ class RowFormatter:
             return self._field(row, "completion", idx) + self.response_suffix
         if self.fmt == "chat":
             return [m for m in self._messages(row, idx) if m["role"] == "assistant"][-1]["content"]
+        if self.fmt == "preference":
+            return self._response(row, idx, "chosen")
         return ""
+
+    def rejected(self, row: dict, idx: int) -> str | None:
+        """The response a preference row rejects (beside the generated sample); None for other formats."""
+        return self._response(row, idx, "rejected") if self.fmt == "preference" else None
+
+    def _response(self, row: dict, idx: int, name: str) -> str:
+        pair = self._pair(row, idx)
+        text = response_text(getattr(pair, name))
+        return text if pair.conversational else text + self.response_suffix
 
     def question_prompt(self, question: str) -> str:
         """A free-form question (eval.questions) in this format's prompt."""
@@ -304,21 +358,61 @@ class Encoded:
     empty: list[int] = field(default_factory=list)  # rows left out: their response is empty text
     empty_example: str = ""  # what the first of them was
 
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
+    group: int = 1  # sequences per row: 1, or 2 for a preference pair (chosen, then rejected)
 
-    def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        a, b = self.offsets[i], self.offsets[i + 1]
+    def __len__(self) -> int:
+        return (len(self.offsets) - 1) // self.group
+
+    def sequence(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = self.offsets[k], self.offsets[k + 1]
         return self.ids[a:b], self.trained[a:b]
 
+    def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Row i's one sequence (group 1)."""
+        assert self.group == 1, "a row of pairs has two sequences: sequences()"
+        return self.sequence(i)
+
+    def sequences(self, rows: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The sequences of `rows` as one batch: the first sequence of every row, then the second (a batch of
+        pairs: every chosen response, then every rejected one, in the same order)."""
+        return [self.sequence(i * self.group + k) for k in range(self.group) for i in rows]
+
     def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
+        """Tokens per row (a pair's: both sequences')."""
+        return np.diff(self.offsets).reshape(-1, self.group).sum(axis=1)
 
 
 def adds_bos(tokenizer) -> bool:
     """Whether the tokenizer puts BOS in front of plain text (Llama's do)."""
     ids = tokenizer("a")["input_ids"]
     return tokenizer.bos_token_id is not None and len(ids) > 0 and ids[0] == tokenizer.bos_token_id
+
+
+def _joined(segments: list[tuple[str, bool]]) -> tuple[str, list[tuple[int, int]]]:
+    """The pieces joined, and the character spans of the trained ones."""
+    text, pos, spans = "", 0, []
+    for piece, trained in segments:
+        if trained:
+            spans.append((pos, pos + len(piece)))
+        text += piece
+        pos += len(piece)
+    return text, spans
+
+
+def _labelled(tok, text: str, ids, offs, spans, bos: str | None, eos: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A sequence's ids and trained mask: a token is trained where its characters overlap a trained span; BOS
+    in front (where the tokenizer puts it and the text lacks it), EOS behind (trained) where asked."""
+    mask = np.zeros(len(ids), dtype=bool)
+    for k, (a, b) in enumerate(offs):
+        mask[k] = b > a and any(a < hi and b > lo for lo, hi in spans)
+    ids = np.asarray(ids, dtype=np.int64)
+    if bos is not None and not text.startswith(bos):
+        ids = np.concatenate([[tok.bos_token_id], ids])
+        mask = np.concatenate([[False], mask])
+    if eos:
+        ids = np.concatenate([ids, [tok.eos_token_id]])
+        mask = np.concatenate([mask, [True]])
+    return ids, mask
 
 
 def encode(
@@ -333,59 +427,49 @@ def encode(
 
     `numbers` are the rows' 1-based positions in their source, for error messages. Rows left without a
     single trained token after truncation are dropped (and counted), as are rows whose response is empty
-    (their positions in `rows` kept in `empty`).
+    (their positions in `rows` kept in `empty`). A row of pairs is two sequences (`group`), kept or dropped
+    together.
     """
     numbers = numbers or list(range(1, len(rows) + 1))
     tok = formatter.tokenizer
     bos = tok.bos_token if adds_bos(tok) else None
-    eos = append_eos and formatter.fmt != "chat"
     ids_all: list[np.ndarray] = []
     trained_all: list[np.ndarray] = []
     truncated = dropped = 0
     empty: list[int] = []
     empty_example = ""
     for start in range(0, len(rows), batch):
-        texts, spans = [], []
+        texts, spans, eos, owner = [], [], [], []
         for j, row in enumerate(rows[start : start + batch]):
             try:
-                segs = formatter.segments(row, numbers[start + j] - 1)
-            except EmptyResponse as e:
+                sequences = formatter.sequences(row, numbers[start + j] - 1, append_eos)
+            except LeftOut as e:
                 empty.append(start + j)
                 empty_example = empty_example or str(e)
                 continue
-            text, pos, row_spans = "", 0, []
-            for piece, trained in segs:
-                if trained:
-                    row_spans.append((pos, pos + len(piece)))
-                text += piece
-                pos += len(piece)
-            texts.append(text)
-            spans.append(row_spans)
+            for segments, with_eos in sequences:
+                text, trained_spans = _joined(segments)
+                texts.append(text)
+                spans.append(trained_spans)
+                eos.append(with_eos)
+                owner.append(j)
         if not texts:  # every row of this batch left out (the tokenizer takes no empty batch)
             continue
         enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
-        for text, ids, offs, row_spans in zip(
-            texts, enc["input_ids"], enc["offset_mapping"], spans, strict=True
-        ):
-            mask = np.zeros(len(ids), dtype=bool)
-            for k, (a, b) in enumerate(offs):
-                mask[k] = b > a and any(a < hi and b > lo for lo, hi in row_spans)
-            ids = np.asarray(ids, dtype=np.int64)
-            if bos is not None and not text.startswith(bos):
-                ids = np.concatenate([[tok.bos_token_id], ids])
-                mask = np.concatenate([[False], mask])
-            if eos:
-                ids = np.concatenate([ids, [tok.eos_token_id]])
-                mask = np.concatenate([mask, [True]])
-            if len(ids) > max_len:
-                truncated += 1
-                ids, mask = ids[:max_len], mask[:max_len]
+        row: list[tuple[np.ndarray, np.ndarray]] = []
+        for k, (ids, offs) in enumerate(zip(enc["input_ids"], enc["offset_mapping"], strict=True)):
+            row.append(_labelled(tok, texts[k], ids, offs, spans[k], bos, eos[k]))
+            if k + 1 < len(texts) and owner[k + 1] == owner[k]:
+                continue  # the row's next sequence
+            truncated += any(len(ids) > max_len for ids, _ in row)
+            row = [(ids[:max_len], mask[:max_len]) for ids, mask in row]
             # the first token is never a target (nothing precedes it)
-            if not mask[1:].any():
+            if all(mask[1:].any() for _, mask in row):
+                ids_all += [ids.astype(np.int32) for ids, _ in row]
+                trained_all += [mask for _, mask in row]
+            else:
                 dropped += 1
-                continue
-            ids_all.append(ids.astype(np.int32))
-            trained_all.append(mask)
+            row = []
     lengths = np.array([len(x) for x in ids_all], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     return Encoded(
@@ -396,4 +480,5 @@ def encode(
         dropped=dropped,
         empty=empty,
         empty_example=empty_example,
+        group=formatter.group,
     )

@@ -87,7 +87,7 @@ def own_eval_split(cfg: DataConfig) -> str | None:
     return next((s for s in EVAL_SPLITS if s in splits and s != cfg.split), None)
 
 
-def _train_and_eval(source: Rows, cfg: DataConfig, seed: int) -> tuple[Rows, Rows]:
+def _train_and_eval(source: Rows, cfg: DataConfig, seed: int, pairs: bool) -> tuple[Rows, Rows]:
     """The training rows and the eval rows: another source or split where one is named, or the local folder's
     own validation or test split, else data.test_size rows held out of the source. Eval loss is never computed
     on rows the run trains on."""
@@ -100,11 +100,12 @@ def _train_and_eval(source: Rows, cfg: DataConfig, seed: int) -> tuple[Rows, Row
             cfg.source,
             cfg.split,
         )
-        return source, load_source(cfg.source, own, cfg, seed)
+        return source, load_source(cfg.source, own, cfg, seed, pairs)
     if not (cfg.eval_source or cfg.eval_split):
         return _split(source, cfg.test_size, seed)
     if not _eval_is_training_data(cfg):
-        return source, load_source(cfg.eval_source or cfg.source, cfg.eval_split or cfg.split, cfg, seed)
+        held = load_source(cfg.eval_source or cfg.source, cfg.eval_split or cfg.split, cfg, seed, pairs)
+        return source, held
     asked = ", ".join(
         f"data.{k}={v!r}" for k, v in (("eval_source", cfg.eval_source), ("eval_split", cfg.eval_split)) if v
     )
@@ -124,14 +125,17 @@ def _train_and_eval(source: Rows, cfg: DataConfig, seed: int) -> tuple[Rows, Row
     return _split(source, cfg.test_size, seed)
 
 
-def build_data(cfg: DataConfig, tokenizer, seed: int) -> Data:
-    """Load, check, format and tokenize the training and eval rows. Fails fast with DataError."""
+def build_data(cfg: DataConfig, tokenizer, seed: int, objective: str = "sft") -> Data:
+    """Load, check, format and tokenize the training and eval rows. Fails fast with DataError. `objective`:
+    objective.name (dpo and orpo train on preference rows, sft on any other format)."""
     # settings first: a bad one fails before a large dataset is read
     check_test_size(cfg.test_size)
     check_field_templates(cfg.fields)
-    source = load_source(cfg.source, cfg.split, cfg, seed)
-    train, held = _train_and_eval(source, cfg, seed)
+    pairs = objective != "sft"
+    source = load_source(cfg.source, cfg.split, cfg, seed, pairs)
+    train, held = _train_and_eval(source, cfg, seed, pairs)
     fmt = cfg.format if cfg.format != "auto" else detect_format(source.columns, cfg.fields, source.origin)
+    check_objective(fmt, objective, source)
     formatter = RowFormatter(
         fmt, tokenizer, source.origin, dict(cfg.fields), cfg.response_suffix, cfg.completion_only
     )
@@ -156,6 +160,23 @@ def build_data(cfg: DataConfig, tokenizer, seed: int) -> Data:
     left_out = set(enc_eval.empty)  # (the samples score eval rows against their responses)
     eval_rows = [r for i, r in enumerate(held.rows) if i not in left_out]
     return Data(enc_train, enc_eval, formatter_eval, eval_rows, source.origin)
+
+
+def check_objective(fmt: str, objective: str, source: Rows) -> None:
+    """Preference rows for dpo and orpo, and only for them."""
+    if (fmt == "preference") == (objective != "sft"):
+        return
+    if fmt == "preference":
+        raise DataError(
+            f"{source.origin}: preference rows (chosen, rejected) train with objective.name=dpo or orpo; "
+            f"objective.name=sft trains on one response per row (to train on the chosen ones, map them: "
+            f"data.format=prompt_completion data.fields.completion='{{chosen}}')."
+        )
+    raise DataError(
+        f"{source.origin}: objective.name={objective} trains on preference rows (columns chosen and rejected, "
+        f"and prompt where they are text: data.format=preference), and these rows are format {fmt!r} "
+        f"(columns: {', '.join(source.columns)}). Map columns with data.fields.chosen='{{column}}' etc."
+    )
 
 
 def collate(

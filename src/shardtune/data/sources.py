@@ -123,10 +123,11 @@ def same_source(a: str, b: str) -> bool:
     return a == b or (a != "generated" and b != "generated" and Path(a).resolve() == Path(b).resolve())
 
 
-def load_source(source: str, split: str, cfg: DataConfig, seed: int) -> Rows:
-    """All rows of one source and split, after data.keep_if_empty and data.max_rows."""
+def load_source(source: str, split: str, cfg: DataConfig, seed: int, pairs: bool = False) -> Rows:
+    """All rows of one source and split, after data.keep_if_empty and data.max_rows. `pairs`: the run trains on
+    preference pairs (the generated task then gives them)."""
     if source == "generated":
-        rows, origin = generate_rows(cfg.generated, seed), "generated task"
+        rows, origin = generate_rows(cfg.generated, seed, pairs), "generated task"
         columns = list(rows[0]) if rows else []
     else:
         path = Path(source)

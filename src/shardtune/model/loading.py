@@ -280,6 +280,12 @@ def build_model(cfg: Config, hf_config, path: str | None, attn: str, backend: Ba
     """The trainable model on `device`, sharded by `backend` as it is built; `path` None draws random weights."""
     t0 = time.perf_counter()
     model = skeleton(cfg, hf_config, attn)
+    starting = None
+    if cfg.model.adapter is not None:  # its tensors against the skeleton, before any weight is read
+        from shardtune.model.adapter_weights import StartingAdapter
+
+        starting = StartingAdapter(cfg.model.adapter)
+        starting.check(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     source = weight_source(cfg, path, hf_config, device)
@@ -290,6 +296,8 @@ def build_model(cfg: Config, hf_config, path: str | None, attn: str, backend: Ba
         with source.opened(names) as get:
             _fill(layers[i], f"{prefix}.{i}", get, cfg, device)
         _init_adapters(layers[i], cfg.train.seed * 100_003 + i, device)
+        if starting is not None:
+            starting.fill(layers[i], f"{prefix}.{i}")
         layers[i] = backend.shard_layer(layers[i])
     rest = [n for n, p in model.named_parameters() if p.is_meta]
     with source.opened([checkpoint_name(n) for n in rest]) as get:

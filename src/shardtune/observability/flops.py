@@ -30,6 +30,11 @@ class FlopModel:
         """(model FLOPs, hardware FLOPs) of one step over rows with Σs = `tokens` and Σs² = `squares`."""
         return step_flops(self.n_matmul, self.n_layers, self.hidden, tokens, squares, self.recompute)
 
+    def forward(self, tokens: float, squares: float) -> float:
+        """FLOPs of one more forward over the same rows without backward (DPO's reference): 2N per token plus
+        the attention scores and values."""
+        return 2 * self.n_matmul * tokens + 2 * self.n_layers * self.hidden * squares
+
 
 # Dense bf16 matmul rates measured on these GPUs here (see README "Benchmarks"); others are timed.
 MEASURED_PEAK_FLOPS = {"H100": 790e12, "H200": 790e12}

@@ -19,26 +19,57 @@ def train_steps(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if '"tokens_per_s_per_device"' in x]
 
 
-def format_line(step: int, total: int, m: dict, eta_s: float | None = None) -> str:
+# how the log line names an objective's metrics (objectives.py's `shown`)
+SHORT_NAMES = {
+    "rewards/accuracies": "reward acc",
+    "rewards/margins": "margin",
+    "rewards/chosen": "reward chosen",
+    "rewards/rejected": "rejected",
+    "nll_loss": "nll",
+    "log_odds_ratio": "log odds ratio",
+}
+
+
+def format_extra(m: dict, shown: tuple[str, ...], prefix: str = "") -> str:
+    """The objective's own metrics for a log line: ' | reward acc 0.750 | margin 0.312 ...'."""
+    return "".join(f" | {SHORT_NAMES.get(k, k)} {m[prefix + k]:.3f}" for k in shown if prefix + k in m)
+
+
+def format_line(
+    step: int, total: int, m: dict, eta_s: float | None = None, shown: tuple[str, ...] = ()
+) -> str:
     gpu = f"{m['gpu_peak_gib']:.2f} GiB" if m.get("gpu_peak_gib") is not None else "n/a (CPU)"
     eta = f", ETA {int(eta_s) // 60}m{int(eta_s) % 60:02d}s" if eta_s is not None else ""
     return (
-        f"step {step}/{total} ({100 * step / total:.0f}%{eta}) | loss {m['loss']:.4f} | lr {m['lr']:.2e} | grad norm {m['grad_norm']:.3f} | "
+        f"step {step}/{total} ({100 * step / total:.0f}%{eta}) | loss {m['loss']:.4f}{format_extra(m, shown)} | lr {m['lr']:.2e} | grad norm {m['grad_norm']:.3f} | "
         f"{m['tokens_per_s_per_device']:,.0f} tok/s/{m['device_kind']} | MFU {100 * m['mfu']:.2f}% | "
         f"peak GPU mem {gpu} | peak host RAM {m['host_peak_gib']:.2f} GiB"
     )
 
 
 class MetricsSink:
-    """Rank 0's outputs: a progress bar (on a terminal), log lines, TensorBoard events, metrics.jsonl, loss.png."""
+    """Rank 0's outputs: a progress bar (on a terminal), log lines, TensorBoard events, metrics.jsonl, loss.png.
+    `shown`: the objective's metrics beyond the loss (rewards/accuracies, ...), logged, written to TensorBoard and
+    plotted beside it; `loss_label`: what the loss is a mean over."""
 
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool):
+    def __init__(
+        self,
+        run_dir: Path,
+        total_steps: int,
+        start_step: int,
+        enabled: bool,
+        shown: tuple[str, ...] = (),
+        loss_label: str = "loss (per response token)",
+    ):
         self.enabled = enabled
         self.run_dir = run_dir
         self.total = total_steps
+        self.shown, self.loss_label = shown, loss_label
         self.start_step, self.started = start_step, time.perf_counter()
         self.train_points: list[tuple[int, float]] = []
         self.eval_points: list[tuple[int, float]] = []
+        # the objective's metrics by name, per step: (step, value) for training and for evals
+        self.extra_points: dict[str, list[tuple[int, float]]] = {}
         self.bar = self.tb = self.jsonl = None
         self.warned_retries = False
         if not enabled:
@@ -71,6 +102,7 @@ class MetricsSink:
                 self.train_points.append((rec["step"], rec["loss"]))
             if "eval_loss" in rec:
                 self.eval_points.append((rec["step"], rec["eval_loss"]))
+            self._keep_extra(rec["step"], rec)
 
     @staticmethod
     def _records_up_to(path: Path, step: int) -> list[dict]:
@@ -96,6 +128,12 @@ class MetricsSink:
             )
         return kept
 
+    def _keep_extra(self, step: int, m: dict) -> None:
+        for key in self.shown:
+            for name in (key, f"eval_{key}"):
+                if name in m:
+                    self.extra_points.setdefault(name, []).append((step, m[name]))
+
     def write(self, text: str) -> None:
         if self.enabled:
             (self.bar.write if self.bar is not None else print)(text)
@@ -116,7 +154,15 @@ class MetricsSink:
                 tok_s=f"{m['tokens_per_s_per_device']:,.0f}",
                 refresh=False,
             )
-        for key in ("loss", "lr", "grad_norm", "tokens_per_s_per_device", "mfu", "host_peak_gib"):
+        for key in (
+            "loss",
+            "lr",
+            "grad_norm",
+            "tokens_per_s_per_device",
+            "mfu",
+            "host_peak_gib",
+            *self.shown,
+        ):
             self.tb.add_scalar(f"train/{key}", m[key], step)
         if m.get("alloc_retries") and not self.warned_retries:
             self.warned_retries = True
@@ -129,17 +175,23 @@ class MetricsSink:
         if log_line:
             done = step - self.start_step
             eta = (time.perf_counter() - self.started) / done * (self.total - step) if done else None
-            self.write(format_line(step, self.total, m, eta))
+            self.write(format_line(step, self.total, m, eta, self.shown))
             self._record({"step": step, **m})
+            self._keep_extra(step, m)
 
     def eval(self, step: int, m: dict) -> None:
         if not self.enabled:
             return
         self.eval_points.append((step, m["eval_loss"]))
         self.tb.add_scalar("eval/loss", m["eval_loss"], step)
+        for key in self.shown:
+            self.tb.add_scalar(f"eval/{key}", m[f"eval_{key}"], step)
         self._record({"step": step, **m})
+        self._keep_extra(step, m)
         peak = f" (peak GPU mem so far {m['gpu_peak_gib']:.2f} GiB)" if m.get("gpu_peak_gib") else ""
-        self.write(f"eval @ step {step}: loss {m['eval_loss']:.4f} over {m['eval_tokens']:,} tokens{peak}")
+        over = f"{m['eval_tokens']:,} tokens" if "eval_tokens" in m else f"{m.get('eval_pairs', 0):,} pairs"
+        extra = format_extra(m, self.shown, "eval_")
+        self.write(f"eval @ step {step}: loss {m['eval_loss']:.4f} over {over}{extra}{peak}")
 
     def note(self, rec: dict) -> None:
         if self.enabled:
@@ -154,16 +206,27 @@ class MetricsSink:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 4))
+        panels = 2 if self.extra_points else 1
+        fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 4), squeeze=False)
+        ax = axes[0][0]
         ax.plot(*zip(*self.train_points, strict=True), lw=1, label="train loss")
         if self.eval_points:
             ax.plot(*zip(*self.eval_points, strict=True), "o-", label="eval loss")
         ax.set_xlabel("step")
-        ax.set_ylabel("loss (per response token)")
+        ax.set_ylabel(self.loss_label)
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend()
         ax.set_title(self.run_dir.name)
+        if self.extra_points:  # the objective's own metrics (reward accuracy, margins, ...)
+            ax = axes[0][1]
+            for name, points in self.extra_points.items():
+                style = "o-" if name.startswith("eval_") else "-"
+                ax.plot(*zip(*points, strict=True), style, lw=1, label=name.replace("eval_", "eval "))
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+            ax.set_title(f"{self.run_dir.name}: {', '.join(self.shown[:2])}")
         fig.tight_layout()
         path = self.run_dir / "loss.png"
         fig.savefig(path, dpi=110)

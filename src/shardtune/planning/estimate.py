@@ -247,12 +247,15 @@ class _Layout:
     """How one configuration places the run on `n` GPUs, as the estimate's parts need it."""
 
     n: int  # GPUs in all
-    tokens: int  # the most one forward holds: micro-batch rows x data.max_len, or the token budget
+    tokens: int  # the most one forward holds: micro-batch sequences x data.max_len, or the token budget
     row: int  # the longest sequence (a token budget's micro-batch is one packed sequence)
     compute: int  # bytes of the compute dtype
     shards: int  # the GPUs the frozen base is sharded over
     offload: bool  # the base's shards in host memory (CPU offload)
-    fused: bool  # Liger's fused kernels (no logits held)
+    fused: bool  # Liger's fused kernels
+    fused_loss: (
+        bool  # Liger's loss (no logits held): SFT's; a preference loss needs every sequence's log-probs
+    )
     every: int  # every how many layers one is recomputed (0: none)
     recomputed: float  # the share of the layers recomputed
 
@@ -261,7 +264,11 @@ class _Layout:
         from shardtune.parallel.checkpointing import checkpointed_every, checkpointed_fraction
 
         n = max(gpus, 1)
-        tokens = cfg.train.micro_batch_tokens or cfg.train.micro_batch_size * cfg.data.max_len
+        # a preference pair runs both responses in one micro-batch: twice the tokens (and activations) of a row
+        tokens = (
+            cfg.train.micro_batch_tokens
+            or cfg.train.micro_batch_size * cfg.objective.sequences * cfg.data.max_len
+        )
         # the GPUs the frozen base is sharded over: NO_SHARD keeps it whole on each (no all-gathers), HYBRID_SHARD
         # shards it within a node
         shards = {"NO_SHARD": 1, "HYBRID_SHARD": max(1, n // max(nodes, 1))}.get(
@@ -276,8 +283,11 @@ class _Layout:
             compute=4 if cfg.param_dtype == "float32" else 2,  # fp32 runs cost twice (rare on GPUs)
             shards=shards,
             offload=cfg.parallel.cpu_offload and n > 1,  # one process trains the plain module (fsdp.py)
-            fused=cfg.model.fused_kernels is True
-            or (cfg.model.fused_kernels == "auto" and fused_on_gpus(cfg, hf_config)),
+            fused=(
+                fused := cfg.model.fused_kernels is True
+                or (cfg.model.fused_kernels == "auto" and fused_on_gpus(cfg, hf_config))
+            ),
+            fused_loss=fused and cfg.objective.name == "sft",
             every=checkpointed_every(cfg.parallel),
             recomputed=checkpointed_fraction(cfg.parallel, s.layers),
         )
@@ -302,7 +312,7 @@ def estimate(cfg: Config, hf_config, gpus: int, nodes: int = 1, gpu_name: str = 
     # log-softmax (10 bytes per logit; measured: rank 0 of an 8B run peaked 6.3 GiB higher evaluating 4 rows)
     eval_rows = min(cfg.eval.batch_size, cfg.eval.max_rows or cfg.eval.batch_size)
     static = sum(v for k, v in gpu.items() if k not in ("activations", "logits + loss"))
-    eval_bytes = static + 10 * eval_rows * cfg.data.max_len * s.vocab
+    eval_bytes = static + 10 * eval_rows * cfg.objective.sequences * cfg.data.max_len * s.vocab
     step_s = _step_seconds(cfg, hf_config, s, at, gpu_name)
     size = "train.micro_batch_tokens" if cfg.train.micro_batch_tokens else "train.micro_batch_size"
     settings = {
@@ -321,7 +331,7 @@ def estimate(cfg: Config, hf_config, gpus: int, nodes: int = 1, gpu_name: str = 
         eval_bytes=eval_bytes,
         checkpoint_bytes=(4 + _moment_bytes(cfg)) * lora,  # fp32 adapters + two AdamW moments
         step_s=step_s,
-        tokens_per_s_per_gpu=rows_per_step * cfg.data.max_len / step_s / at.n,
+        tokens_per_s_per_gpu=rows_per_step * cfg.objective.sequences * cfg.data.max_len / step_s / at.n,
         total_s=step_s * (cfg.train.max_steps or 0),
     )
 
@@ -390,7 +400,7 @@ def _gpu_memory(cfg: Config, s: Shape, at: _Layout, lora: int) -> dict[str, floa
         # bf16 logits, their fp32 copy and log-softmax, then the fp32 gradient: ~12 bytes per logit at the peak;
         # Liger's fused loss holds one chunk of fp32 logits (about tokens x hidden values) and the head's input
         # gradient
-        "logits + loss": 12 * tokens * s.hidden if at.fused else 12 * tokens * s.vocab,
+        "logits + loss": 12 * tokens * s.hidden if at.fused_loss else 12 * tokens * s.vocab,
     }
 
 
@@ -416,7 +426,11 @@ def _step_seconds(cfg: Config, hf_config, s: Shape, at: _Layout, gpu_name: str) 
     from shardtune.observability.flops import step_flops
 
     seq = cfg.data.max_len
-    flops_per_row = step_flops(matmul_parameters(hf_config), s.layers, s.hidden, seq, seq * seq, False)[0]
+    n = matmul_parameters(hf_config)
+    flops_per_row = step_flops(n, s.layers, s.hidden, seq, seq * seq, False)[0]
+    if cfg.objective.reference_forward:  # DPO: the reference's forward of the same rows, without backward
+        flops_per_row += 2 * n * seq + 2 * s.layers * s.hidden * seq * seq
+    flops_per_row *= cfg.objective.sequences  # a pair is two sequences
     mfu = expected_mfu(s.hidden, at.tokens, at.recomputed, at.offload, whole_base=at.shards == 1 and at.n > 1)
     peak = GPU_PEAKS[gpu_name.lower()]  # the CLI offers only these names
     return flops_per_row * cfg.train.global_batch_size / (at.n * peak * mfu)

@@ -51,12 +51,14 @@ def samples(ecfg: EvalConfig, generate, data: Data) -> dict:
     rows = data.eval_rows[: ecfg.samples] if fmt.fmt != "text" else []
     prompts = [fmt.prompt(r, i) for i, r in enumerate(rows)]
     refs = [fmt.reference(r, i) for i, r in enumerate(rows)]
+    rejected = [fmt.rejected(r, i) for i, r in enumerate(rows)]  # preference rows: the response not preferred
     questions = [fmt.question_prompt(q) for q in ecfg.questions]
     outputs = generate(prompts + questions, ecfg.max_new_tokens, ecfg.batch_size)
     metric = metric_for(ecfg.metric, refs)
     records = [
         {"prompt": p, "reference": r, "generated": g, "exact": g.strip() == r.strip()}
-        for p, r, g in zip(prompts, refs, outputs[: len(prompts)], strict=True)
+        | ({"rejected": x, "as_rejected": g.strip() == x.strip()} if x is not None else {})
+        for p, r, x, g in zip(prompts, refs, rejected, outputs[: len(prompts)], strict=True)
     ]
     if metric == "rouge_l":
         for rec in records:
@@ -124,6 +126,13 @@ def print_summary(
     first, last = summary["first_eval_loss"], summary["final_eval_loss"]
     if first:
         lines.append(f"\neval loss {first:.4f} -> {last:.4f} ({last / first:.3f}x its starting value)")
+    before, after = summary.get("first_eval") or {}, summary.get("final_eval") or {}
+    if "eval_rewards/accuracies" in after:
+        lines.append(
+            f"held-out pairs: reward accuracy {before.get('eval_rewards/accuracies', float('nan')):.3f} -> "
+            f"{after['eval_rewards/accuracies']:.3f}, margin {before.get('eval_rewards/margins', float('nan')):.3f} "
+            f"-> {after['eval_rewards/margins']:.3f} (the chosen response's reward above the rejected one's)"
+        )
     lines += [
         f"\nrun directory: {run_dir}",
         f"  adapter (PEFT):  {summary['adapter']}   PeftModel.from_pretrained(base, this)",

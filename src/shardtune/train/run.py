@@ -48,6 +48,7 @@ from shardtune.train import report
 from shardtune.train.boundary import decide
 from shardtune.train.build import build, resolve_settings, run_backend
 from shardtune.train.generate import generate
+from shardtune.train.objectives import objective_for
 from shardtune.train.optim import build_optimizer, build_scheduler
 from shardtune.train.profiling import StepProfiler
 from shardtune.train.state import TrainState
@@ -163,7 +164,7 @@ class Run:
         model is loaded); a resume onto other data or past the last step is refused here too."""
         cfg, dist = self.cfg, self.dist
         self.tokenizer = tokenizer_for(cfg.model, cfg.data, self.dir)
-        self.data = build_data(cfg.data, self.tokenizer, cfg.train.seed)
+        self.data = build_data(cfg.data, self.tokenizer, cfg.train.seed, cfg.objective.name)
         if dist.is_main:
             if not (self.dir / "tokenizer").is_dir():
                 self.tokenizer.save_pretrained(self.dir / "tokenizer")
@@ -233,6 +234,9 @@ class Run:
         )
         torch.manual_seed(cfg.train.seed * 7919 + dist.rank)  # dropout differs per rank, reproducibly
         adapters_autocast = cfg.lora.compute_dtype == "auto" and cfg.param_dtype != "float32"
+        objective = objective_for(
+            cfg.objective, cfg.model.fused_kernels, self.backend.unwrap().disable_adapter
+        )
         self.step = TrainStep(
             self.backend,
             model,
@@ -242,9 +246,9 @@ class Run:
             self.tokenizer.pad_token_id,
             dist,
             self._flop_model(),
+            objective,
             autocast_dtype=modeling.DTYPES[cfg.param_dtype] if adapters_autocast else None,
             packed=cfg.data.packing,
-            fused_loss=cfg.model.fused_kernels,
         )
 
     def _flop_model(self) -> FlopModel:
@@ -275,7 +279,10 @@ class Run:
                     "es" if saved["world_size"] > 1 else "",
                     f"; from here on {', '.join(changed)}" if changed else "",
                 )
-        self.sink = MetricsSink(self.dir, self.total_steps, self.state.step, dist.is_main)
+        objective = self.step.objective
+        self.sink = MetricsSink(
+            self.dir, self.total_steps, self.state.step, dist.is_main, objective.shown, objective.loss_label
+        )
         self.sink.write(self._plan_line())
         if self.state.step == 0:
             self.state.first_eval = self.evaluate()
@@ -411,8 +418,11 @@ class Run:
             "status": "complete",
             "run_dir": str(self.dir),
             "steps": self.total_steps,
+            "objective": cfg.objective.name,
             "first_eval_loss": first["eval_loss"] if first else None,
             "final_eval_loss": final_eval["eval_loss"],
+            "first_eval": first,  # every metric of the evals before and after training
+            "final_eval": final_eval,
             "trainable_params": built.report.trainable,
             "total_params": built.report.total,
             "load_s": built.report.load_s,
@@ -471,8 +481,9 @@ def _log_data(data: Data, cfg: Config) -> None:
         )
     if data.train.empty or data.eval.empty:
         log.warning(
-            "data: %d training and %d eval rows left out: their response is empty (the first: %s)",
+            "data: %d training and %d eval rows left out: their response is empty%s (the first: %s)",
             len(data.train.empty),
             len(data.eval.empty),
+            ", or chosen and rejected are the same" if data.train.group == 2 else "",
             data.train.empty_example or data.eval.empty_example,
         )

@@ -1,10 +1,12 @@
-"""One optimizer step of the SFT objective, and the held-out loss: batches, forward, loss, backward through the
-backend, its step. It does not know how the model is sharded: the backend (parallel/backend.py) runs backward
-and the optimizer step.
+"""One optimizer step of the run's objective, and the held-out evaluation: batches, forward, loss, backward
+through the backend, its step. It does not know how the model is sharded: the backend (parallel/backend.py)
+runs backward and the optimizer step; nor which objective runs: the objective (objectives.py) counts what its
+loss is averaged over, computes it, and names its metrics.
 
-The loss of a step is the mean over every response token of the global batch, whatever the micro-batch
-size, gradient accumulation or number of processes: each micro-batch's summed token loss is divided by
-the global token count (known before the forward), and the adapters' gradients are summed over the ranks.
+The loss of a step is the mean over the global batch (of response tokens for SFT, of pairs for DPO and ORPO),
+whatever the micro-batch size, gradient accumulation or number of processes: each micro-batch's summed loss
+is divided by the global count (known before the forward), and the adapters' gradients are summed over the
+ranks.
 """
 
 from __future__ import annotations
@@ -13,35 +15,15 @@ import contextlib
 import time
 
 import torch
-import torch.nn.functional as F
 
 from shardtune import faults
 from shardtune.data.formats import IGNORE_INDEX
-from shardtune.data.loader import ROW_BOUNDS, Data, GlobalBatchSampler, collate, eval_batches, row_bounds
+from shardtune.data.loader import Data, GlobalBatchSampler, collate, eval_batches, row_bounds
 from shardtune.observability.flops import FlopModel
 from shardtune.observability.memory import MemoryTrace, alloc_retries, gpu_peak_gib, host_peak_gib
 from shardtune.parallel.backend import Backend
 from shardtune.parallel.distributed import DistInfo, all_reduce_max, all_reduce_sum
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", *ROW_BOUNDS)
-
-
-def token_loss_sum(model, batch: dict[str, torch.Tensor], fused: bool = False) -> torch.Tensor:
-    """Summed cross-entropy over the batch's labelled positions (labels are pre-shifted).
-
-    `fused`: the model's forward is Liger's (modeling.apply_fused_kernels), which computes the loss from the
-    hidden states and the head's weight chunk by chunk and never holds the logits; `shift_labels` tells it the
-    labels are shifted already and `num_items_in_batch=1` makes its reduction the plain sum."""
-    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-    if fused:
-        return model(**inputs, shift_labels=batch["labels"], num_items_in_batch=1, use_cache=False).loss
-    logits = model(**inputs, use_cache=False).logits
-    return F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]),
-        batch["labels"].reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
+from shardtune.train.objectives import Objective
 
 
 def compute_context(device: torch.device, autocast_dtype: torch.dtype | None):
@@ -53,8 +35,8 @@ def compute_context(device: torch.device, autocast_dtype: torch.dtype | None):
 
 
 class TrainStep:
-    """The step of the SFT objective (summed token cross-entropy over the response tokens) and its held-out
-    loss, over `model` (what the backend wrapped) and `data`."""
+    """The step of the run's objective and its held-out metrics, over `model` (what the backend wrapped) and
+    `data`."""
 
     def __init__(
         self,
@@ -66,23 +48,24 @@ class TrainStep:
         pad_id: int,
         dist_info: DistInfo,
         flops: FlopModel,
+        objective: Objective,
         autocast_dtype: torch.dtype | None = None,
         packed: bool = False,
-        fused_loss: bool = False,
     ):
         self.backend, self.model, self.scheduler = backend, model, scheduler
         self.data, self.sampler, self.pad_id = data, sampler, pad_id
-        self.dist, self.flops = dist_info, flops
-        self.packed, self.fused_loss = packed, fused_loss
+        self.dist, self.flops, self.objective = dist_info, flops, objective
+        self.packed = packed
         # NOTE: PEFT casts every adapter input up to the adapters' fp32 unless autocast is on; under autocast
         # the adapters compute in the run's dtype from fp32 weights (as the Hugging Face Trainer runs them).
         self.autocast_dtype = autocast_dtype
         self.memory_trace = MemoryTrace(dist_info.rank, dist_info.device)
 
-    def batch(self, indices: list[int], split) -> dict[str, torch.Tensor]:
-        batch = collate([split.row(i) for i in indices], self.pad_id, self.packed)
-        # counted on the host, so that counting tokens costs no device sync
-        counts = {"lengths": batch.pop("lengths"), "labelled": int((batch["labels"] != IGNORE_INDEX).sum())}
+    def batch(self, indices: list[int], split) -> dict:
+        batch = collate(split.sequences(indices), self.pad_id, self.packed)
+        # counted on the host, so that counting costs no device sync
+        counted = self.objective.counts(batch)
+        counts = {"lengths": batch.pop("lengths"), "counts": counted}
         batch = {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()}
         if self.packed:
             batch.update(row_bounds(counts["lengths"], self.dist.device))
@@ -91,48 +74,57 @@ class TrainStep:
     def compute(self):
         return compute_context(self.dist.device, self.autocast_dtype)
 
-    def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def sums(self, batch: dict) -> dict[str, torch.Tensor]:
         with self.compute():
-            return token_loss_sum(self.model, batch, self.fused_loss)
+            return self.objective.sums(self.model, batch)
 
     def __call__(self, step: int) -> dict:
         """One optimizer step (0-based `step`); returns its metrics, identical on every rank."""
         start = time.perf_counter()
         batches = [self.batch(idx, self.data.train) for idx in self.sampler.micro_batches(step)]
         lengths = [int(n) for b in batches for n in b["lengths"].tolist()]
-        local = [sum(b["labelled"] for b in batches), float(sum(lengths)), float(sum(x * x for x in lengths))]
-        label_tokens, tokens, squares = all_reduce_sum(local, self.dist.device)
-        scale = 1.0 / label_tokens
-        loss_sum = torch.zeros((), device=self.dist.device, dtype=torch.float64)
+        names = list(batches[0]["counts"])
+        local = [sum(b["counts"][k] for b in batches) for k in names]
+        *counted, tokens, squares = all_reduce_sum(
+            [*local, float(sum(lengths)), float(sum(x * x for x in lengths))], self.dist.device
+        )
+        totals = dict(zip(names, counted, strict=True))
+        sums: dict[str, torch.Tensor] = {}
         trace = self.memory_trace
         trace.mark(step, "before")
         for i, batch in enumerate(batches):
             faults.inject("micro", self.dist.rank, step, i)
-            loss = self.loss_sum(batch)
+            parts = self.sums(batch)
             trace.mark(step, f"forward{i}")
-            self.backend.backward(loss * scale)
+            self.backend.backward(self.objective.share(parts, totals))
             trace.mark(step, f"backward{i}")
-            loss_sum += loss.detach().double()
+            for k, v in parts.items():
+                if k not in sums:
+                    sums[k] = torch.zeros((), device=self.dist.device, dtype=torch.float64)
+                sums[k] += v.detach().double()
         lr = self.scheduler.get_last_lr()[0]
         norm = self.backend.step()
         self.scheduler.step()
         trace.mark(step, "optimizer")
-        (loss_total,) = all_reduce_sum([loss_sum.item()], self.dist.device)
+        summed = all_reduce_sum([v.item() for v in sums.values()], self.dist.device)
         if self.dist.device.type == "cuda":
             torch.cuda.synchronize(self.dist.device)
         elapsed = time.perf_counter() - start
         return {
-            "loss": loss_total / label_tokens,
+            **self.objective.metrics(dict(zip(sums, summed, strict=True)), totals),
             "lr": lr,
             "grad_norm": float(norm),
             "step_time_s": elapsed,
             "tokens": int(tokens),
-            "label_tokens": int(label_tokens),
+            **{k: int(v) for k, v in totals.items()},
             **self._speed_and_memory(tokens, squares, elapsed),
         }
 
     def _speed_and_memory(self, tokens: float, squares: float, elapsed: float) -> dict:
         model_flops, hw_flops = self.flops.step(tokens, squares)
+        if self.objective.reference_forward:  # DPO's no-grad forward of the same rows, adapters off
+            extra = self.flops.forward(tokens, squares)
+            model_flops, hw_flops = model_flops + extra, hw_flops + extra
         per_device = self.flops.peak_flops * elapsed * self.dist.world_size
         device = self.dist.device
         host, gpu, retries = all_reduce_max(
@@ -150,21 +142,26 @@ class TrainStep:
 
     @torch.no_grad()
     def evaluate(self, batch_size: int, max_rows: int | None) -> dict:
-        """Mean token loss over the held-out rows (every rank takes part in every forward)."""
+        """The objective's metrics over the held-out rows (every rank takes part in every forward)."""
         split = self.data.eval
         n = len(split) if max_rows is None else min(len(split), max_rows)
         self.model.eval()
-        total = count = 0.0
+        sums: dict[str, float] = {}
+        counts: dict[str, float] = {}
         for indices in eval_batches(n, batch_size, self.dist.world_size, self.dist.rank):
             batch = self.batch(indices or [0], split)
             if not indices:  # a dummy forward, so that collectives line up; it counts for nothing
                 batch["labels"].fill_(IGNORE_INDEX)
-                batch["labelled"] = 0
-            total += self.loss_sum(batch).item()
-            count += batch["labelled"]  # counted on the host by batch()
+            parts = self.sums(batch)
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + (v.item() if indices else 0.0)
+            for k, v in batch["counts"].items():  # counted on the host by batch()
+                counts[k] = counts.get(k, 0.0) + (v if indices else 0)
         self.model.train()
-        total, count = all_reduce_sum([total, count], self.dist.device)
-        out = {"eval_loss": total / max(count, 1), "eval_tokens": int(count), "eval_rows": n}
+        summed = all_reduce_sum([*sums.values(), *counts.values()], self.dist.device)
+        sums = dict(zip(sums, summed[: len(sums)], strict=True))
+        counts = dict(zip(counts, summed[len(sums) :], strict=True))
+        out = {**self.objective.metrics(sums, counts, eval=True), "eval_rows": n}
         if self.dist.device.type == "cuda":  # the highest so far, eval included: eval can set the run's peak
             out["gpu_peak_gib"] = all_reduce_max([gpu_peak_gib(self.dist.device)], self.dist.device)[0]
         return out
