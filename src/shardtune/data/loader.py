@@ -364,3 +364,35 @@ def eval_batches(n_rows: int, batch: int, world: int, rank: int) -> list[list[in
         start = k * per_round + rank * batch
         out.append(list(range(start, min(start + batch, n_rows))))
     return out
+
+
+def log_data(data: Data, cfg: Config) -> None:
+    """What the run will train on, in the log: rows, lengths, and what was truncated, dropped or left out."""
+    lengths = data.train.lengths()
+    log.info(
+        "data: %s, format %s: %d train rows, %d eval rows; tokens per row mean %.0f, max %d",
+        data.origin,
+        data.formatter.fmt,
+        len(data.train),
+        len(data.eval),
+        lengths.mean(),
+        lengths.max(),
+    )
+    advice = padding_advice(lengths, cfg)
+    if advice:
+        log.warning("data: %s", advice)
+    if data.train.truncated or data.train.dropped:
+        log.warning(
+            "data: %d rows truncated to data.max_len=%d; %d dropped (no response token left)",
+            data.train.truncated,
+            cfg.data.max_len,
+            data.train.dropped,
+        )
+    if data.train.empty or data.eval.empty:
+        log.warning(
+            "data: %d training and %d eval rows left out: their response is empty%s (the first: %s)",
+            len(data.train.empty),
+            len(data.eval.empty),
+            ", or chosen and rejected are the same" if data.train.group == 2 else "",
+            data.train.empty_example or data.eval.empty_example,
+        )

@@ -9,11 +9,16 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
+from shardtune.observability.memory import gpu_peak_gib, host_peak_gib
 from shardtune.observability.metrics import MetricsSink
+from shardtune.parallel.distributed import DistInfo, gather_object
 
 if TYPE_CHECKING:
-    from shardtune.config import EvalConfig
+    from shardtune.config import Config, EvalConfig
     from shardtune.data.loader import Data
+    from shardtune.train.build import Built
 
 # eval.metric=auto scores by exact match where every reference has at most this many words (labels, numbers,
 # names, the letter tasks' strings), else by ROUGE-L: a sentence is rarely generated word for word
@@ -143,3 +148,26 @@ def print_summary(
         f"  metrics, samples: {run_dir / 'metrics.jsonl'}, {run_dir / 'generations.jsonl'}",
     ]
     sink.write("\n".join(lines))
+
+
+def setup_fields(cfg: Config, dist: DistInfo, built: Built) -> dict:
+    """What ran, for summary.json: the model's size and load, the hardware and the settings as resolved ('auto'
+    decided), memory peaks per rank. Every rank takes part (a gather)."""
+    peaks = gather_object({"host_peak_gib": host_peak_gib(), "gpu_peak_gib": gpu_peak_gib(dist.device)})
+    return {
+        "trainable_params": built.report.trainable,
+        "total_params": built.report.total,
+        "load_s": built.report.load_s,
+        "load_host_peak_gib": built.host_load_gib,
+        "host_peak_gib_per_rank": [p["host_peak_gib"] for p in peaks],
+        "gpu_peak_gib_per_rank": [p["gpu_peak_gib"] for p in peaks],
+        "world_size": dist.world_size,
+        "device_name": torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda" else "cpu",
+        "attention": built.attention,
+        "activation_checkpointing": cfg.parallel.activation_checkpointing,  # as resolved (auto -> a choice)
+        "sharding_strategy": cfg.parallel.sharding_strategy,  # as resolved
+        "recompute_every": cfg.parallel.checkpoint_every,  # with activation checkpointing: every k-th layer
+        "fused_kernels": cfg.model.fused_kernels,  # as resolved
+        "rank0_holds": built.rank0_holds,  # fraction of the flat parameters on rank 0
+        "base": built.base,
+    }

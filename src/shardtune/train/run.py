@@ -35,15 +35,14 @@ from shardtune.checkpoint.resume import (
 from shardtune.checkpoint.store import checkpoint_step
 from shardtune.config import Config, run_directory, to_yaml
 from shardtune.config.checks import optimizer_device_problem
-from shardtune.data.loader import Data, GlobalBatchSampler, build_data, padding_advice
+from shardtune.data.loader import GlobalBatchSampler, build_data, log_data
 from shardtune.errors import ConfigError, is_input_error
 from shardtune.model import modeling
 from shardtune.model.tokenizer import tokenizer_for
 from shardtune.observability.flops import FlopModel, device_peak_flops
-from shardtune.observability.memory import gpu_peak_gib, host_peak_gib
 from shardtune.observability.metrics import MetricsSink
 from shardtune.parallel.checkpointing import checkpointed_fraction
-from shardtune.parallel.distributed import DistInfo, all_reduce_max, barrier, gather_object
+from shardtune.parallel.distributed import DistInfo, all_reduce_max, barrier
 from shardtune.train import report
 from shardtune.train.boundary import decide
 from shardtune.train.build import build, resolve_settings, run_backend
@@ -168,7 +167,7 @@ class Run:
         if dist.is_main:
             if not (self.dir / "tokenizer").is_dir():
                 self.tokenizer.save_pretrained(self.dir / "tokenizer")
-            _log_data(self.data, cfg)
+            log_data(self.data, cfg)
         t = cfg.train
         self.sampler = GlobalBatchSampler(
             len(self.data.train),
@@ -352,7 +351,7 @@ class Run:
             report.print_summary(self.sink, summary, self.dir, plot, samples, cfg.eval.show)
             if (
                 self.own_stop_file
-            ):  # a stop asked after the last step is moot (a sweep's next run acts on its own)
+            ):  # a stop asked after the last step is moot (a sweep's next run has its own)
                 self.stop_file.unlink(missing_ok=True)
             write_status(
                 self.dir,
@@ -412,38 +411,23 @@ class Run:
         return {"status": "interrupted", "run_dir": str(self.dir), "step": done, "checkpoint": str(path)}
 
     def _summary(self, final_eval: dict, samples: dict, adapter_dir: Path) -> dict:
-        cfg, dist, built, first = self.cfg, self.dist, self.built, self.state.first_eval
-        peaks = gather_object({"host_peak_gib": host_peak_gib(), "gpu_peak_gib": gpu_peak_gib(dist.device)})
+        first = self.state.first_eval
         return {
             "status": "complete",
             "run_dir": str(self.dir),
             "steps": self.total_steps,
-            "objective": cfg.objective.name,
+            "objective": self.cfg.objective.name,
             "first_eval_loss": first["eval_loss"] if first else None,
             "final_eval_loss": final_eval["eval_loss"],
             "first_eval": first,  # every metric of the evals before and after training
             "final_eval": final_eval,
-            "trainable_params": built.report.trainable,
-            "total_params": built.report.total,
-            "load_s": built.report.load_s,
-            "load_host_peak_gib": built.host_load_gib,
-            "host_peak_gib_per_rank": [p["host_peak_gib"] for p in peaks],
-            "gpu_peak_gib_per_rank": [p["gpu_peak_gib"] for p in peaks],
-            "world_size": dist.world_size,
-            "device_name": torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda" else "cpu",
-            "attention": built.attention,
-            "activation_checkpointing": cfg.parallel.activation_checkpointing,  # as resolved (auto -> a choice)
-            "sharding_strategy": cfg.parallel.sharding_strategy,  # as resolved
-            "recompute_every": cfg.parallel.checkpoint_every,  # with activation checkpointing: every k-th layer
-            "fused_kernels": cfg.model.fused_kernels,  # as resolved
-            "rank0_holds": built.rank0_holds,  # fraction of the flat parameters on rank 0
+            **report.setup_fields(self.cfg, self.dist, self.built),
             "train_time_s": self.train_time,
             "tokens_seen": self.state.tokens_seen,
             "sample_metric": samples["metric"],  # how the held-out samples were scored (eval.metric)
             "exact_match": samples["exact_match"],
             "rouge_l": samples["rouge_l"],
             "adapter": str(adapter_dir),
-            "base": built.base,
             "last_checkpoint": str(self.final_ckpt),
         }
 
@@ -456,34 +440,3 @@ def _freeze_what_lives() -> None:
     unfreezes it."""
     gc.collect()
     gc.freeze()
-
-
-def _log_data(data: Data, cfg: Config) -> None:
-    lengths = data.train.lengths()
-    log.info(
-        "data: %s, format %s: %d train rows, %d eval rows; tokens per row mean %.0f, max %d",
-        data.origin,
-        data.formatter.fmt,
-        len(data.train),
-        len(data.eval),
-        lengths.mean(),
-        lengths.max(),
-    )
-    advice = padding_advice(lengths, cfg)
-    if advice:
-        log.warning("data: %s", advice)
-    if data.train.truncated or data.train.dropped:
-        log.warning(
-            "data: %d rows truncated to data.max_len=%d; %d dropped (no response token left)",
-            data.train.truncated,
-            cfg.data.max_len,
-            data.train.dropped,
-        )
-    if data.train.empty or data.eval.empty:
-        log.warning(
-            "data: %d training and %d eval rows left out: their response is empty%s (the first: %s)",
-            len(data.train.empty),
-            len(data.eval.empty),
-            ", or chosen and rejected are the same" if data.train.group == 2 else "",
-            data.train.empty_example or data.eval.empty_example,
-        )
