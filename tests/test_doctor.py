@@ -40,6 +40,7 @@ def test_findings_name_the_backend_that_shards():
     assert "= DeepSpeed ZeRO-3 parameter dtype" in text and "FSDP" not in text, text
 
 
+@pytest.mark.slow
 def test_a_wrong_wrap_class_is_named_with_the_fix(capsys, tmp_path):
     assert (
         cli(["doctor", "recipes/tiny.py", "parallel.wrap_class=LlamaLayer", f"train.output_dir={tmp_path}"])
@@ -67,6 +68,7 @@ def test_signal_lead_against_step_and_save(tmp_path):
     assert logged_save_seconds(tmp_path) == 14.0
 
 
+@pytest.mark.slow
 def test_doctor_flag_stops_a_run_before_it_trains(tmp_path):
     proc = subprocess.run(
         [
@@ -113,6 +115,7 @@ def test_smoke_runs_every_stage_of_a_run():
     assert "(step 2, saved by 2 processes)" in proc.stdout  # the resume continued from the smoke's own save
 
 
+@pytest.mark.slow
 def test_smoke_reports_the_stage_that_fails_and_why(tmp_path):
     rows = tmp_path / "rows.jsonl"
     rows.write_text(

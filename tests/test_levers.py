@@ -20,6 +20,7 @@ CPU = torch.device("cpu")
 LENGTHS = [37, 5, 64, 18]  # one row of every micro-batch is the longest; the others would be padded
 
 
+@pytest.mark.slow
 def test_packed_rows_have_the_padded_rows_per_token_loss():
     _, model = build({}, CPU)
     padded, packed = batches(LENGTHS, 384, 2, CPU)
@@ -46,6 +47,7 @@ def test_packed_rows_cannot_attend_to_each_other():
     torch.testing.assert_close(after[first:], before[first:], rtol=0, atol=0)  # ...and no other row noticed
 
 
+@pytest.mark.slow
 def test_sdpa_varlen_is_sdpa_where_its_kernel_cannot_run():
     """sdpa_varlen (varlen.py) sends packed rows, with their boundaries, to torch's varlen Flash kernel on a
     GPU (tests/gpu: against padded SDPA); here on the CPU every batch goes to SDPA and the losses are SDPA's,
@@ -66,6 +68,7 @@ def test_sdpa_varlen_is_sdpa_where_its_kernel_cannot_run():
         )
 
 
+@pytest.mark.slow
 def test_adapters_compute_in_bf16_under_autocast_and_keep_fp32_gradients():
     _, model = build({"parallel.mixed_precision": "bf16"}, CPU)
     padded, _ = batches(LENGTHS, 384, 2, CPU)
@@ -90,6 +93,7 @@ def _count_checkpointed(every: int) -> tuple[int, tuple]:
     return wrapped, loss_and_grads(model, padded)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "quantized, dropout, one_function", [(True, 0.1, False), (False, 0.1, False), (False, 0.0, True)]
 )
@@ -157,6 +161,7 @@ def test_base_and_adapter_in_one_function_are_as_exact_as_the_separate_path():
             assert r["one_function_grad_x_rel_err"] < 0.9 * r["separate_grad_x_rel_err"], r
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("every", [None, 2])
 def test_selective_recompute_redraws_the_dropout_masks_and_keeps_less(every):
     """parallel.activation_checkpointing=selective (and `true` in the layers it leaves whole): every adapter
@@ -212,6 +217,7 @@ def test_fused_lora_is_refused_under_deepspeed_and_auto_turns_it_off():
         apply_overrides(Config(), {"parallel.backend": "deepspeed", "lora.fused": "true"}, "test")
 
 
+@pytest.mark.slow
 def test_checkpointing_every_kth_layer_recomputes_those_layers_exactly():
     layers = model_config(Config()).num_hidden_layers
     n_all, (loss_all, g_all) = _count_checkpointed(1)
@@ -332,6 +338,7 @@ def test_bench_rates_are_all_tokens_over_all_time(tmp_path):
     assert got["step_s"] == 2.0 and got["tokens_per_step"] == 4000 and got["step_s_each"] == [1.0, 3.0]
 
 
+@pytest.mark.slow
 def test_bench_refuses_a_typo_before_starting(tmp_path):
     import subprocess
 
@@ -347,6 +354,7 @@ def test_bench_refuses_a_typo_before_starting(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_the_training_loop_runs_with_the_long_lived_objects_frozen(tmp_path):
     """Before its loop a run freezes what lives as long as it does (the libraries, the model, the data) out of
     the garbage collector's sight, so that a full collection during a step walks only what the loop made (on

@@ -93,6 +93,7 @@ def plan(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_plan_says_what_fits_and_fit_recommends_a_line():
     out = plan("recipes/llama3_70b.py", "--gpus", "4", "--gpu-mem", "24GiB", "--fit")
     assert out.returncode == 0, out.stderr
@@ -201,6 +202,7 @@ def test_sharding_auto_keeps_the_base_whole_where_that_costs_no_recomputation():
         FsdpBackend(cfg.parallel, cfg.param_dtype, DistInfo(0, 2, 0, 2, torch.device("cpu")))
 
 
+@pytest.mark.slow
 def test_plan_fit_offers_the_base_whole(tmp_path):
     """`shardtune plan --fit` weighs keeping the base whole on every GPU (no all-gathers) beside sharding and
     offloading it, and `shardtune plan` says what 'auto' chose."""
@@ -344,6 +346,7 @@ def test_pairs_double_the_tokens_and_dpo_adds_the_references_forward():
         "model.name_or_path": "llama3-8b",
         "parallel.mixed_precision": "bf16",
         "train.micro_batch_size": "2",
+        "model.fused_kernels": "false",  # like for like: Liger's fused loss is SFT's only (below)
     }
     sft, dpo, orpo = (
         estimate(apply_overrides(Config(), {**base, "objective.name": name}, "x"), hf_config, 1)
@@ -351,6 +354,13 @@ def test_pairs_double_the_tokens_and_dpo_adds_the_references_forward():
     )
     assert dpo.gpu["activations"] == pytest.approx(2 * sft.gpu["activations"], rel=0.05)
     assert dpo.gpu["logits + loss"] == 2 * sft.gpu["logits + loss"] == orpo.gpu["logits + loss"]
+    fused = {**base, "model.fused_kernels": "auto"}  # (on a GPU: the fused loss where it can run, SFT only)
+    fused_sft, fused_dpo = (
+        estimate(apply_overrides(Config(), {**fused, "objective.name": name}, "x"), hf_config, 1)
+        for name in ("sft", "dpo")
+    )
+    assert fused_sft.gpu["logits + loss"] < sft.gpu["logits + loss"] / 20
+    assert fused_dpo.gpu["logits + loss"] == dpo.gpu["logits + loss"]
     assert 1.4 < orpo.step_s / sft.step_s < 2  # twice the tokens, in micro-batches that run at a higher MFU
     assert 1.4 < dpo.step_s / orpo.step_s < 1.6
     assert dpo.tokens_per_s_per_gpu == pytest.approx(2 * 1024 * 16 / dpo.step_s)

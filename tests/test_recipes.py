@@ -104,6 +104,7 @@ def test_config_process_layouts():
     assert all(layouts[name]["distributed_type"] == "FSDP" for name in layouts.keys() - deepspeed)
 
 
+@pytest.mark.slow
 def test_recipe_command_line(tmp_path):
     run = [sys.executable, "recipes/llama3_70b.py"]
     ok = subprocess.run([*run, "--validate", "lora.r=8"], cwd=ROOT, capture_output=True, text=True)
@@ -125,6 +126,7 @@ def test_a_recipes_missing_starting_adapter_is_refused_with_the_fix(tmp_path):
     assert "model.adapter=null to start from PEFT's initialization" in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_batch_size_that_does_not_divide_stops_the_run_before_the_model_loads(tmp_path):
     """The processes can only be counted at launch: the run checks the batch sizes right after the data, before
     any weight is read or drawn, and says what to change."""
@@ -200,6 +202,7 @@ HUB_MODEL = ["recipes/tiny.py", "model.name_or_path=meta-llama/Meta-Llama-3-8X"]
         "no-such-model", "gated-model", "model-hub-down", "model-offline",
     ],
 )  # fmt: skip
+@pytest.mark.slow
 def test_a_hub_outage_is_retried_and_a_refusal_is_an_input_error(
     tmp_path, hub_answering, run, answer, env, exit_code, input_error, said
 ):
@@ -380,6 +383,7 @@ def test_shardtune_validate_command(capsys):
     assert main(["validate", "recipes/missing.py"]) == 2
 
 
+@pytest.mark.slow
 def test_accelerate_launch_and_torchrun_resolve_a_silent_yaml_alike(tmp_path):
     """`accelerate launch` exports offload and activation checkpointing as false when its YAML leaves them out;
     llama3_70b.py then keeps its own (true, true) as it does under torchrun with parallel.launch_config, and the

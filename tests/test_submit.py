@@ -162,6 +162,7 @@ with StopRequest((signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)) as stop:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGUSR2, signal.SIGUSR1])
 def test_a_signal_while_the_task_starts_waits_for_its_handler(signum):
     """Slurm may send the time-limit signal before a task's Python has a handler: started as submitit's srun
@@ -191,6 +192,7 @@ print(stop.received)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGUSR2, signal.SIGUSR1])
 def test_a_signal_after_the_run_does_not_fail_the_finished_task(signum):
     """Slurm's time-limit signal can come after the last step (up to a minute early): a task started as srun
