@@ -26,6 +26,12 @@ BUILTIN_SHAPE_NAMES = ("tiny", "llama3-8b", "llama3-70b")
 LLAMA_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LLAMA_STYLE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
+# train.report_to's trackers: the module each imports, and what installs it
+TRACKERS = {
+    "tensorboard": ("tensorboard", "pip install tensorboard"),
+    "mlflow": ("mlflow", "pip install 'shardtune[mlflow]' (or: pip install mlflow)"),
+    "wandb": ("wandb", "pip install 'shardtune[wandb]' (or: pip install wandb)"),
+}
 
 
 def cross_checks(cfg: Config) -> None:
@@ -201,6 +207,27 @@ def target_modules_problem(targets: str | list[str], model_type: str | None) -> 
     )
 
 
+def tracker_names(value: Any) -> list[str]:
+    """train.report_to as a list of tracker names: a list, one name, 'a,b', or none / [] / null for none. An
+    unknown name is refused with the valid ones (ValueError: pydantic reports it as the field's error)."""
+    if value is None:
+        return []
+    names = [v.strip() for v in value.split(",")] if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"give a list of tracker names (valid: {', '.join(TRACKERS)}, or none)")
+    names = [n for n in names if n]
+    if names == ["none"]:
+        return []
+    unknown, close = _unknown(names, tuple(TRACKERS))
+    if unknown:
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ValueError(
+            f"unknown tracker {', '.join(repr(n) for n in unknown)}{hint}; valid: {', '.join(TRACKERS)}, or "
+            "none / [] for no tracker"
+        )
+    return list(dict.fromkeys(names))
+
+
 def _unknown(names, valid) -> tuple[list[str], list[str]]:
     """The names not among `valid`, and the closest valid name to each (where one is close)."""
     unknown = [n for n in names if n not in valid]
@@ -311,6 +338,7 @@ def check_inputs(cfg: Config) -> None:
             f"model.tokenizer={m.tokenizer}: no such directory. Give an existing tokenizer directory or a hub id "
             f"(org/name), or leave model.tokenizer unset for the model's own."
         )
+    _check_tracker_packages(cfg.train.report_to)
     resume = cfg.train.resume
     if resume not in ("auto", "never") and not Path(resume).is_dir():
         close = difflib.get_close_matches(resume, ["auto", "never"], n=1)
@@ -319,4 +347,18 @@ def check_inputs(cfg: Config) -> None:
             f"train.resume={resume}: not auto, never, or an existing checkpoint directory (no directory "
             f"{resume}).{hint} Values: auto (continue from the run's newest intact checkpoint), never (refuse a run "
             f"directory that has checkpoints), or the path of a checkpoint (runs/<run>/checkpoints/step-N)."
+        )
+
+
+def _check_tracker_packages(names: list[str]) -> None:
+    """Every tracker train.report_to names is importable here (the trackers import theirs only on rank 0, once
+    the model is built: a missing one is refused now, before anything loads)."""
+    import importlib.util
+
+    missing = [n for n in names if importlib.util.find_spec(TRACKERS[n][0]) is None]
+    if missing:
+        raise ConfigError(
+            f"train.report_to={names}: {', '.join(missing)} not installed here. "
+            + "; ".join(TRACKERS[n][1] for n in missing)
+            + f". Or leave {', '.join(missing)} out of train.report_to."
         )

@@ -42,6 +42,7 @@ from shardtune.model.tokenizer import tokenizer_for
 from shardtune.observability.flops import FlopModel, device_peak_flops
 from shardtune.observability.memory import gpu_peak_gib, host_peak_gib
 from shardtune.observability.metrics import MetricsSink
+from shardtune.observability.trackers import make_trackers
 from shardtune.parallel.checkpointing import checkpointed_fraction
 from shardtune.parallel.distributed import DistInfo, all_reduce_max, barrier, gather_object
 from shardtune.train import report
@@ -78,6 +79,8 @@ def train(
         with StopRequest() as own:
             return run.run(own)
     except BaseException as e:
+        if getattr(run, "sink", None) is not None:
+            run.sink.close("failed")  # the trackers' runs too
         # (a refused resume too: the status an earlier start left must not stand for this one)
         if dist.is_main and run.dir.is_dir():
             write_status(
@@ -255,7 +258,10 @@ class Run:
                     "es" if saved["world_size"] > 1 else "",
                     f"; from here on {', '.join(changed)}" if changed else "",
                 )
-        self.sink = MetricsSink(self.dir, self.total_steps, self.state.step, dist.is_main)
+        t = cfg.train
+        trackers = make_trackers(t.report_to, t.mlflow_experiment, t.wandb_project)
+        config = cfg.model_dump(mode="json")  # as resolved (auto settings decided)
+        self.sink = MetricsSink(self.dir, self.total_steps, self.state.step, dist.is_main, trackers, config)
         self.sink.write(self._plan_line())
         if self.state.step == 0:
             self.state.first_eval = self.evaluate()
@@ -322,6 +328,7 @@ class Run:
         if dist.is_main:
             plot = self.sink.plot()
             (self.dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            self.sink.artifacts([plot, self.dir / "summary.json", self.dir / "config.yaml", adapter_dir])
             report.print_summary(self.sink, summary, self.dir, plot, samples, cfg.eval.show)
             if (
                 self.own_stop_file
@@ -334,7 +341,7 @@ class Run:
                 checkpoint=str(self.final_ckpt),
                 adapter=str(adapter_dir),
             )
-        self.sink.close()
+        self.sink.close("complete")
         return summary
 
     # --------------------------------------------------------------------------------------- helpers
@@ -381,7 +388,7 @@ class Run:
         self.sink.write(
             f"stopped (signal or {STOP_FILE} file) after step {done}/{self.total_steps}; checkpoint {path}"
         )
-        self.sink.close()
+        self.sink.close("interrupted")
         return {"status": "interrupted", "run_dir": str(self.dir), "step": done, "checkpoint": str(path)}
 
     def _summary(self, final_eval: dict, samples: dict, adapter_dir: Path) -> dict:
