@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from conftest import free_port, launch
 from shardtune.config import Config, apply_overrides, check_inputs
 from shardtune.errors import ConfigError
 from shardtune.observability.metrics import MetricsSink
@@ -376,3 +376,82 @@ def test_wandb_offline_continues_the_run_id_with_each_step_once(tmp_path, wandb_
     assert run["artifacts"] == [(f"{run_dir.name}-adapter", "model")] and "loss.png" in run["files"]
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert not [p for p in written for s in SECRETS.values() if s.encode() in p.read_bytes()]
+
+
+# ------------------------------------------------------------------------------------- a whole run
+@pytest.mark.slow
+def test_a_crashed_stopped_and_resumed_run_keeps_one_tracker_run_and_no_secret(tmp_path, mlflow_server):
+    """2 CPU processes logging to TensorBoard, MLflow (the server above) and W&B (offline), with secrets in their
+    environment. The first launch: rank 1 is killed mid step 6 and torchrun starts the processes again (resumed
+    from step 4: step 5 redone), then a SIGTERM during step 8 stops the run (saved at 8); the second launch
+    finishes it. The server holds ONE MLflow run, FINISHED: every logged step's metrics once, equal to
+    metrics.jsonl's, the params, the adapter, loss.png; the W&B directories (one per start) the same run id and
+    every step once; no secret in the MLflow store, the W&B files, the run directory or the log."""
+    pytest.importorskip("wandb", reason="wandb is not installed (pip install -e '.[dev]' installs it)")
+    from mlflow import MlflowClient
+
+    url, root = mlflow_server
+    out, home = tmp_path / "runs", tmp_path / "wandb-home"
+    env = {
+        **SECRETS,
+        "MLFLOW_TRACKING_URI": url,
+        "MLFLOW_EXPERIMENT_NAME": "two-processes",
+        "WANDB_MODE": "offline",
+    }
+    env |= {var: str(home / var) for var in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR")}
+    args = [
+        "recipes/tiny.py",
+        "data.generated.rows=200",
+        "data.test_size=10",
+        "train.max_steps=10",
+        "train.global_batch_size=32",
+        "train.micro_batch_size=8",  # 2 micro-batches per process per step
+        "train.save_every=2",
+        "train.log_every=1",
+        "eval.every=3",
+        "eval.samples=0",
+        "train.report_to=[tensorboard,mlflow,wandb]",
+        f"train.output_dir={out}",
+        "train.run_name=run",
+    ]
+    faults = (
+        f"rank=1,step=5,micro=1,action=kill,once={tmp_path / 'fired'};rank=0,step=7,micro=1,action=sigterm"
+    )
+    first = launch(args, env={**env, "SHARDTUNE_FAULT": faults}, restarts=1, check=False)
+    assert "(step 4, saved by 2 processes)" in first.stderr, first.stderr[-3000:]
+    run_dir = out / "run"
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "interrupted"
+    second = launch(args, env=env)
+    assert "(step 8, saved by 2 processes)" in second.stderr
+
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    assert [s for s, _ in losses] == list(range(1, 11)) and [s for s, _ in evals] == [0, 3, 6, 9, 10]
+
+    client = MlflowClient(url)
+    experiment = client.get_experiment_by_name("two-processes")
+    (run,) = client.search_runs([experiment.experiment_id])  # one run for the three starts
+    run_id = run.info.run_id
+    assert recall(run_dir, "mlflow")["run_id"] == run_id and run.info.status == "FINISHED"
+    assert history(client, run_id, "train/loss") == losses and history(client, run_id, "eval/loss") == evals
+    assert [s for s, _ in history(client, run_id, "train/grad_norm")] == list(range(1, 11))
+    params = run.data.params
+    assert params["train.max_steps"] == "10" and params["lora.r"] == "16" and params["model.init"] == "random"
+    assert params["train.report_to"] == '["tensorboard", "mlflow", "wandb"]'
+    assert {"adapter", "loss.png", "summary.json", "config.yaml"} <= {
+        a.path for a in client.list_artifacts(run_id)
+    }
+    adapter = {a.path for a in client.list_artifacts(run_id, "adapter")}
+    assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json"} <= adapter
+
+    wandb = wandb_run(run_dir)
+    assert len(wandb["ids"]) == 3 and set(wandb["ids"]) == {recall(run_dir, "wandb")["run_id"]}
+    assert sorted(h["_step"] for h in wandb["history"] if "train/loss" in h) == list(range(1, 11))
+    assert sorted(h["_step"] for h in wandb["history"] if "eval/loss" in h) == [0, 3, 6, 9, 10]
+    assert wandb["artifacts"] == [("run-adapter", "model")] and "loss.png" in wandb["files"]
+
+    stored = [p for d in (root, out, home) for p in d.rglob("*") if p.is_file() and not p.is_symlink()]
+    leaks = [p for p in stored for s in SECRETS.values() if s.encode() in p.read_bytes()]
+    logs = first.stdout + first.stderr + second.stdout + second.stderr
+    assert not leaks and not [s for s in SECRETS.values() if s in logs]
