@@ -189,7 +189,8 @@ def test_secrets_never_reach_a_tracker(tmp_path, monkeypatch):
     rec = Recorder()
     config = {"data": {"source": f"https://user:{SECRETS['HF_TOKEN']}@host/x.jsonl"}, "hub": {"token": "abc"}}
     MetricsSink(tmp_path, 4, 0, True, [rec], config)
-    assert rec.config == {"data": {"source": "https://user:***@host/x.jsonl"}, "hub": {"token": "***"}}
+    assert rec.config == {"data": {"source": "https://***@host/x.jsonl"}, "hub": {"token": "***"}}
+    assert scrub("at http://me:pw@h:5000/api failed", []) == "at http://***@h:5000/api failed"
     assert scrub([SECRETS["WANDB_API_KEY"]], list(SECRETS.values())) == ["***"]
     assert flat_params({"a": {"b": [1, 2], "c": None, "d": {}}, "e": "x"}) == {
         "a.b": "[1, 2]",

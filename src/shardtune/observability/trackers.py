@@ -34,6 +34,7 @@ IDS_FILE = "trackers.json"
 # Environment variables whose values are secrets, and config keys that would hold one
 _SECRET_VAR = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|CREDENTIAL", re.IGNORECASE)
 _SECRET_KEY = re.compile(r"(^|[._])(token|secret|password|passwd|api_key|credentials?)$", re.IGNORECASE)
+_URL_PASSWORD = re.compile(r"(\w+://)[^/@\s:]+:[^/@\s]+@")  # https://user:password@host
 _PARAM_LENGTH = 500  # MLflow takes up to 6000 characters; some of its backends fewer
 
 
@@ -68,13 +69,14 @@ def secret_values(environ: dict[str, str] | os._Environ = os.environ) -> list[st
 
 
 def scrub(value: Any, secrets: list[str]) -> Any:
-    """`value` (text, or a config's dicts and lists of them) with every secret masked, and the values of
-    secret-named keys."""
+    """`value` (text, or a config's dicts and lists of them) with every secret masked: the secret variables'
+    values, a URL's user and password, the values of secret-named keys."""
     if isinstance(value, dict):
         return {k: "***" if _SECRET_KEY.search(str(k)) else scrub(v, secrets) for k, v in value.items()}
     if isinstance(value, list):
         return [scrub(v, secrets) for v in value]
     if isinstance(value, str):
+        value = _URL_PASSWORD.sub(r"\1***@", value)
         for secret in secrets:
             value = value.replace(secret, "***")
     return value
