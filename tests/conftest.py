@@ -176,3 +176,53 @@ def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("reference")
     train(out)
     return out / "run"
+
+
+def free_port() -> int:
+    return _port()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on localhost (sqlite backend store, artifacts proxied into a folder), for
+    the session: (its URL, its folder). Telemetry off, in the server and in every client this session starts."""
+    import importlib.util
+    import urllib.request
+
+    if importlib.util.find_spec("mlflow") is None:
+        pytest.skip("mlflow is not installed (pip install -e '.[dev]' installs it)")
+    quiet = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+    os.environ.update(quiet)  # before any client imports mlflow: children (training runs) inherit it
+    root = tmp_path_factory.mktemp("mlflow")
+    port = _port()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db"]
+    cmd += ["--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--workers", "1"]
+    env = {**os.environ, **quiet, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runner processes
+    with open(root / "server.log", "w") as log:
+        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"mlflow server exited:\n{(root / 'server.log').read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"mlflow server not up in 120 s:\n{(root / 'server.log').read_text()[-3000:]}"
+                )
+            time.sleep(0.2)
+        yield url, root
+    finally:
+        server.terminate()  # its uvicorn child goes with it
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()

@@ -84,7 +84,7 @@ def test_settings_and_base_that_differ_are_refused_before_loading(saved, overrid
 
 
 def test_a_pretrained_base_of_another_name_is_refused_and_a_copy_of_the_same_accepted(saved, tmp_path):
-    from shardtune.config.checks import adapter_base_problem
+    from shardtune.config.inputs import adapter_base_problem
 
     cfg = config(**{"model.adapter": str(saved[0])})
     pretrained = cfg.model_copy(

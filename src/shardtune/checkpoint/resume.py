@@ -23,6 +23,7 @@ from shardtune.checkpoint.manager import CheckpointManager
 from shardtune.checkpoint.store import recover, step_of, verify_checkpoint
 from shardtune.config import Config
 from shardtune.errors import ConfigError
+from shardtune.observability.trackers import IDS_FILE
 
 if TYPE_CHECKING:
     from shardtune.config import OptimConfig
@@ -206,7 +207,8 @@ def drop_stale_leftovers(run_dir: Path, cfg_yaml: str) -> None:
     """A fresh start in a run directory that an earlier start left without a checkpoint (it failed or was
     killed before its first save): the tokenizer and random base that start wrote are reused as the run's own
     (the run builds them only where they are missing) only if they were made with the same model, data and LoRA settings; else they go,
-    and this start makes its own. Nothing else in the directory is touched."""
+    and this start makes its own, and its own tracker runs (trackers.json goes). Nothing else in the directory is
+    touched."""
     before = run_dir / "config.yaml"
     if not before.is_file():
         return
@@ -214,6 +216,8 @@ def drop_stale_leftovers(run_dir: Path, cfg_yaml: str) -> None:
         diffs = exactness_differences(yaml.safe_load(before.read_text()), yaml.safe_load(cfg_yaml))
     except (KeyError, TypeError, yaml.YAMLError):  # written by another version of shardtune: not comparable
         diffs = ["config.yaml of another form"]
+    if diffs and (run_dir / IDS_FILE).is_file():  # another run: its own tracker runs, not the earlier start's
+        (run_dir / IDS_FILE).unlink()
     stale = [d for d in (run_dir / "tokenizer", run_dir / "base") if d.is_dir()]
     if diffs and stale:
         for d in stale:

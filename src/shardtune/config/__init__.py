@@ -1,9 +1,9 @@
-"""Configuration: the typed sections (schema.py), settings that conflict and the inputs a configuration names
-(checks.py), the run directory derived from them (paths.py), key=value overrides, validation and help
+"""Configuration: the typed sections (schema.py), settings that conflict (checks.py), the inputs a configuration
+names on this machine (inputs.py), the run directory derived from them (paths.py), key=value overrides, validation and help
 (overrides.py), and the settings an accelerate config YAML or `accelerate launch`'s environment carries
 (accelerate.py)."""
 
-from shardtune.config.checks import check_inputs, check_names
+from shardtune.config.inputs import check_inputs, check_names
 from shardtune.config.overrides import (
     apply_overrides,
     field_paths,

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shardtune.config.checks import PARAM_DTYPES, cross_checks
+from shardtune.config.checks import PARAM_DTYPES, cross_checks, tracker_names
 
 
 class Section(BaseModel):
@@ -228,6 +228,20 @@ class TrainConfig(Section):
     resume: str = "auto"
     """'auto' continues from the run's latest valid checkpoint if there is one; 'never' refuses to reuse a
     run directory that has checkpoints; or the path of a checkpoint to start from."""
+    report_to: list[str] = Field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers rank 0 logs to: any of tensorboard (event files in the run directory), mlflow
+    (MLFLOW_TRACKING_URI's server or store), wandb (W&B; WANDB_MODE=offline keeps it local); [] or none: none.
+    Each gets the config, every metrics.jsonl record, and at the end loss.png and the adapter; a resumed run
+    continues the same tracker run (its id is kept in the run directory's trackers.json)."""
+    mlflow_experiment: str | None = None
+    """MLflow experiment the run is logged under. Default: MLFLOW_EXPERIMENT_NAME, else MLflow's default one."""
+    wandb_project: str | None = None
+    """W&B project. Default: WANDB_PROJECT, else 'shardtune'."""
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _tracker_list(cls, value: Any) -> list[str]:
+        return tracker_names(value)
 
 
 class ParallelConfig(Section):

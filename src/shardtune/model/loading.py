@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from shardtune.config import Config
-from shardtune.config.checks import convert_to_safetensors_hint
+from shardtune.config.inputs import convert_to_safetensors_hint
 from shardtune.model import hub
 from shardtune.model.modeling import DTYPES
 

@@ -1,1 +1,2 @@
-"""What a run reports about itself: metrics sinks (metrics.py), FLOPs and MFU (flops.py), memory (memory.py)."""
+"""What a run reports about itself: metrics sinks (metrics.py), experiment trackers (trackers.py: TensorBoard,
+MLflow, W&B), FLOPs and MFU (flops.py), memory (memory.py)."""

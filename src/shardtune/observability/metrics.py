@@ -1,4 +1,5 @@
-"""Where a run's metrics go: a progress bar (on a terminal), log lines, TensorBoard, metrics.jsonl, loss.png."""
+"""Where a run's metrics go: a progress bar (on a terminal), log lines, metrics.jsonl, loss.png, and the experiment
+trackers of train.report_to (trackers.py: TensorBoard, MLflow, W&B)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+from shardtune.observability.trackers import TensorBoardTracker, Tracker, Trackers
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +52,10 @@ def format_line(
 
 
 class MetricsSink:
-    """Rank 0's outputs: a progress bar (on a terminal), log lines, TensorBoard events, metrics.jsonl, loss.png.
-    `shown`: the objective's metrics beyond the loss (rewards/accuracies, ...), logged, written to TensorBoard and
-    plotted beside it; `loss_label`: what the loss is a mean over."""
+    """Rank 0's outputs: a progress bar (on a terminal), log lines, metrics.jsonl, loss.png, and the trackers
+    (TensorBoard unless told otherwise), which get the config at the start and the files at the end.
+    `shown`: the objective's metrics beyond the loss (rewards/accuracies, ...), logged and plotted beside it
+    (the trackers get every metric); `loss_label`: what the loss is a mean over."""
 
     def __init__(
         self,
@@ -58,30 +63,33 @@ class MetricsSink:
         total_steps: int,
         start_step: int,
         enabled: bool,
+        trackers: list[Tracker] | None = None,
+        config: dict[str, Any] | None = None,
         shown: tuple[str, ...] = (),
         loss_label: str = "loss (per response token)",
     ):
         self.enabled = enabled
         self.run_dir = run_dir
         self.total = total_steps
-        self.shown, self.loss_label = shown, loss_label
         self.start_step, self.started = start_step, time.perf_counter()
         self.train_points: list[tuple[int, float]] = []
         self.eval_points: list[tuple[int, float]] = []
+        self.shown, self.loss_label = shown, loss_label
         # the objective's metrics by name, per step: (step, value) for training and for evals
         self.extra_points: dict[str, list[tuple[int, float]]] = {}
-        self.bar = self.tb = self.jsonl = None
-        self.warned_retries = False
+        self.bar = self.jsonl = None
+        self.trackers = Trackers([])
+        self.warned_retries = self.closed = False
         if not enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter
         from tqdm.auto import tqdm
 
         # A resumed run's records go on from its checkpoint's: what an earlier start logged past it (steps this
-        # one redoes, after a crash; all of it when no checkpoint was left) is dropped from metrics.jsonl and
-        # hidden in TensorBoard (purge_step)
-        kept = self._records_up_to(run_dir / "metrics.jsonl", start_step)
-        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else 0)
+        # one redoes, after a crash; all of it when no checkpoint was left) is dropped from metrics.jsonl, hidden
+        # in TensorBoard (purge_step), and not logged again to a tracker run that holds it already
+        kept, dropped = self._records_up_to(run_dir / "metrics.jsonl", start_step)
+        self.trackers = Trackers([TensorBoardTracker()] if trackers is None else trackers)
+        self.trackers.start(run_dir, config or {}, start_step, kept, dropped)
         self.jsonl = (run_dir / "metrics.jsonl").open("a")
         # A bar redraws in place on a terminal; in a log file (CI, SLURM) the log lines carry progress and ETA.
         self.bar = (
@@ -105,20 +113,19 @@ class MetricsSink:
             self._keep_extra(rec["step"], rec)
 
     @staticmethod
-    def _records_up_to(path: Path, step: int) -> list[dict]:
-        """The records of metrics.jsonl up to checkpoint `step` (none for a fresh start), the file rewritten
-        without the rest: records past it, and a line cut short by a crash mid-write."""
+    def _records_up_to(path: Path, step: int) -> tuple[list[dict], list[dict]]:
+        """(the records of metrics.jsonl up to checkpoint `step`, the ones past it), none kept for a fresh start;
+        the file rewritten without the ones past it, and without a line cut short by a crash mid-write."""
         if not path.is_file():
-            return []
+            return [], []
         lines = path.read_text().splitlines()
-        kept = []
-        for line in lines if step else []:
+        kept, dropped = [], []
+        for line in lines:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if rec.get("step", -1) <= step:
-                kept.append(rec)
+            (kept if step and rec.get("step", -1) <= step else dropped).append(rec)
         if len(kept) < len(lines):
             from shardtune.files import write_atomic
 
@@ -126,7 +133,7 @@ class MetricsSink:
             log.info(
                 "metrics.jsonl: %d record(s) past step %d or cut short dropped", len(lines) - len(kept), step
             )
-        return kept
+        return kept, dropped
 
     def _keep_extra(self, step: int, m: dict) -> None:
         for key in self.shown:
@@ -154,16 +161,7 @@ class MetricsSink:
                 tok_s=f"{m['tokens_per_s_per_device']:,.0f}",
                 refresh=False,
             )
-        for key in (
-            "loss",
-            "lr",
-            "grad_norm",
-            "tokens_per_s_per_device",
-            "mfu",
-            "host_peak_gib",
-            *self.shown,
-        ):
-            self.tb.add_scalar(f"train/{key}", m[key], step)
+        self.trackers.train_step(step, m, logged=log_line)
         if m.get("alloc_retries") and not self.warned_retries:
             self.warned_retries = True
             self.write(
@@ -183,10 +181,8 @@ class MetricsSink:
         if not self.enabled:
             return
         self.eval_points.append((step, m["eval_loss"]))
-        self.tb.add_scalar("eval/loss", m["eval_loss"], step)
-        for key in self.shown:
-            self.tb.add_scalar(f"eval/{key}", m[f"eval_{key}"], step)
         self._record({"step": step, **m})
+        self.trackers.record({"step": step, **m})
         self._keep_extra(step, m)
         peak = f" (peak GPU mem so far {m['gpu_peak_gib']:.2f} GiB)" if m.get("gpu_peak_gib") else ""
         over = f"{m['eval_tokens']:,} tokens" if "eval_tokens" in m else f"{m.get('eval_pairs', 0):,} pairs"
@@ -196,6 +192,7 @@ class MetricsSink:
     def note(self, rec: dict) -> None:
         if self.enabled:
             self._record(rec)
+            self.trackers.record(rec)
 
     def plot(self) -> Path | None:
         """loss.png: training loss per step and eval loss per evaluation."""
@@ -233,10 +230,16 @@ class MetricsSink:
         plt.close(fig)
         return path
 
-    def close(self) -> None:
-        if not self.enabled:
+    def artifacts(self, paths: list[Path | None]) -> None:
+        """Files and directories (loss.png, the adapter...) for the trackers to keep, at the end of the run."""
+        self.trackers.artifacts(paths)
+
+    def close(self, status: str = "complete") -> None:
+        """The trackers' runs ended as `status` (complete, interrupted or failed); the files closed. Once."""
+        if not self.enabled or self.closed:
             return
+        self.closed = True
         if self.bar is not None:
             self.bar.close()
-        self.tb.close()
+        self.trackers.finish(status)
         self.jsonl.close()

@@ -41,6 +41,7 @@ from shardtune.model import modeling
 from shardtune.model.tokenizer import tokenizer_for
 from shardtune.observability.flops import FlopModel, device_peak_flops
 from shardtune.observability.metrics import MetricsSink
+from shardtune.observability.trackers import make_trackers
 from shardtune.parallel.checkpointing import checkpointed_fraction
 from shardtune.parallel.distributed import DistInfo, all_reduce_max, barrier
 from shardtune.train import report
@@ -85,6 +86,8 @@ def train(
         with StopRequest() as own:
             return run.run(own)
     except BaseException as e:
+        if getattr(run, "sink", None) is not None:
+            run.sink.close("failed")  # the trackers' runs too
         # (a refused resume too: the status an earlier start left must not stand for this one; except a
         # finished run's, which a start refused before taking the run over leaves as it is: the refusal is the
         # command's own exit code and error)
@@ -278,9 +281,16 @@ class Run:
                     "es" if saved["world_size"] > 1 else "",
                     f"; from here on {', '.join(changed)}" if changed else "",
                 )
-        objective = self.step.objective
+        t, objective = cfg.train, self.step.objective
         self.sink = MetricsSink(
-            self.dir, self.total_steps, self.state.step, dist.is_main, objective.shown, objective.loss_label
+            self.dir,
+            self.total_steps,
+            self.state.step,
+            dist.is_main,
+            make_trackers(t.report_to, t.mlflow_experiment, t.wandb_project),
+            cfg.model_dump(mode="json"),  # as resolved (auto settings decided)
+            objective.shown,
+            objective.loss_label,
         )
         self.sink.write(self._plan_line())
         if self.state.step == 0:
@@ -348,6 +358,7 @@ class Run:
         if dist.is_main:
             plot = self.sink.plot()
             (self.dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            self.sink.artifacts([plot, self.dir / "summary.json", self.dir / "config.yaml", adapter_dir])
             report.print_summary(self.sink, summary, self.dir, plot, samples, cfg.eval.show)
             if (
                 self.own_stop_file
@@ -360,7 +371,7 @@ class Run:
                 checkpoint=str(self.final_ckpt),
                 adapter=str(adapter_dir),
             )
-        self.sink.close()
+        self.sink.close("complete")
         return summary
 
     # --------------------------------------------------------------------------------------- helpers
@@ -407,7 +418,7 @@ class Run:
         self.sink.write(
             f"stopped (signal or {STOP_FILE} file) after step {done}/{self.total_steps}; checkpoint {path}"
         )
-        self.sink.close()
+        self.sink.close("interrupted")
         return {"status": "interrupted", "run_dir": str(self.dir), "step": done, "checkpoint": str(path)}
 
     def _summary(self, final_eval: dict, samples: dict, adapter_dir: Path) -> dict:
