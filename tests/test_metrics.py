@@ -37,7 +37,7 @@ def test_an_objectives_metrics_reach_the_line_tensorboard_metrics_jsonl_and_the_
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     shown = ("rewards/accuracies", "rewards/margins")
-    sink = MetricsSink(tmp_path, 4, 0, True, shown, "loss (per pair)")
+    sink = MetricsSink(tmp_path, 4, 0, True, shown=shown, loss_label="loss (per pair)")
     for s in (1, 2):
         sink.train_step(s, {**step(0), "rewards/accuracies": 0.25 * s, "rewards/margins": 0.5 * s}, True)
     sink.eval(
@@ -54,7 +54,7 @@ def test_an_objectives_metrics_reach_the_line_tensorboard_metrics_jsonl_and_the_
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"train/rewards/accuracies", "eval/rewards/accuracies", "train/rewards/margins"} <= tags
-    resumed = MetricsSink(tmp_path, 4, 2, True, shown)
+    resumed = MetricsSink(tmp_path, 4, 2, True, shown=shown)
     assert resumed.extra_points["eval_rewards/accuracies"] == [(2, 0.75)]
     assert resumed.extra_points["rewards/margins"] == [(1, 0.5), (2, 1.0)]
     resumed.close()
