@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shardtune.config.checks import PARAM_DTYPES, cross_checks
 
@@ -57,15 +57,42 @@ class ModelConfig(Section):
 class QuantConfig(Section):
     """How bitsandbytes quantizes the frozen base."""
 
-    load_in_4bit: bool = True
-    """Quantize the frozen base to 4 bits with bitsandbytes (QLoRA). False trains LoRA on an unquantized base."""
+    bits: Literal[4, 8, 16] = 4
+    """Bits per weight of the frozen base's decoder layers: 4 is QLoRA (bitsandbytes NF4, or quant_type=fp4);
+    8 is bitsandbytes' LLM.int8 (Linear8bitLt: int8 weights with a scale per row, as transformers'
+    BitsAndBytesConfig(load_in_8bit=True) builds them; FSDP cannot shard them: with several processes every one
+    holds the whole 8-bit base); 16 is plain LoRA on an unquantized base in the compute dtype
+    (parallel.mixed_precision)."""
+    load_in_4bit: bool | None = None
+    """Deprecated alias of quant.bits: true is bits=4, false is bits=16 (read from older configurations)."""
     quant_type: Literal["nf4", "fp4"] = "nf4"
-    """4-bit data type. NF4 is the QLoRA paper's normal-float format."""
+    """4-bit data type (bits=4). NF4 is the QLoRA paper's normal-float format."""
     double_quant: bool = True
-    """Quantize the per-block scales too (saves about 0.4 bits per parameter)."""
+    """Quantize the per-block scales too (bits=4; saves about 0.4 bits per parameter)."""
     storage_dtype: Literal["auto", "bfloat16", "float16", "float32", "uint8"] = "auto"
-    """dtype of the tensor that holds the packed 4-bit weights. 'auto' uses the FSDP parameter dtype
+    """dtype of the tensor that holds the packed 4-bit weights (bits=4). 'auto' uses the FSDP parameter dtype
     (parallel.mixed_precision), the only value FSDP can shard."""
+
+    @field_validator("bits", mode="before")
+    @classmethod
+    def _bits_from_text(cls, value: Any) -> Any:
+        """'8' from a command line (pydantic matches a Literal of ints exactly)."""
+        return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+
+    @model_validator(mode="after")
+    def _alias(self) -> QuantConfig:
+        """quant.load_in_4bit (the setting before quant.bits) given: bits from it, the alias cleared."""
+        bits = 16 if self.load_in_4bit is False else 4
+        # (4 is the default, which the alias overrides; one that disagrees with another value is left for
+        # checks.py to refuse)
+        if self.load_in_4bit is not None and self.bits in (4, bits):
+            object.__setattr__(self, "bits", bits)
+            object.__setattr__(self, "load_in_4bit", None)
+        return self
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits != 16
 
 
 class LoraSettings(Section):
