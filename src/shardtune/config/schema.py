@@ -319,7 +319,12 @@ class EvalConfig(Section):
     batch_size: int = Field(16, gt=0)
     """Eval rows per forward pass per process."""
     samples: int = Field(64, ge=0)
-    """Held-out rows to generate completions for at the end, scored by eval.metric."""
+    """Held-out rows to generate completions for, scored by eval.metric: by the base model (the adapters off)
+    once at the start, and by the tuned model at evals (eval.samples_every) and at the end, side by side in
+    generations.jsonl. 0: none."""
+    samples_every: int = Field(1, ge=0)
+    """Generate the eval.samples rows with the adapters at every k-th eval (1: at every eval; their score goes to
+    metrics.jsonl). 0: only at the end. (Greedy: the training is the same either way.)"""
     metric: Literal["auto", "exact_match", "rouge_l", "none"] = "auto"
     """How the generated samples are scored against the held-out answers: 'exact_match' (the same text,
     surrounding whitespace aside), 'rouge_l' (ROUGE-L F1: the longest common word sequence, for free text),
@@ -327,7 +332,7 @@ class EvalConfig(Section):
     show: int = Field(6, ge=0)
     """Generated samples printed in the run log."""
     questions: list[str] = Field(default_factory=list)
-    """Free-form instructions to answer after training (written to generations.jsonl)."""
+    """Free-form instructions to answer before and after training (written to generations.jsonl)."""
     max_new_tokens: int = Field(24, gt=0)
     """Longest generated completion."""
 
