@@ -127,6 +127,8 @@ def test_a_checkpoint_saved_before_quant_bits_resumes():
 def test_what_an_8bit_base_cannot_do_is_refused_with_the_fix():
     with pytest.raises(ConfigError, match=r"quant.bits=8 does not work with parallel.backend=deepspeed"):
         with_(**{"quant.bits": 8, "parallel.backend": "deepspeed"})
+    with pytest.raises(ConfigError, match=r"parallel.cpu_offload=true does not work with quant.bits=8"):
+        with_(**{"quant.bits": 8, "parallel.cpu_offload": True})
     # the 4-bit storage and SHARD_GRAD_OP limits are the 4-bit weights' own
     with_(**{"quant.bits": 16, "parallel.mixed_precision": "bf16", "quant.storage_dtype": "float32"})
     with_(**{"quant.bits": 8, "parallel.sharding_strategy": "SHARD_GRAD_OP"})
@@ -143,7 +145,7 @@ def test_the_plan_counts_each_width():
     lin, rest = s.layers * s.layer_weights, (s.layers * 2 * s.hidden + s.root_weights) * 2
     plans = {b: estimate(apply_overrides(cfg, {"quant.bits": b}, "t"), hf_config, 2).gpu for b in (4, 8, 16)}
     assert plans[4]["4-bit base shard"] == pytest.approx((lin * 0.5 + rest) / 2)
-    assert plans[8]["8-bit base shard"] == pytest.approx(lin * 1.0 + rest)
+    assert plans[8]["8-bit base (whole)"] == pytest.approx(lin * 1.0 + rest)
     assert plans[8]["8-bit statistics (whole)"] == s.layers * s.out_rows * 4
     assert plans[8]["2 decoder layers, gathered"] == plans[8]["embeddings + head, gathered"] == 0
     assert plans[16]["16-bit base shard"] == pytest.approx((lin * 2 + rest) / 2)

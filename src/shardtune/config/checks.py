@@ -60,6 +60,11 @@ def _quantization_conflicts(cfg: Config) -> None:
             f"weights only when they are stored in the FSDP parameter dtype; set quant.storage_dtype=auto "
             f"(or {param})."
         )
+    if cfg.quant.bits == 8 and cfg.parallel.cpu_offload:
+        raise ValueError(
+            "parallel.cpu_offload=true does not work with quant.bits=8: FSDP offloads the shards of the base, and "
+            "it cannot shard an 8-bit base (every process holds it whole); use quant.bits=4, or no offload."
+        )
     if cfg.quant.bits == 4 and cfg.parallel.sharding_strategy == "SHARD_GRAD_OP":
         # NOTE: bitsandbytes re-wraps a Linear4bit's weight in its forward (to reattach the quantization
         # state FSDP's flattening dropped); FSDP1 only allows that when parameters are resharded after

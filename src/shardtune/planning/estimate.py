@@ -33,7 +33,7 @@ import torch
 
 from shardtune.config import Config, apply_overrides
 from shardtune.errors import ConfigError
-from shardtune.planning.quantized import statistics_bytes, weight_bytes
+from shardtune.planning.quantized import base_part, statistics_bytes, weight_bytes
 
 GIB = 2**30
 
@@ -384,7 +384,7 @@ def _gpu_memory(cfg: Config, s: Shape, at: _Layout, lora: int) -> dict[str, floa
         return layer_activation_bytes(*widths, key, tokens, at.row, cfg.param_dtype, adapter_dtype) - liger
 
     return {
-        f"{bits}-bit base shard": 0.0 if at.offload else _base_shard(cfg, s, at),
+        base_part(cfg.quant): 0.0 if at.offload else _base_shard(cfg, s, at),
         **(
             {f"{bits}-bit statistics (whole)": statistics_bytes(cfg.quant, lin, s.layers * s.out_rows)}
             if bits != 16

@@ -18,3 +18,8 @@ def statistics_bytes(quant: QuantConfig, weights: int, rows: int) -> float:
     if quant.bits == 4:
         return weights / 64 * (1 + 4 / 256 if quant.double_quant else 4)
     return rows * 4.0 if quant.bits == 8 else 0.0
+
+
+def base_part(quant: QuantConfig) -> str:
+    """The plan's name for the frozen base's bytes on one GPU."""
+    return "8-bit base (whole)" if quant.bits == 8 else f"{quant.bits}-bit base shard"
