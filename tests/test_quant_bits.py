@@ -3,6 +3,8 @@ built bit for bit as transformers' BitsAndBytesConfig(load_in_8bit=True) loads i
 still reads (and resumes), the plan counts each width's bytes, merge dequantizes as training saw it, and what
 cannot be done with an 8-bit base is refused with the fix."""
 
+import json
+
 import bitsandbytes as bnb
 import pytest
 import torch
@@ -167,3 +169,36 @@ def test_merge_dequantizes_as_training_saw_it(base):
         assert torch.equal(layer(x), x @ as_trained(eight, w).t())
     four = as_trained(Config(), w)
     assert 0 < (four - w).abs().max() < 0.5 and not torch.equal(four, as_trained(eight, w))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [8, 16])
+def test_an_8bit_and_a_16bit_run_train_merge_and_reload(tmp_path, bits):
+    """The tiny recipe with quant.bits=8 (LLM.int8) or 16 (unquantized), one process, fp32: the loss falls, and
+    `shardtune merge` writes a model whose logits are the base's (8-bit: as training multiplied it) + the adapter's
+    to 1e-4, loaded back with transformers and PEFT."""
+    from conftest import launch
+    from shardtune.cli.main import main
+
+    launch(
+        [
+            "recipes/tiny.py",
+            f"quant.bits={bits}",
+            "train.max_steps=8",
+            "optim.warmup_steps=0",
+            "eval.every=0",
+            "eval.samples=4",
+            "data.generated.rows=600",
+            f"train.output_dir={tmp_path}",
+            "train.run_name=run",
+        ],
+        launcher="python",
+    )
+    run = tmp_path / "run"
+    s = json.loads((run / "summary.json").read_text())
+    assert s["final_eval_loss"] < s["first_eval_loss"] and s["base_exact_match"] is not None
+    assert yaml.safe_load((run / "config.yaml").read_text())["quant"]["bits"] == bits
+    assert main(["merge", str(run), str(tmp_path / "merged"), "--dtype", "float32"]) == 0
+    proc = launch(["tests/workers/check_merged.py", str(run), str(tmp_path / "merged")], launcher="python")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["rel_l2"] < 1e-4 < result["adapter_effect"], result
