@@ -216,6 +216,10 @@ def test_base_and_tuned_samples_side_by_side(tok, tmp_path):
     assert [(r["step"], r["adapter"]) for r in saved].count((40, "on")) == 2 and max(
         r["step"] for r in saved
     ) == 40
+    # the end of a finished run, started again: its samples written once
+    again.final(50), again.final(50)
+    saved = [json.loads(x) for x in (tmp_path / "generations.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["adapter"]) for r in saved].count((50, "on")) == 3
     # a fresh start (no checkpoint) generates and writes everything anew
     model.calls.clear()
     generations(0).start(0, starting_adapter=True)

@@ -77,6 +77,7 @@ class Generations:
         done = report.scored(self.ecfg, p, outputs)
         if self.is_main:
             point = {"step": step, "adapter": "on" if adapters else "off"}
+            _drop_point(self.path, point)  # (the end of a finished run started again: written once)
             with self.path.open("a") as f:
                 f.writelines(json.dumps(point | rec) + "\n" for rec in done["records"])
         return done
@@ -139,3 +140,20 @@ def records_up_to(path: Path, step: int) -> list[dict]:
         write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
         log.info("%s: %d record(s) past step %d dropped", GENERATIONS, len(lines) - len(kept), step)
     return kept
+
+
+def _drop_point(path: Path, point: dict) -> None:
+    """generations.jsonl without the records of `point` (a step and adapters on or off), if it has any."""
+    if not path.is_file():
+        return
+
+    def of(line: str) -> dict | None:
+        try:
+            return {k: json.loads(line).get(k) for k in point}
+        except (json.JSONDecodeError, AttributeError):
+            return None
+
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if of(line) != point]
+    if len(kept) < len(lines):
+        write_atomic(path, "".join(line + "\n" for line in kept).encode())
