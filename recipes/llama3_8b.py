@@ -44,6 +44,9 @@ def config() -> Config:
     cfg.train.save_every = 50
     cfg.eval.every = 10
     cfg.eval.samples = 8
+    cfg.eval.samples_every = (
+        5  # the tuned model's samples every 50 steps (128 tokens each: not at every eval)
+    )
     cfg.eval.max_new_tokens = 128
     cfg.eval.batch_size = 4
     cfg.eval.questions = [

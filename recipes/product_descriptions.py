@@ -1,15 +1,22 @@
 """OpenLLaMA-3B QLoRA that writes product descriptions from a product name and category (Red Dot Design
-Award descriptions), with the rank x target-modules sweep that compares LoRA settings in one table.
+Award descriptions): what the base model writes for a few held-out products (the adapters off, at the start),
+then what the tuned model writes (at every eval and at the end), side by side in generations.jsonl and the
+summary; and the sweep that compares LoRA settings on a 4-bit and an 8-bit base in one table.
 
     accelerate launch --config_file fsdp_configs/2xh100.yaml recipes/product_descriptions.py
     accelerate launch --config_file fsdp_configs/2xh100.yaml recipes/product_descriptions.py --sweep
+    ... recipes/product_descriptions.py --sweep quant.bits=4,8,16          # any other grid
+
+The 8-bit rows (bitsandbytes' LLM.int8) keep the whole 8-bit base on every GPU: FSDP cannot shard int8 weights
+(docs/multi-gpu.md). bitsandbytes 0.50 also runs them on a CPU (tests/test_recipes.py runs the whole table there).
 """
 
 from shardtune import Config
 from shardtune.cli.recipe import main
 
-# rank 8 / 16 x attention-only (q_proj, v_proj) / every linear layer
-SWEEP = {"lora.r": [8, 16], "lora.target_modules": [["q_proj", "v_proj"], "all-linear"]}
+# attention-only (q_proj, v_proj) / every linear layer x a 4-bit NF4 / an 8-bit LLM.int8 base: 4 runs; the table
+# holds each run's eval loss and its samples' ROUGE-L, the base model's (adapters off) beside the tuned one's
+SWEEP = {"lora.target_modules": [["q_proj", "v_proj"], "all-linear"], "quant.bits": [4, 8]}
 
 
 def config() -> Config:

@@ -52,6 +52,27 @@ def test_hybrid_shard_shards_within_a_machine_and_replicates_across(tmp_path):
 
 
 @pytest.mark.slow
+def test_an_8bit_base_is_whole_on_every_process_and_exact(tmp_path):
+    """quant.bits=8 (LLM.int8): FSDP1 cannot flatten int8 weights, so with several processes each holds the whole
+    8-bit base (NO_SHARD, which the run sets) and no layer is wrapped; its logits equal transformers'
+    BitsAndBytesConfig(load_in_8bit=True) model's + PEFT's bit for bit, the adapters' gradients are summed over
+    the ranks as under FSDP. Any other strategy is refused, saying why."""
+    launch(
+        ["tests/workers/fsdp_exact.py", str(tmp_path), "quant.bits=8", "parallel.sharding_strategy=NO_SHARD"]
+    )
+    ranks = results(tmp_path)
+    assert [r["world"] for r in ranks] == [2, 2]
+    for r in ranks:
+        assert r["identical"], f"rank {r['rank']}: logits differ by {r['max_abs_diff']}"
+        assert r["local"] == r["total"] > 0 and r["shard_group"] is None
+        assert r["adapters_whole"] and r["grads_reduced"] and r["int8_layers"] == 28
+    assert ranks[0]["losses"][0] == ranks[1]["losses"][0]
+    (tmp_path / "full").mkdir()
+    refused = launch(["tests/workers/fsdp_exact.py", str(tmp_path / "full"), "quant.bits=8"], check=False)
+    assert "FSDP cannot shard an 8-bit base (quant.bits=8)" in refused.stdout + refused.stderr
+
+
+@pytest.mark.slow
 def test_one_process_trains_the_plain_module(tmp_path):
     launch(["tests/workers/fsdp_exact.py", str(tmp_path)], nproc=1)
     (r,) = results(tmp_path)

@@ -95,17 +95,17 @@ def _count_checkpointed(every: int) -> tuple[int, tuple]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "quantized, dropout, one_function", [(True, 0.1, False), (False, 0.1, False), (False, 0.0, True)]
+    "bits, dropout, one_function", [(4, 0.1, False), (8, 0.1, False), (16, 0.1, False), (16, 0.0, True)]
 )
-def test_fused_lora_matches_peft_forward_and_gradients(quantized, dropout, one_function):
+def test_fused_lora_matches_peft_forward_and_gradients(bits, dropout, one_function):
     """lora.fused (one addmm; without dropout on an unquantized base, base and adapter in one Function) against
     PEFT's own forward: same adapters, same dropout draws, same numbers up to the rounding of the sums, in fp32
-    and under bf16 autocast."""
+    and under bf16 autocast; on a 4-bit, an 8-bit (LLM.int8) and an unquantized base."""
     from peft.tuners.lora import Linear as PeftLinear
 
     from shardtune.kernels.fused_lora import FusedLinear
 
-    common = {"lora.dropout": dropout, "quant.load_in_4bit": quantized}
+    common = {"lora.dropout": dropout, "quant.bits": bits}
     _, peft_model = build({**common, "lora.fused": False}, CPU)
     _, fused_model = build({**common, "lora.fused": True}, CPU)
     assert {type(m) for m in fused_model.modules() if isinstance(m, PeftLinear)} == {FusedLinear}
@@ -144,7 +144,7 @@ def test_base_and_adapter_in_one_function_are_as_exact_as_the_separate_path():
     NF4 and the dropout kernel)."""
     from levers import one_function_accuracy
 
-    _, model = build({"quant.load_in_4bit": False}, CPU)
+    _, model = build({"quant.bits": 16}, CPU)
     layer = model.base_model.model.model.layers[0].mlp.down_proj
     torch.manual_seed(3)
     x, g = torch.randn(2, 40, layer.in_features), torch.randn(2, 40, layer.out_features)

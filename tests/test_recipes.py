@@ -229,8 +229,12 @@ def test_a_hub_outage_is_retried_and_a_refusal_is_an_input_error(
 
 @pytest.mark.slow
 def test_product_descriptions_sweep(tmp_path):
+    """The recipe's own grid, attention-only / all linear layers x a 4-bit / an 8-bit base, on 2 CPU processes:
+    four runs in one table with the base model's samples score (the adapters off) beside the tuned model's; each
+    run prints and writes what the base and the tuned model wrote for the same held-out products. The 8-bit runs
+    keep the whole base on each process (FSDP cannot shard int8)."""
     data = product_descriptions(tmp_path / "red_dot.csv")
-    launch(
+    proc = launch(
         [
             "recipes/product_descriptions.py",
             "--sweep",
@@ -243,18 +247,43 @@ def test_product_descriptions_sweep(tmp_path):
     assert len(rows) == 4
     status = json.loads((tmp_path / "product_descriptions" / "status.json").read_text())
     assert status["status"] == "complete" and status["runs"] == 4  # what slurm/train.sh reads
-    params = {(r["lora.r"], str(r["lora.target_modules"])): r["trainable_params"] for r in rows}
+    runs = {(r["quant.bits"], str(r["lora.target_modules"])): r for r in rows}
     attention_only = "['q_proj', 'v_proj']"
-    assert params[(8, attention_only)] < params[(16, attention_only)] < params[(16, "all-linear")]
-    assert params[(16, attention_only)] == 2 * params[(8, attention_only)]
+    for bits in (4, 8):
+        assert (
+            runs[(bits, attention_only)]["trainable_params"] < runs[(bits, "all-linear")]["trainable_params"]
+        )
+    assert runs[(4, "all-linear")]["trainable_params"] == runs[(8, "all-linear")]["trainable_params"]
     assert all(r["final_eval_loss"] < r["first_eval_loss"] for r in rows)
+    for (bits, _), r in runs.items():  # FSDP shards the 4-bit base; the 8-bit one is whole on each process
+        assert (
+            (r["sharding_strategy"], r["rank0_holds"]) == ("NO_SHARD", 1.0)
+            if bits == 8
+            else r["rank0_holds"] < 0.6
+        )
     table = (tmp_path / "product_descriptions" / "sweep" / "summary.md").read_text()
-    assert "trainable params" in table and "eval loss end" in table and table.count("\n") == 6
-    # descriptions are free text: scored by ROUGE-L, not exact match
-    assert "| ROUGE-L" in table.splitlines()[0] and all(r["sample_metric"] == "rouge_l" for r in rows)
-    assert all(0 <= r["rouge_l"] <= 1 and r["exact_match"] is None for r in rows)
-    sample = json.loads((Path(rows[0]["run_dir"]) / "generations.jsonl").read_text().splitlines()[0])
-    assert "belonging to category:" in sample["prompt"] and sample["reference"].endswith("### End")
+    head = table.splitlines()[0]
+    assert (
+        "quant.bits" in head
+        and "trainable params" in head
+        and "eval loss end" in table
+        and table.count("\n") == 6
+    )
+    # descriptions are free text: scored by ROUGE-L, not exact match, the base model's and the tuned one's
+    assert "| base ROUGE-L | ROUGE-L" in head and all(r["sample_metric"] == "rouge_l" for r in rows)
+    assert all(
+        0 <= r["rouge_l"] <= 1 and 0 <= r["base_rouge_l"] <= 1 and r["exact_match"] is None for r in rows
+    )
+    assert table in proc.stdout  # printed at the end of the sweep
+    samples = [
+        json.loads(x) for x in (Path(rows[0]["run_dir"]) / "generations.jsonl").read_text().splitlines()
+    ]
+    assert "belonging to category:" in samples[0]["prompt"] and samples[0]["reference"].endswith("### End")
+    base = {r["prompt"]: r for r in samples if r["adapter"] == "off"}
+    tuned = {r["prompt"]: r for r in samples if r["adapter"] == "on" and r["step"] == 6}
+    assert base.keys() == tuned.keys() and len(base) == 2 and {r["step"] for r in base.values()} == {0}
+    assert {r["step"] for r in samples if r["adapter"] == "on"} == {3, 6}  # eval.every=3, and the end
+    assert proc.stdout.count("    base : ") == proc.stdout.count("    tuned: ") == 4 * 2
 
 
 @pytest.mark.slow

@@ -172,7 +172,7 @@ def shardtune_first_step(base, name: str, adapter, **objective) -> dict:
         "model.init": "pretrained",
         "model.attn_implementation": "eager",
         "model.adapter": str(adapter),
-        "quant.load_in_4bit": "false",
+        "quant.bits": "16",
         "lora.r": "8",
         "lora.alpha": "16",
         "lora.target_modules": f"[{','.join(LLAMA_LINEAR_NAMES)}]",

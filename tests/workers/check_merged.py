@@ -1,5 +1,5 @@
 """Compare a merged model with its base + adapter: logits of AutoModelForCausalLM.from_pretrained(MERGED) vs
-PeftModel(4-bit base, adapter), on held-out rows. usage: python check_merged.py RUN_DIR MERGED_DIR"""
+PeftModel(quantized base, adapter), on held-out rows. usage: python check_merged.py RUN_DIR MERGED_DIR"""
 
 import json
 import sys
@@ -22,10 +22,12 @@ base = AutoModelForCausalLM.from_pretrained(
     dtype=DTYPES[cfg.param_dtype],
     device_map={"": "cpu"},
 )
-for m in base.modules():
+reference = PeftModel.from_pretrained(base, run / "adapter").eval()
+for m in reference.modules():
     if isinstance(m, bnb.nn.Linear4bit):
         m.support_avx512bf16_for_cpu = False
-reference = PeftModel.from_pretrained(base, run / "adapter").eval()
+    if isinstance(m, bnb.nn.Linear8bitLt):  # LLM.int8 as in training: on a CPU, the dequantized weight
+        m.train()
 merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
 batch = torch.randint(0, 384, (4, 40), generator=torch.Generator().manual_seed(0))
 with torch.no_grad():

@@ -35,10 +35,12 @@ def reference_model(cfg, base, device):
     for m in model.modules():
         if hasattr(m, "support_avx512bf16_for_cpu"):  # same kernels as shardtune on this CPU
             m.support_avx512bf16_for_cpu = False
-    # PEFT's own LoRA layers (no lora.fused): the reference is what transformers + PEFT compute
+    # PEFT's own LoRA layers (no lora.fused): the reference is what transformers + PEFT compute, in training mode
+    # as the model a run builds is (bitsandbytes' LLM.int8 multiplies a dequantized weight when training on a
+    # CPU, int8 rows otherwise)
     return get_peft_model(
         model, modeling.lora_config(apply_overrides(cfg, {"lora.fused": False}, "reference"))
-    )
+    ).train()
 
 
 def main(workdir: str, overrides: list[str]) -> None:
@@ -113,6 +115,7 @@ def main(workdir: str, overrides: list[str]) -> None:
                 "adapter_sum": float(sum(p.detach().double().sum() for p in adapters.values())),
                 "grads_reduced": grads_reduced,
                 "losses": losses,
+                "int8_layers": sum(type(m).__name__ == "Linear8bitLt" for m in sharded.modules()),
             }
         )
     )

@@ -1,8 +1,8 @@
 """Merge a trained adapter into its base: a standalone Hugging Face model directory (safetensors shards).
 
 Each weight the run trained against is rebuilt exactly as training saw it: the base checkpoint's matrix is
-quantized to NF4 with the run's settings and dequantized (the 4-bit rounding is part of the model the adapter
-was fitted to), then scaling * B @ A is added, and the result is cast to the output dtype. Tensors stream
+quantized with the run's settings (NF4, or LLM.int8's int8 rows with quant.bits=8) and dequantized (the rounding
+is part of the model the adapter was fitted to; quant.bits=16 keeps the matrix), then scaling * B @ A is added, and the result is cast to the output dtype. Tensors stream
 through one at a time and shards are written as they fill, so host memory stays at about one shard
 (max_shard_gib) whatever the model's size; nothing is unpickled and no GPU is required (one is used if there).
 """
@@ -71,7 +71,7 @@ class ShardWriter:
 
 
 def _quantized_names(cfg: Config, hf_config) -> set[str]:
-    """Checkpoint names of the weights that training held in 4 bits (the decoder layers' linear layers)."""
+    """Checkpoint names of the weights that training held quantized (the decoder layers' linear layers)."""
     import bitsandbytes as bnb
 
     from shardtune.model.loading import checkpoint_name
@@ -82,8 +82,28 @@ def _quantized_names(cfg: Config, hf_config) -> set[str]:
     return {
         checkpoint_name(f"{prefix}.{n}.weight")
         for n, mod in layers.named_modules()
-        if isinstance(mod, bnb.nn.Linear4bit)
+        if isinstance(mod, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt)
     }
+
+
+def as_trained(cfg: Config, tensor: torch.Tensor) -> torch.Tensor:
+    """A base weight as training saw it (float32): quantized with the run's settings and dequantized. NF4: the
+    4-bit codes times their block scales; LLM.int8: the int8 rows times their scales (SCB / 127), quantized from
+    the weight in fp16 as bitsandbytes' Int8Params quantizes it."""
+    import bitsandbytes.functional as bf
+
+    compute = DTYPES[cfg.param_dtype]
+    if cfg.quant.bits == 8:
+        rows, scales, _ = bf.int8_vectorwise_quant(tensor.to(compute).to(torch.float16))
+        return rows.float().mul_(scales.unsqueeze(1).mul(1.0 / 127.0))  # bitsandbytes' MatMul8bitFp's weight
+    packed, state = bf.quantize_4bit(
+        tensor.to(compute),
+        blocksize=64,
+        compress_statistics=cfg.quant.double_quant,
+        quant_type=cfg.quant.quant_type,
+        quant_storage=DTYPES[cfg.storage_dtype],
+    )
+    return bf.dequantize_4bit(packed, state).float()
 
 
 def merge_adapter(
@@ -94,7 +114,6 @@ def merge_adapter(
     max_shard_gib: float = 2.0,
 ) -> Path:
     """Write base + adapter as one model directory; returns it."""
-    import bitsandbytes.functional as bf
     from peft import LoraConfig
 
     t0 = time.perf_counter()
@@ -115,9 +134,8 @@ def merge_adapter(
     for key, tensor in adapter_tensors(ckpt).items():  # ...layers.0.self_attn.q_proj.lora_A.default.weight
         module = key.removeprefix("base_model.model.").split(".lora_")[0]
         lora.setdefault(module + ".weight", {})["A" if ".lora_A." in key else "B"] = tensor.float()
-    quantized = _quantized_names(cfg, hf_config) if cfg.quant.load_in_4bit else set()
+    quantized = _quantized_names(cfg, hf_config) if cfg.quant.quantized else set()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    compute = DTYPES[cfg.param_dtype]
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -127,14 +145,7 @@ def merge_adapter(
         for name in weights.files:
             tensor = get(name, None, "matrix").to(device)
             if name in quantized:
-                packed, state = bf.quantize_4bit(
-                    tensor.to(compute),
-                    blocksize=64,
-                    compress_statistics=cfg.quant.double_quant,
-                    quant_type=cfg.quant.quant_type,
-                    quant_storage=DTYPES[cfg.storage_dtype],
-                )
-                tensor = bf.dequantize_4bit(packed, state).float()
+                tensor = as_trained(cfg, tensor)
             if name in lora:
                 tensor = tensor.float() + scaling * (lora[name]["B"].to(device) @ lora[name]["A"].to(device))
             writer.add(name, tensor.to(DTYPES[dtype]))

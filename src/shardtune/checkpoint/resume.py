@@ -66,15 +66,30 @@ def _select(cfg_dict: dict, key: str):
     return cfg_dict
 
 
+def _as_now(key: str, value):
+    """A section as this version reads it: a setting saved under an older name (quant.load_in_4bit: quant.bits)
+    translated, one saved before it existed at its default. Left as it is where it no longer validates."""
+    section = Config.model_fields.get(key)
+    if section is None or not isinstance(value, dict):
+        return value
+    try:
+        return section.annotation.model_validate(value).model_dump(mode="json")
+    except ValueError:
+        return value
+
+
 def exactness_differences(saved: dict, current: dict) -> list[str]:
-    """Settings that differ between a checkpoint's config and this run's, among EXACTNESS_KEYS."""
+    """Settings that differ between a checkpoint's config and this run's, among EXACTNESS_KEYS (a setting the
+    checkpoint's config lacks counts as its default)."""
     diffs = []
+    defaults = Config().model_dump(mode="json")
     for key in EXACTNESS_KEYS:
-        a, b = _flatten(key, _select(saved, key)), _flatten(key, _select(current, key))
+        a, b = _flatten(key, _as_now(key, _select(saved, key))), _flatten(key, _select(current, key))
+        default = _flatten(key, _select(defaults, key))
         diffs += [
-            f"{k}: checkpoint {a.get(k)!r} -> now {b.get(k)!r}"
+            f"{k}: checkpoint {a.get(k, default.get(k))!r} -> now {b.get(k)!r}"
             for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k)
+            if a.get(k, default.get(k)) != b.get(k)
         ]
     return diffs
 

@@ -192,7 +192,7 @@ def compare(cfg: Config, dist: DistInfo, force_sharding: bool = False) -> Result
     )
     setup = (
         f"{hf_config.num_hidden_layers} of the model's decoder layers ({cfg.model.name_or_path}, "
-        f"{'4-bit ' + cfg.quant.quant_type.upper() if cfg.quant.load_in_4bit else 'not quantized'}, LoRA r="
+        f"{modeling.describe_quant(cfg)}, LoRA r="
         f"{cfg.lora.r}), {backend.name} on {dist.world_size} {dist.device.type.upper()} process(es), compute "
         f"{cfg.param_dtype}; one forward and backward on a fixed batch of {ROWS}x{TOKENS} tokens against an "
         "unsharded copy on the same device"

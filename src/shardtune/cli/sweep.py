@@ -109,7 +109,8 @@ def sub_value(v):
 
 def format_table(grid: dict[str, list], results: list[dict]) -> str:
     """Markdown table: the swept settings, trainable parameters, eval loss before and after, and the held-out
-    samples' score where they were scored (exact match or ROUGE-L, as each run's eval.metric chose)."""
+    samples' score where they were scored (exact match or ROUGE-L, as each run's eval.metric chose), the base
+    model's (the adapters off) beside the tuned model's."""
     head = [*grid, "trainable params", "eval loss start", "eval loss end"]
     rows = [
         [
@@ -124,10 +125,15 @@ def format_table(grid: dict[str, list], results: list[dict]) -> str:
     metrics = {m for m, _ in scores if m}
     if metrics:
         one = len(metrics) == 1
-        head.append(METRIC_NAMES[next(iter(metrics))] if one else "samples score")
-        for row, (metric, score) in zip(rows, scores, strict=True):
-            text = score_text(metric, score) if metric else "-"
-            row.append(text if one or not metric else f"{METRIC_NAMES[metric]} {text}")
+        name = METRIC_NAMES[next(iter(metrics))] if one else "samples score"
+        # the base model's samples (the adapters off) beside the tuned one's, where the runs generated them
+        base = [sample_score(r, "base_") for r in results]
+        columns = ([(f"base {name}", base)] if any(s is not None for _, s in base) else []) + [(name, scores)]
+        for title, column in columns:
+            head.append(title)
+            for row, (metric, score) in zip(rows, column, strict=True):
+                text = score_text(metric, score) if metric and score is not None else "-"
+                row.append(text if one or not metric else f"{METRIC_NAMES[metric]} {text}")
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
     fmt = "| " + " | ".join(f"{{:<{w}}}" for w in widths) + " |"
     return "\n".join(

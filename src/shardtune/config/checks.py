@@ -42,9 +42,15 @@ def cross_checks(cfg: Config) -> None:
 
 
 def _quantization_conflicts(cfg: Config) -> None:
+    old = cfg.quant.load_in_4bit  # left set only where it disagrees with quant.bits (QuantConfig._alias)
+    if old is not None:
+        raise ValueError(
+            f"quant.load_in_4bit={str(old).lower()} conflicts with quant.bits={cfg.quant.bits}: quant.load_in_4bit "
+            f"is the old name of quant.bits=4 (true) or 16 (false); set quant.bits alone"
+        )
     param = PARAM_DTYPES[cfg.parallel.mixed_precision]
     storage = cfg.quant.storage_dtype
-    if cfg.quant.load_in_4bit and storage not in ("auto", param):
+    if cfg.quant.bits == 4 and storage not in ("auto", param):
         # NOTE: FSDP flattens every parameter of a wrapped unit into one FlatParameter of a single dtype.
         # bitsandbytes stores the packed 4-bit bytes inside a tensor of quant.storage_dtype; unless that
         # dtype is the FSDP parameter dtype, FSDP cannot flatten the decoder layer together with its
@@ -55,7 +61,12 @@ def _quantization_conflicts(cfg: Config) -> None:
             f"weights only when they are stored in the FSDP parameter dtype; set quant.storage_dtype=auto "
             f"(or {param})."
         )
-    if cfg.quant.load_in_4bit and cfg.parallel.sharding_strategy == "SHARD_GRAD_OP":
+    if cfg.quant.bits == 8 and cfg.parallel.cpu_offload:
+        raise ValueError(
+            "parallel.cpu_offload=true does not work with quant.bits=8: FSDP offloads the shards of the base, and "
+            "it cannot shard an 8-bit base (every process holds it whole); use quant.bits=4, or no offload."
+        )
+    if cfg.quant.bits == 4 and cfg.parallel.sharding_strategy == "SHARD_GRAD_OP":
         # NOTE: bitsandbytes re-wraps a Linear4bit's weight in its forward (to reattach the quantization
         # state FSDP's flattening dropped); FSDP1 only allows that when parameters are resharded after
         # forward, which SHARD_GRAD_OP skips ("does not support changing the parameters between forward
@@ -69,6 +80,14 @@ def _quantization_conflicts(cfg: Config) -> None:
 def _backend_conflicts(cfg: Config) -> None:
     if cfg.parallel.backend != "deepspeed":
         return
+    if cfg.quant.bits == 8:
+        # NOTE: not tried: ZeRO-3 partitions every parameter; LLM.int8 keeps its row scales (SCB) beside the int8
+        # weight on the module, which a partitioned weight's gather would not bring back
+        raise ValueError(
+            "quant.bits=8 does not work with parallel.backend=deepspeed (ZeRO-3 partitions the int8 weights, whose "
+            "per-row scales bitsandbytes keeps on the module); train the 8-bit base under FSDP (an fsdp_configs/ "
+            "config without zero3: every process holds the whole 8-bit base), or use quant.bits=4."
+        )
     if cfg.lora.fused is True:
         raise ValueError(
             "lora.fused=true does not work with parallel.backend=deepspeed (ZeRO-3 gathers lora_B's weight "

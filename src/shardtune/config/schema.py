@@ -57,15 +57,42 @@ class ModelConfig(Section):
 class QuantConfig(Section):
     """How bitsandbytes quantizes the frozen base."""
 
-    load_in_4bit: bool = True
-    """Quantize the frozen base to 4 bits with bitsandbytes (QLoRA). False trains LoRA on an unquantized base."""
+    bits: Literal[4, 8, 16] = 4
+    """Bits per weight of the frozen base's decoder layers: 4 is QLoRA (bitsandbytes NF4, or quant_type=fp4);
+    8 is bitsandbytes' LLM.int8 (Linear8bitLt: int8 weights with a scale per row, as transformers'
+    BitsAndBytesConfig(load_in_8bit=True) builds them; FSDP cannot shard them: with several processes every one
+    holds the whole 8-bit base); 16 is plain LoRA on an unquantized base in the compute dtype
+    (parallel.mixed_precision)."""
+    load_in_4bit: bool | None = None
+    """Deprecated alias of quant.bits: true is bits=4, false is bits=16 (read from older configurations)."""
     quant_type: Literal["nf4", "fp4"] = "nf4"
-    """4-bit data type. NF4 is the QLoRA paper's normal-float format."""
+    """4-bit data type (bits=4). NF4 is the QLoRA paper's normal-float format."""
     double_quant: bool = True
-    """Quantize the per-block scales too (saves about 0.4 bits per parameter)."""
+    """Quantize the per-block scales too (bits=4; saves about 0.4 bits per parameter)."""
     storage_dtype: Literal["auto", "bfloat16", "float16", "float32", "uint8"] = "auto"
-    """dtype of the tensor that holds the packed 4-bit weights. 'auto' uses the FSDP parameter dtype
+    """dtype of the tensor that holds the packed 4-bit weights (bits=4). 'auto' uses the FSDP parameter dtype
     (parallel.mixed_precision), the only value FSDP can shard."""
+
+    @field_validator("bits", mode="before")
+    @classmethod
+    def _bits_from_text(cls, value: Any) -> Any:
+        """'8' from a command line (pydantic matches a Literal of ints exactly)."""
+        return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+
+    @model_validator(mode="after")
+    def _alias(self) -> QuantConfig:
+        """quant.load_in_4bit (the setting before quant.bits) given: bits from it, the alias cleared."""
+        bits = 16 if self.load_in_4bit is False else 4
+        # (4 is the default, which the alias overrides; one that disagrees with another value is left for
+        # checks.py to refuse)
+        if self.load_in_4bit is not None and self.bits in (4, bits):
+            object.__setattr__(self, "bits", bits)
+            object.__setattr__(self, "load_in_4bit", None)
+        return self
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits != 16
 
 
 class LoraSettings(Section):
@@ -306,7 +333,12 @@ class EvalConfig(Section):
     batch_size: int = Field(16, gt=0)
     """Eval rows per forward pass per process."""
     samples: int = Field(64, ge=0)
-    """Held-out rows to generate completions for at the end, scored by eval.metric."""
+    """Held-out rows to generate completions for, scored by eval.metric: by the base model (the adapters off)
+    once at the start, and by the tuned model at evals (eval.samples_every) and at the end, side by side in
+    generations.jsonl. 0: none."""
+    samples_every: int = Field(1, ge=0)
+    """Generate the eval.samples rows with the adapters at every k-th eval (1: at every eval; their score goes to
+    metrics.jsonl). 0: only at the end. (Greedy: the training is the same either way.)"""
     metric: Literal["auto", "exact_match", "rouge_l", "none"] = "auto"
     """How the generated samples are scored against the held-out answers: 'exact_match' (the same text,
     surrounding whitespace aside), 'rouge_l' (ROUGE-L F1: the longest common word sequence, for free text),
@@ -314,7 +346,7 @@ class EvalConfig(Section):
     show: int = Field(6, ge=0)
     """Generated samples printed in the run log."""
     questions: list[str] = Field(default_factory=list)
-    """Free-form instructions to answer after training (written to generations.jsonl)."""
+    """Free-form instructions to answer before and after training (written to generations.jsonl)."""
     max_new_tokens: int = Field(24, gt=0)
     """Longest generated completion."""
 

@@ -1,9 +1,9 @@
-"""Build the 4-bit base + LoRA one decoder layer at a time, sharding each layer as soon as it exists.
+"""Build the quantized base + LoRA one decoder layer at a time, sharding each layer as soon as it exists.
 
-    skeleton on the meta device (transformers, no memory) -> Linear4bit in place of the decoder layers'
-    nn.Linear -> PEFT LoRA on the skeleton
+    skeleton on the meta device (transformers, no memory) -> Linear4bit (or LLM.int8's Linear8bitLt, quant.bits)
+    in place of the decoder layers' nn.Linear -> PEFT LoRA on the skeleton
     -> for each decoder layer: stream its weights in (safetensors) or draw them (model.init=random), quantize
-       them to NF4 on this process's device, initialize its adapters, hand it to the backend (FSDP keeps
+       them to NF4 (or int8) on this process's device, initialize its adapters, hand it to the backend (FSDP keeps
        this rank's shard and frees the rest)
     -> embeddings, final norm, output head, rotary buffers -> the backend's root unit
 
@@ -135,35 +135,22 @@ def weight_source(cfg: Config, path: str | None, hf_config, device: torch.device
 
 # ------------------------------------------------------------------------------------------- skeleton
 def skeleton(cfg: Config, hf_config, attn: str):
-    """The model on the meta device: Linear4bit in the decoder layers, PEFT LoRA around them."""
+    """The model on the meta device: the decoder layers' nn.Linear replaced by bitsandbytes' quantized layers
+    (quant.bits 4 or 8; 16 keeps them), PEFT LoRA around them."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from shardtune.kernels.nf4 import Linear4bit  # bitsandbytes' module, dequantizing in one kernel on GPUs
     from shardtune.model.modeling import lora_config
 
     dtype = DTYPES[cfg.param_dtype]
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation=attn)
-        if cfg.quant.load_in_4bit:
+        if cfg.quant.quantized:
             for layer in decoder_layers(model, cfg.parallel.wrap_class):
                 for parent in list(layer.modules()):
                     for name, child in list(parent.named_children()):
                         if type(child) is nn.Linear:
-                            setattr(
-                                parent,
-                                name,
-                                Linear4bit(
-                                    child.in_features,
-                                    child.out_features,
-                                    bias=child.bias is not None,
-                                    compute_dtype=dtype,
-                                    compress_statistics=cfg.quant.double_quant,
-                                    quant_type=cfg.quant.quant_type,
-                                    quant_storage=DTYPES[cfg.storage_dtype],
-                                    device="meta",
-                                ),
-                            )
+                            setattr(parent, name, quantized_linear(cfg, child))
         if cfg.model.fused_kernels is True:  # resolved from 'auto' by the run (modeling.fused_kernels)
             from shardtune.model.modeling import apply_fused_kernels
 
@@ -172,6 +159,37 @@ def skeleton(cfg: Config, hf_config, attn: str):
         model.config.use_cache = False
         model = get_peft_model(model, lora_config(cfg))
     return model
+
+
+def quantized_linear(cfg: Config, child: nn.Linear) -> nn.Module:
+    """The bitsandbytes layer (on meta) that replaces `child`, as transformers' BitsAndBytesConfig loading builds
+    it (modeling.quantization_config): Linear4bit (shardtune's, dequantizing in one kernel on GPUs) or LLM.int8's
+    Linear8bitLt (int8 weights, no fp16 copy, outlier threshold 6.0)."""
+    import bitsandbytes as bnb
+
+    from shardtune.kernels.nf4 import Linear4bit
+    from shardtune.model.modeling import INT8_THRESHOLD
+
+    bias = child.bias is not None
+    if cfg.quant.bits == 8:
+        return bnb.nn.Linear8bitLt(
+            child.in_features,
+            child.out_features,
+            bias=bias,
+            has_fp16_weights=False,
+            threshold=INT8_THRESHOLD,
+            device="meta",
+        )
+    return Linear4bit(
+        child.in_features,
+        child.out_features,
+        bias=bias,
+        compute_dtype=DTYPES[cfg.param_dtype],
+        compress_statistics=cfg.quant.double_quant,
+        quant_type=cfg.quant.quant_type,
+        quant_storage=DTYPES[cfg.storage_dtype],
+        device="meta",
+    )
 
 
 def decoder_layers(model: nn.Module, wrap_class: str) -> nn.ModuleList:
@@ -202,20 +220,9 @@ def _fill(module: nn.Module, prefix: str, get, cfg: Config, device: torch.device
         full = f"{prefix}.{mod_name}" if mod_name else prefix
         if isinstance(mod, LoraLayer):
             continue  # the adapters are initialized below, after the base weights
-        if isinstance(mod, bnb.nn.Linear4bit):
+        if isinstance(mod, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt):
             w = get(checkpoint_name(f"{full}.weight"), (mod.out_features, mod.in_features), "matrix")
-            param = bnb.nn.Params4bit(
-                w.to(device=device, dtype=dtype),
-                requires_grad=False,
-                compress_statistics=cfg.quant.double_quant,
-                quant_type=cfg.quant.quant_type,
-                quant_storage=DTYPES[cfg.storage_dtype],
-                module=mod,
-            )
-            mod.weight = param._quantize(device)  # also records mod.quant_state, which FSDP's views lose
-            # NOTE: on AVX512-BF16 CPUs bitsandbytes repacks the weight in place in eval mode; under FSDP
-            # the repacked bytes vanish at the next all-gather. Off, so every CPU computes the same.
-            mod.support_avx512bf16_for_cpu = False
+            mod.weight = quantize(mod, w.to(device=device, dtype=dtype), cfg, device)
             del w
             if mod.bias is not None:
                 mod.bias = nn.Parameter(
@@ -228,6 +235,29 @@ def _fill(module: nn.Module, prefix: str, get, cfg: Config, device: torch.device
         if any(part.startswith("lora_") for part in mod_name.split(".")):
             continue  # inside an adapter
         _materialize(mod, full, get, dtype, device)
+
+
+def quantize(mod: nn.Module, w: torch.Tensor, cfg: Config, device: torch.device) -> nn.Parameter:
+    """`w` (in the compute dtype, on `device`) quantized for `mod` as bitsandbytes quantizes it when
+    transformers loads with BitsAndBytesConfig: NF4 (Params4bit) or LLM.int8 (Int8Params: int8 rows and their
+    absmax scales SCB, quantized from w in fp16)."""
+    import bitsandbytes as bnb
+
+    if isinstance(mod, bnb.nn.Linear8bitLt):
+        return bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)._quantize(device)
+    param = bnb.nn.Params4bit(
+        w,
+        requires_grad=False,
+        compress_statistics=cfg.quant.double_quant,
+        quant_type=cfg.quant.quant_type,
+        quant_storage=DTYPES[cfg.storage_dtype],
+        module=mod,
+    )
+    weight = param._quantize(device)  # also records mod.quant_state, which FSDP's views lose
+    # NOTE: on AVX512-BF16 CPUs bitsandbytes repacks the weight in place in eval mode; under FSDP the repacked
+    # bytes vanish at the next all-gather. Off, so every CPU computes the same.
+    mod.support_avx512bf16_for_cpu = False
+    return weight
 
 
 def _materialize(mod: nn.Module, name: str, get, dtype: torch.dtype, device: torch.device) -> None:

@@ -170,9 +170,19 @@ def apply_fused_kernels(causal_lm) -> None:
     )
 
 
+# LLM.int8's outlier threshold: input columns with a value above it are multiplied in fp16 (transformers'
+# BitsAndBytesConfig default, llm_int8_threshold)
+INT8_THRESHOLD = 6.0
+
+
 def quantization_config(cfg: Config) -> BitsAndBytesConfig | None:
-    if not cfg.quant.load_in_4bit:
+    """The transformers quantization config that loads the base as the run holds it (None for quant.bits=16)."""
+    if cfg.quant.bits == 16:
         return None
+    if cfg.quant.bits == 8:
+        return BitsAndBytesConfig(
+            load_in_8bit=True, llm_int8_threshold=INT8_THRESHOLD, llm_int8_has_fp16_weight=False
+        )
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=cfg.quant.quant_type,
@@ -182,6 +192,15 @@ def quantization_config(cfg: Config) -> BitsAndBytesConfig | None:
         # (Config enforces it) or FSDP cannot flatten a decoder layer's parameters into one FlatParameter.
         bnb_4bit_quant_storage=DTYPES[cfg.storage_dtype],
     )
+
+
+def describe_quant(cfg: Config) -> str:
+    """The frozen base's format, for logs: 'NF4 4-bit', 'LLM.int8 8-bit', 'not quantized (bfloat16)'."""
+    if cfg.quant.bits == 4:
+        return f"{cfg.quant.quant_type.upper()} 4-bit"
+    if cfg.quant.bits == 8:
+        return "LLM.int8 8-bit"
+    return f"not quantized ({cfg.param_dtype})"
 
 
 def write_random_base(cfg: Config, tokenizer, out_dir: Path) -> Path:

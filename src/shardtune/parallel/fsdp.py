@@ -16,6 +16,10 @@ unit each would cost FSDP's per-unit hooks and collectives for every one of them
 for 70B: measured 5x slower steps on 2 GPUs); in the layer's own FlatParameter they would need the base's
 dtype and a gradient buffer the size of the whole layer.
 
+An 8-bit base (quant.bits=8, LLM.int8) is not sharded: FSDP1 cannot flatten int8 weights (INT8_NOT_SHARDED).
+With several processes (parallel.sharding_strategy=NO_SHARD, which the run sets) every rank holds the whole
+model, not wrapped, and the adapters' gradients are summed as above: data parallel, the same arithmetic.
+
 One process has nothing to shard and trains the plain module: FSDP1 would switch itself to NO_SHARD,
 whose state-dict path loses the frozen 4-bit weights (they stay plain tensors after a forward). The loss
 math is the same; FsdpBackend hides the difference from the loop.
@@ -63,6 +67,9 @@ class FsdpBackend:
         self.max_grad_norm = max_grad_norm
         self.name = f"FSDP {pcfg.sharding_strategy}"
         self.layer_cls: type | None = None
+        self.replicated = (
+            False  # int8 layers: the base whole on every rank, no FSDP unit (has_integer_weights)
+        )
         self.model: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.grad_scaler = None
@@ -96,15 +103,23 @@ class FsdpBackend:
 
     # ---------------------------------------------------------------------------------------- building
     def shard_layer(self, layer: torch.nn.Module) -> torch.nn.Module:
-        """One decoder layer, complete on this rank: its FSDP unit, adapters left whole."""
+        """One decoder layer, complete on this rank: its FSDP unit, adapters left whole (an 8-bit layer: whole,
+        not wrapped; see int8_not_sharded)."""
         self.layer_cls = type(layer)
-        if not self.enabled:
+        if self.enabled and not self.replicated and has_integer_weights(layer):
+            if self.pcfg.sharding_strategy != "NO_SHARD":
+                raise ValueError(
+                    INT8_NOT_SHARDED + "; with parallel.sharding_strategy=NO_SHARD they are kept whole"
+                )
+            self.replicated = True
+            self.name = "data parallel (FSDP NO_SHARD: the 8-bit base whole on every process)"
+        if not self.enabled or self.replicated:
             return layer
         return FSDP(layer, ignored_states=adapters(layer), **self.kwargs)
 
     def shard_root(self, model: torch.nn.Module) -> torch.nn.Module:
         """The rest of the model (its layers already wrapped) as the root unit, then checkpointing."""
-        if self.enabled:
+        if self.enabled and not self.replicated:
             model = FSDP(model, ignored_states=adapters(model), **self.kwargs)
             if self.kwargs["cpu_offload"].offload_params:
                 lean_offload(model)
@@ -165,6 +180,20 @@ class FsdpBackend:
             local += flat.numel()  # between forwards a flat parameter holds this rank's shard only
             total += int(flat._unpadded_unsharded_size.numel())
         return {"local": local, "total": total}
+
+
+# NOTE: tried on 2 CPU processes (FULL_SHARD and NO_SHARD alike): FSDP1 refuses LLM.int8's Int8Params with
+# "ValueError: Cannot flatten integer dtype tensors"; and bitsandbytes' Linear8bitLt reads its int8 rows and their
+# scales (SCB) from its own state, not from the parameter FSDP would gather.
+INT8_NOT_SHARDED = (
+    "FSDP cannot shard an 8-bit base (quant.bits=8): FSDP1 flattens a unit's parameters into one floating-point "
+    "tensor, and LLM.int8's weights are int8 rows whose scales bitsandbytes keeps on the module"
+)
+
+
+def has_integer_weights(module: torch.nn.Module) -> bool:
+    """Whether `module` holds integer parameters (LLM.int8's Int8Params), which FSDP1 cannot flatten."""
+    return any(not p.dtype.is_floating_point for p in module.parameters())
 
 
 def hybrid_groups(world_size: int, per_machine: int, timeout_minutes: float):

@@ -4,9 +4,10 @@
 
 Memory per GPU is the sum of parts that follow from the shapes and the way shardtune shards (parallel.py):
 
-- the frozen base, sharded: 4-bit bytes of every linear layer (0.5 byte per weight), norms, embeddings and
-  the output head, divided by the number of GPUs; the 4-bit quantization statistics (absmax, kept whole by
-  every rank on the module); with CPU offload the shards live in host memory instead;
+- the frozen base, sharded: the bytes of every linear layer (quant.bits=4: 0.5 byte per weight; 8: 1 byte, whole
+  on every GPU as FSDP cannot shard it; 16: the compute dtype's 2 or 4), norms, embeddings and the output head,
+  divided by the number of GPUs; the quantization statistics (4-bit absmax, kept whole by every rank on the
+  module; 8-bit: an fp32 scale per row); with CPU offload the shards live in host memory instead;
 - what FSDP gathers while computing: the root unit (embeddings and head) stays whole from the forward to
   the end of the backward; one decoder layer at a time plus one prefetched; bitsandbytes dequantizes each
   weight to the compute dtype for its matmul;
@@ -32,6 +33,7 @@ import torch
 
 from shardtune.config import Config, apply_overrides
 from shardtune.errors import ConfigError
+from shardtune.planning.quantized import base_part, statistics_bytes, weight_bytes
 
 GIB = 2**30
 
@@ -110,6 +112,11 @@ class Shape:
     @property
     def layer_weights(self) -> int:
         return sum(i * o for i, o in self.linears().values())
+
+    @property
+    def out_rows(self) -> int:
+        """Output rows of one decoder layer's linear layers (LLM.int8 keeps a scale per row)."""
+        return sum(o for _, o in self.linears().values())
 
     @property
     def root_weights(self) -> int:
@@ -274,6 +281,8 @@ class _Layout:
         shards = {"NO_SHARD": 1, "HYBRID_SHARD": max(1, n // max(nodes, 1))}.get(
             cfg.parallel.sharding_strategy, n
         )
+        if cfg.quant.bits == 8 and cfg.parallel.backend == "fsdp":
+            shards = 1  # FSDP cannot shard int8 weights: the run keeps the whole 8-bit base on every GPU
         return cls(
             n=n,
             tokens=tokens,
@@ -327,7 +336,7 @@ def estimate(cfg: Config, hf_config, gpus: int, nodes: int = 1, gpu_name: str = 
     return Estimate(
         settings=settings,
         gpu=gpu,
-        host=_host_memory(s, at, nodes, lora, _base_shard(s, at)),
+        host=_host_memory(s, at, nodes, lora, _base_shard(cfg, s, at)),
         eval_bytes=eval_bytes,
         checkpoint_bytes=(4 + _moment_bytes(cfg)) * lora,  # fp32 adapters + two AdamW moments
         step_s=step_s,
@@ -342,10 +351,12 @@ def _moment_bytes(cfg: Config) -> int:
     return 2 if cfg.optim.name.endswith("_8bit") else 8
 
 
-def _base_shard(s: Shape, at: _Layout) -> float:
-    """Bytes of the frozen base one GPU holds: 4-bit linear weights, norms, embeddings and head, sharded."""
+def _base_shard(cfg: Config, s: Shape, at: _Layout) -> float:
+    """Bytes of the frozen base one GPU holds: linear weights (weight_bytes), norms, embeddings, head."""
     lin, norms = s.layers * s.layer_weights, s.layers * 2 * s.hidden
-    return (lin * 0.5 + norms * at.compute + s.root_weights * at.compute) / at.shards
+    return (
+        lin * weight_bytes(cfg.quant, at.compute) + norms * at.compute + s.root_weights * at.compute
+    ) / at.shards
 
 
 def _gpu_memory(cfg: Config, s: Shape, at: _Layout, lora: int) -> dict[str, float]:
@@ -353,10 +364,8 @@ def _gpu_memory(cfg: Config, s: Shape, at: _Layout, lora: int) -> dict[str, floa
     from shardtune.model.modeling import lora_fused
 
     compute, tokens = at.compute, at.tokens
-    lin = s.layers * s.layer_weights
-    # absmax per 64 weights: one byte with double quantization (plus fp32 per 256 blocks), else fp32
-    quant_state = lin / 64 * (1 + 4 / 256 if cfg.quant.double_quant else 4)
-    layer_full = s.layer_weights * 0.5 + 2 * s.hidden * compute
+    bits, lin = cfg.quant.bits, s.layers * s.layer_weights
+    layer_full = s.layer_weights * weight_bytes(cfg.quant, compute) + 2 * s.hidden * compute
     # Liger's SwiGLU keeps no activation output (recomputed in backward) and its RMSNorm no fp32 copy of the
     # input (two norms per layer)
     liger = tokens * (s.inter * compute + 2 * s.hidden * 4) if at.fused else 0
@@ -375,15 +384,23 @@ def _gpu_memory(cfg: Config, s: Shape, at: _Layout, lora: int) -> dict[str, floa
         return layer_activation_bytes(*widths, key, tokens, at.row, cfg.param_dtype, adapter_dtype) - liger
 
     return {
-        "4-bit base shard": 0.0 if at.offload else _base_shard(s, at),
-        "4-bit statistics (whole)": quant_state,
+        base_part(cfg.quant): 0.0 if at.offload else _base_shard(cfg, s, at),
+        **(
+            {f"{bits}-bit statistics (whole)": statistics_bytes(cfg.quant, lin, s.layers * s.out_rows)}
+            if bits != 16
+            else {}
+        ),
         # the root unit stays gathered from forward to backward (FSDP1 does not reshard the root); its own
         # shard is counted above unless offloaded (measured: -20% without this on the offloaded 80-layer 70B)
         "embeddings + head, gathered": s.root_weights
         * compute
         * (1 if at.offload else (at.shards - 1) / at.shards),
         "2 decoder layers, gathered": 2 * layer_full if at.shards > 1 else 0.0,
-        "dequantized weights (2 matmuls)": 2 * max(i * o for i, o in s.linears().values()) * compute,
+        # bitsandbytes dequantizes a 4-bit weight for every matmul, an 8-bit one for the input gradient
+        "dequantized weights (2 matmuls)": (bits != 16)
+        * 2
+        * max(i * o for i, o in s.linears().values())
+        * compute,
         # FSDP leaves the adapters whole on every rank; ZeRO-3 partitions them with their gradients and AdamW
         **(
             {"adapters + grads + AdamW (whole)": (8 + _moment_bytes(cfg)) * lora}

@@ -15,6 +15,7 @@ from shardtune.model import loading, modeling
 from shardtune.observability.memory import gpu_peak_gib, host_peak_gib, host_rss_gib
 from shardtune.parallel.backend import DEEPSPEED_MISSING, Backend, backend_for, deepspeed_installed
 from shardtune.parallel.distributed import DistInfo, all_reduce_max, barrier, gather_object, machine_count
+from shardtune.parallel.fsdp import INT8_NOT_SHARDED
 from shardtune.planning.auto import describe_auto, device_memory, resolve_auto
 
 log = logging.getLogger("shardtune")
@@ -29,6 +30,7 @@ def resolve_settings(cfg: Config, hf_config, dist: DistInfo) -> Config:
         cfg, hf_config, dist.device.type
     )  # `true` where it cannot run: refused here
     cfg = apply_overrides(cfg, {"model.fused_kernels": fused}, "model.fused_kernels")
+    cfg = _int8_whole(cfg, dist)
     # NOTE: every rank decides alone, so each decides from the same facts: the least GPU memory of any process,
     # the machines counted from every machine's process count (ranks that chose different sharding would wait
     # in each other's collectives until the timeout)
@@ -50,6 +52,22 @@ def resolve_settings(cfg: Config, hf_config, dist: DistInfo) -> Config:
             f", planned peak {est.gpu_peak / 2**30:.1f} of {gpu_mem / 2**30:.0f} GiB" if est else " (CPU)",
         )
     return resolved
+
+
+def _int8_whole(cfg: Config, dist: DistInfo) -> Config:
+    """quant.bits=8 on several FSDP processes: every process holds the whole 8-bit base (NO_SHARD; FSDP cannot
+    shard int8 weights), said once in the log."""
+    if cfg.quant.bits != 8 or cfg.parallel.backend != "fsdp" or dist.world_size == 1:
+        return cfg
+    if dist.is_main and cfg.parallel.sharding_strategy not in ("NO_SHARD", "auto"):
+        log.warning(
+            "%s: parallel.sharding_strategy=%s -> NO_SHARD, each of the %d processes holds the whole 8-bit base "
+            "(data parallel; `shardtune plan` counts it). To shard the base, use quant.bits=4.",
+            INT8_NOT_SHARDED,
+            cfg.parallel.sharding_strategy,
+            dist.world_size,
+        )
+    return apply_overrides(cfg, {"parallel.sharding_strategy": "NO_SHARD"}, "quant.bits=8")
 
 
 def run_backend(cfg: Config, dist: DistInfo) -> Backend:
@@ -110,8 +128,8 @@ def _log_model(
         cfg.lora.r,
         cfg.lora.target_modules,
         f"{cfg.quant.quant_type.upper()} 4-bit storage {cfg.storage_dtype}, {nf4.describe(cfg.quant, dist.device)}"
-        if cfg.quant.load_in_4bit
-        else "not quantized",
+        if cfg.quant.bits == 4
+        else modeling.describe_quant(cfg),
         attn,
         ", Liger fused kernels" if cfg.model.fused_kernels is True else "",
         f"{backend.name} compute {cfg.param_dtype}",

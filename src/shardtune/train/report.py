@@ -4,8 +4,8 @@ printed at the end (samples, the score, the loss before and after, where everyth
 
 from __future__ import annotations
 
-import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,48 +50,79 @@ def rouge_l(generated: str, reference: str) -> float:
     return float(score["rougeL_fmeasure"])
 
 
+@dataclass(frozen=True)
+class Prompts:
+    """What is generated for: the first eval.samples held-out rows (their prompts, the answers they hold, a
+    preference row's rejected response) and eval.questions."""
+
+    prompts: list[str]
+    references: list[str]
+    rejected: list[str | None]
+    questions: list[str]  # as written
+    question_prompts: list[str]  # in the data's template
+
+    @classmethod
+    def of(cls, ecfg: EvalConfig, data: Data) -> Prompts:
+        fmt = data.formatter
+        rows = data.eval_rows[: ecfg.samples] if fmt.fmt != "text" else []
+        return cls(
+            [fmt.prompt(r, i) for i, r in enumerate(rows)],
+            [fmt.reference(r, i) for i, r in enumerate(rows)],
+            [fmt.rejected(r, i) for i, r in enumerate(rows)],
+            list(ecfg.questions),
+            [fmt.question_prompt(q) for q in ecfg.questions],
+        )
+
+
 def samples(ecfg: EvalConfig, generate, data: Data) -> dict:
     """Generate completions for held-out rows (scored by eval.metric) and for eval.questions."""
-    fmt = data.formatter
-    rows = data.eval_rows[: ecfg.samples] if fmt.fmt != "text" else []
-    prompts = [fmt.prompt(r, i) for i, r in enumerate(rows)]
-    refs = [fmt.reference(r, i) for i, r in enumerate(rows)]
-    rejected = [fmt.rejected(r, i) for i, r in enumerate(rows)]  # preference rows: the response not preferred
-    questions = [fmt.question_prompt(q) for q in ecfg.questions]
-    outputs = generate(prompts + questions, ecfg.max_new_tokens, ecfg.batch_size)
-    metric = metric_for(ecfg.metric, refs)
+    p = Prompts.of(ecfg, data)
+    outputs = generate(p.prompts + p.question_prompts, ecfg.max_new_tokens, ecfg.batch_size)
+    return scored(ecfg, p, outputs)
+
+
+def scored(ecfg: EvalConfig, p: Prompts, outputs: list[str]) -> dict:
+    """The records of `outputs` (one per held-out row, then per question if there are as many outputs), each
+    row's scored by eval.metric, and their tally."""
+    metric = metric_for(ecfg.metric, p.references)
     records = [
-        {"prompt": p, "reference": r, "generated": g, "exact": g.strip() == r.strip()}
+        {"prompt": q, "reference": r, "generated": g, "exact": g.strip() == r.strip()}
         | ({"rejected": x, "as_rejected": g.strip() == x.strip()} if x is not None else {})
-        for p, r, x, g in zip(prompts, refs, rejected, outputs[: len(prompts)], strict=True)
+        for q, r, x, g in zip(p.prompts, p.references, p.rejected, outputs[: len(p.prompts)], strict=True)
     ]
     if metric == "rouge_l":
         for rec in records:
             rec["rouge_l"] = rouge_l(rec["generated"], rec["reference"])
+    answers = outputs[len(p.prompts) :]
+    if answers:
+        records += [{"question": q, "generated": g} for q, g in zip(p.questions, answers, strict=True)]
+    return tally(records, metric)
+
+
+def tally(records: list[dict], metric: str | None) -> dict:
+    """`records` (as `scored` makes them) with the mean of `metric` over the held-out rows' (None for the other
+    metric, and for both without one), the exact matches and the rows' count."""
+    rows = [rec for rec in records if "reference" in rec]
     scores = {
-        "exact_match": [float(rec["exact"]) for rec in records],
-        "rouge_l": [rec.get("rouge_l", 0.0) for rec in records],
+        "exact_match": [float(rec["exact"]) for rec in rows],
+        "rouge_l": [rec.get("rouge_l", 0.0) for rec in rows],
     }
-    hits = sum(rec["exact"] for rec in records)
-    records += [
-        {"question": q, "generated": g} for q, g in zip(ecfg.questions, outputs[len(prompts) :], strict=True)
-    ]
     return {
         "records": records,
         "metric": metric,
-        # the mean over the rows of the metric used; None for the other (and for both without a metric)
-        **{name: sum(v) / len(v) if name == metric else None for name, v in scores.items()},
-        "hits": hits,
+        **{name: sum(v) / len(v) if name == metric and v else None for name, v in scores.items()},
+        "hits": sum(rec["exact"] for rec in rows),
         "n": len(rows),
     }
 
 
-def sample_score(summary: dict) -> tuple[str | None, float | None]:
-    """(metric, score) of a run's summary (summaries written before eval.metric have exact_match alone)."""
+def sample_score(summary: dict, whose: str = "") -> tuple[str | None, float | None]:
+    """(metric, score) of a run's summary (summaries written before eval.metric have exact_match alone); `whose`
+    'base_': the base model's score (None in summaries written before it was generated)."""
     metric = summary.get("sample_metric")
     if metric is None and summary.get("exact_match") is not None:
         metric = "exact_match"
-    return metric, summary.get(metric) if metric else None
+    return metric, summary.get(whose + metric) if metric else None
 
 
 def score_text(metric: str, score: float) -> str:
@@ -101,33 +132,9 @@ def score_text(metric: str, score: float) -> str:
 def print_summary(
     sink: MetricsSink, summary: dict, run_dir: Path, plot: Path | None, samples: dict, show: int
 ) -> None:
-    with (run_dir / "generations.jsonl").open("w") as f:
-        for rec in samples["records"]:
-            f.write(json.dumps(rec) + "\n")
-    shown = [r for r in samples["records"] if "reference" in r][:show]
-    lines = ["", "samples (held-out rows, greedy):"] if shown else [""]
-    for r in shown:
-        # the prompt's last line of content (the instruction), without template boilerplate
-        content = [ln for ln in r["prompt"].splitlines() if ln.strip() and not ln.startswith("###")]
-        verdict = "ok" if r["exact"] else "expected " + repr(r["reference"].strip()[:40])
-        if "rouge_l" in r:
-            verdict = f"ROUGE-L {r['rouge_l']:.2f}"
-        lines.append(
-            f"  {content[-1][:60] if content else '':<60} -> {r['generated'].strip()[:40]!r:<14} {verdict}"
-        )
-    for r in samples["records"]:
-        if "question" in r:
-            lines.append(f"  Q: {r['question']}\n  A: {r['generated'].strip()}")
-    n = samples["n"]
-    if samples["metric"] == "exact_match":
-        lines.append(
-            f"  exact match on {n} held-out rows: {samples['hits']}/{n} ({100 * samples['exact_match']:.1f}%)"
-        )
-    elif samples["metric"] == "rouge_l":
-        lines.append(
-            f"  ROUGE-L on {n} held-out rows: {samples['rouge_l']:.3f} (mean F1 of the longest common word "
-            f"sequence with the reference: answers of many words; eval.metric chooses)"
-        )
+    """The summary printed at the end: held-out samples (`samples`; beside the base model's where
+    samples["base"] holds them), their score, the loss before and after, where everything was written."""
+    lines = sample_lines(samples, show)
     first, last = summary["first_eval_loss"], summary["final_eval_loss"]
     if first:
         lines.append(f"\neval loss {first:.4f} -> {last:.4f} ({last / first:.3f}x its starting value)")
@@ -148,6 +155,62 @@ def print_summary(
         f"  metrics, samples: {run_dir / 'metrics.jsonl'}, {run_dir / 'generations.jsonl'}",
     ]
     sink.write("\n".join(lines))
+
+
+def instruction(prompt: str) -> str:
+    """The prompt's last line of content (the instruction), without template boilerplate."""
+    content = [ln for ln in prompt.splitlines() if ln.strip() and not ln.startswith("###")]
+    return content[-1] if content else ""
+
+
+def _verdict(r: dict) -> str:
+    if "rouge_l" in r:
+        return f"ROUGE-L {r['rouge_l']:.2f}"
+    return "ok" if r["exact"] else "expected " + repr(r["reference"].strip()[:40])
+
+
+def tally_text(t: dict) -> str:
+    """'12/64 (18.8%)' or '0.231': a tally's score in its metric."""
+    if t["metric"] == "exact_match":
+        return f"{t['hits']}/{t['n']} ({100 * t['exact_match']:.1f}%)"
+    return f"{t['rouge_l']:.3f}"
+
+
+def sample_lines(samples: dict, show: int) -> list[str]:
+    """The first `show` held-out rows' samples (the base model's above the tuned one's, where samples["base"]
+    holds them), the answers to eval.questions, and the score."""
+    base = samples.get("base") or {"records": []}
+    before = {r["prompt"]: r for r in base["records"] if "reference" in r}
+    asked = {r["question"]: r for r in base["records"] if "question" in r}
+    shown = [r for r in samples["records"] if "reference" in r][:show]
+    lines = [""]
+    if shown:
+        lines.append("samples (held-out rows, greedy" + ("; base: the adapters off):" if before else "):"))
+    for r in shown:
+        if r["prompt"] in before:
+            b = before[r["prompt"]]
+            lines.append(f"  {instruction(r['prompt'])[:100]}")
+            lines.append(f"    base : {b['generated'].strip()[:60]!r:<64} {_verdict(b)}")
+            lines.append(f"    tuned: {r['generated'].strip()[:60]!r:<64} {_verdict(r)}")
+        else:
+            lines.append(
+                f"  {instruction(r['prompt'])[:60]:<60} -> {r['generated'].strip()[:40]!r:<14} {_verdict(r)}"
+            )
+    for r in samples["records"]:
+        if "question" in r:
+            lines.append(f"  Q: {r['question']}")
+            if r["question"] in asked:
+                lines.append(f"  base : {asked[r['question']]['generated'].strip()}")
+            lines.append(f"  {'tuned' if r['question'] in asked else 'A'}: {r['generated'].strip()}")
+    n, of_base = samples["n"], f"; the base model {tally_text(base)}" if base.get("metric") else ""
+    if samples["metric"] == "exact_match":
+        lines.append(f"  exact match on {n} held-out rows: {tally_text(samples)}{of_base}")
+    elif samples["metric"] == "rouge_l":
+        lines.append(
+            f"  ROUGE-L on {n} held-out rows: {tally_text(samples)}{of_base} (mean F1 of the longest common word "
+            f"sequence with the reference: answers of many words; eval.metric chooses)"
+        )
+    return lines
 
 
 def setup_fields(cfg: Config, dist: DistInfo, built: Built) -> dict:

@@ -4,7 +4,8 @@
     any model is loaded), the sampler -> build: the model, built layer by layer and sharded by the backend ->
     make_step: optimizer, schedule, the step, the checkpoint manager tracking the state -> restore: the
     checkpoint's state -> loop: steps, with eval, checkpoints and stops at step boundaries (boundary.py) ->
-    finish: final eval and checkpoint, adapter export, generated samples, loss.png, summary.json
+    finish: final eval and checkpoint, adapter export, generated samples (beside the base model's, generated at
+    the start: generations.py), loss.png, summary.json
 
 `status.json` in the run directory says where the run is (running, interrupted, complete, failed).
 """
@@ -48,6 +49,7 @@ from shardtune.train import report
 from shardtune.train.boundary import decide
 from shardtune.train.build import build, resolve_settings, run_backend
 from shardtune.train.generate import generate
+from shardtune.train.generations import Generations
 from shardtune.train.objectives import objective_for
 from shardtune.train.optim import build_optimizer, build_scheduler
 from shardtune.train.profiling import StepProfiler
@@ -293,11 +295,23 @@ class Run:
             objective.loss_label,
         )
         self.sink.write(self._plan_line())
+        self.gens = Generations(
+            cfg.eval,
+            self.data,
+            self.dir,
+            dist,
+            self.sink,
+            self.state.step,
+            self._generate,
+            self.backend.unwrap().disable_adapter,
+        )
         if self.state.step == 0:
             self.state.first_eval = self.evaluate()
             self.sink.eval(0, self.state.first_eval)
-        elif self.state.eval_pending:  # due at the step the last start stopped after, left to this one
+        self.gens.start(self.state.step, starting_adapter=cfg.model.adapter is not None)
+        if self.state.step and self.state.eval_pending:  # due at the step the last start stopped after
             self.sink.eval(self.state.step, self.evaluate())
+            self.gens.at_eval(self.state.step)
 
     def _plan_line(self) -> str:
         t = self.cfg.train
@@ -331,6 +345,7 @@ class Run:
             at = decide(done, self.total_steps, ecfg.every, every, signalled, timed)
             if at.eval_now:
                 self.sink.eval(done, self.evaluate())
+                self.gens.at_eval(done)
                 if self._agree(self._asked())[
                     0
                 ]:  # a signal that came during the eval: saved now, not a step later
@@ -353,7 +368,7 @@ class Run:
         if dist.is_main:
             export_adapter(self.final_ckpt, adapter_dir)
         barrier()
-        samples = report.samples(cfg.eval, self._generate, self.data)
+        samples = self.gens.final(self.total_steps)
         summary = self._summary(final_eval, samples, adapter_dir)
         if dist.is_main:
             plot = self.sink.plot()
@@ -438,6 +453,8 @@ class Run:
             "sample_metric": samples["metric"],  # how the held-out samples were scored (eval.metric)
             "exact_match": samples["exact_match"],
             "rouge_l": samples["rouge_l"],
+            # the same rows' samples by the base model (the adapters off)
+            **{f"base_{k}": (samples["base"] or {}).get(k) for k in ("exact_match", "rouge_l")},
             "adapter": str(adapter_dir),
             "last_checkpoint": str(self.final_ckpt),
         }
