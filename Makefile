@@ -26,7 +26,7 @@ demo: $(STAMP)
 		train.run_name=tiny-$$(date +%Y%m%d-%H%M%S) $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/pytest -q -m "not slurm" --durations=15 tests
+	$(BIN)/pytest -q -m "not slurm" --durations=40 tests
 
 # the real-Slurm tests: start a local cluster (needs root and apt), about 12 minutes
 test-slurm: $(STAMP)

@@ -263,7 +263,7 @@ def test_numerics_compares_the_sharded_model_with_an_unsharded_copy(launcher, co
     kwargs = {"config": config} if config else {}
     proc = launch(NUMERICS, launcher=launcher, env=env, check=False, **kwargs)
     out = proc.stdout
-    assert "shardtune doctor --numerics: 2 of the model's decoder layers (tiny, 4-bit NF4" in out, (
+    assert "shardtune doctor --numerics: 2 of the model's decoder layers (tiny, NF4 4-bit" in out, (
         proc.stderr[-4000:]
     )
     assert (
