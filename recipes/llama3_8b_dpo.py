@@ -3,9 +3,10 @@ an SFT adapter: the Zephyr recipe's second half (alignment-handbook zephyr-7b-dp
 
 The rows are ultrafeedback's as the hub has them (split train_prefs, eval on test_prefs; prompt, chosen and
 rejected conversations, messages and scores): data.format=auto reads them as preference pairs, renders them with
-the plain-text Human/Assistant template, and trains on the responses only. The reference is the frozen 4-bit
-base with the adapters off. The adapter it starts from must share its LoRA settings (r 16, alpha 32, every linear
-layer) and base, and is best trained on the same prompt format, e.g. on HuggingFaceH4/ultrachat_200k:
+the plain-text Human/Assistant template, and trains on the responses only. The reference is the SFT adapter it
+starts from, frozen (objective.reference=auto; objective.reference=base: the 4-bit base with the adapters off).
+The adapter must share its LoRA settings (r 16, alpha 32, every linear layer) and base, and is best trained on
+the same prompt format, e.g. on HuggingFaceH4/ultrachat_200k:
 
     accelerate launch --config_file fsdp_configs/2xh100.yaml recipes/llama3_8b.py \\
         data.source=HuggingFaceH4/ultrachat_200k data.split=train_sft data.eval_split=test_sft \\

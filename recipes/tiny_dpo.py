@@ -6,7 +6,8 @@ minutes the held-out reward accuracy goes from 0 to ~1 and the DPO loss from ln 
     accelerate launch --config_file fsdp_configs/cpu_2proc.yaml recipes/tiny_dpo.py
     accelerate launch --config_file fsdp_configs/cpu_2proc.yaml recipes/tiny_dpo.py objective.name=orpo
 
-After the SFT demo (recipes/tiny.py, run directory runs/tiny), continue from its adapter on its base:
+After the SFT demo (recipes/tiny.py, run directory runs/tiny), continue from its adapter on its base (the
+reference is then that adapter, frozen: objective.reference=auto):
 
     accelerate launch --config_file fsdp_configs/cpu_2proc.yaml recipes/tiny_dpo.py \\
         model.adapter=runs/tiny/adapter model.name_or_path=runs/tiny/base model.init=pretrained

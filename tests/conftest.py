@@ -24,7 +24,11 @@ def run_env(**extra: str) -> dict[str, str]:
         for k, v in os.environ.items()
         if not k.startswith(("ACCELERATE_", "FSDP_")) and k not in dist_vars
     }
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", **extra)
+    # PYTHONFAULTHANDLER: a worker dying of a native crash leaves every thread's Python stack in its stderr
+    env.update(
+        OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", PYTHONFAULTHANDLER="1"
+    )
+    env.update(extra)
     return env
 
 

@@ -122,6 +122,21 @@ def test_the_objective_is_checked_against_the_format_and_a_pairs_length():
         apply_overrides(Config(), {"objective.label_smoothing": "0.5"}, "x")
 
 
+def test_dpos_reference_is_the_starting_adapter_where_there_is_one():
+    dpo = Config(objective={"name": "dpo"})
+    assert dpo.objective.reference_model(starts_from_adapter=False) == "base"
+    assert dpo.objective.reference_model(starts_from_adapter=True) == "adapter"
+    assert Config(objective={"name": "dpo", "reference": "base"}).objective.reference_model(True) == "base"
+    with pytest.raises(
+        ConfigError, match=r"objective.reference=adapter .* model.adapter is not set: set model"
+    ):
+        apply_overrides(dpo, {"objective.reference": "adapter"}, "x")
+    with pytest.raises(
+        ConfigError, match=r"objective.reference=base is DPO's .* objective.name=orpo has none"
+    ):
+        apply_overrides(Config(), {"objective.name": "orpo", "objective.reference": "base"}, "x")
+
+
 def test_micro_batches_in_tokens_are_checked_against_packing_the_row_length_and_the_backend():
     packed = {"data.packing": "true", "data.max_len": "1024"}
     with pytest.raises(ConfigError, match=r"micro_batch_tokens=4096 needs data.packing=true"):

@@ -366,3 +366,18 @@ def test_pairs_double_the_tokens_and_dpo_adds_the_references_forward():
     assert dpo.tokens_per_s_per_gpu == pytest.approx(2 * 1024 * 16 / dpo.step_s)
     recipe = load_recipe("recipes/tiny_dpo.py").config()
     assert recipe.objective.sequences == 2 and recipe.objective.reference_forward
+
+
+def test_dpo_from_an_adapter_plans_the_starting_adapters_copy():
+    """DPO against the adapter it starts from keeps two more fp32 copies of the adapters (the start's, and the
+    current values while the reference runs): whole under FSDP, partitioned under ZeRO-3; none against the base."""
+    hf_config = modeling.model_config(Config())
+    dpo = {"objective.name": "dpo", "model.adapter": "runs/tiny/adapter"}
+    lora = lora_parameters(Shape.of(hf_config), Config().lora.r, Config().lora.target_modules)
+    fsdp = estimate(apply_overrides(Config(), dpo, "x"), hf_config, 4).gpu
+    zero3 = estimate(apply_overrides(Config(), {**dpo, "parallel.backend": "deepspeed"}, "x"), hf_config, 4).gpu
+    base = estimate(apply_overrides(Config(), {**dpo, "objective.reference": "base"}, "x"), hf_config, 4).gpu
+    assert fsdp["DPO reference: starting adapters"] == 8 * lora
+    assert zero3["DPO reference: starting adapters"] == 8 * lora / 4
+    assert "DPO reference: starting adapters" not in base
+    assert sum(fsdp.values()) - sum(base.values()) == pytest.approx(8 * lora)

@@ -127,26 +127,46 @@ def test_orpo_under_zero3_trains_as_under_fsdp(tmp_path):
     assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6) for k in wa)
 
 
-def test_dpo_continues_from_the_sft_demos_adapter(tiny_run, tmp_path):
-    """model.adapter=<the SFT demo's adapter> on its base: the run starts from the SFT policy (its rewards
-    against the base, DPO's reference, are not zero before the first step) and learns the preferences."""
+def test_dpo_from_the_sft_demos_adapter_trains_against_it_frozen(tiny_run, tmp_path):
+    """model.adapter=<the SFT demo's adapter> on its base: DPO's reference is that adapter as it starts, frozen
+    (objective.reference=auto, as TRL's DPOTrainer does for a model with an adapter): before the first step the
+    policy is its reference (every reward exactly 0); the run learns the preferences; on 2 FSDP processes,
+    each swapping its shard of the starting adapter in for the reference's forward, every step's loss and
+    margin are one process's (dropout off: each process draws its own masks), and so under ZeRO-3 (each process
+    swapping its partitions)."""
     sft, _ = tiny_run
-    proc = launch(
-        [
-            "recipes/tiny_dpo.py",
-            f"model.adapter={sft / 'adapter'}",
-            f"model.name_or_path={sft / 'base'}",
-            "model.init=pretrained",
-            "train.max_steps=10",
-            "eval.every=0",
-            f"train.output_dir={tmp_path}",
-            "train.run_name=dpo",
-        ]
-    )
+    args = [
+        "recipes/tiny_dpo.py",
+        f"model.adapter={sft / 'adapter'}",
+        f"model.name_or_path={sft / 'base'}",
+        "model.init=pretrained",
+        "lora.dropout=0.0",
+        "train.max_steps=10",
+        "train.log_every=1",
+        "eval.every=0",
+        "eval.samples=0",
+        f"train.output_dir={tmp_path}",
+    ]
+    proc = launch([*args, "train.run_name=dpo"])
+    launch([*args, "train.run_name=one"], nproc=1, launcher="python")
+    launch([*args, "train.run_name=zero3"], launcher="accelerate", config="fsdp_configs/zero3_cpu_2proc.yaml")
     s = read_summary(tmp_path / "dpo")
-    print(
-        f"exact match: SFT {read_summary(sft)['exact_match']:.3f}, after 10 DPO steps {s['exact_match']:.3f}"
-    )
-    assert s["first_eval"]["eval_rewards/margins"] != 0  # the SFT adapter, not PEFT's zero B
+    print(f"held-out reward accuracy after 10 steps: {s['final_eval']['eval_rewards/accuracies']:.3f}")
+    assert s["reference"] == "adapter" and "the reference is the starting adapter" in proc.stderr
+    first = s["first_eval"]
+    assert first["eval_rewards/chosen"] == first["eval_rewards/rejected"] == 0.0
+    assert first["eval_loss"] == pytest.approx(0.693147, rel=1e-5)
     assert s["final_eval"]["eval_rewards/accuracies"] >= 0.9
     assert f"model.adapter={sft / 'adapter'}" not in proc.stderr  # no refusal: the same base and settings
+    two, one, zero3 = (steps(tmp_path / name) for name in ("dpo", "one", "zero3"))
+    assert sorted(two) == sorted(one) == sorted(zero3) == list(range(1, 11))
+    for key in ("loss", "rewards/margins"):
+        assert all(two[s][key] == pytest.approx(one[s][key], rel=1e-5) for s in one), (key, two, one)
+        assert all(zero3[s][key] == pytest.approx(one[s][key], rel=1e-5) for s in one), (key, zero3, one)
+    assert two[10]["rewards/margins"] > 0.1  # the policy has moved away from its reference
+
+
+def steps(run) -> dict[int, dict]:
+    """metrics.jsonl's training records by step."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in records if "loss" in r and "eval_loss" not in r}

@@ -92,7 +92,7 @@ def base(tmp_path_factory):
 
 
 class GradCapture:
-    """A TrainerCallback keeping the gradients the optimizer step is about to use."""
+    """A TrainerCallback keeping the gradients the first optimizer step is about to use."""
 
     def __new__(cls):
         from transformers import TrainerCallback
@@ -101,7 +101,7 @@ class GradCapture:
             grads: dict | None = None
 
             def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
-                self.grads = {
+                self.grads = self.grads or {
                     n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None
                 }
 
@@ -165,8 +165,9 @@ def trl_first_step(base, name: str) -> dict:
     return {**first, "grads": grads.grads, "adapter": adapter, "sequences": sequences}
 
 
-def shardtune_first_step(base, name: str, adapter, **objective) -> dict:
-    """shardtune's run on the same base, rows and starting adapter, to its first step."""
+def shardtune_first_step(base, name: str, adapter, steps: int = 1, **objective) -> dict:
+    """shardtune's run on the same base, rows and starting adapter, for `steps` steps (TRL's optimizer settings):
+    the first step's metrics and gradients, and every step's metrics."""
     overrides = {
         "model.name_or_path": str(base / "base"),
         "model.init": "pretrained",
@@ -183,8 +184,10 @@ def shardtune_first_step(base, name: str, adapter, **objective) -> dict:
         "objective.beta": str(BETA),
         "train.global_batch_size": "4",
         "train.micro_batch_size": "4",
-        "train.max_steps": "1",
+        "train.max_steps": str(steps),
         "train.max_grad_norm": "null",
+        "optim.lr": str(COMMON["learning_rate"]),
+        "optim.scheduler": "constant",
         "train.output_dir": str(base / "runs"),
         "train.run_name": f"{name}-{len(list((base).glob('runs/*')))}",
         "optim.warmup_steps": "0",
@@ -196,37 +199,32 @@ def shardtune_first_step(base, name: str, adapter, **objective) -> dict:
     cfg = resolve_config(Config(), [f"{k}={v}" for k, v in overrides.items()], env={})
     environ = dict(os.environ)
     try:
-        return _first_step(cfg)
+        return _steps(cfg, steps)
     finally:  # a group of one, gone again (TRL's accelerate must not find it, nor its variables)
         teardown()
         os.environ.clear()
         os.environ.update(environ)
 
 
-def _first_step(cfg) -> dict:
+def _steps(cfg, steps: int) -> dict:
     run = Run(cfg, init_distributed("cpu"), "parity")
     run.start()
     run.prepare_data()
     run.build()
     run.make_step()
-    grads: dict = {}
+    grads: list[dict] = []
     step = run.backend.step
 
     def captured():
-        grads.update(
-            {
-                n: p.grad.detach().clone()
-                for n, p in run.backend.unwrap().named_parameters()
-                if p.grad is not None
-            }
-        )
+        module = run.backend.unwrap()
+        grads.append({n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None})
         return step()
 
     run.backend.step = captured
-    metrics = run.step(0)
+    metrics = [run.step(i) for i in range(steps)]
     train = run.data.train
     sequences = [train.sequence(2 * i + k)[0].tolist() for k in (0, 1) for i in range(len(train))]
-    return {"metrics": metrics, "grads": grads, "sequences": sequences}
+    return {"metrics": metrics[0], "steps": metrics, "grads": grads[0], "sequences": sequences}
 
 
 def rel(a: float, b: float) -> float:
@@ -241,7 +239,8 @@ def grad_errors(ours: dict, theirs: dict) -> dict[str, float]:
 @pytest.mark.parametrize("name", ["dpo", "orpo"])
 def test_the_first_step_equals_trls(base, name):
     trl_run = trl_first_step(base, name)
-    extra = {"nll_on_prompt": "true"} if name == "orpo" else {}  # TRL's ORPO NLL reads the prompt too
+    # TRL's ORPO NLL reads the prompt too; its DPO from a fresh peft_config is against the base
+    extra = {"nll_on_prompt": "true"} if name == "orpo" else {"reference": "base"}
     ours = shardtune_first_step(base, name, trl_run["adapter"], **extra)
     assert sorted(ours["sequences"]) == sorted(
         trl_run["sequences"]
@@ -263,10 +262,72 @@ def test_label_smoothing_is_cdpo_and_zero_is_trls_sigmoid(base):
     1.16's sigmoid ignores its label_smoothing, so e > 0 is checked against the formula: since -log s(-d) =
     -log s(d) + d, the mean over pairs is TRL's e = 0 loss plus e times the mean margin (rewards/margins)."""
     trl_run = trl_first_step(base, "dpo")
-    plain = shardtune_first_step(base, "dpo", trl_run["adapter"])["metrics"]
-    smoothed = shardtune_first_step(base, "dpo", trl_run["adapter"], label_smoothing=0.1)["metrics"]
+    plain = shardtune_first_step(base, "dpo", trl_run["adapter"], reference="base")["metrics"]
+    smoothed = shardtune_first_step(base, "dpo", trl_run["adapter"], reference="base", label_smoothing=0.1)[
+        "metrics"
+    ]
     assert plain["loss"] == pytest.approx(trl_run["loss"], rel=1e-5)
     assert smoothed["rewards/margins"] == pytest.approx(plain["rewards/margins"], rel=1e-6)
     expected = trl_run["loss"] + 0.1 * trl_run["metrics"]["rewards/margins"]
     print(f"cDPO e=0.1: {smoothed['loss']:.8f} against the formula's {expected:.8f}")
     assert smoothed["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def trl_from_an_adapter(base, adapter, steps: int) -> dict:
+    """TRL's DPOTrainer on a PeftModel that already has an adapter (`adapter`, trainable): TRL then adds a frozen
+    copy of it as the reference ("ref"). Every step's loss and metrics, and the first step's gradients."""
+    os.environ.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
+    from datasets import Dataset
+    from peft import PeftModel
+    from transformers import AutoTokenizer, LlamaForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    tok = AutoTokenizer.from_pretrained(base / "base")
+    model = LlamaForCausalLM.from_pretrained(base / "base", dtype=torch.float32, attn_implementation="eager")
+    model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    grads, seen = GradCapture(), []
+
+    class Trainer(DPOTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            seen.append({"loss": loss.item(), **{k: v[-1] for k, v in self._metrics["train"].items()}})
+            return loss
+
+    args = DPOConfig(
+        output_dir=str(base / "trl-ref"),
+        beta=BETA,
+        loss_type=["sigmoid"],
+        max_length=1024,
+        **{**COMMON, "max_steps": steps},
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(PAIRS),
+        processing_class=tok,
+        callbacks=[grads],
+    )
+    assert "ref" in trainer.model.peft_config  # the frozen copy TRL measures against
+    trainer.train()
+    return {"steps": seen, "grads": grads.grads}
+
+
+def test_dpo_from_an_adapter_is_trls_against_its_frozen_copy(base):
+    """model.adapter set, objective.reference=auto: the reference is the adapter as it starts, as TRL's is for a
+    model that has one. The first step's policy is its reference (rewards 0, loss ln 2) with TRL's gradients;
+    after a step (lr 1e-3) the reference has stayed where it started: the second step's loss, rewards and
+    log-probs are TRL's."""
+    trl_run = trl_first_step(base, "dpo")  # (its starting adapter: random A and B)
+    theirs = trl_from_an_adapter(base, trl_run["adapter"], steps=2)
+    ours = shardtune_first_step(base, "dpo", trl_run["adapter"], steps=2)
+    first, second = ours["steps"]
+    assert first["rewards/chosen"] == first["rewards/rejected"] == 0.0
+    assert first["loss"] == pytest.approx(theirs["steps"][0]["loss"], rel=1e-6)
+    grads = grad_errors(ours["grads"], {k: v for k, v in theirs["grads"].items() if ".ref." not in k})
+    print(f"max LoRA gradient error {max(grads.values()):.1e}")
+    assert max(grads.values()) < 1e-4, grads
+    keys = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"]
+    errors = {k: rel(second[k], theirs["steps"][1][k]) for k in keys}
+    print("second step", json.dumps({k: f"{v:.1e}" for k, v in errors.items()}))
+    assert abs(second["rewards/margins"]) > 1e-3  # the policy moved: a reference that followed it gives 0
+    assert max(errors.values()) < 1e-5, errors

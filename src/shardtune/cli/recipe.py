@@ -18,6 +18,7 @@ anything is loaded, with exit code 2.
 
 from __future__ import annotations
 
+import faulthandler
 import gc
 import logging
 import os
@@ -113,6 +114,9 @@ def main(
         if _is_main_process():
             print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+    # A crash in native code (a segfault or abort in a kernel, a collective library or the allocator) prints
+    # every thread's Python stack on stderr before the process dies, instead of only the launcher's exit code.
+    faulthandler.enable(all_threads=True)
     # Record SIGTERM/SIGUSR1 from here on: a scheduler's signal during the imports and the model load must
     # not kill the process (the default action); the loop acts on it at its first step boundary. A USR1 after
     # the run (`srun --signal=USR1@N` can come up to a minute early) is moot: ignored, it cannot fail a run

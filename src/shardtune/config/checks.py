@@ -198,12 +198,29 @@ def _objective_conflicts(cfg: Config) -> None:
             f"data.format={fmt} does not go with objective.name={cfg.objective.name}: dpo and orpo train on "
             f"preference rows (data.format=preference or auto), sft on one response per row"
         )
+    _reference_conflicts(cfg)
     tokens = cfg.train.micro_batch_tokens
     if pairs and tokens is not None and tokens < 2 * cfg.data.max_len:
         raise ValueError(
             f"train.micro_batch_tokens={tokens} is less than twice data.max_len={cfg.data.max_len}: a pair (both "
             f"responses, in one micro-batch) that long would not fit; set train.micro_batch_tokens >= "
             f"{2 * cfg.data.max_len}"
+        )
+
+
+def _reference_conflicts(cfg: Config) -> None:
+    o = cfg.objective
+    if o.name != "dpo":
+        if o.reference != "auto":
+            raise ValueError(
+                f"objective.reference={o.reference} is DPO's reference model; objective.name={o.name} has none: "
+                f"drop objective.reference or set objective.name=dpo"
+            )
+        return
+    if o.reference == "adapter" and cfg.model.adapter is None:
+        raise ValueError(
+            "objective.reference=adapter is the adapter the run starts from, and model.adapter is not set: set "
+            "model.adapter=<an adapter directory, e.g. an SFT run's adapter/>, or objective.reference=base"
         )
 
 

@@ -47,7 +47,7 @@ class ModelConfig(Section):
     """A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors, e.g. an earlier run's
     `adapter/`) to start the adapters from instead of PEFT's initialization: continued SFT, or DPO/ORPO after SFT.
     Its LoRA settings (lora.r, lora.alpha, lora.use_rslora, lora.target_modules) and its base model, where it
-    records one, must be this run's. (DPO's reference stays the base with the adapters off.)"""
+    records one, must be this run's. DPO's reference is then this adapter as it starts (objective.reference)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of the model."""
     trust_remote_code: bool = False
@@ -357,8 +357,8 @@ class ObjectiveConfig(Section):
 
     name: Literal["sft", "dpo", "orpo"] = "sft"
     """'sft': cross-entropy of the response tokens, averaged over them. 'dpo': Direct Preference Optimization
-    (the sigmoid loss) against the reference model, which is the frozen base with the adapters turned off (no
-    second model in memory). 'orpo': odds-ratio preference optimization, no reference (the chosen response's NLL
+    (the sigmoid loss) against a frozen reference model (objective.reference; no second model in memory).
+    'orpo': odds-ratio preference optimization, no reference (the chosen response's NLL
     plus beta times the log-odds-ratio term). dpo and orpo average over pairs and need preference rows."""
     beta: float = Field(0.1, gt=0)
     """dpo: the inverse temperature of the implicit reward beta * log(policy / reference) (higher: stay closer to
@@ -367,11 +367,23 @@ class ObjectiveConfig(Section):
     """dpo: the probability that a pair's preference is flipped (conservative DPO, cDPO): the loss is
     -(1-e) log sigmoid(beta D) - e log sigmoid(-beta D). TRL 1.16's sigmoid loss ignores its label_smoothing;
     this is the formula older TRL and the cDPO note use."""
+    reference: Literal["auto", "base", "adapter"] = "auto"
+    """dpo: the reference model. 'base': the frozen base with the adapters turned off. 'adapter': the adapters
+    as model.adapter starts them, frozen (the SFT model DPO continues from), as TRL's DPOTrainer does for a
+    model that already has an adapter: their starting values are swapped in for the reference's forward (a
+    copy of this process's share of the adapters; no second model), without dropout. 'auto':
+    'adapter' where model.adapter is set, else 'base'."""
 
     @property
     def sequences(self) -> int:
         """Sequences per data row: 2 for a preference pair (both responses run in one micro-batch)."""
         return 1 if self.name == "sft" else 2
+
+    def reference_model(self, starts_from_adapter: bool) -> str:
+        """'base' or 'adapter' (objective.reference decided; `starts_from_adapter`: model.adapter is set)."""
+        if self.reference != "auto":
+            return self.reference
+        return "adapter" if starts_from_adapter else "base"
 
     @property
     def reference_forward(self) -> bool:

@@ -60,6 +60,10 @@ class Backend(Protocol):
         """After `backward` (before `step`): the adapters' gradients, whole and summed over the ranks as the step
         sums them, by name, unscaled (shardtune doctor --numerics compares them)."""
 
+    def local_trainable(self) -> list[torch.Tensor]:
+        """The tensors that hold this rank's share of the adapters and that the next forward gathers them from
+        (written in place, they change what it computes with; DPO's StartingAdapter swaps them)."""
+
     def unwrap(self) -> torch.nn.Module:
         """The PEFT model inside the wrappers (its config, generate)."""
 

@@ -156,6 +156,12 @@ class FsdpBackend:
         return {fqn(n): p.grad / scale for n, p in self.model.named_parameters() if p.requires_grad}
 
     # ----------------------------------------------------------------------------------------- the rest
+    def local_trainable(self) -> list[torch.Tensor]:
+        """The adapters as the optimizer steps them: between forwards, with use_orig_params, views of this rank's
+        shard of each unit's flat parameter (empty where the shard holds none of one), which its next forward
+        all-gathers; under NO_SHARD and on one process, the whole adapters."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
     def unwrap(self) -> torch.nn.Module:
         return self.model.module if isinstance(self.model, FSDP) else self.model
 

@@ -201,6 +201,21 @@ class ZeroBackend:
 
         return {name: safe_get_full_grad(p).reshape(tuple(p.ds_shape)) for name, p in self._named_adapters()}
 
+    def local_trainable(self) -> list[torch.Tensor]:
+        """Each adapter's partition on this rank (`ds_tensor`; the engine's optimizer copies its fp32 master
+        into it after every step), from which the next forward gathers it: read now, as the engine re-points the
+        partitions into flat buffers when it is made. Between forwards no adapter may be left gathered (no
+        persistence: ds_config), or a write here would not reach the forward."""
+        if self.engine is None:
+            return [p for _, p in self._named_adapters()]
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        named = self._named_adapters()
+        gathered = [name for name, p in named if p.ds_status != ZeroParamStatus.NOT_AVAILABLE]
+        if gathered:
+            raise RuntimeError(f"DeepSpeed left adapters gathered between forwards: {gathered[:3]}")
+        return [p.ds_tensor for _, p in named]
+
     def unwrap(self) -> torch.nn.Module:
         return self.model  # the engine's module is this very model
 

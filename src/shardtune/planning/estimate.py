@@ -43,8 +43,7 @@ GIB = 2**30
 GPU_PEAKS = {"h200": 790e12, "h100": 790e12, "a100": 250e12, "a10g": 56e12, "l40s": 290e12, "l4": 97e12}
 # Memory of one GPU (what torch reports as total), for choices made without --gpu-mem.
 GPU_MEMORY = {
-    k: v * GIB
-    for k, v in {"h200": 139.8, "h100": 79.1, "a100": 79.1, "a10g": 22.0, "l40s": 44.4, "l4": 22.0}.items()
+    k: v * GIB for k, v in dict(h200=139.8, h100=79.1, a100=79.1, a10g=22.0, l40s=44.4, l4=22.0).items()
 }
 # Model-FLOP utilization without recomputation, by layer width: the best MFU, and the micro-batch (tokens) at
 # which half of it is lost to fixed per-step costs (kernel launches, FSDP hooks, the 4-bit dequantization of
@@ -365,6 +364,8 @@ def _gpu_memory(cfg: Config, s: Shape, at: _Layout, lora: int) -> dict[str, floa
 
     compute, tokens = at.compute, at.tokens
     bits, lin = cfg.quant.bits, s.layers * s.layer_weights
+    fsdp, o = cfg.parallel.backend == "fsdp", cfg.objective
+    ref_adapter = o.name == "dpo" and o.reference_model(cfg.model.adapter is not None) == "adapter"
     layer_full = s.layer_weights * weight_bytes(cfg.quant, compute) + 2 * s.hidden * compute
     # Liger's SwiGLU keeps no activation output (recomputed in backward) and its RMSNorm no fp32 copy of the
     # input (two norms per layer)
@@ -402,11 +403,10 @@ def _gpu_memory(cfg: Config, s: Shape, at: _Layout, lora: int) -> dict[str, floa
         * max(i * o for i, o in s.linears().values())
         * compute,
         # FSDP leaves the adapters whole on every rank; ZeRO-3 partitions them with their gradients and AdamW
-        **(
-            {"adapters + grads + AdamW (whole)": (8 + _moment_bytes(cfg)) * lora}
-            if cfg.parallel.backend == "fsdp"
-            else {"adapters + grads + AdamW (partitioned)": 16 * lora / at.n}
-        ),
+        **({"adapters + grads + AdamW (whole)": (8 + _moment_bytes(cfg)) * lora} if fsdp else {}),
+        **({} if fsdp else {"adapters + grads + AdamW (partitioned)": 16 * lora / at.n}),
+        # DPO against the starting adapter: its fp32 copy, and the current values while the reference runs
+        **({"DPO reference: starting adapters": 8 * lora / (1 if fsdp else at.n)} if ref_adapter else {}),
         "activations": _activations(
             s.layers,
             at.recomputed,

@@ -169,8 +169,8 @@ class DPO:
     D = (log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected)) (sums over the response
     tokens), -(1-e) log sigmoid(beta D) - e log sigmoid(-beta D), e being objective.label_smoothing (cDPO;
     e=0 is TRL's loss_type="sigmoid", which ignores its label_smoothing). The reference is the same model with
-    its adapters off (PEFT's disable_adapter()), run without gradients on the same micro-batch first: no second
-    model in memory. Metrics as TRL names them: rewards/chosen and /rejected (beta times the log-ratios),
+    its adapters off (PEFT's disable_adapter()), or with the adapters it started from (StartingAdapter), run
+    without gradients on the same micro-batch first: no second model in memory. Metrics as TRL names them: rewards/chosen and /rejected (beta times the log-ratios),
     /accuracies, /margins, logps/chosen and /rejected (the policy's)."""
 
     name, group, loss_label = "dpo", 2, "loss (per pair)"
@@ -211,6 +211,36 @@ class DPO:
 
     def metrics(self, sums, totals, eval=False):
         return _means(sums, totals["pairs"], eval)
+
+
+class StartingAdapter:
+    """DPO's reference when it is the adapter the run started from (objective.reference=adapter; TRL keeps a
+    frozen copy of it as a second PEFT adapter): the adapters' values as they start, kept aside, are swapped in
+    for the reference's forward and the current ones swapped back after. `local`: the backend's local_trainable,
+    the tensors holding this process's share of the adapters that the forward gathers them from (so the copy is
+    this share alone), called when the copy is taken, before a checkpoint is restored over them, and at every
+    swap. The model runs in eval mode meanwhile: no dropout, no random draw, the reference one fixed model."""
+
+    def __init__(self, module: torch.nn.Module, local: Callable[[], list[torch.Tensor]]):
+        self.module, self.local = module, local
+        self.start = [t.detach().clone() for t in local()]
+        self.current = [torch.empty_like(t) for t in self.start]
+
+    @contextlib.contextmanager
+    def __call__(self):
+        training, tensors = self.module.training, self.local()
+        with torch.no_grad():
+            for t, start, current in zip(tensors, self.start, self.current, strict=True):
+                current.copy_(t)
+                t.copy_(start)
+        self.module.eval()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for t, current in zip(tensors, self.current, strict=True):
+                    t.copy_(current)
+            self.module.train(training)
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:

@@ -50,7 +50,7 @@ from shardtune.train.boundary import decide
 from shardtune.train.build import build, resolve_settings, run_backend
 from shardtune.train.generate import generate
 from shardtune.train.generations import Generations
-from shardtune.train.objectives import objective_for
+from shardtune.train.objectives import StartingAdapter, objective_for
 from shardtune.train.optim import build_optimizer, build_scheduler
 from shardtune.train.profiling import StepProfiler
 from shardtune.train.state import TrainState
@@ -238,9 +238,7 @@ class Run:
         )
         torch.manual_seed(cfg.train.seed * 7919 + dist.rank)  # dropout differs per rank, reproducibly
         adapters_autocast = cfg.lora.compute_dtype == "auto" and cfg.param_dtype != "float32"
-        objective = objective_for(
-            cfg.objective, cfg.model.fused_kernels, self.backend.unwrap().disable_adapter
-        )
+        objective = objective_for(cfg.objective, cfg.model.fused_kernels, self._reference())
         self.step = TrainStep(
             self.backend,
             model,
@@ -254,6 +252,23 @@ class Run:
             autocast_dtype=modeling.DTYPES[cfg.param_dtype] if adapters_autocast else None,
             packed=cfg.data.packing,
         )
+
+    def _reference(self):
+        """DPO's reference, as a context under which the model is it: the base with the adapters off, or the
+        adapters as they start, copied now (before restore() loads a checkpoint over them)."""
+        module, o = self.backend.unwrap(), self.cfg.objective
+        if o.name != "dpo":
+            return None
+        if self._reference_name() == "adapter":
+            if self.dist.is_main:
+                log.info("dpo: the reference is the starting adapter %s, frozen", self.cfg.model.adapter)
+            return StartingAdapter(module, self.backend.local_trainable)
+        if self.dist.is_main:
+            log.info("dpo: the reference is the base with the adapters off")
+        return module.disable_adapter
+
+    def _reference_name(self) -> str:
+        return self.cfg.objective.reference_model(self.cfg.model.adapter is not None)
 
     def _flop_model(self) -> FlopModel:
         hf_config = self.built.hf_config
@@ -443,6 +458,7 @@ class Run:
             "run_dir": str(self.dir),
             "steps": self.total_steps,
             "objective": self.cfg.objective.name,
+            **({"reference": self._reference_name()} if self.cfg.objective.name == "dpo" else {}),
             "first_eval_loss": first["eval_loss"] if first else None,
             "final_eval_loss": final_eval["eval_loss"],
             "first_eval": first,  # every metric of the evals before and after training
