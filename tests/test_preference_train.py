@@ -130,10 +130,11 @@ def test_orpo_under_zero3_trains_as_under_fsdp(tmp_path):
 def test_dpo_from_the_sft_demos_adapter_trains_against_it_frozen(tiny_run, tmp_path):
     """model.adapter=<the SFT demo's adapter> on its base: DPO's reference is that adapter as it starts, frozen
     (objective.reference=auto, as TRL's DPOTrainer does for a model with an adapter): before the first step the
-    policy is its reference (every reward exactly 0); the run learns the preferences; on 2 FSDP processes,
-    each swapping its shard of the starting adapter in for the reference's forward, every step's loss and
-    margin are one process's (dropout off: each process draws its own masks), and so under ZeRO-3 (each process
-    swapping its partitions)."""
+    policy is its reference (every reward exactly 0) and the run learns the preferences. Each process swaps its
+    share of the starting adapters in for the reference's forward (FSDP: its shard, ZeRO-3: its partitions),
+    copied before a checkpoint is restored over them: a run stopped by SIGTERM after step 5 and resumed on one
+    process (where the swap is the whole adapter) has the same losses and margins as the uninterrupted one on 2,
+    and ZeRO-3 those of FSDP (dropout off: each process draws its own masks)."""
     sft, _ = tiny_run
     args = [
         "recipes/tiny_dpo.py",
@@ -148,8 +149,11 @@ def test_dpo_from_the_sft_demos_adapter_trains_against_it_frozen(tiny_run, tmp_p
         f"train.output_dir={tmp_path}",
     ]
     proc = launch([*args, "train.run_name=dpo"])
-    launch([*args, "train.run_name=one"], nproc=1, launcher="python")
     launch([*args, "train.run_name=zero3"], launcher="accelerate", config="fsdp_configs/zero3_cpu_2proc.yaml")
+    sigterm = {"SHARDTUNE_FAULT": "rank=0,step=5,micro=0,action=sigterm"}
+    assert launch([*args, "train.run_name=cut"], env=sigterm, check=False).returncode != 0
+    resumed = launch([*args, "train.run_name=cut"], nproc=1, launcher="python")
+    assert "resumed from" in resumed.stderr
     s = read_summary(tmp_path / "dpo")
     print(f"held-out reward accuracy after 10 steps: {s['final_eval']['eval_rewards/accuracies']:.3f}")
     assert s["reference"] == "adapter" and "the reference is the starting adapter" in proc.stderr
@@ -158,11 +162,11 @@ def test_dpo_from_the_sft_demos_adapter_trains_against_it_frozen(tiny_run, tmp_p
     assert first["eval_loss"] == pytest.approx(0.693147, rel=1e-5)
     assert s["final_eval"]["eval_rewards/accuracies"] >= 0.9
     assert f"model.adapter={sft / 'adapter'}" not in proc.stderr  # no refusal: the same base and settings
-    two, one, zero3 = (steps(tmp_path / name) for name in ("dpo", "one", "zero3"))
-    assert sorted(two) == sorted(one) == sorted(zero3) == list(range(1, 11))
+    two, cut, zero3 = (steps(tmp_path / name) for name in ("dpo", "cut", "zero3"))
+    assert sorted(two) == sorted(cut) == sorted(zero3) == list(range(1, 11))
     for key in ("loss", "rewards/margins"):
-        assert all(two[s][key] == pytest.approx(one[s][key], rel=1e-5) for s in one), (key, two, one)
-        assert all(zero3[s][key] == pytest.approx(one[s][key], rel=1e-5) for s in one), (key, zero3, one)
+        assert all(cut[s][key] == pytest.approx(two[s][key], rel=1e-5) for s in two), (key, cut, two)
+        assert all(zero3[s][key] == pytest.approx(two[s][key], rel=1e-5) for s in two), (key, zero3, two)
     assert two[10]["rewards/margins"] > 0.1  # the policy has moved away from its reference
 
 
