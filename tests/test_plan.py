@@ -375,7 +375,9 @@ def test_dpo_from_an_adapter_plans_the_starting_adapters_copy():
     dpo = {"objective.name": "dpo", "model.adapter": "runs/tiny/adapter"}
     lora = lora_parameters(Shape.of(hf_config), Config().lora.r, Config().lora.target_modules)
     fsdp = estimate(apply_overrides(Config(), dpo, "x"), hf_config, 4).gpu
-    zero3 = estimate(apply_overrides(Config(), {**dpo, "parallel.backend": "deepspeed"}, "x"), hf_config, 4).gpu
+    zero3 = estimate(
+        apply_overrides(Config(), {**dpo, "parallel.backend": "deepspeed"}, "x"), hf_config, 4
+    ).gpu
     base = estimate(apply_overrides(Config(), {**dpo, "objective.reference": "base"}, "x"), hf_config, 4).gpu
     assert fsdp["DPO reference: starting adapters"] == 8 * lora
     assert zero3["DPO reference: starting adapters"] == 8 * lora / 4
