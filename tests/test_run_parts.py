@@ -1,10 +1,14 @@
 """The parts of a run, in-process and fast: the decision at a step boundary, TrainState's round trip through a
-checkpoint's train_state.json, and the Backend contract at world size 1 (both backends)."""
+checkpoint's train_state.json, and the Backend contract at world size 1 (both backends); how a launched worker
+exits."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -116,3 +120,25 @@ def test_the_backend_contract_at_world_size_one(name):
         fresh_msd[k].copy_(v)
     backend.load_trainable_state(fresh_msd, fresh_osd)
     assert all(torch.equal(p, saved[n]) for n, p in model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("code,rc", [(None, 0), (0, 0), (75, 75), ("error: bad input", 1)])
+def test_a_launched_worker_exits_with_its_code_and_its_output_flushed(code, rc):
+    """exit_process ends the process without Python's finalization (the gloo threads' abort) as sys.exit
+    would: the code (a message printed, 1), and what was written but not yet flushed reaches the streams."""
+    script = (
+        "import logging, sys\n"
+        "from shardtune.parallel.distributed import exit_process\n"
+        "logging.basicConfig(stream=sys.stderr)\n"
+        "sys.stdout.write('unflushed stdout')\n"
+        "logging.getLogger('x').warning('a log line')\n"
+        f"exit_process({code!r})\n"
+        "print('never')\n"
+    )
+    env = {**os.environ, "PYTHONUNBUFFERED": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == rc
+    assert proc.stdout == "unflushed stdout" and "a log line" in proc.stderr
+    assert ("error: bad input" in proc.stderr) == isinstance(code, str)

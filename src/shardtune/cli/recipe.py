@@ -24,6 +24,7 @@ import logging
 import os
 import signal
 import sys
+import traceback
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +37,7 @@ from shardtune.config import (
     to_yaml,
 )
 from shardtune.errors import EXIT_USAGE, REPORTED, ConfigError, is_input_error
-from shardtune.parallel.distributed import launcher_restarts
+from shardtune.parallel.distributed import exit_process, launcher_restarts
 from shardtune.train.stopping import StopRequest, stopped_exit_code
 
 USAGE = """usage: accelerate launch --config_file fsdp_configs/<hardware>.yaml {recipe} [key=value ...] [flags]
@@ -78,7 +79,23 @@ def setup_logging(rank: int) -> None:
 def main(
     build: Callable[[], Config] | Config, sweep: dict[str, list] | None = None, argv: list[str] | None = None
 ):
-    """Parse the command line, validate, then train (or print help / the config, or validate only)."""
+    """Parse the command line, validate, then train (or print help / the config, or validate only). A worker
+    that a launcher started (torchrun, accelerate launch, launch/node.sh) ends its process here, whatever the
+    outcome, with its exit code (distributed.exit_process: not through Python's finalization)."""
+    if not os.environ.get("TORCHELASTIC_RUN_ID"):
+        return _main(build, sweep, argv)
+    try:
+        _main(build, sweep, argv)
+        code: object = 0
+    except SystemExit as e:
+        code = e.code
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    exit_process(code)
+
+
+def _main(build: Callable[[], Config] | Config, sweep: dict[str, list] | None, argv: list[str] | None):
     argv = sys.argv[1:] if argv is None else argv
     name = Path(sys.argv[0]).stem
     try:
