@@ -358,8 +358,8 @@ class ObjectiveConfig(Section):
     name: Literal["sft", "dpo", "orpo"] = "sft"
     """'sft': cross-entropy of the response tokens, averaged over them. 'dpo': Direct Preference Optimization
     (the sigmoid loss) against a frozen reference model (objective.reference; no second model in memory).
-    'orpo': odds-ratio preference optimization, no reference (the chosen response's NLL
-    plus beta times the log-odds-ratio term). dpo and orpo average over pairs and need preference rows."""
+    'orpo': odds-ratio preference optimization, no reference (the chosen response's NLL plus beta times the
+    log-odds-ratio term). dpo and orpo average over pairs and need preference rows."""
     beta: float = Field(0.1, gt=0)
     """dpo: the inverse temperature of the implicit reward beta * log(policy / reference) (higher: stay closer to
     the reference). orpo: the weight (lambda) of the odds-ratio term."""
@@ -371,8 +371,8 @@ class ObjectiveConfig(Section):
     """dpo: the reference model. 'base': the frozen base with the adapters turned off. 'adapter': the adapters
     as model.adapter starts them, frozen (the SFT model DPO continues from), as TRL's DPOTrainer does for a
     model that already has an adapter: their starting values are swapped in for the reference's forward (a
-    copy of this process's share of the adapters; no second model), without dropout. 'auto':
-    'adapter' where model.adapter is set, else 'base'."""
+    copy of this process's share of the adapters; no second model), without dropout. 'auto': 'adapter' where
+    model.adapter is set, else 'base'."""
 
     @property
     def sequences(self) -> int:

@@ -170,8 +170,9 @@ class DPO:
     tokens), -(1-e) log sigmoid(beta D) - e log sigmoid(-beta D), e being objective.label_smoothing (cDPO;
     e=0 is TRL's loss_type="sigmoid", which ignores its label_smoothing). The reference is the same model with
     its adapters off (PEFT's disable_adapter()), or with the adapters it started from (StartingAdapter), run
-    without gradients on the same micro-batch first: no second model in memory. Metrics as TRL names them: rewards/chosen and /rejected (beta times the log-ratios),
-    /accuracies, /margins, logps/chosen and /rejected (the policy's)."""
+    without gradients on the same micro-batch first: no second model in memory. Metrics as TRL names them:
+    rewards/chosen and /rejected (beta times the log-ratios), /accuracies, /margins, logps/chosen and /rejected
+    (the policy's)."""
 
     name, group, loss_label = "dpo", 2, "loss (per pair)"
     reference_forward = True
