@@ -339,7 +339,9 @@ def test_llama3_8b_dpo_ultrafeedback_from_an_sft_adapter(tiny_run, tmp_path):
     summary = read_summary(run)
     assert summary["objective"] == "dpo" and summary["world_size"] == 2
     assert "format preference: 48 train rows, 8 eval rows" in proc.stderr
-    assert summary["first_eval"]["eval_rewards/margins"] != 0  # started from the SFT adapter
+    # started from the SFT adapter, which is then DPO's reference too: at the start the policy is its reference
+    assert summary["reference"] == "adapter" and "the reference is the starting adapter" in proc.stderr
+    assert summary["first_eval"]["eval_rewards/margins"] == 0
     assert summary["final_eval"]["eval_pairs"] == 8
     cfg = (run / "config.yaml").read_text()
     assert "name: dpo" in cfg and "beta: 0.01" in cfg and "packing: true" in cfg
