@@ -3,6 +3,7 @@ against a real cluster in tests/slurm)."""
 
 import dataclasses
 import json
+import os
 import shlex
 import signal
 import subprocess
@@ -10,9 +11,12 @@ import sys
 import time
 
 import pytest
+import submitit
 
 from shardtune.cli.main import main as cli
 from shardtune.cli.submit import (
+    SUBMITIT_TASK,
+    TASK_COMMAND,
     TASK_PYTHON,
     Resources,
     Submission,
@@ -205,6 +209,54 @@ def test_a_signal_after_the_run_does_not_fail_the_finished_task(signum):
     proc.send_signal(signum)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0 and out.split() == ["None"], (proc.returncode, out)
+
+
+# The job a task runs: it registers an exit handler, which Python's finalization would run, then does `end`.
+JOB = "import atexit; atexit.register(print, 'finalized', flush=True)\n{end}"
+
+
+@pytest.mark.parametrize(
+    "end,code,outcome",
+    [("result = 5", 0, "success"), ("raise SystemExit(75)", 75, None), ("int('x')", 1, "error")],
+)
+def test_a_task_runs_its_job_as_submitit_does_and_ends_without_finalization(tmp_path, end, code, outcome):
+    """srun's command for a task (TASK_COMMAND, then submitit's own arguments) runs the pickled job as submitit's
+    module does: the result or the error pickled for `shardtune status`, none for TrainJob's requeue exit; and
+    the process ends with the job's exit code without Python's finalization (the job's exit handler never
+    runs), where gloo's leftover threads could abort a finished task (distributed.exit_process)."""
+    paths = submitit.core.utils.JobPaths(tmp_path / "%j", job_id="7", task_id=0)
+    paths.folder.mkdir(parents=True)
+    submitit.core.utils.DelayedSubmission(exec, JOB.format(end=end)).dump(paths.submitted_pickle)
+    env = dict(
+        SUBMITIT_EXECUTOR="slurm",
+        SLURM_JOB_ID="7",
+        SLURM_PROCID="0",
+        SLURM_LOCALID="0",
+        SLURM_NODEID="0",
+        SLURM_NTASKS="1",
+        SLURM_JOB_NUM_NODES="1",
+        SLURM_JOB_NODELIST="localhost",
+    )
+    argv = [*shlex.split(TASK_COMMAND), *SUBMITIT_TASK, str(tmp_path / "%j")]
+    proc = subprocess.run(argv, env=os.environ | env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == code, proc.stderr
+    assert "finalized" not in proc.stdout
+    if outcome is None:
+        assert not paths.result_pickle.exists()
+        return
+    status, result = submitit.core.utils.pickle_load(paths.result_pickle)
+    assert status == outcome
+    if outcome == "error":
+        assert "ValueError: invalid literal for int()" in result and "ValueError" in proc.stderr
+
+
+def test_a_task_command_refuses_what_submitit_did_not_write():
+    proc = subprocess.run(
+        [sys.executable, "-m", "shardtune.cli.submit", "task", "-m", "other", "dir"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1 and "expected ['-u', '-m', 'submitit.core._submit'] FOLDER" in proc.stderr
 
 
 def test_a_submitted_sweep_run_is_named_by_its_run_and_the_path_inside(monkeypatch, tmp_path):

@@ -20,6 +20,7 @@ saves and ends the job without requeueing it. Every start advances at least one 
 job whose lead time is too short still finishes, only slower. Each task's Python starts with the signals
 blocked (stopping.BLOCKED_START): one that comes while it imports waits for the handler instead of killing it.
 srun runs with --kill-on-bad-exit: a task that dies ends the job instead of stalling its peers.
+A task ends without Python's finalization once its result is written (task_process says why).
 
 Crashes: submitit has no launcher to start a dead task again (torchrun's --max-restarts, which slurm/train.sh
 uses), so the job's batch script does it: an exit trap (`after_task`) requeues the job when srun failed
@@ -42,10 +43,11 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import submitit
 
@@ -62,6 +64,10 @@ TASK_SIGNALS = (*STOP_SIGNALS, signal.SIGUSR2)
 
 # how srun starts each task's Python: with the stop signals blocked (BLOCKED_START says why)
 TASK_PYTHON = f"{shlex.quote(sys.executable)} -S -c {shlex.quote(BLOCKED_START)}"
+# submitit's `python` for the job: srun runs `<this> -u -m submitit.core._submit FOLDER`, which is this module's
+# `task` command (task_process) taking submitit's command line as its arguments
+TASK_COMMAND = f"{TASK_PYTHON} -u -m shardtune.cli.submit task"
+SUBMITIT_TASK = ["-u", "-m", "submitit.core._submit"]
 
 
 @dataclass
@@ -174,6 +180,25 @@ class TrainJob:
             # the first non-zero exit (--kill-on-bad-exit), which must not come before rank 0 has requeued.
             sys.exit(EXIT_REQUEUE if env.global_rank == 0 else 0)
         return summary
+
+
+def task_process(folder: str) -> NoReturn:
+    """One task of a submitted job: what submitit's `python -m submitit.core._submit FOLDER` does (load the
+    pickled TrainJob, run it, pickle its result), then the end of the process through distributed.exit_process,
+    not Python's finalization: gloo's threads outlive the process group, and one of them can abort a task whose
+    run has finished while the interpreter finalizes; srun would report the completed job as FAILED."""
+    from submitit.core.submission import process_job
+
+    from shardtune.parallel.distributed import exit_process
+
+    try:
+        process_job(folder)
+    except SystemExit as stop:  # TrainJob's requeue code
+        exit_process(stop.code)
+    except BaseException:  # pickled as the job's error by process_job; printed as Python would
+        traceback.print_exc()
+        exit_process(1)
+    exit_process(0)
 
 
 def requeue(job_id: str) -> None:
@@ -320,7 +345,7 @@ def _submit(
     name = Path(recipe).stem
     minutes = check_resources(res)
     folder = runs_dir / RECORDS / "%j"
-    executor = submitit.SlurmExecutor(folder=folder, python=TASK_PYTHON)
+    executor = submitit.SlurmExecutor(folder=folder, python=TASK_COMMAND)
     params = dict(
         job_name=job_name or f"shardtune-{name}",
         nodes=res.nodes,
@@ -471,7 +496,15 @@ def result_pickles(job: submitit.SlurmJob) -> dict[int, Path]:
     return pickles
 
 
-# the batch script's exit trap (restart_trap): python -m shardtune.cli.submit after-task RC STARTED RUNS_DIR MAX
 if __name__ == "__main__":
+    if (
+        sys.argv[1] == "task"
+    ):  # srun's command for each task (TASK_COMMAND): ... task -u -m submitit.core._submit DIR
+        if sys.argv[2:-1] != SUBMITIT_TASK:
+            sys.exit(
+                f"shardtune.cli.submit task: expected {SUBMITIT_TASK} FOLDER after it, got {sys.argv[2:]}"
+            )
+        task_process(sys.argv[-1])
+    # the batch script's exit trap (restart_trap): python -m shardtune.cli.submit after-task RC STARTED RUNS MAX
     _, _, rc, started, runs, most = sys.argv
     after_task(int(rc), float(started), Path(runs), int(most))
