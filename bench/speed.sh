@@ -2,6 +2,7 @@
 # Throughput runs for BENCHMARKS.md on a 2-GPU machine: `shardtune bench`, one JSON line per run in
 # $OUT/speed.jsonl, a table at the end. Groups run in the order given:
 #   bash bench/speed.sh 8b proxy 70b varlen
+#   bash bench/speed.sh peers      (one GPU: bench/peers/peers.py beside Unsloth and TRL + PEFT)
 set -uo pipefail
 # shellcheck source=bench/gpu_env.sh
 source "$(dirname "$0")/gpu_env.sh"
@@ -126,6 +127,10 @@ for group in "$@"; do
          model.fused_kernels=true parallel.activation_checkpointing=auto)
       bench "${V[@]}"
       bench "${V[@]}" data.packing=true ;;
+    peers)  # one GPU: shardtune, Unsloth, TRL + PEFT on the same checkpoint and rows; a table per shape
+      bash bench/peers/unsloth_env.sh
+      python3 bench/peers/peers.py --shape llama3-8b --out "$OUT"
+      python3 bench/peers/peers.py --shape llama3-70b-proxy --out "$OUT" ;;
   esac
 done
 echo; echo "=== $LOG"
