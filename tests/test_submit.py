@@ -14,7 +14,9 @@ import pytest
 import submitit
 
 from shardtune.cli.main import main as cli
+from shardtune.cli.status import srun_error
 from shardtune.cli.submit import (
+    START_MARK,
     SUBMITIT_TASK,
     TASK_COMMAND,
     TASK_PYTHON,
@@ -257,6 +259,27 @@ def test_a_task_command_refuses_what_submitit_did_not_write():
         text=True,
     )
     assert proc.returncode == 1 and "expected ['-u', '-m', 'submitit.core._submit'] FOLDER" in proc.stderr
+
+
+def test_status_reports_srun_s_error_from_the_job_s_last_start():
+    """A requeued job's task-0 log holds every start; the earlier ones end with srun's report of the requeue
+    killing them. `shardtune status` quotes the last start's, from its first failed task on."""
+    first = [f"{START_MARK} 2026-12-07T17:38:16", "srun: error: localhost: tasks 0-1: Terminated", "step 3"]
+    last = [
+        f"{START_MARK} 2026-12-07T17:39:02",
+        "[shardtune] data: generated task",
+        "srun: error: localhost: task 1: Aborted (core dumped)",
+        "srun: error: localhost: task 0: Terminated",
+        "[shardtune] job 10: srun exited 134; not restarted: the run is complete",
+    ]
+    assert srun_error("\n".join(first + last)) == " | ".join(last[2:])
+    assert srun_error("\n".join(first[1:] + last[1:])) == " | ".join(
+        first[1:] + last[1:2]
+    )  # no marks: the first
+    assert (
+        srun_error("\n".join(last[:2])) == "[shardtune] data: generated task"
+    )  # no srun error: the last lines
+    assert srun_error("") is None
 
 
 def test_a_submitted_sweep_run_is_named_by_its_run_and_the_path_inside(monkeypatch, tmp_path):

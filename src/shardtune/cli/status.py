@@ -9,7 +9,14 @@ from pathlib import Path
 
 import submitit
 
-from shardtune.cli.submit import RECORDS, Submission, read_json, restart_count, result_pickles
+from shardtune.cli.submit import (
+    RECORDS,
+    START_MARK,
+    Submission,
+    read_json,
+    restart_count,
+    result_pickles,
+)
 
 
 def task_report(task: dict, job: submitit.SlurmJob) -> dict:
@@ -47,10 +54,17 @@ def _error(status: dict, job: submitit.SlurmJob) -> str | None:
             lines = [ln for ln in str(result).strip().splitlines() if ln.strip()]
             if lines:
                 return lines[-1]
-    stderr = job.stderr() or ""  # task 0's, where srun also writes
+    return srun_error(job.stderr() or "") or f"Slurm state {job.state}, no log"
+
+
+def srun_error(stderr: str) -> str | None:
+    """srun's report in task 0's log (where srun and the batch script also write) from the first failed task
+    on, in the job's last start (START_MARK): an earlier start's report is its requeue ending it."""
     lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    starts = [i for i, ln in enumerate(lines) if ln.startswith(START_MARK)]
+    lines = lines[starts[-1] + 1 :] if starts else lines
     first = next((i for i, ln in enumerate(lines) if ln.startswith("srun: error:")), max(0, len(lines) - 3))
-    return " | ".join(lines[first : first + 3]) if lines else f"Slurm state {job.state}, no log"
+    return " | ".join(lines[first : first + 3]) or None
 
 
 def status_rows(record: Submission) -> list[dict]:

@@ -68,6 +68,7 @@ TASK_PYTHON = f"{shlex.quote(sys.executable)} -S -c {shlex.quote(BLOCKED_START)}
 # `task` command (task_process) taking submitit's command line as its arguments
 TASK_COMMAND = f"{TASK_PYTHON} -u -m shardtune.cli.submit task"
 SUBMITIT_TASK = ["-u", "-m", "submitit.core._submit"]
+START_MARK = "[shardtune] job started"  # the batch script's first line in task 0's log, at every start
 
 
 @dataclass
@@ -365,8 +366,11 @@ def _submit(
             params[key] = getattr(res, key)
     if len(points) > 1:
         params["array_parallelism"] = res.max_parallel or len(points)
+    # each start of the job marks task 0's log, so that status reports the last start's error (a requeued job's
+    # log holds every start, the earlier ones ended by their requeue)
+    params["setup"] = [f'echo "{START_MARK} $(date -Is)" >&2']
     if res.max_restarts > 0:
-        params["setup"] = restart_trap(runs_dir, res.max_restarts)
+        params["setup"] += restart_trap(runs_dir, res.max_restarts)
     executor.update_parameters(**params)
 
     trains = [TrainJob(c, run_name, name) for run_name, _, c in points]
