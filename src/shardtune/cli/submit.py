@@ -501,9 +501,8 @@ def result_pickles(job: submitit.SlurmJob) -> dict[int, Path]:
 
 
 if __name__ == "__main__":
-    if (
-        sys.argv[1] == "task"
-    ):  # srun's command for each task (TASK_COMMAND): ... task -u -m submitit.core._submit DIR
+    # srun's command for each task (TASK_COMMAND): python -m shardtune.cli.submit task -u -m submitit.core._submit DIR
+    if sys.argv[1] == "task":
         if sys.argv[2:-1] != SUBMITIT_TASK:
             sys.exit(
                 f"shardtune.cli.submit task: expected {SUBMITIT_TASK} FOLDER after it, got {sys.argv[2:]}"
