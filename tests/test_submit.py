@@ -13,21 +13,11 @@ import time
 import pytest
 import submitit
 
+from shardtune.cli.inside_job import START_MARK, SUBMITIT_TASK, TASK_COMMAND, TASK_PYTHON, restart_decision
 from shardtune.cli.main import main as cli
 from shardtune.cli.status import srun_error
-from shardtune.cli.submit import (
-    START_MARK,
-    SUBMITIT_TASK,
-    TASK_COMMAND,
-    TASK_PYTHON,
-    Resources,
-    Submission,
-    check_resources,
-    merged_resources,
-    restart_decision,
-    submit,
-    time_minutes,
-)
+from shardtune.cli.submission import Submission
+from shardtune.cli.submit import Resources, check_resources, merged_resources, submit, time_minutes
 from shardtune.config import Config
 from shardtune.errors import ConfigError
 
@@ -189,7 +179,7 @@ def test_a_signal_while_the_task_starts_waits_for_its_handler(signum):
 FINISHED_TASK = """
 import signal, threading, time
 from shardtune.train.stopping import StopRequest
-from shardtune.cli.submit import SLURM_SIGNALS, TASK_SIGNALS
+from shardtune.cli.inside_job import SLURM_SIGNALS, TASK_SIGNALS
 with StopRequest(TASK_SIGNALS, ignore_after=SLURM_SIGNALS) as stop:
     threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
 print("finished", flush=True)
@@ -254,7 +244,7 @@ def test_a_task_runs_its_job_as_submitit_does_and_ends_without_finalization(tmp_
 
 def test_a_task_command_refuses_what_submitit_did_not_write():
     proc = subprocess.run(
-        [sys.executable, "-m", "shardtune.cli.submit", "task", "-m", "other", "dir"],
+        [sys.executable, "-m", "shardtune.cli.inside_job", "task", "-m", "other", "dir"],
         capture_output=True,
         text=True,
     )
@@ -287,12 +277,12 @@ def test_a_submitted_sweep_run_is_named_by_its_run_and_the_path_inside(monkeypat
     name) and the sweep point's path inside it, as `--sweep` does without Slurm: runs/<name>/sweep/<point>."""
     from types import SimpleNamespace
 
-    from shardtune.cli import recipe, submit
+    from shardtune.cli import inside_job, recipe
 
     env = SimpleNamespace(job_id="7_1", array_job_id="7", global_rank=0)
-    monkeypatch.setattr(submit.submitit, "JobEnvironment", lambda: env)
+    monkeypatch.setattr(inside_job.submitit, "JobEnvironment", lambda: env)
     monkeypatch.setattr(
-        submit.submitit.helpers,
+        inside_job.submitit.helpers,
         "TorchDistributedEnvironment",
         lambda: SimpleNamespace(export=lambda **_: None),
     )
@@ -304,8 +294,8 @@ def test_a_submitted_sweep_run_is_named_by_its_run_and_the_path_inside(monkeypat
 
     monkeypatch.setattr(recipe, "run", fake_run)
     cfg = Config(train={"output_dir": str(tmp_path)})
-    assert submit.TrainJob(cfg, "tiny-{job_id}/sweep/lora.r=8", "tiny")() == {"status": "complete"}
-    assert submit.TrainJob(cfg, "tiny-{job_id}", "tiny")() == {"status": "complete"}
+    assert inside_job.TrainJob(cfg, "tiny-{job_id}/sweep/lora.r=8", "tiny")() == {"status": "complete"}
+    assert inside_job.TrainJob(cfg, "tiny-{job_id}", "tiny")() == {"status": "complete"}
     assert seen == [("tiny-7", "sweep/lora.r=8"), ("tiny-7", None)]
 
 

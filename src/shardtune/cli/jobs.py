@@ -1,5 +1,6 @@
 """`shardtune submit | status | logs | cancel`: the command lines of training on SLURM through submitit
-(submit.py submits and requeues; status.py reads what the jobs did)."""
+(submit.py submits; inside_job.py runs in the job and requeues it; submission.py is the record; status.py
+reads what the jobs did)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ def command(args, rest: list[str]) -> int:
     from shardtune.cli import status as jobs_status
     from shardtune.cli import submit as slurm
     from shardtune.cli.args import parse_args
+    from shardtune.cli.submission import Submission
 
     runs = Path(args.runs_dir)
     if args.command == "submit":
@@ -60,15 +62,15 @@ def command(args, rest: list[str]) -> int:
             f"  |  shardtune cancel {record.job_id}"
         )
     elif args.command == "status":
-        records = [slurm.Submission.load(runs, args.job)] if args.job else jobs_status.recent(runs)
+        records = [Submission.load(runs, args.job)] if args.job else jobs_status.recent(runs)
         if not records:
             print(f"no jobs submitted from {runs}")
         for record in records:
             print(jobs_status.format_status(record, jobs_status.status_rows(record)))
     elif args.command == "logs":
-        record = slurm.Submission.load(runs, args.job)
+        record = Submission.load(runs, args.job)
         print(jobs_status.logs(record, args.task, args.rank, args.lines or None))
     else:
-        jobs_status.cancel(slurm.Submission.load(runs, args.job))
+        jobs_status.cancel(Submission.load(runs, args.job))
         print(f"cancelled job {args.job}")
     return 0

@@ -9,14 +9,8 @@ from pathlib import Path
 
 import submitit
 
-from shardtune.cli.submit import (
-    RECORDS,
-    START_MARK,
-    Submission,
-    read_json,
-    restart_count,
-    result_pickles,
-)
+from shardtune.cli.inside_job import START_MARK
+from shardtune.cli.submission import RECORDS, Submission, read_json, restart_count, result_pickles
 
 
 def task_report(task: dict, job: submitit.SlurmJob) -> dict:
