@@ -156,6 +156,18 @@ def test_micro_batches_in_tokens_are_checked_against_packing_the_row_length_and_
     assert cfg.train.micro_batch_tokens == 4096
 
 
+def test_micro_batch_auto_is_parsed_and_refused_beside_a_token_budget():
+    assert apply_overrides(Config(), {"train.micro_batch_size": "auto"}, "x").train.micro_batch_size == "auto"
+    assert apply_overrides(Config(), {"train.micro_batch_size": "8"}, "x").train.micro_batch_size == 8
+    with pytest.raises(ConfigError, match=r"train.micro_batch_size"):
+        apply_overrides(Config(), {"train.micro_batch_size": "0"}, "x")
+    with pytest.raises(
+        ConfigError, match=r"micro_batch_size=auto with train.micro_batch_tokens=4096: .* leave"
+    ):
+        packed = {"data.packing": "true", "data.max_len": "1024", "train.micro_batch_tokens": "4096"}
+        apply_overrides(Config(), {**packed, "train.micro_batch_size": "auto"}, "x")
+
+
 def test_help_lists_every_key_with_docs():
     text = format_help(Config())
     for key in ("model.name_or_path", "lora.r", "data.max_len", "parallel.mixed_precision", "eval.questions"):

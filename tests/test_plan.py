@@ -12,6 +12,7 @@ import torch
 from conftest import ROOT
 from shardtune.cli.plan import override_line, parse_size
 from shardtune.config import Config, apply_overrides
+from shardtune.errors import ConfigError
 from shardtune.model import loading, modeling
 from shardtune.parallel.distributed import DistInfo
 from shardtune.parallel.fsdp import FsdpBackend
@@ -383,3 +384,76 @@ def test_dpo_from_an_adapter_plans_the_starting_adapters_copy():
     assert zero3["DPO reference: starting adapters"] == 8 * lora / 4
     assert "DPO reference: starting adapters" not in base
     assert sum(fsdp.values()) - sum(base.values()) == pytest.approx(8 * lora)
+
+
+def test_micro_batch_auto_takes_the_fastest_planned_step_that_fits():
+    """train.micro_batch_size=auto beside activation_checkpointing=auto, the 8B at 3072 tokens on one GPU of
+    B GiB (parallel.gpu_memory_limit_gib): every micro-batch that divides the GPU's rows per step gets the least
+    recomputation that fits, and the run takes the fastest planned step among them. The choice fits B; more
+    memory never plans a slower step; no other micro-batch that fits plans a faster one; where none fits, the
+    least memory. Without a GPU limit (a CPU run): the largest micro-batch. A global batch the GPUs do not
+    divide is refused with the fix."""
+    cfg = apply_overrides(
+        Config(),
+        {
+            "model.name_or_path": "llama3-8b",
+            "parallel.mixed_precision": "bf16",
+            "model.fused_kernels": True,
+            "data.max_len": 3072,
+            "train.global_batch_size": 8,
+            "train.micro_batch_size": "auto",
+            "eval.batch_size": 1,
+            "lora.dropout": 0.05,
+            "parallel.activation_checkpointing": "auto",
+        },
+        "test",
+    )
+    hf_config = modeling.model_config(cfg)
+    picked = {}
+    for gib in (12, 16, 24, 48, 80):
+        budget = gib * 2**30
+        resolved, est = auto.resolve_auto(cfg, hf_config, 1, budget)
+        t, p = resolved.train, resolved.parallel
+        picked[gib] = (t.micro_batch_size, p.activation_checkpointing, p.checkpoint_every)
+        assert est.gpu_peak <= auto.AUTO_MARGIN * budget, (gib, picked[gib])
+        assert est.settings["train.micro_batch_size"] == t.micro_batch_size
+        for m in (1, 2, 4, 8):
+            sized = apply_overrides(cfg, {"train.micro_batch_size": m}, "test")
+            _, other = auto.choose_settings(sized, hf_config, 1, budget)
+            assert other.gpu_peak > auto.AUTO_MARGIN * budget or other.step_s >= est.step_s, (gib, m)
+        picked[gib] += (round(est.step_s, 3),)
+    steps = [step for *_, step in picked.values()]
+    assert steps == sorted(steps, reverse=True)
+    assert picked[80][:2] == (4, False)  # nothing recomputed; 8 rows would need ~98 GiB
+    # 24 GiB: one row and nothing recomputed (planned 17.6 GiB) is faster than 4 rows recomputed (12.4 GiB)
+    assert picked[24][:2] == (1, False) and picked[16][1] is True
+    # nothing fits 8 GiB (the plan: 9.8 GiB at one row, every layer recomputed): the least memory, run anyway
+    least, est = auto.resolve_auto(cfg, hf_config, 1, 8 * 2**30)
+    assert (least.train.micro_batch_size, least.parallel.checkpoint_every) == (
+        1,
+        1,
+    ) and est.gpu_peak > 8 * 2**30
+    assert auto.describe_auto(cfg, auto.resolve_auto(cfg, hf_config, 1, 80 * 2**30)[0]).startswith(
+        "micro-batch 4 rows, activation checkpointing none"
+    )
+    cpu, _ = auto.resolve_auto(cfg, hf_config, 2, None)
+    assert (cpu.train.micro_batch_size, cpu.parallel.activation_checkpointing) == (4, False)
+    with pytest.raises(ConfigError, match=r"train.global_batch_size=8 is not a multiple of the 3 GPUs"):
+        auto.resolve_auto(cfg, hf_config, 3, 80 * 2**30)
+
+
+def test_plan_prints_what_micro_batch_auto_chooses():
+    out = subprocess.run(
+        [
+            *(sys.executable, "-m", "shardtune.cli", "plan", "recipes/llama3_8b.py"),
+            *("--gpus", "1", "--gpu-mem", "24GiB", "--gpu", "h100"),
+            *("train.micro_batch_size=auto", "parallel.activation_checkpointing=auto"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    line = next(x for x in out.stdout.splitlines() if x.startswith("auto: "))
+    assert line.startswith("auto: micro-batch ") and "activation checkpointing" in line, out.stdout

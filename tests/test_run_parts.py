@@ -23,6 +23,31 @@ from shardtune.train.state import TrainState
 CPU = torch.device("cpu")
 
 
+# --------------------------------------------------------------------------------------- auto settings
+def test_micro_batch_auto_is_decided_before_the_sampler_cuts_the_steps(tmp_path):
+    """train.micro_batch_size=auto on a CPU (no GPU memory to plan for): the largest micro-batch of 1, 2 ... 32
+    rows that divides the process's rows per step, decided once the data are read and before the sampler cuts
+    each step into micro-batches; the run directory's config.yaml keeps 'auto' (a resume decides again)."""
+    from shardtune.parallel.distributed import init_distributed, teardown
+    from shardtune.train.run import Run
+
+    overrides = {"train.micro_batch_size": "auto", "train.global_batch_size": 24, "eval.samples": 0}
+    paths = {"train.output_dir": str(tmp_path), "train.run_name": "auto", "parallel.device": "cpu"}
+    cfg = apply_overrides(Config(), {**overrides, **paths}, "test")
+    environ = dict(os.environ)
+    try:
+        run = Run(cfg, init_distributed("cpu"), "auto")
+        run.start()
+        run.prepare_data()
+    finally:  # a group of one, gone again
+        teardown()
+        os.environ.clear()
+        os.environ.update(environ)
+    assert run.cfg.train.micro_batch_size == 8  # 24 rows a step: 8 divides them, 16 and 32 do not
+    assert [len(m) for m in run.sampler.micro_batches(0)] == [8, 8, 8]
+    assert "micro_batch_size: auto" in (tmp_path / "auto" / "config.yaml").read_text()
+
+
 # ------------------------------------------------------------------------------------------- the boundary
 def at(done, total=100, eval_every=10, save_every=25, signalled=False, timed=False, evaluated=False):
     return decide(done, total, eval_every, save_every, signalled, timed, evaluated)

@@ -117,7 +117,14 @@ def _batch_conflicts(cfg: Config) -> None:
             f"train.micro_batch_tokens={tokens} is less than data.max_len={cfg.data.max_len}: a row that long "
             f"would not fit a micro-batch; set train.micro_batch_tokens >= {cfg.data.max_len}"
         )
-    if tokens is None and cfg.train.micro_batch_size > cfg.train.global_batch_size:
+    micro = cfg.train.micro_batch_size
+    if tokens is not None and micro == "auto":
+        raise ValueError(
+            f"train.micro_batch_size=auto with train.micro_batch_tokens={tokens}: packed micro-batches are sized "
+            "by their tokens; leave train.micro_batch_size out (or drop train.micro_batch_tokens to let auto "
+            "choose the rows)"
+        )
+    if tokens is None and micro != "auto" and micro > cfg.train.global_batch_size:
         raise ValueError(
             f"train.micro_batch_size={cfg.train.micro_batch_size} exceeds train.global_batch_size="
             f"{cfg.train.global_batch_size}"

@@ -8,7 +8,7 @@ refused by checks.py; overrides and help are overrides.py's.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -232,8 +232,11 @@ class TrainConfig(Section):
     """Passes over the training rows when max_steps is None."""
     global_batch_size: int = Field(32, gt=0)
     """Rows per optimizer step across all processes (fixed when the number of processes changes)."""
-    micro_batch_size: int = Field(16, gt=0)
-    """Rows per forward pass per process. Gradient accumulation = global / (micro x processes)."""
+    micro_batch_size: Annotated[int, Field(gt=0)] | Literal["auto"] = 16
+    """Rows per forward pass per process. Gradient accumulation = global / (micro x processes). 'auto': on a
+    GPU, the one of 1, 2, 4 ... 32 rows (a divisor of each process's rows per step) whose planned step is the
+    fastest that fits the GPU's memory (or parallel.gpu_memory_limit_gib), with the settings left to auto
+    beside it (activation checkpointing, sharding), as `shardtune plan` plans it; on a CPU the largest."""
     micro_batch_tokens: int | None = Field(None, gt=0)
     """With data.packing: size micro-batches in tokens instead of rows. Each step's rows (still
     global_batch_size of them) are cut into micro-batches of at most this many tokens, every process getting as

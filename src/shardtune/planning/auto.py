@@ -1,6 +1,7 @@
 """The settings a run leaves to `auto`, decided from the plan: activation checkpointing and where the frozen base
 lives (parallel.activation_checkpointing, parallel.sharding_strategy), the fastest choice whose planned peak
-fits the GPU's memory; and `shardtune plan --fit`: every combination that fits, fastest first."""
+fits the GPU's memory, and with train.micro_batch_size=auto the micro-batch whose choice plans the fastest
+step; and `shardtune plan --fit`: every combination that fits, fastest first."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from shardtune.planning.estimate import GIB, Estimate, estimate
 # 'none' on a GPU: the dropout kernel already keeps no dropout masks.)
 CHECKPOINT_CHOICES = ((False, 1), (True, 4), (True, 3), (True, 2), (True, 1))
 AUTO_MARGIN = 0.85  # of the GPU's memory: fragmentation, and the plan's worst underestimate measured (-11%)
+MICRO_BATCHES = (1, 2, 4, 8, 16, 32)  # rows per micro-batch that auto and --fit try
 
 
 def auto_choices(p: ParallelConfig, gpus: int, nodes: int = 1) -> list[dict]:
@@ -60,10 +62,33 @@ def sharding_tiers(gpus: int, nodes: int, backend: str) -> list[list[str]]:
 def choose_auto(
     cfg: Config, hf_config, gpus: int, gpu_mem: float | None, nodes: int = 1
 ) -> tuple[dict, Estimate | None]:
-    """What `cfg` leaves to 'auto', decided: the first of auto_choices whose planned peak fits `gpu_mem`, or the
-    last (everything recomputed, the base sharded) when none does (the plan may be pessimistic). Without a GPU
-    limit (a CPU run): no recomputation and the base sharded, as on GPUs (the processes share the host's
-    memory, which sharding spares)."""
+    """What `cfg` leaves to 'auto', decided. With train.micro_batch_size=auto: each micro-batch's choice
+    (choose_settings), the fastest planned step among those that fit (the larger micro-batch at equal speed), or
+    the smallest micro-batch's when none does; on a CPU (no GPU limit) the largest micro-batch."""
+    if cfg.train.micro_batch_size != "auto":
+        return choose_settings(cfg, hf_config, gpus, gpu_mem, nodes)
+    sizes = micro_batch_choices(cfg.train, gpus)
+    if gpu_mem is None:
+        choice, _ = choose_settings(cfg, hf_config, gpus, None, nodes)
+        return {"train.micro_batch_size": sizes[0], **choice}, None
+    planned = []
+    for size in sizes:
+        sized = apply_overrides(cfg, {"train.micro_batch_size": size}, "auto")
+        choice, est = choose_settings(sized, hf_config, gpus, gpu_mem, nodes)
+        planned.append(({"train.micro_batch_size": size, **choice}, est))
+    fitting = [(choice, est) for choice, est in planned if est.gpu_peak <= AUTO_MARGIN * gpu_mem]
+    if not fitting:  # the smallest micro-batch, everything recomputed: the plan may be pessimistic
+        return planned[-1]
+    return min(fitting, key=lambda p: p[1].step_s)  # the first of equals: the larger micro-batch
+
+
+def choose_settings(
+    cfg: Config, hf_config, gpus: int, gpu_mem: float | None, nodes: int = 1
+) -> tuple[dict, Estimate | None]:
+    """Checkpointing and sharding left to 'auto', decided: the first of auto_choices whose planned peak fits
+    `gpu_mem`, or the last (everything recomputed, the base sharded) when none does (the plan may be
+    pessimistic); the estimate of that choice. Without a GPU limit (a CPU run): no recomputation and the base
+    sharded, as on GPUs (the processes share the host's memory, which sharding spares)."""
     choices = auto_choices(cfg.parallel, gpus, nodes)
     if gpu_mem is None:
         cpu = {"parallel.activation_checkpointing": False, "parallel.sharding_strategy": "FULL_SHARD"}
@@ -75,6 +100,16 @@ def choose_auto(
         if est.gpu_peak <= AUTO_MARGIN * gpu_mem:
             return choice, est
     return choice, est
+
+
+def micro_batch_choices(t: TrainConfig, gpus: int) -> list[int]:
+    """The micro-batches train.micro_batch_size=auto chooses from, largest first: 32, 16, ... 1 rows that divide
+    the rows each process handles per step (refused, with the fix, where the global batch does not divide)."""
+    problem = batch_problem(t, gpus, micro_batch=False)
+    if problem:
+        raise ConfigError(problem)
+    rows = t.global_batch_size // gpus
+    return [m for m in MICRO_BATCHES[::-1] if rows % m == 0]
 
 
 def device_memory(p: ParallelConfig, device: torch.device) -> float | None:
@@ -93,7 +128,7 @@ def resolve_auto(
     """`cfg` with parallel.activation_checkpointing and parallel.sharding_strategy 'auto' replaced by
     choose_auto's choice (as it is when neither is auto), and the estimate of that choice (None when nothing
     was chosen or there is no GPU limit). `gpus` in all, on `nodes` machines."""
-    if not auto_choices(cfg.parallel, gpus, nodes)[0]:
+    if not auto_choices(cfg.parallel, gpus, nodes)[0] and cfg.train.micro_batch_size != "auto":
         return cfg, None
     choice, est = choose_auto(cfg, hf_config, gpus, gpu_mem, nodes)
     return apply_overrides(cfg, choice, "auto"), est
@@ -102,6 +137,8 @@ def resolve_auto(
 def describe_auto(before: Config, after: Config) -> str:
     """What 'auto' decided (`before` unresolved, `after` resolved), in words."""
     parts = []
+    if before.train.micro_batch_size == "auto":
+        parts.append(f"micro-batch {after.train.micro_batch_size} rows")
     if before.parallel.activation_checkpointing == "auto":
         parts.append(f"activation checkpointing {describe_checkpointing(after.parallel)}")
     if before.parallel.sharding_strategy == "auto":
@@ -136,7 +173,7 @@ def batch_problem(t: TrainConfig, gpus: int, micro_batch: bool = True) -> str | 
             f"for a number of GPUs that divides {g}"
         )
     m = t.micro_batch_size
-    if micro_batch and t.micro_batch_tokens is None and g % (m * gpus):
+    if micro_batch and m != "auto" and t.micro_batch_tokens is None and g % (m * gpus):
         return (
             f"train.global_batch_size={g} is not a multiple of train.micro_batch_size={m} x {gpus} GPUs: the run "
             f"would refuse it. Set train.micro_batch_size to a divisor of {g // gpus} (the rows per GPU per step), "
@@ -155,9 +192,9 @@ def fit(cfg: Config, hf_config, gpus: int, gpu_mem: float, nodes: int, gpu_name:
     if problem:  # no micro-batch can help: the global batch itself does not divide
         raise ConfigError(problem)
     per_gpu_rows = cfg.train.global_batch_size // gpus
-    sizes = [{"train.micro_batch_size": m} for m in (1, 2, 4, 8, 16, 32) if per_gpu_rows % m == 0]
+    sizes = [{"train.micro_batch_size": m} for m in MICRO_BATCHES if per_gpu_rows % m == 0]
     if cfg.data.packing and cfg.parallel.backend == "fsdp":
-        rows = [m for m in (1, 2, 4, 8, 16, 32) if m <= per_gpu_rows]
+        rows = [m for m in MICRO_BATCHES if m <= per_gpu_rows]
         sizes = [{"train.micro_batch_tokens": m * cfg.data.max_len} for m in rows]
     # where the frozen base lives (sharding_tiers), or sharded and offloaded (a whole copy per process offloaded
     # would only cost host memory); at equal planned speed (the network is not modelled) the first of these wins

@@ -1,5 +1,6 @@
-"""The model of a run: the settings left to `auto` decided on this machine, then the 4-bit base + LoRA built
-layer by layer and sharded by the backend as it arrives (model/loading.py)."""
+"""The model of a run: the settings left to `auto` decided on this machine (before the data's sampler, which
+the micro-batch shapes), then the 4-bit base + LoRA built layer by layer and sharded by the backend as it
+arrives (model/loading.py)."""
 
 from __future__ import annotations
 
@@ -22,10 +23,11 @@ log = logging.getLogger("shardtune")
 
 
 def resolve_settings(cfg: Config, hf_config, dist: DistInfo) -> Config:
-    """The settings left to the run, decided here: model.fused_kernels=auto (where Liger can run), and
+    """The settings left to the run, decided here: model.fused_kernels=auto (where Liger can run),
     parallel.activation_checkpointing / parallel.sharding_strategy=auto (the least recomputation, then the least
     sharding, that `shardtune plan` says fits this GPU; none and FULL_SHARD on the CPU, where memory is the
-    host's)."""
+    host's) and train.micro_batch_size=auto (the micro-batch whose choice plans the fastest step that fits; the
+    largest on the CPU)."""
     fused = modeling.fused_kernels(
         cfg, hf_config, dist.device.type
     )  # `true` where it cannot run: refused here

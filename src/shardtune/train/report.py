@@ -227,6 +227,7 @@ def setup_fields(cfg: Config, dist: DistInfo, built: Built) -> dict:
         "world_size": dist.world_size,
         "device_name": torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda" else "cpu",
         "attention": built.attention,
+        "micro_batch_size": cfg.train.micro_batch_size,  # as resolved (auto -> rows)
         "activation_checkpointing": cfg.parallel.activation_checkpointing,  # as resolved (auto -> a choice)
         "sharding_strategy": cfg.parallel.sharding_strategy,  # as resolved
         "recompute_every": cfg.parallel.checkpoint_every,  # with activation checkpointing: every k-th layer

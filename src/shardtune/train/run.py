@@ -165,10 +165,13 @@ class Run:
 
     def prepare_data(self) -> None:
         """Tokenizer, data and sampler (bad data, and a batch size that does not divide, fail here, before any
-        model is loaded); a resume onto other data or past the last step is refused here too."""
+        model is loaded); between the data and the sampler, the settings left to auto (the micro-batch shapes
+        the sampler). A resume onto other data or past the last step is refused here too."""
         cfg, dist = self.cfg, self.dist
         self.tokenizer = tokenizer_for(cfg.model, cfg.data, self.dir)
         self.data = build_data(cfg.data, self.tokenizer, cfg.train.seed, cfg.objective.name)
+        self.hf_config = modeling.model_config(cfg)  # read once: a hub model's config is a download
+        self.cfg = cfg = resolve_settings(cfg, self.hf_config, dist)
         if dist.is_main:
             if not (self.dir / "tokenizer").is_dir():
                 self.tokenizer.save_pretrained(self.dir / "tokenizer")
@@ -206,9 +209,8 @@ class Run:
         self._take_over()
 
     def build(self) -> None:
-        """The settings left to auto decided, then the model, sharded by the backend as it is built."""
-        hf_config = modeling.model_config(self.cfg)  # read once: a hub model's config is a download
-        self.cfg = resolve_settings(self.cfg, hf_config, self.dist)
+        """The model, sharded by the backend as it is built."""
+        hf_config = self.hf_config
         self.backend = run_backend(self.cfg, self.dist)
         self.built = build(self.cfg, hf_config, self.dist, self.dir, self.tokenizer, self.backend)
         peft_config = self.backend.unwrap().peft_config["default"]
