@@ -442,6 +442,7 @@ def test_micro_batch_auto_takes_the_fastest_planned_step_that_fits():
         auto.resolve_auto(cfg, hf_config, 3, 80 * 2**30)
 
 
+@pytest.mark.slow
 def test_plan_prints_what_micro_batch_auto_chooses():
     out = subprocess.run(
         [

@@ -207,6 +207,7 @@ def test_a_signal_after_the_run_does_not_fail_the_finished_task(signum):
 JOB = "import atexit; atexit.register(print, 'finalized', flush=True)\n{end}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "end,code,outcome",
     [("result = 5", 0, "success"), ("raise SystemExit(75)", 75, None), ("int('x')", 1, "error")],
@@ -242,6 +243,7 @@ def test_a_task_runs_its_job_as_submitit_does_and_ends_without_finalization(tmp_
         assert "ValueError: invalid literal for int()" in result and "ValueError" in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_task_command_refuses_what_submitit_did_not_write():
     proc = subprocess.run(
         [sys.executable, "-m", "shardtune.cli.inside_job", "task", "-m", "other", "dir"],
