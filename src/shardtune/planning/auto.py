@@ -125,9 +125,9 @@ def device_memory(p: ParallelConfig, device: torch.device) -> float | None:
 def resolve_auto(
     cfg: Config, hf_config, gpus: int, gpu_mem: float | None, nodes: int = 1
 ) -> tuple[Config, Estimate | None]:
-    """`cfg` with parallel.activation_checkpointing and parallel.sharding_strategy 'auto' replaced by
-    choose_auto's choice (as it is when neither is auto), and the estimate of that choice (None when nothing
-    was chosen or there is no GPU limit). `gpus` in all, on `nodes` machines."""
+    """`cfg` with parallel.activation_checkpointing, parallel.sharding_strategy and train.micro_batch_size 'auto'
+    replaced by choose_auto's choice (as it is when none is auto), and the estimate of that choice (None when
+    nothing was chosen or there is no GPU limit). `gpus` in all, on `nodes` machines."""
     if not auto_choices(cfg.parallel, gpus, nodes)[0] and cfg.train.micro_batch_size != "auto":
         return cfg, None
     choice, est = choose_auto(cfg, hf_config, gpus, gpu_mem, nodes)
