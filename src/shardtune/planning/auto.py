@@ -188,11 +188,9 @@ def fit(cfg: Config, hf_config, gpus: int, gpu_mem: float, nodes: int, gpu_name:
     Micro-batches are rows that divide the rows each GPU handles per step, or for packed rows token budgets of
     1 to 32 rows of data.max_len (train.micro_batch_tokens: as full, and as predictable in memory, as the data
     allows; not under DeepSpeed, which refuses them). Only settings the run accepts are tried (batch_problem)."""
-    problem = batch_problem(cfg.train, gpus, micro_batch=False)
-    if problem:  # no micro-batch can help: the global batch itself does not divide
-        raise ConfigError(problem)
+    # (refused where no micro-batch can help: the global batch itself does not divide)
+    sizes = [{"train.micro_batch_size": m} for m in micro_batch_choices(cfg.train, gpus)]
     per_gpu_rows = cfg.train.global_batch_size // gpus
-    sizes = [{"train.micro_batch_size": m} for m in MICRO_BATCHES if per_gpu_rows % m == 0]
     if cfg.data.packing and cfg.parallel.backend == "fsdp":
         rows = [m for m in MICRO_BATCHES if m <= per_gpu_rows]
         sizes = [{"train.micro_batch_tokens": m * cfg.data.max_len} for m in rows]
