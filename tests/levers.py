@@ -19,21 +19,20 @@ from shardtune.train.objectives import MODEL_INPUTS, token_loss_sum
 from shardtune.train.step import compute_context
 
 
-def build(overrides: dict, device: torch.device, attn: str = "sdpa"):
-    """A random 4-bit + LoRA model as a training run builds it (one process: the plain module)."""
+def build(overrides: dict, device: torch.device, attn: str = "sdpa", keep: dict | None = None):
+    """A random 4-bit + LoRA model as a training run builds it (one process: the plain module); `keep` gets
+    the backend (its offloader)."""
     cfg = apply_overrides(
         Config(),
         {"model.init": "random", "lora.dropout": 0.0, "model.fused_kernels": False, **overrides},
         "test",
     )
     torch.manual_seed(0)
+    backend = FsdpBackend(cfg.parallel, cfg.param_dtype, DistInfo.alone(device))
+    if keep is not None:
+        keep["backend"] = backend
     model, _ = build_model(
-        cfg,
-        model_config(cfg),
-        None,
-        attention_implementation(attn, device),
-        FsdpBackend(cfg.parallel, cfg.param_dtype, DistInfo.alone(device)),
-        device,
+        cfg, model_config(cfg), None, attention_implementation(attn, device), backend, device
     )
     gen = torch.Generator().manual_seed(1)
     for name, p in model.named_parameters():  # as after some training: LoRA B starts at zero, a no-op

@@ -169,7 +169,7 @@ def test_selective_recompute_redraws_the_dropout_masks_and_keeps_less(every):
     and gradients are bit-identical to keeping them (fp32 and bf16 autocast), and dropout then costs the
     layers no more activation memory than no dropout."""
     from shardtune.kernels.fused_lora import FusedLinear
-    from shardtune.planning.estimate import saved_bytes
+    from shardtune.planning.activations import saved_bytes
 
     if every:  # `true`: every 2nd layer recomputed whole, the others redraw their masks
         ac = {"parallel.activation_checkpointing": True, "parallel.checkpoint_every": every}
@@ -228,7 +228,10 @@ def test_checkpointing_every_kth_layer_recomputes_those_layers_exactly():
         torch.testing.assert_close(g_half[name], g_all[name], rtol=0, atol=0)
 
 
-def test_auto_checkpointing_picks_the_least_recomputation_that_fits():
+def test_auto_checkpointing_picks_the_fastest_plan_that_fits():
+    """Offloading or recomputing more layers plans less memory; auto takes, at each budget, the fastest planned
+    choice that fits it (offloading where its copies hide behind the compute, recomputing where they would
+    not or where only recomputation fits)."""
     cfg = apply_overrides(
         Config(),
         {
@@ -244,16 +247,22 @@ def test_auto_checkpointing_picks_the_least_recomputation_that_fits():
         "test",
     )
     hf_config = model_config(cfg)
-    peaks = {}
+    plans = {}
     for ac, every in CHECKPOINT_CHOICES:
         choice = {"parallel.activation_checkpointing": ac, "parallel.checkpoint_every": every}
-        peaks[(ac, every)] = estimate(apply_overrides(cfg, choice, "test"), hf_config, 2).gpu_peak
-    ordered = [peaks[c] for c in CHECKPOINT_CHOICES]
-    assert all(a > b for a, b in itertools.pairwise(ordered))  # more recomputation, less memory
+        plans[(ac, every)] = estimate(apply_overrides(cfg, choice, "test"), hf_config, 2)
+    for mode in ("offload", True):  # every 4th, 3rd, 2nd, every layer: less memory each time
+        peaks = [plans[c].gpu_peak for c in CHECKPOINT_CHOICES if c[0] == mode]
+        assert all(a > b for a, b in itertools.pairwise(peaks)) and peaks[0] < plans[(False, 1)].gpu_peak
+    chosen = set()
     for target in CHECKPOINT_CHOICES:
-        mem = peaks[target] / AUTO_MARGIN * 1.001  # just enough for this choice
+        mem = plans[target].gpu_peak / AUTO_MARGIN * 1.001  # just enough for this choice
+        fitting = [c for c in CHECKPOINT_CHOICES if plans[c].gpu_peak <= AUTO_MARGIN * mem]
+        fastest = min(fitting, key=lambda c: plans[c].step_s)
         choice, _ = choose_auto(cfg, hf_config, 2, mem)
-        assert (choice["parallel.activation_checkpointing"], choice["parallel.checkpoint_every"]) == target
+        assert (choice["parallel.activation_checkpointing"], choice["parallel.checkpoint_every"]) == fastest
+        chosen.add(fastest)
+    assert {c[0] for c in chosen} == {False, "offload", True}, chosen  # each kind wins somewhere
     choice, _ = choose_auto(cfg, hf_config, 2, None)  # no GPU: nothing to save
     assert choice["parallel.activation_checkpointing"] is False
 

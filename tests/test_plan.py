@@ -17,14 +17,8 @@ from shardtune.model import loading, modeling
 from shardtune.parallel.distributed import DistInfo
 from shardtune.parallel.fsdp import FsdpBackend
 from shardtune.planning import auto
-from shardtune.planning.estimate import (
-    GPU_MEMORY,
-    Shape,
-    estimate,
-    layer_activation_bytes,
-    lora_parameters,
-    saved_bytes,
-)
+from shardtune.planning.activations import layer_activation_bytes, saved_bytes
+from shardtune.planning.estimate import GPU_MEMORY, Shape, estimate, lora_parameters
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +41,7 @@ def test_saved_activations_of_a_real_4bit_layer_are_counted(tiny):
     """The meta-device count equals what a real 4-bit layer with LoRA keeps for its backward on the CPU."""
     from transformers import AttentionInterface
 
-    from shardtune.planning.estimate import _fused_attention
+    from shardtune.planning.activations import _fused_attention
 
     _, hf_config, model = tiny
     s = Shape.of(hf_config)
@@ -162,27 +156,33 @@ def test_sharding_auto_keeps_the_base_whole_where_that_costs_no_recomputation():
     )
     hf_config = modeling.model_config(cfg)
     choices = [tuple(c.values()) for c in auto.auto_choices(cfg.parallel, 2)]
-    assert choices[:3] == [(False, 1, "NO_SHARD"), (False, 1, "FULL_SHARD"), (True, 4, "NO_SHARD")]
-    assert choices[-1] == (True, 1, "FULL_SHARD") and len(choices) == 10
+    assert choices[:3] == [(False, 1, "NO_SHARD"), (False, 1, "FULL_SHARD"), ("offload", 4, "NO_SHARD")]
+    assert choices[-1] == (True, 1, "FULL_SHARD") and len(choices) == 18
 
-    def chosen(gpu_mem, gpus=2, nodes=1, **overrides):
+    def chosen(gpu_mem, gpus=2, nodes=1, host_mem=None, **overrides):
         changed = apply_overrides(cfg, overrides, "test") if overrides else cfg
-        resolved, _ = auto.resolve_auto(changed, modeling.model_config(changed), gpus, gpu_mem, nodes)
+        hf = modeling.model_config(changed)
+        resolved, _ = auto.resolve_auto(changed, hf, gpus, gpu_mem, nodes, host_mem)
         p = resolved.parallel
         return p.activation_checkpointing, p.checkpoint_every, p.sharding_strategy
 
     h200, h100 = GPU_MEMORY["h200"], GPU_MEMORY["h100"]
     assert chosen(h200) == (False, 1, "NO_SHARD")  # 35 GiB of base beside one row's activations: whole
-    # 100 GiB: the base whole fits only with every 4th layer recomputed; sharded, it fits with none: sharded
-    assert chosen(100 * 2**30) == (False, 1, "FULL_SHARD")
-    assert chosen(h100) == (True, 3, "FULL_SHARD")
+    # 100 GiB: the base whole fits with every 4th layer's activations offloaded (their copies hidden behind 3
+    # layers' compute), which plans faster than sharding it (all-gathers) with every layer's kept
+    assert chosen(100 * 2**30) == ("offload", 4, "NO_SHARD")
+    # 80 GiB: every 3rd layer offloaded rather than recomputed (no recomputation, copies hidden), unless the
+    # host cannot hold them (60 GiB of pinned memory for the 2 processes)
+    assert chosen(h100) == ("offload", 3, "FULL_SHARD")
+    assert chosen(h100, host_mem=64 * 2**30) == (True, 3, "FULL_SHARD")
+    assert chosen(h100, host_mem=128 * 2**30) == ("offload", 3, "FULL_SHARD")
     small = {"model.name_or_path": "llama3-8b"}
     assert chosen(GPU_MEMORY["a10g"], **small) == (False, 1, "NO_SHARD")  # 8B's base: 5.5 GiB
     assert chosen(1 * 2**30) == (True, 1, "FULL_SHARD")  # nothing fits: the least memory
     # several machines: sharded within each machine, at any recomputation, before across machines
     machines = [tuple(c.values()) for c in auto.auto_choices(cfg.parallel, 16, nodes=2)]
-    assert machines[:3] == [(False, 1, "NO_SHARD"), (False, 1, "HYBRID_SHARD"), (True, 4, "NO_SHARD")]
-    assert [c[2] for c in machines[10:]] == ["FULL_SHARD"] * 5 and len(machines) == 15
+    assert machines[:3] == [(False, 1, "NO_SHARD"), (False, 1, "HYBRID_SHARD"), ("offload", 4, "NO_SHARD")]
+    assert [c[2] for c in machines[18:]] == ["FULL_SHARD"] * 9 and len(machines) == 27
     # 2 x 8 H100s: the base sharded over each machine's 8 (4.5 GiB per GPU) and every 4th layer recomputed,
     # rather than all-gathers across machines
     assert chosen(h100, gpus=16, nodes=2) == (True, 4, "HYBRID_SHARD")
@@ -338,9 +338,10 @@ def test_a_login_node_plans_the_kernels_the_gpu_run_will_use(capsys):
 
 def test_pairs_double_the_tokens_and_dpo_adds_the_references_forward():
     """A preference pair runs both responses in one micro-batch: twice the activations and logits of a row of
-    SFT; the step's time counts both sequences and, for DPO, the reference's forward (2N per token more on the
+    SFT (the logits held more leanly); the step's time counts both sequences and, for DPO, the reference's forward (2N per token more on the
     4N of forward and backward); Liger's fused loss, which holds no logits, is SFT's only."""
     from shardtune.cli.args import load_recipe
+    from shardtune.kernels.token_logps import CHUNK_BYTES
 
     hf_config = modeling.model_config(apply_overrides(Config(), {"model.name_or_path": "llama3-8b"}, "x"))
     base = {
@@ -354,7 +355,10 @@ def test_pairs_double_the_tokens_and_dpo_adds_the_references_forward():
         for name in ("sft", "dpo", "orpo")
     )
     assert dpo.gpu["activations"] == pytest.approx(2 * sft.gpu["activations"], rel=0.05)
-    assert dpo.gpu["logits + loss"] == 2 * sft.gpu["logits + loss"] == orpo.gpu["logits + loss"]
+    # twice the logits, held in bf16 with their bf16 gradient (kernels/token_logps.py: 4 bytes per logit and a few
+    # fp32 chunks) where SFT's cross-entropy holds ~12 bytes per logit
+    assert dpo.gpu["logits + loss"] == orpo.gpu["logits + loss"] < 0.7 * 2 * sft.gpu["logits + loss"]
+    assert dpo.gpu["logits + loss"] == 4 * 2 * sft.gpu["logits + loss"] / 12 + 3 * CHUNK_BYTES
     fused = {**base, "model.fused_kernels": "auto"}  # (on a GPU: the fused loss where it can run, SFT only)
     fused_sft, fused_dpo = (
         estimate(apply_overrides(Config(), {**fused, "objective.name": name}, "x"), hf_config, 1)

@@ -41,8 +41,10 @@ def test_8bit_layers_equal_transformers_load_in_8bit_on_a_gpu(tmp_path):
     theirs = dict(reference.named_modules())
     layers = [(n, m) for n, m in mine.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)]
     assert len(layers) == 28
-    x = torch.randn(2, 7, 256, dtype=torch.bfloat16, device=device)
     for name, mod in layers:
+        x = torch.randn(
+            2, 7, mod.in_features, dtype=torch.bfloat16, device=device
+        )  # down_proj: the MLP width
         ref = theirs[loading.checkpoint_name(name + ".weight").removesuffix(".weight")]
         assert mod.weight.device.type == "cuda" and torch.equal(mod.weight.data, ref.weight.data), name
         assert torch.equal(mod.weight.SCB, ref.weight.SCB), name

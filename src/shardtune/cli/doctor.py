@@ -288,13 +288,14 @@ def run_checks(
 ) -> list[Finding]:
     """Every check (`gpus` in all, on `nodes` machines); `with_data` False at the start of a run (`--doctor`),
     which prepares the data next anyway."""
+    from shardtune.observability.memory import host_total_bytes
     from shardtune.planning.auto import device_memory, resolve_auto
     from shardtune.planning.estimate import estimate
 
     # checkpointing and sharding 'auto' decided as the run will decide them on this machine's device
-    cfg, _ = resolve_auto(
-        cfg, hf_config, max(gpus, 1), device_memory(cfg.parallel, _run_device(cfg.parallel)), nodes
-    )
+    gpu_mem = device_memory(cfg.parallel, _run_device(cfg.parallel))
+    host_mem = host_total_bytes() if gpu_mem is not None else None
+    cfg, _ = resolve_auto(cfg, hf_config, max(gpus, 1), gpu_mem, nodes, host_mem)
     est = estimate(cfg, hf_config, max(gpus, 1), nodes)
     run_dir = Path(cfg.train.output_dir) / (cfg.train.run_name or "")
     measured = logged_save_seconds(run_dir) if cfg.train.run_name else None

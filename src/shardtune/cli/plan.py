@@ -30,7 +30,7 @@ def command(args, rest: list[str]) -> int:
         f"global batch {cfg.train.global_batch_size}, LoRA r={cfg.lora.r}"
     )
     memory = gpu_mem or GPU_MEMORY[args.gpu.lower()]
-    resolved, _ = resolve_auto(cfg, hf_config, args.gpus, memory, args.nodes)
+    resolved, _ = resolve_auto(cfg, hf_config, args.gpus, memory, args.nodes, host_ram)
     if resolved is not cfg:
         print(f"auto: {describe_auto(cfg, resolved)}")
         cfg = resolved

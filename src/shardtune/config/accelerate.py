@@ -148,16 +148,16 @@ def _from_fsdp_settings(settings: dict[str, str], mixed_precision: str | None, o
             out[f"parallel.{field}"] = _bool(settings[key], f"fsdp_{key}", origin)
     if "activation_checkpointing" in settings:
         checkpointing = str(settings["activation_checkpointing"]).strip().lower()
-        # 'auto' and 'selective' are shardtune's own values (accelerate passes them through untouched): recompute
-        # as little as fits, or only the cheap parts
-        if checkpointing in ("auto", "selective"):
+        # 'auto', 'selective' and 'offload' are shardtune's own values (accelerate passes them through
+        # untouched): recompute as little as fits, only the cheap parts, or nothing (host memory instead)
+        if checkpointing in ("auto", "selective", "offload"):
             out["parallel.activation_checkpointing"] = checkpointing
         elif checkpointing in _TRUE + _FALSE:
             out["parallel.activation_checkpointing"] = checkpointing in _TRUE
         else:
             raise ConfigError(
                 f"{origin}: fsdp_activation_checkpointing={settings['activation_checkpointing']!r} is not one of "
-                f"true, false, auto, selective; set one of those (every k-th layer: true, and parallel."
+                f"true, false, auto, selective, offload; set one of those (every k-th layer: true, and parallel."
                 f"checkpoint_every=k on the command line)."
             )
     if settings.get("backward_prefetch"):

@@ -1,4 +1,4 @@
-"""Memory: peak and current host RAM of this process, peak GPU memory, the CUDA allocator's retries, and a
+"""Memory: the machine's host RAM, peak and current host RAM of this process, peak GPU memory, the CUDA allocator's retries, and a
 phase-by-phase trace of one step (SHARDTUNE_MEMORY_TRACE)."""
 
 from __future__ import annotations
@@ -23,6 +23,11 @@ def host_rss_gib() -> float:
             return int(f.read().split()[1]) * resource.getpagesize() / 2**30
     except OSError:
         return host_peak_gib()
+
+
+def host_total_bytes() -> int:
+    """The machine's physical memory (what offloaded activations' pinned memory is weighed against)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def gpu_peak_gib(device: torch.device) -> float | None:

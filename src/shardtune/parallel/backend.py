@@ -32,6 +32,7 @@ class Backend(Protocol):
 
     name: str  # for the log: "FSDP FULL_SHARD", "DeepSpeed ZeRO-3"
     grad_scaler: object | None  # fp16's loss scaler (checkpointed), or None
+    offloader: object | None  # parallel.activation_checkpointing=offload: offload.ActivationOffloader
 
     def shard_layer(self, layer: torch.nn.Module) -> torch.nn.Module:
         """One decoder layer, complete on this rank: kept as this rank's shard from here on."""

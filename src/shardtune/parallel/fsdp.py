@@ -73,6 +73,7 @@ class FsdpBackend:
         self.model: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.grad_scaler = None
+        self.offloader = None  # set with the checkpointing (shard_root)
         if pcfg.mixed_precision == "fp16":
             from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
@@ -123,7 +124,7 @@ class FsdpBackend:
             model = FSDP(model, ignored_states=adapters(model), **self.kwargs)
             if self.kwargs["cpu_offload"].offload_params:
                 lean_offload(model)
-        apply_checkpointing(model, self.pcfg, self.layer_cls)
+        self.offloader = apply_checkpointing(model, self.pcfg, self.layer_cls, self.device)
         self.model = model
         return model
 

@@ -82,6 +82,7 @@ class ZeroBackend:
         self.layer_cls: type | None = None
         self.model = self.optimizer = None
         self.engine = None  # DeepSpeed's, once wrap made it (several processes)
+        self.offloader = None  # set with the checkpointing (shard_root)
         if self.enabled:
             # uses the process group shardtune made (gloo on CPU, NCCL on GPUs)
             deepspeed.init_distributed(dist_backend=dist.get_backend())
@@ -101,7 +102,7 @@ class ZeroBackend:
             deepspeed.zero.Init(
                 module=model, config_dict_or_path=self.ds_config
             )  # skips the partitioned layers
-        apply_checkpointing(model, self.pcfg, self.layer_cls)
+        self.offloader = apply_checkpointing(model, self.pcfg, self.layer_cls, self.device)
         self.model = model
         return model
 

@@ -11,22 +11,41 @@ from shardtune.config import Config, ParallelConfig, TrainConfig, apply_override
 from shardtune.errors import ConfigError
 from shardtune.planning.estimate import GIB, Estimate, estimate
 
-# Checkpointing choices, least recomputation first: none, then every k-th layer, then all. ('selective' is
-# 'none' on a GPU: the dropout kernel already keeps no dropout masks.)
-CHECKPOINT_CHOICES = ((False, 1), (True, 4), (True, 3), (True, 2), (True, 1))
+# Activation choices: keep everything, offload every k-th layer's activations to host memory, recompute every
+# k-th layer. ('selective' is 'none' on a GPU: the dropout kernel already keeps no dropout masks.) Which is
+# fastest depends on the widths and the host link (offloading costs nothing where its copies hide behind the
+# compute, recomputing a share s of the layers costs 4/(4 + 2s)): the plan decides.
+CHECKPOINT_CHOICES = (
+    (False, 1),
+    ("offload", 4),
+    ("offload", 3),
+    ("offload", 2),
+    ("offload", 1),
+    (True, 4),
+    (True, 3),
+    (True, 2),
+    (True, 1),
+)
 AUTO_MARGIN = 0.85  # of the GPU's memory: fragmentation, and the plan's worst underestimate measured (-11%)
+HOST_MARGIN = 0.8  # of the host's memory: the rest of the machine, the page cache
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)  # rows per micro-batch that auto and --fit try
 
 
 def auto_choices(p: ParallelConfig, gpus: int, nodes: int = 1) -> list[dict]:
+    """Every combination of the settings `p` leaves to 'auto', as overrides: auto_tiers, flattened."""
+    return [choice for tier in auto_tiers(p, gpus, nodes) for choice in tier]
+
+
+def auto_tiers(p: ParallelConfig, gpus: int, nodes: int = 1) -> list[list[dict]]:
     """The settings `p` leaves to 'auto' (parallel.activation_checkpointing, parallel.sharding_strategy), each
-    combination as overrides, the fastest first: less recomputation first (a recomputed share s of the layers
-    costs 4/(4 + 2s) of the step: every 4th layer 11%, all 33%), and at equal recomputation the least sharding:
-    the base whole on every GPU (NO_SHARD: 0.3% for its wrapping on one H200), then sharded (FULL_SHARD: ~2%
-    across 2 H200s). On several machines the base is sharded within each (HYBRID_SHARD), with any recomputation,
-    before it is sharded across them (FULL_SHARD: every layer's all-gather would cross the network). It is
-    sharded wherever keeping it whole cannot help: one process, CPU offload (a whole copy per process in host
-    memory), DeepSpeed (which partitions it itself)."""
+    combination as overrides, in tiers tried one after the other (choose_settings takes the fastest that fits
+    in the first tier where one does). Within a tier: what to do with the activations (CHECKPOINT_CHOICES) by
+    where the base lives, least sharding first: whole on every GPU (NO_SHARD: 0.3% for its wrapping on one
+    H200), then sharded (FULL_SHARD: ~2% across 2 H200s). On several machines the base is sharded within each
+    (HYBRID_SHARD) before it is sharded across them (FULL_SHARD: every layer's all-gather would cross the
+    network, which the plan does not model: a tier of its own). It is sharded wherever keeping it whole cannot
+    help: one process, CPU offload (a whole copy per process in host memory), DeepSpeed (which partitions it
+    itself)."""
     checkpointing = [{}]
     if p.activation_checkpointing == "auto":
         checkpointing = [
@@ -40,10 +59,8 @@ def auto_choices(p: ParallelConfig, gpus: int, nodes: int = 1) -> list[dict]:
     else:
         tiers = sharding_tiers(gpus, nodes, p.backend)
     return [
-        {**c, **({"parallel.sharding_strategy": s} if s else {})}
+        [{**c, **({"parallel.sharding_strategy": s} if s else {})} for c in checkpointing for s in tier]
         for tier in tiers
-        for c in checkpointing
-        for s in tier
     ]
 
 
@@ -60,13 +77,18 @@ def sharding_tiers(gpus: int, nodes: int, backend: str) -> list[list[str]]:
 
 
 def choose_auto(
-    cfg: Config, hf_config, gpus: int, gpu_mem: float | None, nodes: int = 1
+    cfg: Config,
+    hf_config,
+    gpus: int,
+    gpu_mem: float | None,
+    nodes: int = 1,
+    host_mem: float | None = None,
 ) -> tuple[dict, Estimate | None]:
     """What `cfg` leaves to 'auto', decided. With train.micro_batch_size=auto: each micro-batch's choice
     (choose_settings), the fastest planned step among those that fit (the larger micro-batch at equal speed), or
     the smallest micro-batch's when none does; on a CPU (no GPU limit) the largest micro-batch."""
     if cfg.train.micro_batch_size != "auto":
-        return choose_settings(cfg, hf_config, gpus, gpu_mem, nodes)
+        return choose_settings(cfg, hf_config, gpus, gpu_mem, nodes, host_mem)
     sizes = micro_batch_choices(cfg.train, gpus)
     if gpu_mem is None:
         choice, _ = choose_settings(cfg, hf_config, gpus, None, nodes)
@@ -74,32 +96,51 @@ def choose_auto(
     planned = []
     for size in sizes:
         sized = apply_overrides(cfg, {"train.micro_batch_size": size}, "auto")
-        choice, est = choose_settings(sized, hf_config, gpus, gpu_mem, nodes)
+        choice, est = choose_settings(sized, hf_config, gpus, gpu_mem, nodes, host_mem)
         planned.append(({"train.micro_batch_size": size, **choice}, est))
-    fitting = [(choice, est) for choice, est in planned if est.gpu_peak <= AUTO_MARGIN * gpu_mem]
-    if not fitting:  # the smallest micro-batch, everything recomputed: the plan may be pessimistic
-        return planned[-1]
-    return min(fitting, key=lambda p: p[1].step_s)  # the first of equals: the larger micro-batch
+    # the first of equals: the larger micro-batch; none fits: the smallest micro-batch, everything recomputed
+    # (the plan may be pessimistic)
+    return _fastest(planned, gpu_mem, host_mem) or planned[-1]
 
 
 def choose_settings(
-    cfg: Config, hf_config, gpus: int, gpu_mem: float | None, nodes: int = 1
+    cfg: Config,
+    hf_config,
+    gpus: int,
+    gpu_mem: float | None,
+    nodes: int = 1,
+    host_mem: float | None = None,
 ) -> tuple[dict, Estimate | None]:
-    """Checkpointing and sharding left to 'auto', decided: the first of auto_choices whose planned peak fits
-    `gpu_mem`, or the last (everything recomputed, the base sharded) when none does (the plan may be
-    pessimistic); the estimate of that choice. Without a GPU limit (a CPU run): no recomputation and the base
-    sharded, as on GPUs (the processes share the host's memory, which sharding spares)."""
-    choices = auto_choices(cfg.parallel, gpus, nodes)
+    """Checkpointing and sharding left to 'auto', decided: in the first of auto_tiers where any choice's
+    planned peak fits `gpu_mem` (and its host memory `host_mem` per node, where given), the fastest planned
+    step (the first of equals); the last choice (everything recomputed, the base sharded) when none fits (the
+    plan may be pessimistic); and the estimate of that choice. Without a GPU limit (a CPU run): nothing
+    recomputed or offloaded and the base sharded, as on GPUs (the processes share the host's memory, which
+    sharding spares)."""
+    tiers = auto_tiers(cfg.parallel, gpus, nodes)
     if gpu_mem is None:
         cpu = {"parallel.activation_checkpointing": False, "parallel.sharding_strategy": "FULL_SHARD"}
+        choices = [c for tier in tiers for c in tier]
         choice = next(c for c in choices if all(c.get(k, v) == v for k, v in cpu.items()))
         return choice, None
-    est = None
-    for choice in choices:
-        est = estimate(apply_overrides(cfg, choice, "auto"), hf_config, gpus, nodes)
-        if est.gpu_peak <= AUTO_MARGIN * gpu_mem:
-            return choice, est
-    return choice, est
+    planned = []
+    for tier in tiers:
+        planned = [(c, estimate(apply_overrides(cfg, c, "auto"), hf_config, gpus, nodes)) for c in tier]
+        if best := _fastest(planned, gpu_mem, host_mem):
+            return best
+    return planned[-1]
+
+
+def _fastest(planned: list[tuple[dict, Estimate]], gpu_mem: float, host_mem: float | None):
+    """The (choice, estimate) with the fastest planned step among those whose peaks fit AUTO_MARGIN of the GPU
+    and HOST_MARGIN of the host (where known), the first of equals; None when none fits."""
+    fitting = [
+        (choice, est)
+        for choice, est in planned
+        if est.gpu_peak <= AUTO_MARGIN * gpu_mem
+        and (host_mem is None or est.host["train"] <= HOST_MARGIN * host_mem)
+    ]
+    return min(fitting, key=lambda p: p[1].step_s) if fitting else None
 
 
 def micro_batch_choices(t: TrainConfig, gpus: int) -> list[int]:
@@ -123,14 +164,20 @@ def device_memory(p: ParallelConfig, device: torch.device) -> float | None:
 
 
 def resolve_auto(
-    cfg: Config, hf_config, gpus: int, gpu_mem: float | None, nodes: int = 1
+    cfg: Config,
+    hf_config,
+    gpus: int,
+    gpu_mem: float | None,
+    nodes: int = 1,
+    host_mem: float | None = None,
 ) -> tuple[Config, Estimate | None]:
     """`cfg` with parallel.activation_checkpointing, parallel.sharding_strategy and train.micro_batch_size 'auto'
     replaced by choose_auto's choice (as it is when none is auto), and the estimate of that choice (None when
-    nothing was chosen or there is no GPU limit). `gpus` in all, on `nodes` machines."""
+    nothing was chosen or there is no GPU limit). `gpus` in all, on `nodes` machines with `host_mem` bytes
+    each (None: host memory not checked)."""
     if not auto_choices(cfg.parallel, gpus, nodes)[0] and cfg.train.micro_batch_size != "auto":
         return cfg, None
-    choice, est = choose_auto(cfg, hf_config, gpus, gpu_mem, nodes)
+    choice, est = choose_auto(cfg, hf_config, gpus, gpu_mem, nodes, host_mem)
     return apply_overrides(cfg, choice, "auto"), est
 
 
@@ -150,13 +197,16 @@ def describe_auto(before: Config, after: Config) -> str:
 
 def describe_checkpointing(p: ParallelConfig) -> str:
     """The checkpointing a (resolved) configuration runs, in words."""
-    from shardtune.parallel.checkpointing import checkpointed_every
+    from shardtune.parallel.checkpointing import checkpointed_every, offloaded_every
 
+    suffix = {2: "nd", 3: "rd"}
+    if offloaded := offloaded_every(p):
+        which = "every layer" if offloaded == 1 else f"every {offloaded}{suffix.get(offloaded, 'th')} layer"
+        return f"offloaded to host memory, {which}"
     every = checkpointed_every(p)
     if not every:
         return "none (every layer keeps its activations)"
-    suffix = {2: "nd", 3: "rd"}.get(every, "th")
-    return "every layer" if every == 1 else f"every {every}{suffix} layer"
+    return "every layer" if every == 1 else f"every {every}{suffix.get(every, 'th')} layer"
 
 
 def batch_problem(t: TrainConfig, gpus: int, micro_batch: bool = True) -> str | None:

@@ -13,26 +13,31 @@ Memory per GPU is the sum of parts that follow from the shapes and the way shard
   weight to the compute dtype for its matmul;
 - the adapters, whole on every GPU: fp32 weights, gradients and two AdamW moments (16 bytes each; 10 with
   optim.name=*_8bit);
-- activations: what autograd saves for one decoder layer is *measured*, by running a layer of the real
-  widths on the meta device (no memory, no GPU) and adding up the tensors it keeps for the backward, with
-  attention saving what a fused kernel saves; with activation checkpointing every layer keeps its input
-  and one layer is recomputed at a time;
+- activations (activations.py): what autograd saves for one decoder layer is *measured*, by running a layer
+  of the real widths on the meta device (no memory, no GPU) and adding up the tensors it keeps for the
+  backward, with attention saving what a fused kernel saves; with activation checkpointing every recomputed
+  layer keeps its input and one layer is recomputed at a time; offloaded layers keep nothing on the GPU but
+  the two in flight, and hold pinned host memory instead;
 - logits and the loss: the output head's bf16 logits, their fp32 copy and log-softmax, and their gradient.
 
 Time: the step's model FLOPs (4N + 3A per token, metrics.py) over the GPU's dense bf16 peak times an
-efficiency measured on H200s by width and micro-batch (bench/results/); a rough figure, labelled as such.
+efficiency measured on H200s by width and micro-batch (bench/results/), plus the waits for offloaded
+activations where their copies outlast the layers' compute; a rough figure, labelled as such.
 """
 
 from __future__ import annotations
 
-import functools
 import re
 from dataclasses import dataclass, field
 
-import torch
-
 from shardtune.config import Config, apply_overrides
 from shardtune.errors import ConfigError
+from shardtune.planning.activations import (
+    gpu_activation_bytes,
+    host_activation_bytes,
+    layer_activation_bytes,
+    offload_stall_s,
+)
 from shardtune.planning.quantized import base_part, statistics_bytes, weight_bytes
 
 GIB = 2**30
@@ -147,107 +152,6 @@ class Estimate:
         return max(sum(self.gpu.values()), self.eval_bytes)
 
 
-@functools.cache
-def layer_activation_bytes(
-    hidden: int,
-    inter: int,
-    heads: int,
-    kv_heads: int,
-    head_dim: int,
-    lora_key: tuple,
-    tokens: int,
-    seq: int,
-    dtype: str = "bfloat16",
-    adapter_dtype: str = "float32",
-) -> int:
-    """Bytes autograd saves for one decoder layer's backward, for `tokens` tokens in rows of `seq`: a layer of
-    these widths (frozen weights in the compute `dtype`, LoRA adapters computing in `adapter_dtype`: fp32
-    makes PEFT keep an fp32 copy of every adapter's input) runs on the meta device."""
-    from peft import LoraConfig, inject_adapter_in_model
-    from transformers import AttentionInterface, LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
-
-    AttentionInterface.register("shardtune_fused", _fused_attention)
-    hf_config = LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=head_dim,
-        num_hidden_layers=1,
-    )
-    hf_config._attn_implementation = "shardtune_fused"
-    r, alpha, dropout, chosen, fused, replay = lora_key
-    with torch.device("meta"):
-        compute = getattr(torch, dtype)
-        layer = LlamaDecoderLayer(hf_config, 0).to(compute).requires_grad_(False)
-        names = list(Shape(hidden, inter, 1, heads, kv_heads, head_dim, 1, False).linears())
-        targets = names if chosen == "all-linear" else [n for n in names if n in chosen]
-        lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
-        if fused:  # lora.fused: saves no copy of the adapters' inputs (fused_lora.py)
-            from shardtune.kernels import fused_lora
-
-            fused_lora.register(lora)
-        layer = inject_adapter_in_model(lora, layer)
-        if replay:  # only the adapters' inputs kept (the dropout kernel; selective recomputation)
-            fused_lora.replay_dropout(layer)
-        for name, p in layer.named_parameters():
-            if "lora_" in name:
-                p.data = p.data.to(getattr(torch, adapter_dtype))
-                p.requires_grad_(True)
-        rows = max(1, tokens // seq)
-        x = torch.empty(rows, seq, hidden, dtype=compute, requires_grad=True)
-        positions = torch.arange(seq).unsqueeze(0).expand(rows, -1)
-        cos, sin = (t.to(compute) for t in LlamaRotaryEmbedding(hf_config)(x, positions))
-    shared = [*layer.parameters(), cos, sin]  # not the layer's own memory: weights, the model's RoPE table
-    # PEFT's own forward under autocast gives every adapter its own bf16 copy of the input (autocast's cast of
-    # PEFT's fp32 copy), where this count sees views of one input: count each view as the copy it is there
-    return saved_bytes(lambda: layer(x, position_embeddings=(cos, sin)), shared, views_apart=not fused)
-
-
-def saved_bytes(forward, shared: list[torch.Tensor], views_apart: bool = False) -> int:
-    """Bytes of the tensors autograd keeps while `forward()` runs, each allocation counted once (a tensor and
-    its views; with `views_apart` each view saved as its own), leaving out `shared` tensors and views of them
-    (a weight's transpose costs no memory)."""
-    skip = {id(t) for t in shared}
-    kept: dict[int, torch.Tensor] = {}
-
-    def pack(t: torch.Tensor):
-        root = t
-        while root._base is not None:
-            root = root._base
-        if id(root) not in skip:
-            held = t if views_apart else root
-            kept[id(held)] = held  # holding it keeps its id unique until we are done
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        forward()
-    return sum(t.numel() * t.element_size() for t in kept.values())
-
-
-class _FusedAttention(torch.autograd.Function):
-    """Stands in for flash / memory-efficient attention when counting: saves q, k, v, the output and the
-    per-row log-sum-exp, as those kernels do (no seq x seq matrix)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v):
-        out = torch.empty_like(q)
-        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-        ctx.save_for_backward(q, k, v, out, lse)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, v, _, _ = ctx.saved_tensors
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _fused_attention(module, query, key, value, attention_mask, **kwargs):
-    out = _FusedAttention.apply(query, key, value)
-    return out.transpose(1, 2).contiguous(), None
-
-
 @dataclass
 class _Layout:
     """How one configuration places the run on `n` GPUs, as the estimate's parts need it."""
@@ -264,10 +168,15 @@ class _Layout:
     )
     every: int  # every how many layers one is recomputed (0: none)
     recomputed: float  # the share of the layers recomputed
+    offload_every: int  # every how many layers one offloads its activations (0: none)
 
     @classmethod
     def of(cls, cfg: Config, hf_config, s: Shape, gpus: int, nodes: int) -> _Layout:
-        from shardtune.parallel.checkpointing import checkpointed_every, checkpointed_fraction
+        from shardtune.parallel.checkpointing import (
+            checkpointed_every,
+            checkpointed_fraction,
+            offloaded_every,
+        )
 
         n = max(gpus, 1)
         # a preference pair runs both responses in one micro-batch: twice the tokens (and activations) of a row
@@ -298,6 +207,7 @@ class _Layout:
             fused_loss=fused and cfg.objective.name == "sft",
             every=checkpointed_every(cfg.parallel),
             recomputed=checkpointed_fraction(cfg.parallel, s.layers),
+            offload_every=offloaded_every(cfg.parallel),
         )
 
 
@@ -315,18 +225,19 @@ def estimate(cfg: Config, hf_config, gpus: int, nodes: int = 1, gpu_name: str = 
     s = Shape.of(hf_config)
     at = _Layout.of(cfg, hf_config, s, gpus, nodes)
     lora = lora_parameters(s, cfg.lora.r, cfg.lora.target_modules)
-    gpu = _gpu_memory(cfg, s, at, lora)
+    layer = _layer_bytes(cfg, s, at)
+    gpu = _gpu_memory(cfg, s, at, lora, layer)
     # evaluation: the same weights, no activations kept, an eval batch of bf16 logits, their fp32 copy and
     # log-softmax (10 bytes per logit; measured: rank 0 of an 8B run peaked 6.3 GiB higher evaluating 4 rows)
     eval_rows = min(cfg.eval.batch_size, cfg.eval.max_rows or cfg.eval.batch_size)
     static = sum(v for k, v in gpu.items() if k not in ("activations", "logits + loss"))
     eval_bytes = static + 10 * eval_rows * cfg.objective.sequences * cfg.data.max_len * s.vocab
-    step_s = _step_seconds(cfg, hf_config, s, at, gpu_name)
+    step_s = _step_seconds(cfg, hf_config, s, at, gpu_name, layer[0])
     size = "train.micro_batch_tokens" if cfg.train.micro_batch_tokens else "train.micro_batch_size"
     settings = {
         size: cfg.train.micro_batch_tokens or cfg.train.micro_batch_size,
-        "parallel.activation_checkpointing": bool(at.every),
-        "parallel.checkpoint_every": at.every or 1,
+        "parallel.activation_checkpointing": "offload" if at.offload_every else bool(at.every),
+        "parallel.checkpoint_every": at.every or at.offload_every or 1,
         "parallel.cpu_offload": at.offload,
     }
     if at.n > 1 and cfg.parallel.backend == "fsdp":
@@ -335,7 +246,7 @@ def estimate(cfg: Config, hf_config, gpus: int, nodes: int = 1, gpu_name: str = 
     return Estimate(
         settings=settings,
         gpu=gpu,
-        host=_host_memory(s, at, nodes, lora, _base_shard(cfg, s, at)),
+        host=_host_memory(s, at, nodes, lora, _base_shard(cfg, s, at), layer[0]),
         eval_bytes=eval_bytes,
         checkpoint_bytes=(4 + _moment_bytes(cfg)) * lora,  # fp32 adapters + two AdamW moments
         step_s=step_s,
@@ -358,18 +269,14 @@ def _base_shard(cfg: Config, s: Shape, at: _Layout) -> float:
     ) / at.shards
 
 
-def _gpu_memory(cfg: Config, s: Shape, at: _Layout, lora: int) -> dict[str, float]:
-    """Bytes per GPU at the training peak, part by part."""
+def _layer_bytes(cfg: Config, s: Shape, at: _Layout) -> tuple[float, float]:
+    """Bytes one decoder layer keeps for backward as the run keeps them, and whole (its dropout masks kept:
+    a recomputed layer while it recomputes)."""
     from shardtune.model.modeling import lora_fused
 
-    compute, tokens = at.compute, at.tokens
-    bits, lin = cfg.quant.bits, s.layers * s.layer_weights
-    fsdp, o = cfg.parallel.backend == "fsdp", cfg.objective
-    ref_adapter = o.name == "dpo" and o.reference_model(cfg.model.adapter is not None) == "adapter"
-    layer_full = s.layer_weights * weight_bytes(cfg.quant, compute) + 2 * s.hidden * compute
     # Liger's SwiGLU keeps no activation output (recomputed in backward) and its RMSNorm no fp32 copy of the
     # input (two norms per layer)
-    liger = tokens * (s.inter * compute + 2 * s.hidden * 4) if at.fused else 0
+    liger = at.tokens * (s.inter * at.compute + 2 * s.hidden * 4) if at.fused else 0
     lora_key = (
         cfg.lora.r,
         cfg.lora.alpha,
@@ -382,8 +289,20 @@ def _gpu_memory(cfg: Config, s: Shape, at: _Layout, lora: int) -> dict[str, floa
 
     def per_layer(replay: bool) -> float:
         key = (*lora_key, replay)
-        return layer_activation_bytes(*widths, key, tokens, at.row, cfg.param_dtype, adapter_dtype) - liger
+        return layer_activation_bytes(*widths, key, at.tokens, at.row, cfg.param_dtype, adapter_dtype) - liger
 
+    return per_layer(keeps_inputs_only(cfg)), per_layer(False)
+
+
+def _gpu_memory(
+    cfg: Config, s: Shape, at: _Layout, lora: int, layer: tuple[float, float]
+) -> dict[str, float]:
+    """Bytes per GPU at the training peak, part by part (`layer`: _layer_bytes)."""
+    compute, tokens = at.compute, at.tokens
+    bits, lin = cfg.quant.bits, s.layers * s.layer_weights
+    fsdp, o = cfg.parallel.backend == "fsdp", cfg.objective
+    ref_adapter = o.name == "dpo" and o.reference_model(cfg.model.adapter is not None) == "adapter"
+    layer_full = s.layer_weights * weight_bytes(cfg.quant, compute) + 2 * s.hidden * compute
     return {
         base_part(cfg.quant): 0.0 if at.offload else _base_shard(cfg, s, at),
         **(
@@ -407,29 +326,41 @@ def _gpu_memory(cfg: Config, s: Shape, at: _Layout, lora: int) -> dict[str, floa
         **({} if fsdp else {"adapters + grads + AdamW (partitioned)": 16 * lora / at.n}),
         # DPO against the starting adapter: its fp32 copy, and the current values while the reference runs
         **({"DPO reference: starting adapters": 8 * lora / (1 if fsdp else at.n)} if ref_adapter else {}),
-        "activations": _activations(
-            s.layers,
-            at.recomputed,
-            tokens * s.hidden * compute,
-            per_layer(keeps_inputs_only(cfg)),
-            per_layer(False),
+        "activations": gpu_activation_bytes(
+            s.layers, at.recomputed, at.offload_every, tokens * s.hidden * compute, *layer
         ),
-        # bf16 logits, their fp32 copy and log-softmax, then the fp32 gradient: ~12 bytes per logit at the peak;
-        # Liger's fused loss holds one chunk of fp32 logits (about tokens x hidden values) and the head's input
-        # gradient
-        "logits + loss": 12 * tokens * s.hidden if at.fused_loss else 12 * tokens * s.vocab,
+        "logits + loss": _logits_bytes(cfg, s, at),
     }
 
 
-def _host_memory(s: Shape, at: _Layout, nodes: int, lora: int, base_shard: float) -> dict[str, float]:
-    """Bytes of host memory per node, by phase."""
+def _logits_bytes(cfg: Config, s: Shape, at: _Layout) -> float:
+    """The loss's peak beside the activations. SFT: bf16 logits, their fp32 copy and log-softmax, then the fp32
+    gradient, ~12 bytes per logit; Liger's fused loss holds one chunk of fp32 logits (about tokens x hidden
+    values) and the head's input gradient. Preference losses (kernels/token_logps.py): the logits and their
+    gradient in the compute dtype, and a few fp32 chunks."""
+    from shardtune.kernels.token_logps import CHUNK_BYTES
+
+    if at.fused_loss:
+        return 12 * at.tokens * s.hidden
+    if cfg.objective.name == "sft":
+        return 12 * at.tokens * s.vocab
+    return 2 * at.compute * at.tokens * s.vocab + 3 * CHUNK_BYTES
+
+
+def _host_memory(
+    s: Shape, at: _Layout, nodes: int, lora: int, base_shard: float, per_layer: float
+) -> dict[str, float]:
+    """Bytes of host memory per node, by phase (`per_layer`: what a layer keeps for backward)."""
     host = {
         # one decoder layer's weights at a time while loading (loading.py), plus the process itself
         "load": 2 * GIB + s.layer_weights * 2,
         # the offloaded shard, pinned in place (fsdp.lean_offload), plus the pinned allocator's rounding up
         # to powers of two: 1.4-1.7x the shard measured (bench/results/2026-11-23-1xh200-fusedlora; FSDP1's own
         # buffers took 3.4x)
-        "train": 2 * GIB + (1.7 * base_shard if at.offload else 0.0),
+        # and the offloaded layers' activations (parallel.activation_checkpointing=offload)
+        "train": 2 * GIB
+        + (1.7 * base_shard if at.offload else 0.0)
+        + host_activation_bytes(s.layers, at.offload_every, per_layer),
         # the checkpoint is staged through host memory by the rank that writes it
         "save": 2 * GIB + 12 * lora,
     }
@@ -437,8 +368,9 @@ def _host_memory(s: Shape, at: _Layout, nodes: int, lora: int, base_shard: float
     return {k: v * per_node for k, v in host.items()}
 
 
-def _step_seconds(cfg: Config, hf_config, s: Shape, at: _Layout, gpu_name: str) -> float:
-    """A step's time: its model FLOPs over the GPU's peak at the MFU measured for this width and micro-batch."""
+def _step_seconds(cfg: Config, hf_config, s: Shape, at: _Layout, gpu_name: str, per_layer: float) -> float:
+    """A step's time: its model FLOPs over the GPU's peak at the MFU measured for this width and micro-batch,
+    and the waits for offloaded activations' copies (`per_layer`: what a layer keeps for backward)."""
     from shardtune.model.modeling import matmul_parameters
     from shardtune.observability.flops import step_flops
 
@@ -450,19 +382,14 @@ def _step_seconds(cfg: Config, hf_config, s: Shape, at: _Layout, gpu_name: str) 
     flops_per_row *= cfg.objective.sequences  # a pair is two sequences
     mfu = expected_mfu(s.hidden, at.tokens, at.recomputed, at.offload, whole_base=at.shards == 1 and at.n > 1)
     peak = GPU_PEAKS[gpu_name.lower()]  # the CLI offers only these names
-    return flops_per_row * cfg.train.global_batch_size / (at.n * peak * mfu)
-
-
-def _activations(
-    layers: int, recomputed: float, boundary: float, per_layer: float, per_layer_whole: float
-) -> float:
-    """Checkpointed layers (the `recomputed` share) keep only their input (`boundary`); the others keep
-    `per_layer` each; one checkpointed layer at a time is recomputed whole in backward (`per_layer_whole`: its
-    dropout masks are kept, not drawn again)."""
-    if not recomputed:
-        return layers * per_layer
-    n = round(recomputed * layers)
-    return n * boundary + (layers - n) * per_layer + per_layer_whole
+    compute_s = flops_per_row * cfg.train.global_batch_size / (at.n * peak * mfu)
+    if not at.offload_every:
+        return compute_s
+    step_tokens = cfg.train.global_batch_size * cfg.objective.sequences * seq / at.n
+    micro_batches = max(1.0, step_tokens / at.tokens)
+    layer_forward_s = compute_s / (3 * micro_batches * s.layers)  # forward: a third of forward + backward
+    stall = offload_stall_s(s.layers, at.offload_every, per_layer, layer_forward_s, gpu_name)
+    return compute_s + micro_batches * stall
 
 
 def keeps_inputs_only(cfg: Config) -> bool:

@@ -13,10 +13,11 @@ import torch
 from shardtune.config import Config, apply_overrides
 from shardtune.errors import ConfigError
 from shardtune.model import loading, modeling
-from shardtune.observability.memory import gpu_peak_gib, host_peak_gib, host_rss_gib
+from shardtune.observability.memory import gpu_peak_gib, host_peak_gib, host_rss_gib, host_total_bytes
 from shardtune.parallel.backend import DEEPSPEED_MISSING, Backend, backend_for, deepspeed_installed
 from shardtune.parallel.distributed import DistInfo, all_reduce_max, barrier, gather_object, machine_count
 from shardtune.parallel.fsdp import INT8_NOT_SHARDED
+from shardtune.parallel.offload import ActivationOffloader
 from shardtune.planning.auto import describe_auto, device_memory, resolve_auto
 
 log = logging.getLogger("shardtune")
@@ -46,7 +47,8 @@ def resolve_settings(cfg: Config, hf_config, dist: DistInfo) -> Config:
             f"run's machines have {per_machine} (LOCAL_WORLD_SIZE). Start as many on each, or use FULL_SHARD."
         )
     nodes = machine_count(dist.world_size, per_machine)
-    resolved, est = resolve_auto(cfg, hf_config, dist.world_size, gpu_mem, nodes)
+    host_mem = host_total_bytes() if gpu_mem is not None else None  # offloading's pinned memory
+    resolved, est = resolve_auto(cfg, hf_config, dist.world_size, gpu_mem, nodes, host_mem)
     if dist.is_main and resolved is not cfg:
         log.info(
             "auto: %s%s",
@@ -90,6 +92,7 @@ class Built:
     rank0_holds: float  # the share of the base on rank 0
     host_load_gib: float
     attention: str
+    offloader: ActivationOffloader | None  # parallel.activation_checkpointing=offload
 
 
 def build(cfg: Config, hf_config, dist: DistInfo, run_dir: Path, tokenizer, backend: Backend) -> Built:
@@ -113,7 +116,9 @@ def build(cfg: Config, hf_config, dist: DistInfo, run_dir: Path, tokenizer, back
     share = backend.sharding_report()
     if dist.is_main:
         _log_model(cfg, dist, backend, report, attn, base, host_load, gpu_load)
-    return Built(module, hf_config, base, report, share["local"] / share["total"], host_load, attn)
+    return Built(
+        module, hf_config, base, report, share["local"] / share["total"], host_load, attn, backend.offloader
+    )
 
 
 def _log_model(
@@ -138,6 +143,15 @@ def _log_model(
         dist.world_size,
         dist.device.type.upper() if dist.device.type == "cuda" else "CPU process",
     )
+    if backend.offloader is not None:
+        log.info(
+            "activation offloading: %d of %d decoder layers send what they keep for backward to %s",
+            len(backend.offloader.layers),
+            backend.offloader.total_layers,
+            "pinned host memory on a side stream"
+            if dist.device.type == "cuda"
+            else "a copy (on a CPU: the mechanism only, no memory saved)",
+        )
     log.info(
         "load: %.1fs from %s (%.1f GiB on disk); host RAM peak +%.2f GiB over start per process, "
         "GPU peak %.2f GiB per process",

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from shardtune.config import ObjectiveConfig
 from shardtune.data.formats import IGNORE_INDEX
 from shardtune.data.loader import ROW_BOUNDS
+from shardtune.kernels.token_logps import token_logps
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", *ROW_BOUNDS)
 
@@ -107,16 +108,6 @@ class SFT:
 # -------------------------------------------------------------------------------------- preference pairs
 def model_inputs(batch: dict) -> dict:
     return {k: batch[k] for k in MODEL_INPUTS if k in batch}
-
-
-def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) at every position (fp32), 0 where the target is IGNORE_INDEX (targets pre-shifted)."""
-    return -F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]),
-        targets.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view(targets.shape)
 
 
 def per_sequence(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -231,6 +231,8 @@ def setup_fields(cfg: Config, dist: DistInfo, built: Built) -> dict:
         "activation_checkpointing": cfg.parallel.activation_checkpointing,  # as resolved (auto -> a choice)
         "sharding_strategy": cfg.parallel.sharding_strategy,  # as resolved
         "recompute_every": cfg.parallel.checkpoint_every,  # with activation checkpointing: every k-th layer
+        # what the last training forward sent to host memory (activation offloading), per micro-batch
+        "offloaded_gib_per_micro_batch": built.offloader.bytes_offloaded / 2**30 if built.offloader else None,
         "fused_kernels": cfg.model.fused_kernels,  # as resolved
         "rank0_holds": built.rank0_holds,  # fraction of the flat parameters on rank 0
         "base": built.base,

@@ -1,0 +1,125 @@
+"""Activation offloading (parallel.activation_checkpointing=offload, parallel/offload.py) on a CPU, where the
+"host" copy is a clone and there are no streams: the mechanism (which tensors go, each brought back once, in
+the order backward needs them) and exactness (the loss and adapter gradients bit for bit those of keeping
+everything). On a GPU, with pinned memory and the side stream: tests/gpu/test_gpu.py."""
+
+import pytest
+import torch
+from levers import batches, build, loss_and_grads
+
+from conftest import launch
+
+CPU = torch.device("cpu")
+LENGTHS = [37, 5, 64, 18]
+
+
+@pytest.mark.parametrize("every", [1, 2])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_offloaded_layers_give_the_kept_layers_loss_and_gradients_bit_for_bit(every, dropout):
+    ac = {"parallel.activation_checkpointing": "offload", "parallel.checkpoint_every": every}
+    _, kept = build({"lora.dropout": dropout}, CPU)
+    held = {}
+    _, offloaded = build({"lora.dropout": dropout, **ac}, CPU, keep=held)
+    offloader = held["backend"].offloader
+    layers = offloaded.base_model.model.model.layers
+    assert len(offloader.layers) == len(range(0, len(layers), every))
+    padded, _ = batches(LENGTHS, 384, 2, CPU)
+    kept.train(), offloaded.train()
+    for dtype in (None, torch.bfloat16):
+        torch.manual_seed(5)
+        lk, gk = loss_and_grads(kept, padded, autocast_dtype=dtype)
+        torch.manual_seed(5)
+        lo, go = loss_and_grads(offloaded, padded, autocast_dtype=dtype)
+        assert lo == lk, dtype
+        assert go.keys() == gk.keys()
+        for name in gk:
+            torch.testing.assert_close(go[name], gk[name], rtol=0, atol=0)
+        # every offloaded tensor was brought back and used: nothing left from this step
+        assert offloader.bytes_offloaded > 0 and all(not layer.saved for layer in offloader.layers)
+
+
+def test_weights_small_and_integer_tensors_stay_and_a_tensor_saved_twice_goes_once():
+    from shardtune.parallel.offload import ActivationOffloader
+
+    layer = torch.nn.Linear(64, 64)
+    offloader = ActivationOffloader(CPU)
+    offloader.attach([layer])
+    x = torch.randn(32, 64, requires_grad=True)
+    out = layer(x)  # saves x (offloaded: 8 KiB) and the weight (a parameter: kept)
+    assert offloader.bytes_offloaded == 32 * 64 * 4 and offloader.bytes_kept == 64 * 64 * 4  # the weight
+    (saved,) = offloader.layers[0].saved.values()
+    assert saved.uses == 1 and saved.host is not None
+    out.sum().backward()
+    assert not offloader.layers[0].saved and torch.equal(x.grad, torch.ones(32, 64) @ layer.weight)
+
+    def twice(m, x):
+        return (x * x).sum() + torch.arange(4).float().sum()  # x saved twice by one mul
+
+    shared = torch.nn.Module()
+    shared.forward = lambda x: twice(shared, x)
+    offloader2 = ActivationOffloader(CPU)
+    offloader2.attach([shared])
+    y = torch.randn(64, 64, requires_grad=True)
+    shared(y).backward()
+    assert offloader2.bytes_offloaded == 64 * 64 * 4  # once, not twice
+    assert torch.equal(y.grad, 2 * y)
+
+
+@pytest.mark.slow
+def test_an_offloading_run_under_fsdp_has_the_plain_runs_losses(tmp_path):
+    """The tiny recipe on 2 processes (FSDP, gloo) with every layer offloading: the same per-step losses as
+    without, and the log says what was offloaded."""
+    from test_resume import RUN, losses
+
+    args = [*RUN, "train.max_steps=6", "train.run_name=run"]
+    launch([*args, f"train.output_dir={tmp_path / 'kept'}"])
+    proc = launch(
+        [*args, f"train.output_dir={tmp_path / 'off'}", "parallel.activation_checkpointing=offload"]
+    )
+    assert losses(tmp_path / "off" / "run") == losses(tmp_path / "kept" / "run")
+    assert "activation offloading" in proc.stderr
+
+
+def test_the_plan_puts_offloaded_activations_in_host_memory_and_charges_the_copies_it_cannot_hide():
+    from shardtune.config import Config, apply_overrides
+    from shardtune.model.modeling import model_config
+    from shardtune.planning.activations import HOST_LINK, IN_FLIGHT, OFFLOAD_FIXED_S, PINNED_ROUNDING
+    from shardtune.planning.auto import describe_checkpointing
+    from shardtune.planning.estimate import estimate
+
+    base = {
+        "model.name_or_path": "llama3-70b",
+        "model.shape.num_hidden_layers": 20,
+        "parallel.mixed_precision": "bf16",
+        "model.fused_kernels": True,
+        "data.max_len": 3072,
+        "train.micro_batch_size": 1,
+        "train.global_batch_size": 4,
+    }
+
+    def plan(ac, every=1):
+        cfg = apply_overrides(
+            Config(),
+            {**base, "parallel.activation_checkpointing": ac, "parallel.checkpoint_every": every},
+            "t",
+        )
+        return cfg, estimate(cfg, model_config(cfg), 1, 1, "h100")
+
+    _, kept = plan(False)
+    per_layer = kept.gpu["activations"] / 20
+    for every in (1, 2, 4):
+        cfg, off = plan("offload", every)
+        n = len(range(0, 20, every))
+        assert off.settings["parallel.activation_checkpointing"] == "offload"
+        assert off.settings["parallel.checkpoint_every"] == every
+        assert off.gpu["activations"] == pytest.approx((20 - n + IN_FLIGHT) * per_layer)
+        extra_host = off.host["train"] - kept.host["train"]
+        assert extra_host == pytest.approx(PINNED_ROUNDING * n * per_layer)
+        assert describe_checkpointing(cfg.parallel).startswith("offloaded to host memory")
+    # one layer's copy out takes longer than its own forward at this width and row (~1.7x): offloading every
+    # layer waits for the link; every 4th hides its copies behind 3 more layers and costs only the hooks
+    copy_s = per_layer / HOST_LINK["h100"]
+    layer_forward_s = kept.step_s / (3 * 4 * 20)
+    assert copy_s > layer_forward_s
+    assert plan("offload", 1)[1].step_s > kept.step_s + 4 * 20 * (copy_s - layer_forward_s)
+    assert plan("offload", 4)[1].step_s == pytest.approx(kept.step_s + 4 * 5 * OFFLOAD_FIXED_S)
