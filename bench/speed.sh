@@ -128,16 +128,16 @@ for group in "$@"; do
          model.fused_kernels=true parallel.activation_checkpointing=auto)
       bench "${V[@]}"
       bench "${V[@]}" data.packing=true ;;
-    offload1)  # one GPU: activation offloading (parallel.activation_checkpointing=offload) against recomputing,
-      # 8B at micro-batch 4 and the 70B widths at 1: every layer recomputed, every layer offloaded, every 2nd offloaded
+    offload1)  # one GPU: activation offloading (parallel.activation_checkpointing=offload) against recomputing the
+      # same layers: 8B at micro-batch 4, the 70B widths at 1; every layer, then every 2nd offloaded
       O=(--gpus 1 --seq 3072 --warmup 2 --steps 3 model.fused_kernels=true)
-      for shape in "llama3-8b --micro-batch 4" "llama3-70b-proxy --micro-batch 1"; do
-        for ac in "true parallel.checkpoint_every=1" "offload parallel.checkpoint_every=1" \
-                  "offload parallel.checkpoint_every=2"; do
-          # shellcheck disable=SC2086
-          bench $shape "${O[@]}" parallel.activation_checkpointing=$ac
-        done
-      done ;;
+      AC=parallel.activation_checkpointing
+      bench llama3-8b --micro-batch 4 "${O[@]}" $AC=true
+      bench llama3-8b --micro-batch 4 "${O[@]}" $AC=offload
+      bench llama3-70b-proxy "${O[@]}" $AC=true
+      bench llama3-70b-proxy "${O[@]}" $AC=offload
+      bench llama3-8b --micro-batch 4 "${O[@]}" $AC=offload parallel.checkpoint_every=2
+      bench llama3-70b-proxy "${O[@]}" $AC=offload parallel.checkpoint_every=2 ;;
     peers)  # one GPU: shardtune, Unsloth, TRL + PEFT on the same checkpoint and rows; a table per shape
       bash bench/peers/unsloth_env.sh
       python3 bench/peers/peers.py --shape llama3-8b --out "$OUT"
