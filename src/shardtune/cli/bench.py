@@ -170,6 +170,7 @@ def summarize(run_dir: Path, warmup: int) -> dict:
             "attention": summary.get("attention"),
             "activation_checkpointing": summary.get("activation_checkpointing"),
             "checkpoint_every": summary.get("recompute_every"),
+            "offloaded_gib_per_micro_batch": summary.get("offloaded_gib_per_micro_batch"),
             "sharding_strategy": summary.get("sharding_strategy"),  # as resolved ('auto' -> a choice)
             "cpu_offload": cfg["parallel"]["cpu_offload"],
             "packing": cfg["data"]["packing"],

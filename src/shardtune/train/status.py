@@ -18,7 +18,13 @@ log = logging.getLogger("shardtune")
 
 def write_status(run_dir: Path, status: str, **fields) -> None:
     """status.json: running | interrupted | complete | failed, with the step and what to do next."""
-    record = {"status": status, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid(), **fields}
+    record = {
+        "status": status,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "pid": os.getpid(),
+        "launcher": launcher_id(),
+        **fields,
+    }
     write_atomic(run_dir / "status.json", json.dumps(record, indent=1).encode())
 
 
@@ -36,19 +42,12 @@ def stop_recorded_by_this_launch(run_dir: Path, dist: DistInfo) -> dict | None:
     every process, so no restart should follow it; but one that fails on its way out (a crash in NCCL's
     teardown) makes the launcher start the run again with its STOP file gone, and it would train on past the
     stop (under Slurm into the time limit, unsaved). "This launch": status.json says interrupted and was written
-    after the launcher started. Every rank takes rank 0's answer."""
+    by a process the same launcher process started (launcher_id: its pid and start time, not a clock: a launch
+    started within a second of an earlier one's stop must not take that stop for its own). Every rank takes
+    rank 0's answer."""
     if launcher_restarts() == 0:
         return None
-    record = None
-    if dist.is_main:
-        path, started = run_dir / "status.json", _launcher_started()
-        try:
-            if started is not None and path.stat().st_mtime > started:
-                record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            pass
-        if record is not None and record.get("status") != "interrupted":
-            record = None
+    record = _ours_interrupted(run_dir) if dist.is_main else None
     if not all_reduce_max([float(record is not None)], dist.device)[0]:
         return None
     if dist.is_main:
@@ -67,17 +66,24 @@ def stop_recorded_by_this_launch(run_dir: Path, dist: DistInfo) -> dict | None:
     }
 
 
-def _launcher_started() -> float | None:
-    """When the process that started this one (torchrun, accelerate launch) started, in seconds since the epoch,
-    from /proc (Linux); None where that cannot be read."""
+def _ours_interrupted(run_dir: Path) -> dict | None:
+    """status.json's record where it says interrupted and this process's launcher wrote it, else None."""
+    ours = launcher_id()
     try:
-        fields = Path(f"/proc/{os.getppid()}/stat").read_text().rsplit(")", 1)[1].split()
-        boot = next(
-            int(line.split()[1])
-            for line in Path("/proc/stat").read_text().splitlines()
-            if line.startswith("btime")
-        )
-        ticks = int(fields[19])  # field 22 of stat, starttime: clock ticks from boot to the process's start
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+        record = json.loads((run_dir / "status.json").read_text())
+    except (OSError, ValueError):
+        return None
+    mine = isinstance(record, dict) and ours is not None and record.get("launcher") == ours
+    return record if mine and record.get("status") == "interrupted" else None
+
+
+def launcher_id() -> str | None:
+    """The process that started this one (torchrun's agent, accelerate launch), the same for every attempt of
+    one launch: its pid and start time in clock ticks after boot (/proc, Linux; a reused pid has another start
+    time); None where that cannot be read."""
+    try:
+        parent = os.getppid()
+        fields = Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1].split()
+        return f"{parent}:{fields[19]}"  # field 22 of stat, starttime
+    except (OSError, IndexError):
         return None
