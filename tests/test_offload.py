@@ -13,8 +13,15 @@ CPU = torch.device("cpu")
 LENGTHS = [37, 5, 64, 18]
 
 
-@pytest.mark.parametrize("every", [1, 2])
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize(
+    "every, dropout",
+    [  # one case in `make test-fast`, the others in `make test`
+        (2, 0.1),
+        pytest.param(1, 0.1, marks=pytest.mark.slow),
+        pytest.param(1, 0.0, marks=pytest.mark.slow),
+        pytest.param(2, 0.0, marks=pytest.mark.slow),
+    ],
+)
 def test_offloaded_layers_give_the_kept_layers_loss_and_gradients_bit_for_bit(every, dropout):
     ac = {"parallel.activation_checkpointing": "offload", "parallel.checkpoint_every": every}
     _, kept = build({"lora.dropout": dropout}, CPU)
