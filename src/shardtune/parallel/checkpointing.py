@@ -32,9 +32,9 @@ def apply_checkpointing(
     if layer_cls is None:
         return None
     layers = [m for m in model.modules() if isinstance(m, layer_cls)]
-    if pcfg.activation_checkpointing == "offload":
+    if offloaded := offloaded_every(pcfg):
         offloader = ActivationOffloader(device)
-        offloader.attach(layers, pcfg.checkpoint_every)
+        offloader.attach(layers, offloaded)
         return offloader
     chosen = {id(m) for i, m in enumerate(layers) if every and i % every == 0}
     if recomputes_selectively(pcfg):

@@ -38,6 +38,7 @@ class _Saved:
     """One offloaded tensor: its host copy, its device copy once brought back, and how many unpacks remain."""
 
     layer: _Layer
+    key: tuple  # its place in layer.saved
     host: torch.Tensor | None
     uses: int = 1
     device_copy: torch.Tensor | None = None
@@ -54,6 +55,7 @@ class _Layer:
     offloaded: torch.cuda.Event | None = None  # its device-to-host copies done
     fetched: torch.cuda.Event | None = None  # its host-to-device copies done (None: not started)
     fetch_started: bool = False
+    below_started: bool = False  # the next offloaded layer below has been asked back
 
 
 class ActivationOffloader:
@@ -92,7 +94,7 @@ class ActivationOffloader:
             if layer.index == 0:
                 self.bytes_offloaded = self.bytes_kept = 0
             layer.saved.clear()  # what a forward without backward left (a failed step)
-            layer.fetch_started, layer.fetched = False, None
+            layer.fetch_started, layer.below_started, layer.fetched = False, False, None
             # under FSDP the weights are views of the unit's gathered storage by now: never offload those
             layer.param_storages = {p.untyped_storage().data_ptr() for p in module.parameters()}
             if self.cuda and layer.index > 0 and self.layers[layer.index - 1].offloaded is not None:
@@ -132,7 +134,7 @@ class ActivationOffloader:
             host = t.clone()  # a CPU run: the mechanism, not the memory
         # kept alive to the layer's end: no later tensor of this forward can take its address (the key)
         layer.alive.append(t)
-        saved = layer.saved[key] = _Saved(layer, host)
+        saved = layer.saved[key] = _Saved(layer, key, host)
         return saved
 
     def _offloads(self, t: torch.Tensor, layer: _Layer) -> bool:
@@ -152,16 +154,18 @@ class ActivationOffloader:
         layer = packed.layer
         if not layer.fetch_started:
             self._fetch(layer)
-        below = self._next_below(layer)
-        if below is not None and not below.fetch_started:
-            self._fetch(below)  # overlaps with this layer's backward
+        if not layer.below_started:  # once per layer: overlaps with this layer's backward
+            layer.below_started = True
+            below = self._next_below(layer)
+            if below is not None and not below.fetch_started:
+                self._fetch(below)
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(layer.fetched)
         t = packed.device_copy
         packed.uses -= 1
         if not packed.uses:
             packed.device_copy = None
-            layer.saved = {k: v for k, v in layer.saved.items() if v is not packed}
+            del layer.saved[packed.key]
         return t
 
     def _next_below(self, layer: _Layer) -> _Layer | None:
