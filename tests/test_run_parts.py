@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from conftest import ROOT
 from shardtune.config import Config, apply_overrides
 from shardtune.model import loading, modeling
 from shardtune.parallel.backend import backend_for
@@ -167,3 +168,16 @@ def test_a_launched_worker_exits_with_its_code_and_its_output_flushed(code, rc):
     assert proc.returncode == rc
     assert proc.stdout == "unflushed stdout" and "a log line" in proc.stderr
     assert ("error: bad input" in proc.stderr) == isinstance(code, str)
+
+
+@pytest.mark.parametrize(
+    "worker",
+    [p for p in sorted((ROOT / "tests" / "workers").glob("*.py")) if "init_distributed(" in p.read_text()],
+    ids=lambda p: p.name,
+)
+def test_a_worker_that_joins_a_process_group_ends_through_exit_process(worker):
+    """A test worker that makes its own process group must end as the launched run does (exit_process), or
+    gloo's leftover threads abort it after it printed its result, now and then (seen in CI: SIGABRT,
+    'terminate called without an active exception', after gpu_exact.py's line under DeepSpeed on CPU)."""
+    lines = [line.strip() for line in worker.read_text().splitlines() if line.strip()]
+    assert lines[-1].startswith("exit_process("), f"{worker.name} ends with {lines[-1]!r}"

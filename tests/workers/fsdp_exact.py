@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 from shardtune.config import Config, apply_overrides
 from shardtune.model import loading, modeling
 from shardtune.model.tokenizer import build_tiny_tokenizer
-from shardtune.parallel.distributed import barrier, init_distributed, teardown
+from shardtune.parallel.distributed import barrier, exit_process, init_distributed, teardown
 from shardtune.parallel.fsdp import FsdpBackend, reduce_adapter_grads
 
 
@@ -124,3 +124,4 @@ def main(workdir: str, overrides: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2:])
+    exit_process(None)  # not through finalization, where gloo's threads can abort a finished run

@@ -15,7 +15,7 @@ import torch
 
 from shardtune.config import Config, apply_overrides
 from shardtune.model import loading, modeling
-from shardtune.parallel.distributed import DistInfo, init_distributed, teardown
+from shardtune.parallel.distributed import DistInfo, exit_process, init_distributed, teardown
 from shardtune.parallel.fsdp import FsdpBackend
 from shardtune.train.build import run_backend
 
@@ -84,3 +84,4 @@ def main(shape: str, overrides: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2:])
+    exit_process(None)  # not through finalization, where gloo's threads can abort a finished run

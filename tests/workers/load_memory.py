@@ -21,7 +21,7 @@ if not out.exists():  # write it in a child process, so its memory is not counte
 from shardtune.config import Config, apply_overrides  # noqa: E402
 from shardtune.model import loading, modeling  # noqa: E402
 from shardtune.observability.memory import host_peak_gib, host_rss_gib  # noqa: E402
-from shardtune.parallel.distributed import DistInfo, init_distributed, teardown  # noqa: E402
+from shardtune.parallel.distributed import DistInfo, exit_process, init_distributed, teardown  # noqa: E402
 from shardtune.parallel.fsdp import FsdpBackend  # noqa: E402
 
 cfg = apply_overrides(Config(), {"model.name_or_path": str(out), "model.init": "pretrained"}, "test")
@@ -48,3 +48,4 @@ print(
     )
 )
 teardown()
+exit_process(None)  # not through finalization, where gloo's threads can abort a finished run
