@@ -4,6 +4,7 @@
 #   bash bench/speed.sh 8b proxy 70b varlen
 #   bash bench/speed.sh peers      (one GPU: bench/peers/peers.py beside Unsloth and TRL + PEFT)
 #   bash bench/speed.sh offload1   (one GPU: activation offloading against recomputation)
+#   bash bench/speed.sh mix1       (one GPU, 80-layer 70B: auto's mix of offloading and recomputing against all recomputed)
 set -uo pipefail
 # shellcheck source=bench/gpu_env.sh
 source "$(dirname "$0")/gpu_env.sh"
@@ -138,6 +139,11 @@ for group in "$@"; do
       bench llama3-70b-proxy "${O[@]}" $AC=offload
       bench llama3-8b --micro-batch 4 "${O[@]}" $AC=offload parallel.checkpoint_every=2
       bench llama3-70b-proxy "${O[@]}" $AC=offload parallel.checkpoint_every=2 ;;
+    mix1)  # one GPU, the whole 80-layer 70B: auto (planned: a mix, orokk) against recomputing every layer (1,244
+      # tokens/s on an H100 when issue 26 was filed)
+      O=(--gpus 1 --seq 3072 --warmup 2 --steps 3 model.fused_kernels=true)
+      bench llama3-70b "${O[@]}" parallel.activation_checkpointing=auto
+      bench llama3-70b "${O[@]}" parallel.activation_checkpointing=true ;;
     peers)  # one GPU: shardtune, Unsloth, TRL + PEFT on the same checkpoint and rows; a table per shape
       bash bench/peers/unsloth_env.sh
       python3 bench/peers/peers.py --shape llama3-8b --out "$OUT"

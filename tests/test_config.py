@@ -255,6 +255,30 @@ def test_auto_settings_come_through_accelerate_and_its_yaml():
     assert cfg.parallel.activation_checkpointing is True and cfg.parallel.sharding_strategy == "FULL_SHARD"
 
 
+@pytest.mark.parametrize(
+    "value, parsed",
+    [("true", True), ("False", False), ("1", True), ("off", False), ("Offload", "offload"), ("ORK", "ork")],
+)
+def test_activation_checkpointing_takes_booleans_modes_and_per_layer_patterns(value, parsed):
+    """From a command line, a recipe, or the environment `accelerate launch` exports: text booleans become
+    booleans, modes and patterns lower case (a pattern is k, o and r: keep, offload, recompute)."""
+    cfg = apply_overrides(Config(), {"parallel.activation_checkpointing": value}, "the command line")
+    assert cfg.parallel.activation_checkpointing is parsed or cfg.parallel.activation_checkpointing == parsed
+    env = {"ACCELERATE_USE_FSDP": "true", "FSDP_ACTIVATION_CHECKPOINTING": value}
+    assert resolve_config(Config(), [], env).parallel.activation_checkpointing == parsed
+
+
+@pytest.mark.parametrize(
+    "value, hint", [("offlod", "did you mean offload?"), ("okx", "e.g. orr"), ("", "k keeps")]
+)
+def test_a_checkpointing_value_that_is_none_of_these_is_refused_with_what_is_accepted(value, hint):
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(Config(), {"parallel.activation_checkpointing": value}, "the command line")
+    msg = str(e.value)
+    assert f"parallel.activation_checkpointing={value!r}" in msg and hint in msg, msg
+    assert "true, false, auto, selective, offload" in msg and "r recomputes them" in msg
+
+
 def test_yaml_with_use_cpu_is_refused(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(

@@ -14,22 +14,29 @@ LENGTHS = [37, 5, 64, 18]
 
 
 @pytest.mark.parametrize(
-    "every, dropout",
-    [  # one case in `make test-fast`, the others in `make test`
-        (2, 0.1),
-        pytest.param(1, 0.1, marks=pytest.mark.slow),
-        pytest.param(1, 0.0, marks=pytest.mark.slow),
-        pytest.param(2, 0.0, marks=pytest.mark.slow),
+    "mode, every, dropout",
+    [  # two cases in `make test-fast`, the others in `make test`
+        ("offload", 2, 0.1),
+        ("ork", 1, 0.1),  # a mix: offloaded, recomputed and kept layers in one model
+        pytest.param("offload", 1, 0.1, marks=pytest.mark.slow),
+        pytest.param("offload", 1, 0.0, marks=pytest.mark.slow),
+        pytest.param("offload", 2, 0.0, marks=pytest.mark.slow),
+        pytest.param("oor", 1, 0.0, marks=pytest.mark.slow),
     ],
 )
-def test_offloaded_layers_give_the_kept_layers_loss_and_gradients_bit_for_bit(every, dropout):
-    ac = {"parallel.activation_checkpointing": "offload", "parallel.checkpoint_every": every}
+def test_offloaded_layers_give_the_kept_layers_loss_and_gradients_bit_for_bit(mode, every, dropout):
+    from shardtune.parallel.checkpointing import layer_plan
+
+    ac = {"parallel.activation_checkpointing": mode, "parallel.checkpoint_every": every}
     _, kept = build({"lora.dropout": dropout}, CPU)
     held = {}
-    _, offloaded = build({"lora.dropout": dropout, **ac}, CPU, keep=held)
+    cfg, offloaded = build({"lora.dropout": dropout, **ac}, CPU, keep=held)
     offloader = held["backend"].offloader
     layers = offloaded.base_model.model.model.layers
-    assert len(offloader.layers) == len(range(0, len(layers), every))
+    plan = layer_plan(cfg.parallel, len(layers))
+    assert len(offloader.layers) == plan.count("o") > 0
+    recomputed = [type(m).__name__ == "CheckpointWrapper" for m in layers]
+    assert recomputed == [what == "r" for what in plan], plan
     padded, _ = batches(LENGTHS, 384, 2, CPU)
     kept.train(), offloaded.train()
     for dtype in (None, torch.bfloat16):
@@ -46,18 +53,24 @@ def test_offloaded_layers_give_the_kept_layers_loss_and_gradients_bit_for_bit(ev
 
 
 def test_weights_small_and_integer_tensors_stay_and_a_tensor_saved_twice_goes_once():
+    """Of two chosen layers the lower sends its input (a weight, small and integer tensors stay), the topmost
+    keeps its own on the GPU (backward needs it first) and its first unpack asks the lower one back."""
     from shardtune.parallel.offload import ActivationOffloader
 
-    layer = torch.nn.Linear(64, 64)
+    layer, top = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
     offloader = ActivationOffloader(CPU)
-    offloader.attach([layer])
+    offloader.attach([layer, top])
     x = torch.randn(32, 64, requires_grad=True)
-    out = layer(x)  # saves x (offloaded: 8 KiB) and the weight (a parameter: kept)
+    hidden = layer(x)  # saves x (offloaded: 8 KiB) and the weight (a parameter: kept)
     assert offloader.bytes_offloaded == 32 * 64 * 4 and offloader.bytes_kept == 64 * 64 * 4  # the weight
     (saved,) = offloader.layers[0].saved.values()
-    assert saved.uses == 1 and saved.host is not None
+    assert saved.uses == 1 and saved.host is not None and saved.device_copy is None
+    out = top(hidden)  # the topmost: its input stays where it is
+    (stayed,) = offloader.layers[1].saved.values()
+    assert stayed.host is None and stayed.device_copy is hidden and offloader.bytes_offloaded == 32 * 64 * 4
     out.sum().backward()
-    assert not offloader.layers[0].saved and torch.equal(x.grad, torch.ones(32, 64) @ layer.weight)
+    assert not offloader.layers[0].saved and not offloader.layers[1].saved
+    assert torch.equal(x.grad, (torch.ones(32, 64) @ top.weight) @ layer.weight)
 
     def twice(m, x):
         return (x * x).sum() + torch.arange(4).float().sum()  # x saved twice by one mul
@@ -65,7 +78,7 @@ def test_weights_small_and_integer_tensors_stay_and_a_tensor_saved_twice_goes_on
     shared = torch.nn.Module()
     shared.forward = lambda x: twice(shared, x)
     offloader2 = ActivationOffloader(CPU)
-    offloader2.attach([shared])
+    offloader2.attach([shared, torch.nn.Identity()])
     y = torch.randn(64, 64, requires_grad=True)
     shared(y).backward()
     assert offloader2.bytes_offloaded == 64 * 64 * 4  # once, not twice
@@ -74,17 +87,16 @@ def test_weights_small_and_integer_tensors_stay_and_a_tensor_saved_twice_goes_on
 
 @pytest.mark.slow
 def test_an_offloading_run_under_fsdp_has_the_plain_runs_losses(tmp_path):
-    """The tiny recipe on 2 processes (FSDP, gloo) with every layer offloading: the same per-step losses as
-    without, and the log says what was offloaded."""
+    """The tiny recipe on 2 processes (FSDP, gloo), its 4 layers offloaded, recomputed and kept by the pattern
+    'ork' (o r k o: the topmost o keeps its own, offload.py): the same per-step losses as keeping every layer's,
+    and the log says what was offloaded."""
     from test_resume import RUN, losses
 
     args = [*RUN, "train.max_steps=6", "train.run_name=run"]
     launch([*args, f"train.output_dir={tmp_path / 'kept'}"])
-    proc = launch(
-        [*args, f"train.output_dir={tmp_path / 'off'}", "parallel.activation_checkpointing=offload"]
-    )
+    proc = launch([*args, f"train.output_dir={tmp_path / 'off'}", "parallel.activation_checkpointing=ork"])
     assert losses(tmp_path / "off" / "run") == losses(tmp_path / "kept" / "run")
-    assert "activation offloading" in proc.stderr
+    assert "activation offloading: 1 of 4 decoder layers (by layer, pattern ork" in proc.stderr
 
 
 def test_the_plan_puts_offloaded_activations_in_host_memory_and_charges_the_copies_it_cannot_hide():
@@ -121,7 +133,7 @@ def test_the_plan_puts_offloaded_activations_in_host_memory_and_charges_the_copi
         assert off.settings["parallel.checkpoint_every"] == every
         assert off.gpu["activations"] == pytest.approx((20 - n + IN_FLIGHT) * per_layer)
         extra_host = off.host["train"] - kept.host["train"]
-        assert extra_host == pytest.approx(PINNED_ROUNDING * n * per_layer)
+        assert extra_host == pytest.approx(PINNED_ROUNDING * (n - 1) * per_layer)  # the topmost keeps its own
         assert describe_checkpointing(cfg.parallel).startswith("offloaded to host memory")
     # one layer's copy out takes longer than its own forward at this width and row (~1.7x): offloading every
     # layer waits for the link; every 4th hides its copies behind 3 more layers and costs only the hooks
@@ -130,3 +142,18 @@ def test_the_plan_puts_offloaded_activations_in_host_memory_and_charges_the_copi
     assert copy_s > layer_forward_s
     assert plan("offload", 1)[1].step_s > kept.step_s + 4 * 20 * (copy_s - layer_forward_s)
     assert plan("offload", 4)[1].step_s == pytest.approx(kept.step_s + 4 * 5 * OFFLOAD_FIXED_S)
+
+    # a mix, 'ork' over 20 layers: 7 offloaded (2 in flight on the GPU, the topmost's sent nowhere), 7
+    # recomputed (their input kept, one recomputed whole at a time), 6 kept
+    _, recomputed = plan(True)
+    boundary = (recomputed.gpu["activations"] - per_layer) / 20  # (no dropout: the whole layer is per_layer)
+    cfg, mix = plan("ork")
+    assert mix.settings["parallel.activation_checkpointing"] == "ork"
+    assert mix.gpu["activations"] == pytest.approx((6 + IN_FLIGHT) * per_layer + 7 * boundary + per_layer)
+    assert mix.host["train"] - kept.host["train"] == pytest.approx(PINNED_ROUNDING * 6 * per_layer)
+    assert describe_checkpointing(cfg.parallel) == (
+        "by layer, pattern ork: of every 3 layers 1 offloaded to host memory, 1 recomputed, 1 kept"
+    )
+    # its copies hide behind the 2 layers after each (3 forwards > 1.7), so it costs the 7 recomputations'
+    # share and the hooks: faster than recomputing every layer, slower than keeping everything
+    assert kept.step_s < mix.step_s < recomputed.step_s

@@ -199,10 +199,12 @@ def test_paged_adamw_8bit_run_on_one_gpu_resumes(tmp_path):
     assert all(resumed[s] == pytest.approx(whole[s], rel=1e-4) for s in whole), (whole, resumed)
 
 
-def test_activation_offloading_is_exact_and_keeps_the_activations_off_the_gpu():
-    """parallel.activation_checkpointing=offload on one GPU (bf16, LoRA dropout through the Triton kernel): the
-    loss and adapter gradients bit for bit those of keeping the activations, and after the forward the GPU
-    holds a fraction of what it holds when they are kept (the saved tensors are in pinned host memory)."""
+@pytest.mark.parametrize("mode, share", [("offload", 0.5), ("ork", 0.9)])
+def test_activation_offloading_is_exact_and_keeps_the_activations_off_the_gpu(mode, share):
+    """parallel.activation_checkpointing=offload on one GPU (bf16, LoRA dropout through the Triton kernel), and
+    the mix 'ork' (o r k o: layer 0 offloaded, 1 recomputed, 2 and 3 kept): the loss and adapter gradients bit
+    for bit those of keeping the activations, and after the forward the GPU holds a fraction (`share`) of what
+    it holds when they are kept (the saved tensors are in pinned host memory, the topmost o's excepted)."""
     from levers import batches, build, loss_and_grads
 
     from shardtune.train.objectives import token_loss_sum
@@ -212,7 +214,7 @@ def test_activation_offloading_is_exact_and_keeps_the_activations_off_the_gpu():
     settings = {"parallel.mixed_precision": "bf16", "lora.dropout": 0.1}
     _, kept = build(settings, device)
     held = {}
-    _, offloaded = build({**settings, "parallel.activation_checkpointing": "offload"}, device, keep=held)
+    _, offloaded = build({**settings, "parallel.activation_checkpointing": mode}, device, keep=held)
     padded, _ = batches([1024] * 4, 384, 2, device)  # 4 x 1024 tokens: 2 MiB per bf16 activation
     kept.train(), offloaded.train()
 
@@ -243,4 +245,4 @@ def test_activation_offloading_is_exact_and_keeps_the_activations_off_the_gpu():
     assert lo == lk
     for name in gk:
         torch.testing.assert_close(go[name], gk[name], rtol=0, atol=0)
-    assert offloader.bytes_offloaded > 0 and mo < 0.5 * mk, (mo, mk)
+    assert offloader.bytes_offloaded > 0 and mo < share * mk, (mo, mk)

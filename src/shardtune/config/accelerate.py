@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from shardtune.config.checks import FALSE_WORDS, TRUE_WORDS, checkpointing_value
 from shardtune.errors import ConfigError
 
 # FSDP1's strategies by name, and by number as older accelerate configs give them (torch's ShardingStrategy
@@ -32,7 +33,7 @@ _STRATEGIES = {
 # which Config says with the reason)
 _ACCEPTED_STRATEGIES = "FULL_SHARD, NO_SHARD, HYBRID_SHARD or auto"
 # accelerate's own reading of true/false (accelerate.utils.str_to_bool)
-_TRUE, _FALSE = ("y", "yes", "t", "true", "on", "1"), ("n", "no", "f", "false", "off", "0")
+_TRUE, _FALSE = TRUE_WORDS, FALSE_WORDS
 # What `accelerate launch` exports for an FSDP setting its config file and command line leave out (accelerate
 # 1.x, commands/launch.py and utils/launch.py). Such a value says nothing: the recipe's own setting stands, as it
 # does under torchrun with parallel.launch_config, where only the YAML's own keys apply.
@@ -147,19 +148,18 @@ def _from_fsdp_settings(settings: dict[str, str], mixed_precision: str | None, o
         if key in settings:
             out[f"parallel.{field}"] = _bool(settings[key], f"fsdp_{key}", origin)
     if "activation_checkpointing" in settings:
-        checkpointing = str(settings["activation_checkpointing"]).strip().lower()
-        # 'auto', 'selective' and 'offload' are shardtune's own values (accelerate passes them through
-        # untouched): recompute as little as fits, only the cheap parts, or nothing (host memory instead)
-        if checkpointing in ("auto", "selective", "offload"):
-            out["parallel.activation_checkpointing"] = checkpointing
-        elif checkpointing in _TRUE + _FALSE:
-            out["parallel.activation_checkpointing"] = checkpointing in _TRUE
-        else:
-            raise ConfigError(
-                f"{origin}: fsdp_activation_checkpointing={settings['activation_checkpointing']!r} is not one of "
-                f"true, false, auto, selective, offload; set one of those (every k-th layer: true, and parallel."
-                f"checkpoint_every=k on the command line)."
+        # 'auto', 'selective', 'offload' and per-layer patterns are shardtune's own values (accelerate passes
+        # them through untouched): recompute as little as fits, only the cheap parts, nothing (host memory
+        # instead), or a mix of these by layer
+        try:
+            out["parallel.activation_checkpointing"] = checkpointing_value(
+                settings["activation_checkpointing"]
             )
+        except ValueError as e:
+            raise ConfigError(
+                f"{origin}: fsdp_activation_checkpointing={e} (every k-th layer: true, and parallel."
+                f"checkpoint_every=k on the command line)."
+            ) from None
     if settings.get("backward_prefetch"):
         out["parallel.backward_prefetch"] = str(settings["backward_prefetch"]).upper()
     if mixed_precision:

@@ -298,6 +298,32 @@ def tracker_names(value: Any) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+CHECKPOINTING_MODES = ("auto", "selective", "offload")
+# how accelerate's environment and YAMLs spell a boolean (none of them is a pattern of k, o and r)
+TRUE_WORDS = ("y", "yes", "t", "true", "on", "1")
+FALSE_WORDS = ("n", "no", "f", "false", "off", "0")
+
+
+def checkpointing_value(value: Any) -> bool | str:
+    """parallel.activation_checkpointing as the run uses it: true / false (also as text from a command line or
+    a YAML), one of CHECKPOINTING_MODES, or a per-layer pattern of k, o, r (lower case). Anything else is
+    refused with what is accepted (ValueError: pydantic reports it as the field's error)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in TRUE_WORDS + FALSE_WORDS:
+        return text in TRUE_WORDS
+    if text in CHECKPOINTING_MODES or (text and set(text) <= set("kor")):
+        return text
+    close = difflib.get_close_matches(text, CHECKPOINTING_MODES, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise ValueError(
+        f"{value!r} is not a checkpointing setting{hint}: give true, false, auto, selective, offload, or a "
+        "pattern of what each decoder layer does, repeated over the layers: k keeps its activations, o offloads "
+        "them to host memory, r recomputes them (e.g. orr)"
+    )
+
+
 def _unknown(names, valid) -> tuple[list[str], list[str]]:
     """The names not among `valid`, and the closest valid name to each (where one is close)."""
     unknown = [n for n in names if n not in valid]

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shardtune.config.checks import PARAM_DTYPES, cross_checks, tracker_names
+from shardtune.config.checks import PARAM_DTYPES, checkpointing_value, cross_checks, tracker_names
 
 
 class Section(BaseModel):
@@ -296,20 +296,29 @@ class ParallelConfig(Section):
     dtype follows it; LoRA weights and optimizer state stay float32."""
     wrap_class: str = "LlamaDecoderLayer"
     """Decoder-layer class that FSDP wraps as one unit (accelerate: fsdp_transformer_layer_cls_to_wrap)."""
-    activation_checkpointing: bool | Literal["auto", "selective", "offload"] = False
-    """Recompute decoder layers in backward instead of storing their activations, applied through FSDP
-    (accelerate: fsdp_activation_checkpointing). 'selective' recomputes no layer whole, only what is cheap to
-    redo: the LoRA dropout masks, drawn again in backward instead of kept with a dropped copy of each adapter's
-    input (lora.fused; 30% less activation memory at 70B widths with dropout, ~3% more time); `true` does the
-    same in the layers it does not recompute. On a GPU the fused layers' dropout kernel keeps no masks in any
-    mode, so there 'selective' is the same as none. 'offload' recomputes nothing: every checkpoint_every-th
-    layer sends what it keeps for backward to pinned host memory while the next layers compute, and gets it
-    back ahead of its backward (host memory: about 1.5x what it sends, per process). 'auto' picks, from the
-    GPU's memory and `shardtune plan`'s estimate, the fastest that fits: none, offloading or recomputing every
-    checkpoint_every-th layer."""
+    activation_checkpointing: bool | str = False
+    """What decoder layers do with the tensors they keep for backward (accelerate:
+    fsdp_activation_checkpointing). `true` recomputes every checkpoint_every-th layer in backward instead of
+    keeping its activations (through torch's wrapper, applied under FSDP). 'selective' recomputes no layer
+    whole, only what is cheap to redo: the LoRA dropout masks, drawn again in backward instead of kept with a
+    dropped copy of each adapter's input (lora.fused; 30% less activation memory at 70B widths with dropout,
+    ~3% more time); `true` does the same in the layers it does not recompute. On a GPU the fused layers'
+    dropout kernel keeps no masks in any mode, so there 'selective' is the same as none. 'offload' recomputes
+    nothing: every checkpoint_every-th layer sends what it keeps for backward to pinned host memory while the
+    next layers compute, and gets it back ahead of its backward (host memory: about 1.5x what it sends, per
+    process). A pattern of k (keep), o (offload), r (recompute), repeated over the layers, mixes them: 'orr'
+    offloads layers 0, 3, 6... and recomputes the others; 'okr' keeps every third layer's too (what the host
+    link can hide, what memory can hold, and the rest recomputed). 'auto' picks, from the GPU's memory and
+    `shardtune plan`'s estimate, the fastest of these that fits."""
     checkpoint_every: int = Field(1, ge=1)
     """With activation checkpointing (or offloading), recompute (offload) every k-th decoder layer (1: all of
-    them, 2: half, ...)."""
+    them, 2: half, ...). A pattern says itself which layers do what."""
+
+    @field_validator("activation_checkpointing", mode="before")
+    @classmethod
+    def _checkpointing(cls, value: Any) -> bool | str:
+        return checkpointing_value(value)
+
     cpu_offload: bool = False
     """Keep sharded parameters and gradients in CPU memory between uses (accelerate: fsdp_offload_params).
     GPU only."""

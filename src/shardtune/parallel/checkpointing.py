@@ -1,7 +1,8 @@
-"""Activation checkpointing: which decoder layers recompute their forward in backward (parallel.
-activation_checkpointing, parallel.checkpoint_every), applied through torch's wrapper by both backends, the
-selective part (the LoRA dropout masks drawn again in backward instead of kept), and 'offload': the same
-layers' saved tensors sent to host memory instead (offload.py)."""
+"""Activation checkpointing: what each decoder layer does with the tensors it keeps for backward (parallel.
+activation_checkpointing, parallel.checkpoint_every), as a plan of one letter per layer (layer_plan): keep
+them, recompute the layer in backward (torch's wrapper, applied by both backends; the selective part, the
+LoRA dropout masks drawn again in backward instead of kept, in the layers that keep theirs), or offload them
+to host memory (offload.py)."""
 
 from __future__ import annotations
 
@@ -20,67 +21,70 @@ from shardtune.parallel.offload import ActivationOffloader
 if TYPE_CHECKING:
     from shardtune.config import ParallelConfig
 
+KEEP, OFFLOAD, RECOMPUTE = "k", "o", "r"
+
 
 def apply_checkpointing(
     model: torch.nn.Module, pcfg: ParallelConfig, layer_cls: type | None, device: torch.device
 ) -> ActivationOffloader | None:
-    """Recompute every k-th decoder layer in backward (parallel.checkpoint_every), through torch's wrapper, not
-    Hugging Face's gradient_checkpointing (which under FSDP would all-gather each layer again); the selective
-    part (the LoRA dropout masks drawn again) in the layers that keep their activations. With 'offload' the
-    same layers send their saved tensors to host memory instead: the offloader is returned (its counters)."""
-    every = checkpointed_every(pcfg)
+    """Apply layer_plan to the decoder layers: recompute the 'r' layers in backward through torch's wrapper,
+    not Hugging Face's gradient_checkpointing (which under FSDP would all-gather each layer again); offload the
+    'o' layers' saved tensors (the offloader is returned: its counters); in the kept layers, with recomputation
+    ('selective', true, a pattern), the selective part (the LoRA dropout masks drawn again)."""
     if layer_cls is None:
         return None
     layers = [m for m in model.modules() if isinstance(m, layer_cls)]
-    if offloaded := offloaded_every(pcfg):
+    plan = layer_plan(pcfg, len(layers))
+    offloader = None
+    if OFFLOAD in plan:
         offloader = ActivationOffloader(device)
-        offloader.attach(layers, offloaded)
-        return offloader
-    chosen = {id(m) for i, m in enumerate(layers) if every and i % every == 0}
+        offloader.attach(layers, [what == OFFLOAD for what in plan])
+    recomputed = {id(m) for m, what in zip(layers, plan, strict=True) if what == RECOMPUTE}
     if recomputes_selectively(pcfg):
         from shardtune.kernels import fused_lora
 
-        for layer in layers:
-            if id(layer) not in chosen:  # a recomputed layer keeps nothing between forward and backward
+        for layer, what in zip(layers, plan, strict=True):
+            if what == KEEP:  # a recomputed layer keeps nothing between forward and backward
                 fused_lora.replay_dropout(layer)
-    if not every:
-        return None
-    apply_activation_checkpointing(
-        model,
-        checkpoint_wrapper_fn=functools.partial(
-            checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT
-        ),
-        check_fn=lambda m: id(m) in chosen,
-    )
-    return None
+    if recomputed:
+        apply_activation_checkpointing(
+            model,
+            checkpoint_wrapper_fn=functools.partial(
+                checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT
+            ),
+            check_fn=lambda m: id(m) in recomputed,
+        )
+    return offloader
 
 
-def checkpointed_every(pcfg: ParallelConfig) -> int:
-    """Every how many decoder layers one is recomputed in backward (0: none). 'auto' must have been
-    resolved before (planning.auto.resolve_auto, from the GPU's memory)."""
-    return pcfg.checkpoint_every if _resolved(pcfg) is True else 0
-
-
-def offloaded_every(pcfg: ParallelConfig) -> int:
-    """Every how many decoder layers one sends its saved tensors to host memory (0: none)."""
-    return pcfg.checkpoint_every if _resolved(pcfg) == "offload" else 0
+def layer_plan(pcfg: ParallelConfig, n_layers: int) -> str:
+    """One letter per decoder layer, first to last: k keeps its activations, o offloads them to host memory,
+    r recomputes the layer in backward. `true` / 'offload' with checkpoint_every=k: r / o for every k-th layer
+    from the first; a pattern repeated over the layers; false and 'selective': k for all. 'auto' must have
+    been resolved before (planning.auto.resolve_auto, from the GPU's memory)."""
+    mode = pcfg.activation_checkpointing
+    if mode == "auto":
+        raise ValueError(
+            "parallel.activation_checkpointing='auto' is unresolved (planning.auto.resolve_auto)"
+        )
+    if mode in (False, "selective"):
+        unit = KEEP
+    elif mode in (True, "offload"):
+        unit = (RECOMPUTE if mode is True else OFFLOAD) + KEEP * (pcfg.checkpoint_every - 1)
+    else:
+        unit = mode
+    return (unit * (n_layers // len(unit) + 1))[:n_layers]
 
 
 def recomputes_selectively(pcfg: ParallelConfig) -> bool:
     """Whether the layers that keep their activations redraw the LoRA dropout masks in backward ('selective',
-    and `true`'s layers left whole)."""
-    return _resolved(pcfg) in ("selective", True)
-
-
-def _resolved(pcfg: ParallelConfig) -> bool | str:
-    if pcfg.activation_checkpointing == "auto":
-        raise ValueError(
-            "parallel.activation_checkpointing='auto' is unresolved (planning.auto.resolve_auto)"
-        )
-    return pcfg.activation_checkpointing
+    and the kept layers where others are recomputed: `true`, a pattern with r)."""
+    mode = pcfg.activation_checkpointing
+    return mode in ("selective", True) or (
+        isinstance(mode, str) and set(mode) <= set("kor") and RECOMPUTE in mode
+    )
 
 
 def checkpointed_fraction(pcfg: ParallelConfig, n_layers: int) -> float:
     """Share of the decoder layers recomputed in backward (for HFU and the plan)."""
-    every = checkpointed_every(pcfg)
-    return len(range(0, n_layers, every)) / n_layers if every else 0.0
+    return layer_plan(pcfg, n_layers).count(RECOMPUTE) / n_layers if n_layers else 0.0

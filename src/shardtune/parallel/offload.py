@@ -2,7 +2,7 @@
 backward go to pinned host memory while the next layers compute, and come back ahead of its backward, so the
 layer keeps next to nothing on the GPU between its forward and its backward and recomputes nothing.
 
-How, per offloaded layer (every parallel.checkpoint_every-th):
+How, per offloaded layer (every parallel.checkpoint_every-th, or the o layers of a pattern):
 - forward: autograd's saved-tensor hooks (torch.autograd.graph.saved_tensors_hooks) are on while the layer
   runs. Every floating-point tensor of at least MIN_BYTES that autograd saves, except the layer's own weights
   (FSDP's gathered views, the adapters), is copied into pinned host memory on a side stream; the GPU copy is
@@ -12,6 +12,9 @@ How, per offloaded layer (every parallel.checkpoint_every-th):
 - backward: the first tensor a layer needs brings back all of that layer's tensors (if the prefetch has not
   already) and starts bringing back the next offloaded layer below it, on the side stream, while this layer's
   backward computes. The compute stream waits for a layer's copies before using them.
+- the topmost chosen layer keeps its tensors on the GPU: backward needs them first, right after the forward
+  ends, so a copy out and back would only be waited for (the plan counts two layers' tensors in flight on the
+  GPU anyway). Its first unpack is what asks the next one below back, as for the others.
 
 A copy to the host and back is the same bytes: losses and gradients are bit for bit those of keeping the
 tensors (tests/test_offload.py on a CPU, where the "host" copy is a clone in the same memory and the streams
@@ -56,6 +59,9 @@ class _Layer:
     fetched: torch.cuda.Event | None = None  # its host-to-device copies done (None: not started)
     fetch_started: bool = False
     below_started: bool = False  # the next offloaded layer below has been asked back
+    stays: bool = (
+        False  # the topmost: its tensors stay on the GPU (only its unpack's prefetch of the one below)
+    )
 
 
 class ActivationOffloader:
@@ -75,16 +81,25 @@ class ActivationOffloader:
         self._current: _Layer | None = None
         self._hooks = saved_tensors_hooks(self._pack, self._unpack)
 
-    def attach(self, layers: list[torch.nn.Module], every: int = 1) -> None:
-        """Offload every `every`-th of `layers` (from the first): the hooks go on around each one's forward
+    @property
+    def sent_layers(self) -> int:
+        """Layers whose tensors go to host memory (the chosen ones but the topmost, which keeps its own)."""
+        return sum(not layer.stays for layer in self.layers)
+
+    def attach(self, layers: list[torch.nn.Module], chosen: list[bool] | None = None) -> None:
+        """Offload the `chosen` ones of `layers` (all by default): the hooks go on around each one's forward
         (forward hooks, not a wrapper module: parameter names, and so checkpoints and exported adapters, stay
         what they are)."""
         self.total_layers = len(layers)
-        for module in layers[::every]:
+        for module, offloads in zip(layers, chosen or [True] * len(layers), strict=True):
+            if not offloads:
+                continue
             layer = _Layer(len(self.layers))
             self.layers.append(layer)
             module.register_forward_pre_hook(self._enter_hook(layer, module))
             module.register_forward_hook(self._exit_hook)
+        if self.layers:
+            self.layers[-1].stays = True
 
     # ------------------------------------------------------------------------------------------ forward
     def _enter_hook(self, layer: _Layer, module: torch.nn.Module):
@@ -94,7 +109,7 @@ class ActivationOffloader:
             if layer.index == 0:
                 self.bytes_offloaded = self.bytes_kept = 0
             layer.saved.clear()  # what a forward without backward left (a failed step)
-            layer.fetch_started, layer.below_started, layer.fetched = False, False, None
+            layer.fetch_started, layer.below_started, layer.fetched = layer.stays, False, None
             # under FSDP the weights are views of the unit's gathered storage by now: never offload those
             layer.param_storages = {p.untyped_storage().data_ptr() for p in module.parameters()}
             if self.cuda and layer.index > 0 and self.layers[layer.index - 1].offloaded is not None:
@@ -123,6 +138,10 @@ class ActivationOffloader:
         if key in layer.saved:
             layer.saved[key].uses += 1
             return layer.saved[key]
+        if layer.stays:
+            self.bytes_kept += t.numel() * t.element_size()
+            saved = layer.saved[key] = _Saved(layer, key, None, device_copy=t)
+            return saved
         self.bytes_offloaded += t.numel() * t.element_size()
         if self.cuda:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -159,7 +178,7 @@ class ActivationOffloader:
             below = self._next_below(layer)
             if below is not None and not below.fetch_started:
                 self._fetch(below)
-        if self.cuda:
+        if self.cuda and layer.fetched is not None:
             torch.cuda.current_stream(self.device).wait_event(layer.fetched)
         t = packed.device_copy
         packed.uses -= 1

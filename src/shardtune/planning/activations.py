@@ -1,12 +1,13 @@
 """What a decoder layer keeps for backward, and where: measured per layer (a layer of the real widths run on the
-meta device, its saved tensors added up), then placed by the run's activation settings: on the GPU, recomputed
-(only the layer's input kept), or offloaded to host memory (parallel.activation_checkpointing=offload: nothing
-kept but the layers in flight; pinned host memory instead; time lost where the copies outlast the compute
-they overlap)."""
+meta device, its saved tensors added up), then placed layer by layer as the run's activation settings say
+(parallel.checkpointing.layer_plan): on the GPU, recomputed (only the layer's input kept), or offloaded to host
+memory (nothing kept but the layers in flight; pinned host memory instead; time lost where the copies outlast
+the compute they overlap)."""
 
 from __future__ import annotations
 
 import functools
+import itertools
 
 import torch
 
@@ -22,47 +23,34 @@ IN_FLIGHT = 2
 OFFLOAD_FIXED_S = 0.4e-3
 
 
-def gpu_activation_bytes(
-    layers: int,
-    recomputed: float,
-    offload_every: int,
-    boundary: float,
-    per_layer: float,
-    per_layer_whole: float,
-) -> float:
-    """Checkpointed layers (the `recomputed` share) keep only their input (`boundary`); the others keep
-    `per_layer` each; one checkpointed layer at a time is recomputed whole in backward (`per_layer_whole`: its
-    dropout masks are kept, not drawn again). Offloaded layers (every `offload_every`-th) keep nothing but the
-    IN_FLIGHT ones."""
-    if offload_every:
-        n = offloaded_layers(layers, offload_every)
-        return (layers - n + min(n, IN_FLIGHT)) * per_layer
-    if not recomputed:
-        return layers * per_layer
-    n = round(recomputed * layers)
-    return n * boundary + (layers - n) * per_layer + per_layer_whole
+def gpu_activation_bytes(plan: str, boundary: float, per_layer: float, per_layer_whole: float) -> float:
+    """GPU bytes of the activations under `plan` (parallel.checkpointing.layer_plan: a letter per layer). Kept
+    layers (k) keep `per_layer` each; recomputed ones (r) only their input (`boundary`), and one at a time is
+    recomputed whole in backward (`per_layer_whole`: its dropout masks kept, not drawn again); offloaded ones
+    (o) keep nothing but the IN_FLIGHT ones (the topmost, which keeps its own, among them)."""
+    kept, offloaded, recomputed = (plan.count(c) for c in "kor")
+    whole = per_layer_whole if recomputed else 0.0
+    return (kept + min(offloaded, IN_FLIGHT)) * per_layer + recomputed * boundary + whole
 
 
-def offloaded_layers(layers: int, every: int) -> int:
-    """Decoder layers that offload (every `every`-th, from the first; 0: none)."""
-    return len(range(0, layers, every)) if every else 0
+def host_activation_bytes(plan: str, per_layer: float) -> float:
+    """Pinned host memory one process holds for its offloaded layers at the end of forward (the topmost o keeps
+    its own on the GPU: offload.py)."""
+    return PINNED_ROUNDING * max(0, plan.count("o") - 1) * per_layer
 
 
-def host_activation_bytes(layers: int, every: int, per_layer: float) -> float:
-    """Pinned host memory one process holds for its offloaded layers at the end of forward."""
-    return PINNED_ROUNDING * offloaded_layers(layers, every) * per_layer
-
-
-def offload_stall_s(
-    layers: int, every: int, per_layer: float, layer_forward_s: float, gpu_name: str
-) -> float:
-    """Seconds one micro-batch's forward and backward wait for copies: a layer's tensors go out while the next
-    `every` layers compute forward (and must be out before the next offloaded layer starts), and come back
-    while `every` layers compute backward (twice the forward's work)."""
+def offload_stall_s(plan: str, per_layer: float, layer_forward_s: float, gpu_name: str) -> float:
+    """Seconds one micro-batch's forward and backward wait for copies (offload.py's order). Every o layer but
+    the topmost (which keeps its own) sends its tensors out while the layers up to the next o compute forward
+    (which waits for them), and gets them back while the layers from that next o down to it compute backward
+    (twice the forward's work, three times for a recomputed layer): what the copy outlasts is waited for."""
     copy_s = per_layer / HOST_LINK[gpu_name.lower()]
-    span = every * layer_forward_s
-    per = max(0.0, copy_s - span) + max(0.0, copy_s - 2 * span) + OFFLOAD_FIXED_S
-    return offloaded_layers(layers, every) * per
+    offloaded = [i for i, what in enumerate(plan) if what == "o"]
+    stall = len(offloaded) * OFFLOAD_FIXED_S
+    for a, b in itertools.pairwise(offloaded):
+        units = sum(3 if plan[j] == "r" else 2 for j in range(a + 1, b + 1))
+        stall += max(0.0, copy_s - (b - a) * layer_forward_s) + max(0.0, copy_s - units * layer_forward_s)
+    return stall
 
 
 @functools.cache

@@ -5,6 +5,9 @@ step; and `shardtune plan --fit`: every combination that fits, fastest first."""
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import torch
 
 from shardtune.config import Config, ParallelConfig, TrainConfig, apply_overrides
@@ -12,19 +15,38 @@ from shardtune.errors import ConfigError
 from shardtune.planning.estimate import GIB, Estimate, estimate
 
 # Activation choices: keep everything, offload every k-th layer's activations to host memory, recompute every
-# k-th layer. ('selective' is 'none' on a GPU: the dropout kernel already keeps no dropout masks.) Which is
-# fastest depends on the widths and the host link (offloading costs nothing where its copies hide behind the
-# compute, recomputing a share s of the layers costs 4/(4 + 2s)): the plan decides.
+# k-th layer, or a mix by layer (a pattern repeated over the layers: k keep, o offload, r recompute; the
+# offloaded layers spread out, so that each one's copies hide behind the layers up to the next). ('selective' is
+# 'none' on a GPU: the dropout kernel already keeps no dropout masks.) Which is fastest depends on the widths
+# and the host link (offloading costs nothing where its copies hide behind the compute, recomputing a share s
+# of the layers costs 4/(4 + 2s)): the plan decides. Mixes offload what the link can hide and recompute (or
+# keep) the rest, where offloading alone would wait for the link and recomputing alone would redo more.
+MIX_PERIOD = (
+    5  # mixes repeat over at most this many layers (longer ones planned no faster for 70B on an H100)
+)
+
+
+def mixed_patterns(period: int = MIX_PERIOD) -> list[str]:
+    """Every mix of offloaded (o), recomputed (r) and kept (k) layers with at least one o and one r, repeating
+    over at most `period` layers, each proportion once (orr, not also orrorr); the o spread evenly, each
+    followed by its share of the others (recomputed first). Fewest layers offloaded first."""
+    out = []
+    for p in range(2, period + 1):
+        for o, r in itertools.product(range(1, p), range(1, p)):
+            k = p - o - r
+            if k < 0 or math.gcd(o, r, k) != 1:
+                continue
+            rest = iter("r" * r + "k" * k)
+            starts = {i * p // o for i in range(o)}
+            out.append("".join("o" if i in starts else next(rest) for i in range(p)))
+    return sorted(out, key=lambda m: (m.count("o") / len(m), m.count("r") / len(m)))
+
+
 CHECKPOINT_CHOICES = (
     (False, 1),
-    ("offload", 4),
-    ("offload", 3),
-    ("offload", 2),
-    ("offload", 1),
-    (True, 4),
-    (True, 3),
-    (True, 2),
-    (True, 1),
+    *(("offload", every) for every in (4, 3, 2, 1)),
+    *((mix, 1) for mix in mixed_patterns()),
+    *((True, every) for every in (4, 3, 2, 1)),
 )
 AUTO_MARGIN = 0.85  # of the GPU's memory: fragmentation, and the plan's worst underestimate measured (-11%)
 HOST_MARGIN = 0.8  # of the host's memory: the rest of the machine, the page cache
@@ -197,16 +219,20 @@ def describe_auto(before: Config, after: Config) -> str:
 
 def describe_checkpointing(p: ParallelConfig) -> str:
     """The checkpointing a (resolved) configuration runs, in words."""
-    from shardtune.parallel.checkpointing import checkpointed_every, offloaded_every
-
-    suffix = {2: "nd", 3: "rd"}
-    if offloaded := offloaded_every(p):
-        which = "every layer" if offloaded == 1 else f"every {offloaded}{suffix.get(offloaded, 'th')} layer"
+    mode, every = p.activation_checkpointing, p.checkpoint_every
+    suffix = {2: "nd", 3: "rd"}.get(every, "th")
+    which = "every layer" if every == 1 else f"every {every}{suffix} layer"
+    if mode == "offload":
         return f"offloaded to host memory, {which}"
-    every = checkpointed_every(p)
-    if not every:
+    if mode is True:
+        return which
+    if mode in (False, "selective"):
         return "none (every layer keeps its activations)"
-    return "every layer" if every == 1 else f"every {every}{suffix.get(every, 'th')} layer"
+    counts = [(mode.count(c), what) for c, what in (("o", "offloaded to host memory"), ("r", "recomputed"))]
+    counts.append((mode.count("k"), "kept"))
+    return f"by layer, pattern {mode}: of every {len(mode)} layers " + ", ".join(
+        f"{n} {what}" for n, what in counts if n
+    )
 
 
 def batch_problem(t: TrainConfig, gpus: int, micro_batch: bool = True) -> str | None:

@@ -166,17 +166,12 @@ class _Layout:
     fused_loss: (
         bool  # Liger's loss (no logits held): SFT's; a preference loss needs every sequence's log-probs
     )
-    every: int  # every how many layers one is recomputed (0: none)
+    plan: str  # what each decoder layer does with its activations (checkpointing.layer_plan: k, o, r)
     recomputed: float  # the share of the layers recomputed
-    offload_every: int  # every how many layers one offloads its activations (0: none)
 
     @classmethod
     def of(cls, cfg: Config, hf_config, s: Shape, gpus: int, nodes: int) -> _Layout:
-        from shardtune.parallel.checkpointing import (
-            checkpointed_every,
-            checkpointed_fraction,
-            offloaded_every,
-        )
+        from shardtune.parallel.checkpointing import checkpointed_fraction, layer_plan
 
         n = max(gpus, 1)
         # a preference pair runs both responses in one micro-batch: twice the tokens (and activations) of a row
@@ -205,9 +200,8 @@ class _Layout:
                 or (cfg.model.fused_kernels == "auto" and fused_on_gpus(cfg, hf_config))
             ),
             fused_loss=fused and cfg.objective.name == "sft",
-            every=checkpointed_every(cfg.parallel),
+            plan=layer_plan(cfg.parallel, s.layers),
             recomputed=checkpointed_fraction(cfg.parallel, s.layers),
-            offload_every=offloaded_every(cfg.parallel),
         )
 
 
@@ -234,10 +228,12 @@ def estimate(cfg: Config, hf_config, gpus: int, nodes: int = 1, gpu_name: str = 
     eval_bytes = static + 10 * eval_rows * cfg.objective.sequences * cfg.data.max_len * s.vocab
     step_s = _step_seconds(cfg, hf_config, s, at, gpu_name, layer[0])
     size = "train.micro_batch_tokens" if cfg.train.micro_batch_tokens else "train.micro_batch_size"
+    ac = cfg.parallel.activation_checkpointing
     settings = {
         size: cfg.train.micro_batch_tokens or cfg.train.micro_batch_size,
-        "parallel.activation_checkpointing": "offload" if at.offload_every else bool(at.every),
-        "parallel.checkpoint_every": at.every or at.offload_every or 1,
+        # (on a GPU 'selective' is none: the dropout kernel keeps no masks; a pattern says every layer itself)
+        "parallel.activation_checkpointing": False if ac == "selective" else ac,
+        "parallel.checkpoint_every": cfg.parallel.checkpoint_every if ac in (True, "offload") else 1,
         "parallel.cpu_offload": at.offload,
     }
     if at.n > 1 and cfg.parallel.backend == "fsdp":
@@ -326,9 +322,7 @@ def _gpu_memory(
         **({} if fsdp else {"adapters + grads + AdamW (partitioned)": 16 * lora / at.n}),
         # DPO against the starting adapter: its fp32 copy, and the current values while the reference runs
         **({"DPO reference: starting adapters": 8 * lora / (1 if fsdp else at.n)} if ref_adapter else {}),
-        "activations": gpu_activation_bytes(
-            s.layers, at.recomputed, at.offload_every, tokens * s.hidden * compute, *layer
-        ),
+        "activations": gpu_activation_bytes(at.plan, tokens * s.hidden * compute, *layer),
         "logits + loss": _logits_bytes(cfg, s, at),
     }
 
@@ -357,10 +351,10 @@ def _host_memory(
         # the offloaded shard, pinned in place (fsdp.lean_offload), plus the pinned allocator's rounding up
         # to powers of two: 1.4-1.7x the shard measured (bench/results/2026-11-23-1xh200-fusedlora; FSDP1's own
         # buffers took 3.4x)
-        # and the offloaded layers' activations (parallel.activation_checkpointing=offload)
+        # and the offloaded layers' activations (parallel.activation_checkpointing=offload, or o in a pattern)
         "train": 2 * GIB
         + (1.7 * base_shard if at.offload else 0.0)
-        + host_activation_bytes(s.layers, at.offload_every, per_layer),
+        + host_activation_bytes(at.plan, per_layer),
         # the checkpoint is staged through host memory by the rank that writes it
         "save": 2 * GIB + 12 * lora,
     }
@@ -383,12 +377,13 @@ def _step_seconds(cfg: Config, hf_config, s: Shape, at: _Layout, gpu_name: str, 
     mfu = expected_mfu(s.hidden, at.tokens, at.recomputed, at.offload, whole_base=at.shards == 1 and at.n > 1)
     peak = GPU_PEAKS[gpu_name.lower()]  # the CLI offers only these names
     compute_s = flops_per_row * cfg.train.global_batch_size / (at.n * peak * mfu)
-    if not at.offload_every:
+    if "o" not in at.plan:
         return compute_s
     step_tokens = cfg.train.global_batch_size * cfg.objective.sequences * seq / at.n
     micro_batches = max(1.0, step_tokens / at.tokens)
-    layer_forward_s = compute_s / (3 * micro_batches * s.layers)  # forward: a third of forward + backward
-    stall = offload_stall_s(s.layers, at.offload_every, per_layer, layer_forward_s, gpu_name)
+    # forward: one part in 3 + the recomputed share (backward twice the forward's work, recomputation once more)
+    layer_forward_s = compute_s / ((3 + at.recomputed) * micro_batches * s.layers)
+    stall = offload_stall_s(at.plan, per_layer, layer_forward_s, gpu_name)
     return compute_s + micro_batches * stall
 
 

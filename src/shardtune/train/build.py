@@ -18,7 +18,7 @@ from shardtune.parallel.backend import DEEPSPEED_MISSING, Backend, backend_for, 
 from shardtune.parallel.distributed import DistInfo, all_reduce_max, barrier, gather_object, machine_count
 from shardtune.parallel.fsdp import INT8_NOT_SHARDED
 from shardtune.parallel.offload import ActivationOffloader
-from shardtune.planning.auto import describe_auto, device_memory, resolve_auto
+from shardtune.planning.auto import describe_auto, describe_checkpointing, device_memory, resolve_auto
 
 log = logging.getLogger("shardtune")
 
@@ -145,9 +145,11 @@ def _log_model(
     )
     if backend.offloader is not None:
         log.info(
-            "activation offloading: %d of %d decoder layers send what they keep for backward to %s",
-            len(backend.offloader.layers),
+            "activation offloading: %d of %d decoder layers (%s) send what they keep for backward to %s; the "
+            "topmost chosen layer keeps its own (backward needs it first)",
+            backend.offloader.sent_layers,
             backend.offloader.total_layers,
+            describe_checkpointing(cfg.parallel),
             "pinned host memory on a side stream"
             if dist.device.type == "cuda"
             else "a copy (on a CPU: the mechanism only, no memory saved)",
