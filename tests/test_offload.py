@@ -52,6 +52,40 @@ def test_offloaded_layers_give_the_kept_layers_loss_and_gradients_bit_for_bit(mo
         assert offloader.bytes_offloaded > 0 and all(not layer.saved for layer in offloader.layers)
 
 
+@pytest.mark.parametrize(
+    "mode, every, plan",
+    [
+        (False, 3, "kkkkkkkk"),
+        ("selective", 1, "kkkkkkkk"),
+        (True, 3, "rkkrkkrk"),
+        ("offload", 2, "okokokok"),
+        ("offload", 10**6, "okkkkkkk"),  # (built by index: no string of a million letters)
+        ("ork", 1, "orkorkor"),
+        ("kkkkkkkkr", 1, "kkkkkkkk"),  # longer than the model: its first 8 letters
+    ],
+)
+def test_the_layer_plan_spells_what_each_layer_does(mode, every, plan):
+    from shardtune.config import Config, apply_overrides
+    from shardtune.parallel.checkpointing import checkpointed_fraction, layer_plan
+
+    overrides = {"parallel.activation_checkpointing": mode, "parallel.checkpoint_every": every}
+    cfg = apply_overrides(Config(), overrides, "test")
+    assert layer_plan(cfg.parallel, 8) == plan
+    assert checkpointed_fraction(cfg.parallel, 8) == plan.count("r") / 8
+
+
+def test_a_pattern_beside_checkpoint_every_is_refused_with_the_pattern_to_write():
+    from shardtune.config import Config, apply_overrides
+    from shardtune.errors import ConfigError
+
+    with pytest.raises(
+        ConfigError, match=r"Leave parallel\.checkpoint_every at 1.*one layer in 3 recomputed: rkk"
+    ):
+        apply_overrides(
+            Config(), {"parallel.activation_checkpointing": "or", "parallel.checkpoint_every": 3}, "test"
+        )
+
+
 def test_weights_small_and_integer_tensors_stay_and_a_tensor_saved_twice_goes_once():
     """Of two chosen layers the lower sends its input (a weight, small and integer tensors stay), the topmost
     keeps its own on the GPU (backward needs it first) and its first unpack asks the lower one back."""
@@ -79,6 +113,10 @@ def test_weights_small_and_integer_tensors_stay_and_a_tensor_saved_twice_goes_on
     shared.forward = lambda x: twice(shared, x)
     offloader2 = ActivationOffloader(CPU)
     offloader2.attach([shared, torch.nn.Identity()])
+    assert offloader2.sent_layers == 1 and offloader.sent_layers == 1
+    alone = ActivationOffloader(CPU)
+    alone.attach([torch.nn.Identity()])
+    assert alone.sent_layers == 0  # one chosen layer is the topmost: it keeps its own (the log says so)
     y = torch.randn(64, 64, requires_grad=True)
     shared(y).backward()
     assert offloader2.bytes_offloaded == 64 * 64 * 4  # once, not twice

@@ -39,6 +39,17 @@ def cross_checks(cfg: Config) -> None:
     _optimizer_conflicts(cfg)
     _model_and_data_conflicts(cfg)
     _objective_conflicts(cfg)
+    _checkpointing_conflicts(cfg)
+
+
+def _checkpointing_conflicts(cfg: Config) -> None:
+    mode, every = cfg.parallel.activation_checkpointing, cfg.parallel.checkpoint_every
+    if every != 1 and isinstance(mode, str) and mode not in CHECKPOINTING_MODES:
+        raise ValueError(
+            f"parallel.checkpoint_every={every} beside the pattern parallel.activation_checkpointing={mode}: a "
+            f"pattern says what every layer does itself. Leave parallel.checkpoint_every at 1, or write the "
+            f"pattern for it (one layer in {every} recomputed: {'r' + 'k' * (every - 1)})"
+        )
 
 
 def _quantization_conflicts(cfg: Config) -> None:

@@ -29,8 +29,8 @@ def apply_checkpointing(
 ) -> ActivationOffloader | None:
     """Apply layer_plan to the decoder layers: recompute the 'r' layers in backward through torch's wrapper,
     not Hugging Face's gradient_checkpointing (which under FSDP would all-gather each layer again); offload the
-    'o' layers' saved tensors (the offloader is returned: its counters); in the kept layers, with recomputation
-    ('selective', true, a pattern), the selective part (the LoRA dropout masks drawn again)."""
+    'o' layers' saved tensors (the offloader is returned: its counters); in the kept layers, with 'selective'
+    or where other layers are recomputed, the selective part (the LoRA dropout masks drawn again)."""
     if layer_cls is None:
         return None
     layers = [m for m in model.modules() if isinstance(m, layer_cls)]
@@ -40,7 +40,7 @@ def apply_checkpointing(
         offloader = ActivationOffloader(device)
         offloader.attach(layers, [what == OFFLOAD for what in plan])
     recomputed = {id(m) for m, what in zip(layers, plan, strict=True) if what == RECOMPUTE}
-    if recomputes_selectively(pcfg):
+    if pcfg.activation_checkpointing == "selective" or RECOMPUTE in plan:
         from shardtune.kernels import fused_lora
 
         for layer, what in zip(layers, plan, strict=True):
@@ -68,21 +68,11 @@ def layer_plan(pcfg: ParallelConfig, n_layers: int) -> str:
             "parallel.activation_checkpointing='auto' is unresolved (planning.auto.resolve_auto)"
         )
     if mode in (False, "selective"):
-        unit = KEEP
-    elif mode in (True, "offload"):
-        unit = (RECOMPUTE if mode is True else OFFLOAD) + KEEP * (pcfg.checkpoint_every - 1)
-    else:
-        unit = mode
-    return (unit * (n_layers // len(unit) + 1))[:n_layers]
-
-
-def recomputes_selectively(pcfg: ParallelConfig) -> bool:
-    """Whether the layers that keep their activations redraw the LoRA dropout masks in backward ('selective',
-    and the kept layers where others are recomputed: `true`, a pattern with r)."""
-    mode = pcfg.activation_checkpointing
-    return mode in ("selective", True) or (
-        isinstance(mode, str) and set(mode) <= set("kor") and RECOMPUTE in mode
-    )
+        return KEEP * n_layers
+    if mode in (True, "offload"):
+        every, chosen = pcfg.checkpoint_every, RECOMPUTE if mode is True else OFFLOAD
+        return "".join(chosen if i % every == 0 else KEEP for i in range(n_layers))
+    return "".join(mode[i % len(mode)] for i in range(n_layers))
 
 
 def checkpointed_fraction(pcfg: ParallelConfig, n_layers: int) -> float:

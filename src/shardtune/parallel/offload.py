@@ -12,9 +12,10 @@ How, per offloaded layer (every parallel.checkpoint_every-th, or the o layers of
 - backward: the first tensor a layer needs brings back all of that layer's tensors (if the prefetch has not
   already) and starts bringing back the next offloaded layer below it, on the side stream, while this layer's
   backward computes. The compute stream waits for a layer's copies before using them.
-- the topmost chosen layer keeps its tensors on the GPU: backward needs them first, right after the forward
-  ends, so a copy out and back would only be waited for (the plan counts two layers' tensors in flight on the
-  GPU anyway). Its first unpack is what asks the next one below back, as for the others.
+- the topmost chosen layer keeps its tensors on the GPU: of the chosen layers backward needs its first, with
+  only the layers above it in between, so its copy out and back would mostly be waited for, and the plan
+  counts two layers' tensors in flight on the GPU anyway. Its first unpack asks the next one below back, as
+  for the others. (One chosen layer alone is therefore not offloaded at all: the log says so.)
 
 A copy to the host and back is the same bytes: losses and gradients are bit for bit those of keeping the
 tensors (tests/test_offload.py on a CPU, where the "host" copy is a clone in the same memory and the streams
@@ -178,7 +179,7 @@ class ActivationOffloader:
             below = self._next_below(layer)
             if below is not None and not below.fetch_started:
                 self._fetch(below)
-        if self.cuda and layer.fetched is not None:
+        if self.cuda and not layer.stays:
             torch.cuda.current_stream(self.device).wait_event(layer.fetched)
         t = packed.device_copy
         packed.uses -= 1

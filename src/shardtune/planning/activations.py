@@ -43,7 +43,8 @@ def offload_stall_s(plan: str, per_layer: float, layer_forward_s: float, gpu_nam
     """Seconds one micro-batch's forward and backward wait for copies (offload.py's order). Every o layer but
     the topmost (which keeps its own) sends its tensors out while the layers up to the next o compute forward
     (which waits for them), and gets them back while the layers from that next o down to it compute backward
-    (twice the forward's work, three times for a recomputed layer): what the copy outlasts is waited for."""
+    (twice the forward's work, three times for a recomputed layer): what the copy outlasts is waited for. The
+    hooks' fixed cost is paid on every o layer, the topmost's too (its tensors still go through them)."""
     copy_s = per_layer / HOST_LINK[gpu_name.lower()]
     offloaded = [i for i, what in enumerate(plan) if what == "o"]
     stall = len(offloaded) * OFFLOAD_FIXED_S

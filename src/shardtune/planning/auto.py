@@ -28,8 +28,9 @@ MIX_PERIOD = (
 
 def mixed_patterns(period: int = MIX_PERIOD) -> list[str]:
     """Every mix of offloaded (o), recomputed (r) and kept (k) layers with at least one o and one r, repeating
-    over at most `period` layers, each proportion once (orr, not also orrorr); the o spread evenly, each
-    followed by its share of the others (recomputed first). Fewest layers offloaded first."""
+    over at most `period` layers, each proportion once (orr, not also orrorr); the o spread as evenly as the
+    period allows (oor: two of three cannot be apart), the others after them, recomputed first. Fewest layers
+    offloaded first."""
     out = []
     for p in range(2, period + 1):
         for o, r in itertools.product(range(1, p), range(1, p)):
@@ -228,11 +229,13 @@ def describe_checkpointing(p: ParallelConfig) -> str:
         return which
     if mode in (False, "selective"):
         return "none (every layer keeps its activations)"
-    counts = [(mode.count(c), what) for c, what in (("o", "offloaded to host memory"), ("r", "recomputed"))]
-    counts.append((mode.count("k"), "kept"))
-    return f"by layer, pattern {mode}: of every {len(mode)} layers " + ", ".join(
-        f"{n} {what}" for n, what in counts if n
-    )
+    if mode == "auto":
+        raise ValueError("parallel.activation_checkpointing='auto' is unresolved (resolve_auto)")
+    whats = (("o", "offloaded to host memory"), ("r", "recomputed"), ("k", "kept"))
+    if len(mode) == 1:
+        return f"by layer, pattern {mode}: every layer {dict(whats)[mode]}"
+    counts = ", ".join(f"{mode.count(c)} {what}" for c, what in whats if c in mode)
+    return f"by layer, pattern {mode}: of every {len(mode)} layers {counts}"
 
 
 def batch_problem(t: TrainConfig, gpus: int, micro_batch: bool = True) -> str | None:

@@ -146,13 +146,16 @@ def _log_model(
     if backend.offloader is not None:
         log.info(
             "activation offloading: %d of %d decoder layers (%s) send what they keep for backward to %s; the "
-            "topmost chosen layer keeps its own (backward needs it first)",
+            "topmost chosen layer keeps its own (of them, the first backward needs)%s",
             backend.offloader.sent_layers,
             backend.offloader.total_layers,
             describe_checkpointing(cfg.parallel),
             "pinned host memory on a side stream"
             if dist.device.type == "cuda"
             else "a copy (on a CPU: the mechanism only, no memory saved)",
+            ""
+            if backend.offloader.sent_layers
+            else ": nothing is offloaded, choose more layers (a smaller parallel.checkpoint_every, more o)",
         )
     log.info(
         "load: %.1fs from %s (%.1f GiB on disk); host RAM peak +%.2f GiB over start per process, "

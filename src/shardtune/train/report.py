@@ -230,7 +230,10 @@ def setup_fields(cfg: Config, dist: DistInfo, built: Built) -> dict:
         "micro_batch_size": cfg.train.micro_batch_size,  # as resolved (auto -> rows)
         "activation_checkpointing": cfg.parallel.activation_checkpointing,  # as resolved (auto -> a choice)
         "sharding_strategy": cfg.parallel.sharding_strategy,  # as resolved
-        "recompute_every": cfg.parallel.checkpoint_every,  # with activation checkpointing: every k-th layer
+        # every k-th layer recomputed (true) or offloaded; None for none or a pattern, which says it itself
+        "recompute_every": cfg.parallel.checkpoint_every
+        if cfg.parallel.activation_checkpointing in (True, "offload")
+        else None,
         # what the last training forward sent to host memory (activation offloading), per micro-batch
         "offloaded_gib_per_micro_batch": built.offloader.bytes_offloaded / 2**30 if built.offloader else None,
         "fused_kernels": cfg.model.fused_kernels,  # as resolved
