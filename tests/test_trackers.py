@@ -229,6 +229,7 @@ def history(client, run_id, key):
     return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
+@pytest.mark.slow  # starts a real MLflow server (6 s): make test, not make test-fast
 def test_mlflow_run_continues_on_resume_with_each_step_once(tmp_path, mlflow_env):
     """Against a real tracking server: a first start logs steps 1-5 (checkpoint at 4) and crashes; the resumed
     start continues the same MLflow run (its id from trackers.json), logs step 5 not again and 6 on, a changed
@@ -268,6 +269,7 @@ def test_mlflow_run_continues_on_resume_with_each_step_once(tmp_path, mlflow_env
     assert not [p for p in stored for s in SECRETS.values() if s.encode() in p.read_bytes()]
 
 
+@pytest.mark.slow  # starts a real MLflow server (6 s): make test, not make test-fast
 def test_an_mlflow_server_going_down_mid_run_leaves_training_going(tmp_path, mlflow_env, caplog):
     from mlflow import MlflowClient
 
