@@ -3,7 +3,9 @@ random weights (recipes/llama3_8b_dpo.py with model.init=random model.name_or_pa
 adapter), NF4 4-bit base + LoRA on both sides, the same pairs of random tokens, the same settings (beta, max
 length, micro-batch, accumulation, bf16, activation/gradient checkpointing, LoRA r/alpha/dropout on every linear
 layer, learning rate). Prints one JSON line per system: tokens/s (both sequences of every pair, prompt
-included, over the steps after the first) and peak GPU memory (torch's max_memory_allocated).
+included, over the steps after the first) and peak GPU memory (torch's max_memory_allocated) over the
+whole run, the load included (TRL's from its 4-bit load on: the random bf16 checkpoint it loads is written
+before).
 
     python bench/dpo_vs_trl.py                         # llama3-8b, 10 steps, both systems, one GPU
     python bench/dpo_vs_trl.py --steps 20 --global-batch 16 --only trl
@@ -153,6 +155,9 @@ def trl_model(cfg, work: Path, device: str):
         model = AutoModelForCausalLM.from_config(model_config(cfg), dtype=dtype)
     model.save_pretrained(checkpoint, max_shard_size="5GB")
     del model
+    if device != "cpu":  # the peak from here on: TRL's whole run, its 4-bit load included (as shardtune's is)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     quant = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=cfg.quant.quant_type,
@@ -230,8 +235,6 @@ def run_trl(a: argparse.Namespace, work: Path) -> dict:
         peft_config=lora,
         callbacks=[Timer()],
     )
-    if device != "cpu":
-        torch.cuda.reset_peak_memory_stats()
     trainer.train()
     peak = None if device == "cpu" else torch.cuda.max_memory_allocated() / 2**30
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

@@ -365,6 +365,12 @@ def test_pairs_double_the_tokens_and_dpo_adds_the_references_forward():
     # fp32 chunks) where SFT's cross-entropy holds ~12 bytes per logit
     assert dpo.gpu["logits + loss"] == orpo.gpu["logits + loss"] < 0.7 * 2 * sft.gpu["logits + loss"]
     assert dpo.gpu["logits + loss"] == 4 * 2 * sft.gpu["logits + loss"] / 12 + 3 * CHUNK_BYTES
+    # evaluating: no gradient, the eval rows' logits in bf16 beside the weights (SFT: ~10 bytes per logit)
+    static = sum(v for k, v in dpo.gpu.items() if k not in ("activations", "logits + loss"))
+    eval_rows = min(Config().eval.batch_size, Config().eval.max_rows or Config().eval.batch_size)
+    logits = eval_rows * 2 * Config().data.max_len * hf_config.vocab_size
+    assert dpo.eval_bytes == pytest.approx(static + 2 * logits + 3 * CHUNK_BYTES)
+    assert sft.eval_bytes - static == pytest.approx(10 * logits / 2)
     fused = {**base, "model.fused_kernels": "auto"}  # (on a GPU: the fused loss where it can run, SFT only)
     fused_sft, fused_dpo = (
         estimate(apply_overrides(Config(), {**fused, "objective.name": name}, "x"), hf_config, 1)

@@ -221,11 +221,8 @@ def estimate(cfg: Config, hf_config, gpus: int, nodes: int = 1, gpu_name: str = 
     lora = lora_parameters(s, cfg.lora.r, cfg.lora.target_modules)
     layer = _layer_bytes(cfg, s, at)
     gpu = _gpu_memory(cfg, s, at, lora, layer)
-    # evaluation: the same weights, no activations kept, an eval batch of bf16 logits, their fp32 copy and
-    # log-softmax (10 bytes per logit; measured: rank 0 of an 8B run peaked 6.3 GiB higher evaluating 4 rows)
-    eval_rows = min(cfg.eval.batch_size, cfg.eval.max_rows or cfg.eval.batch_size)
     static = sum(v for k, v in gpu.items() if k not in ("activations", "logits + loss"))
-    eval_bytes = static + 10 * eval_rows * cfg.objective.sequences * cfg.data.max_len * s.vocab
+    eval_bytes = static + _eval_logits_bytes(cfg, s, at)
     step_s = _step_seconds(cfg, hf_config, s, at, gpu_name, layer[0])
     size = "train.micro_batch_tokens" if cfg.train.micro_batch_tokens else "train.micro_batch_size"
     ac = cfg.parallel.activation_checkpointing
@@ -339,6 +336,20 @@ def _logits_bytes(cfg: Config, s: Shape, at: _Layout) -> float:
     if cfg.objective.name == "sft":
         return 12 * at.tokens * s.vocab
     return 2 * at.compute * at.tokens * s.vocab + 3 * CHUNK_BYTES
+
+
+def _eval_logits_bytes(cfg: Config, s: Shape, at: _Layout) -> float:
+    """An eval forward's peak beside the weights (no activations kept): SFT, an eval batch of bf16 logits, their
+    fp32 copy and log-softmax (10 bytes per logit; measured: rank 0 of an 8B run peaked 6.3 GiB higher
+    evaluating 4 rows); preference losses, the logits in the compute dtype and token_logps's few fp32 chunks
+    (no gradient: the policy's and the reference's forwards one after the other)."""
+    from shardtune.kernels.token_logps import CHUNK_BYTES
+
+    rows = min(cfg.eval.batch_size, cfg.eval.max_rows or cfg.eval.batch_size)
+    logits = rows * cfg.objective.sequences * cfg.data.max_len * s.vocab
+    if cfg.objective.name == "sft":
+        return 10 * logits
+    return at.compute * logits + 3 * CHUNK_BYTES
 
 
 def _host_memory(
