@@ -92,10 +92,15 @@ class CheckpointWeights:
 
 class RandomWeights:
     """Seeded random weights drawn on the device, the same on every rank: N(0, initializer_range) for
-    matrices and embeddings, ones for norms (transformers' Llama init)."""
+    matrices and embeddings, ones for norms (transformers' Llama init). Drawn in float32 and returned in
+    `dtype`; a lower-precision matrix is drawn a block of rows at a time into its final tensor, so that no
+    float32 copy of a whole embedding (2 GiB for Llama-3's) is held beside it: a spike above the run's
+    steady memory, before the first step."""
 
-    def __init__(self, std: float, seed: int, device: torch.device):
-        self.std, self.seed, self.device = std, seed, device
+    DRAW_BYTES = 64 << 20  # float32 per block of rows
+
+    def __init__(self, std: float, seed: int, device: torch.device, dtype: torch.dtype = torch.float32):
+        self.std, self.seed, self.device, self.dtype = std, seed, device, dtype
         self.bytes = 0
 
     def __contains__(self, name: str) -> bool:
@@ -105,11 +110,18 @@ class RandomWeights:
     def opened(self, names: list[str]):
         def get(name: str, shape: tuple[int, ...], kind: str) -> torch.Tensor:
             if kind == "norm":
-                return torch.ones(shape, device=self.device)
+                return torch.ones(shape, device=self.device, dtype=self.dtype)
             if kind == "bias":
-                return torch.zeros(shape, device=self.device)
+                return torch.zeros(shape, device=self.device, dtype=self.dtype)
             gen = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
-            return torch.empty(shape, device=self.device).normal_(0.0, self.std, generator=gen)
+            if self.dtype == torch.float32:
+                return torch.empty(shape, device=self.device).normal_(0.0, self.std, generator=gen)
+            out = torch.empty(shape, device=self.device, dtype=self.dtype)
+            rows = max(1, self.DRAW_BYTES // (4 * max(1, out[0].numel() if out.dim() > 1 else 1)))
+            for block in out.split(rows):  # (one block for a vector)
+                drawn = torch.empty(block.shape, device=self.device).normal_(0.0, self.std, generator=gen)
+                block.copy_(drawn)
+            return out
 
         yield get
 
@@ -117,7 +129,7 @@ class RandomWeights:
 def weight_source(cfg: Config, path: str | None, hf_config, device: torch.device):
     """Where the base weights come from: a checkpoint directory, or a seeded generator when `path` is None."""
     if path is None:
-        return RandomWeights(hf_config.initializer_range, cfg.train.seed, device)
+        return RandomWeights(hf_config.initializer_range, cfg.train.seed, device, DTYPES[cfg.param_dtype])
     local = Path(path)
     if not local.is_dir():
         from huggingface_hub import snapshot_download
