@@ -306,9 +306,10 @@ class ParallelConfig(Section):
     dropout kernel keeps no masks in any mode, so there 'selective' is the same as none. 'offload' recomputes
     nothing: every checkpoint_every-th layer (but the topmost of them, which backward needs first) sends what
     it keeps for backward to pinned host memory while the next layers compute, and gets it back ahead of its
-    backward (host memory: about 1.5x what it sends, per process). A pattern of k (keep), o (offload), r (recompute), repeated over the layers, mixes them: 'orr'
-    offloads layers 0, 3, 6... and recomputes the others; 'okr' keeps every third layer's too (what the host
-    link can hide, what memory can hold, and the rest recomputed). 'auto' picks, from the GPU's memory and
+    backward (host memory: about 1.5x what it sends, per process). A pattern of k (keep), o (offload), r
+    (recompute), repeated over the layers, mixes them: 'orr' offloads layers 0, 3, 6... and recomputes the
+    others; 'okr' keeps every third layer's too (what the host link can hide, what memory can hold, and the
+    rest recomputed). 'auto' picks, from the GPU's memory and
     `shardtune plan`'s estimate, the fastest of these that fits."""
     checkpoint_every: int = Field(1, ge=1)
     """With activation checkpointing (or offloading), recompute (offload) every k-th decoder layer (1: all of

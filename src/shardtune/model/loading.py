@@ -117,8 +117,8 @@ class RandomWeights:
             if self.dtype == torch.float32:
                 return torch.empty(shape, device=self.device).normal_(0.0, self.std, generator=gen)
             out = torch.empty(shape, device=self.device, dtype=self.dtype)
-            rows = max(1, self.DRAW_BYTES // (4 * max(1, out[0].numel() if out.dim() > 1 else 1)))
-            for block in out.split(rows):  # (one block for a vector)
+            row_bytes = 4 * (out[0].numel() if out.dim() > 1 else 1)  # a vector: one block
+            for block in out.split(max(1, self.DRAW_BYTES // row_bytes)):
                 drawn = torch.empty(block.shape, device=self.device).normal_(0.0, self.std, generator=gen)
                 block.copy_(drawn)
             return out

@@ -60,9 +60,8 @@ class _Layer:
     fetched: torch.cuda.Event | None = None  # its host-to-device copies done (None: not started)
     fetch_started: bool = False
     below_started: bool = False  # the next offloaded layer below has been asked back
-    stays: bool = (
-        False  # the topmost: its tensors stay on the GPU (only its unpack's prefetch of the one below)
-    )
+    # the topmost: its tensors stay on the GPU (only its unpack's prefetch of the one below)
+    stays: bool = False
 
 
 class ActivationOffloader:

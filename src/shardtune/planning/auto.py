@@ -21,9 +21,8 @@ from shardtune.planning.estimate import GIB, Estimate, estimate
 # and the host link (offloading costs nothing where its copies hide behind the compute, recomputing a share s
 # of the layers costs 4/(4 + 2s)): the plan decides. Mixes offload what the link can hide and recompute (or
 # keep) the rest, where offloading alone would wait for the link and recomputing alone would redo more.
-MIX_PERIOD = (
-    5  # mixes repeat over at most this many layers (longer ones planned no faster for 70B on an H100)
-)
+# mixes repeat over at most this many layers (longer ones planned no faster for 70B on an H100)
+MIX_PERIOD = 5
 
 
 def mixed_patterns(period: int = MIX_PERIOD) -> list[str]:

@@ -167,11 +167,15 @@ class _Layout:
         bool  # Liger's loss (no logits held): SFT's; a preference loss needs every sequence's log-probs
     )
     plan: str  # what each decoder layer does with its activations (checkpointing.layer_plan: k, o, r)
-    recomputed: float  # the share of the layers recomputed
+
+    @property
+    def recomputed(self) -> float:
+        """The share of the layers recomputed."""
+        return self.plan.count("r") / len(self.plan) if self.plan else 0.0
 
     @classmethod
     def of(cls, cfg: Config, hf_config, s: Shape, gpus: int, nodes: int) -> _Layout:
-        from shardtune.parallel.checkpointing import checkpointed_fraction, layer_plan
+        from shardtune.parallel.checkpointing import layer_plan
 
         n = max(gpus, 1)
         # a preference pair runs both responses in one micro-batch: twice the tokens (and activations) of a row
@@ -201,7 +205,6 @@ class _Layout:
             ),
             fused_loss=fused and cfg.objective.name == "sft",
             plan=layer_plan(cfg.parallel, s.layers),
-            recomputed=checkpointed_fraction(cfg.parallel, s.layers),
         )
 
 
